@@ -1,0 +1,13 @@
+//! pagewire's transport layer.
+//!
+//! * [`wire`]: QEMU multifd (version 1) channel format, sans-IO: bytes in, validated structs
+//!   out, and the reverse. Deterministic, unit tested, fuzzed.
+//! * [`control`]: pagewire's own control-connection protocol (hello, rounds, end, error),
+//!   sans-IO framing plus small blocking helpers.
+//! * [`net`]: TCP sockets set up with socket2.
+//! * [`ring`]: io_uring set-up and the submit/wait plumbing the engine's loops use.
+
+pub mod control;
+pub mod net;
+pub mod ring;
+pub mod wire;

@@ -1,0 +1,1 @@
+//! TCP sockets set up with socket2.
