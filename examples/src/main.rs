@@ -1,1 +1,535 @@
-fn main() {}
+//! `pagewire`: the example binary (demo, send, recv, decode).
+
+use std::fs::File;
+use std::io::{BufReader, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use pagewire::decode::{decode_streams, DecodeStats};
+use pagewire::synth::{self, PageSet};
+use pagewire::{
+    Block, CodecKind, Config, GuestMemory, Progress, ReceiveInto, Receiver, RoundPages, Sender,
+    SessionStats,
+};
+use serde_json::json;
+
+mod format;
+use format::{parse_size, summary_table};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "pagewire",
+    version,
+    about = "Moves VM memory pages between hosts (QEMU multifd wire format, io_uring)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+    /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides.
+    #[arg(long, global = true, default_value = "warn")]
+    log: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Both ends in one process over loopback, on generated guest-like memory, verified.
+    Demo(DemoArgs),
+    /// Send an image file as guest memory to a receiver.
+    Send(SendArgs),
+    /// Receive one session, optionally writing the memory to a file.
+    Recv(RecvArgs),
+    /// Decode recorded multifd channel streams into a memory image.
+    Decode(DecodeArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct Common {
+    /// Print one JSON object with the figures instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Seconds a silent peer is tolerated.
+    #[arg(long, default_value_t = 30.0)]
+    idle_timeout: f64,
+}
+
+#[derive(Args, Debug, Clone)]
+struct Tuning {
+    /// Codec: none, deflate, or auto (best available).
+    #[arg(long, default_value = "auto")]
+    codec: String,
+    /// DEFLATE level.
+    #[arg(long, default_value_t = pagewire::codec::deflate::DEFAULT_LEVEL)]
+    level: i32,
+    /// Pages per multifd packet.
+    #[arg(long, default_value_t = pagewire::config::DEFAULT_PAGES_PER_PACKET)]
+    pages_per_packet: u32,
+    /// Packets prepared ahead per channel.
+    #[arg(long, default_value_t = 4)]
+    depth: usize,
+}
+
+#[derive(Args, Debug)]
+struct DemoArgs {
+    /// Guest memory size (bytes, or with KiB/MiB/GiB).
+    #[arg(long, default_value = "256MiB")]
+    size: String,
+    /// Channel connections.
+    #[arg(long, default_value_t = 2)]
+    channels: u16,
+    /// Seed of the generated memory.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[command(flatten)]
+    tuning: Tuning,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args, Debug)]
+struct SendArgs {
+    /// Receiver address, host:port.
+    #[arg(long)]
+    connect: String,
+    /// Image file sent as one memory block (mapped, never read into a buffer).
+    #[arg(long)]
+    image: PathBuf,
+    /// Name of the memory block.
+    #[arg(long, default_value = "pc.ram")]
+    block_name: String,
+    /// Channel connections (default: one per available core).
+    #[arg(long)]
+    channels: Option<u16>,
+    #[command(flatten)]
+    tuning: Tuning,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args, Debug)]
+struct RecvArgs {
+    /// Address to listen on, host:port.
+    #[arg(long)]
+    listen: String,
+    /// Write the received memory (blocks in hello order) to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Largest guest memory a sender may ask for (default: this host's RAM).
+    #[arg(long)]
+    max_memory: Option<String>,
+    /// Give up if no sender connects within this many seconds (default: wait).
+    #[arg(long)]
+    accept_timeout: Option<f64>,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args, Debug)]
+struct DecodeArgs {
+    /// A memory block, NAME=SIZE (SIZE in bytes or with KiB/MiB/GiB); repeat for several.
+    #[arg(long = "block", required = true)]
+    blocks: Vec<String>,
+    /// Output image: the blocks in the order given.
+    #[arg(long)]
+    out: PathBuf,
+    /// Page size of the streams.
+    #[arg(long, default_value_t = 4096)]
+    page_size: u32,
+    /// Recorded channel streams, each starting with its init packet.
+    #[arg(required = true)]
+    captures: Vec<PathBuf>,
+    /// Print one JSON object with the figures.
+    #[arg(long)]
+    json: bool,
+}
+
+type Res<T> = Result<T, String>;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let res = match cli.cmd {
+        Cmd::Demo(a) => demo(a),
+        Cmd::Send(a) => send(a),
+        Cmd::Recv(a) => recv(a),
+        Cmd::Decode(a) => decode(a),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pagewire: error: {}", e.replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn resolve_codec(name: &str) -> Res<CodecKind> {
+    match name {
+        "auto" => {
+            tracing::info!(
+                "codec auto: no accelerator support in this build; using software deflate"
+            );
+            Ok(CodecKind::Deflate)
+        }
+        other => other
+            .parse::<CodecKind>()
+            .map_err(|e| format!("{e} (or auto)")),
+    }
+}
+
+fn config(t: &Tuning, c: &Common, channels: u16) -> Res<Config> {
+    if !(c.idle_timeout > 0.0 && c.idle_timeout < 1e6) {
+        return Err(format!(
+            "--idle-timeout {} must be a positive number of seconds",
+            c.idle_timeout
+        ));
+    }
+    Ok(Config {
+        codec: resolve_codec(&t.codec)?,
+        level: t.level,
+        pages_per_packet: t.pages_per_packet,
+        depth: t.depth,
+        channels,
+        idle_timeout: Duration::from_secs_f64(c.idle_timeout),
+        ..Config::default()
+    })
+}
+
+fn progress_bar(total: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(total);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{prefix} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    pb.set_prefix(what.to_string());
+    pb
+}
+
+/// Drive `pb` from `progress` until `done` is set.
+fn spawn_progress(
+    pb: ProgressBar,
+    progress: Arc<Progress>,
+    page_size: u64,
+) -> (
+    Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<()>,
+) {
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let d = done.clone();
+    let h = std::thread::spawn(move || {
+        while !d.load(std::sync::atomic::Ordering::Relaxed) {
+            pb.set_position(progress.pages() * page_size);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        pb.set_position(progress.pages() * page_size);
+        pb.finish_and_clear();
+    });
+    (done, h)
+}
+
+fn stats_json(s: &SessionStats) -> serde_json::Value {
+    json!({
+        "memory_bytes": s.total.memory_bytes,
+        "wire_bytes": s.total.wire_bytes,
+        "seconds": s.seconds,
+        "gbps": s.gbps(),
+        "wire_ratio": s.wire_ratio(),
+        "rounds": s.rounds,
+        "cpu_seconds": s.total.cpu_seconds,
+        "pages": {
+            "normal": s.total.pages_normal,
+            "zero": s.total.pages_zero,
+            "raw": s.total.pages_raw,
+            "compressed": s.total.pages_compressed,
+        },
+        "packets": s.total.packets,
+        "channels": s.channels,
+    })
+}
+
+fn demo(a: DemoArgs) -> Res<()> {
+    let size = parse_size(&a.size)?;
+    let cfg = config(&a.tuning, &a.common, a.channels)?;
+    let ps = cfg.page_size as u64;
+    if size == 0 || size % ps != 0 {
+        return Err(format!(
+            "--size {} is not a non-zero multiple of the page size {ps}",
+            a.size
+        ));
+    }
+    let size = usize::try_from(size).map_err(|_| "size too large for this host".to_string())?;
+    let gen0 = Instant::now();
+    let block = Block::anonymous("pc.ram", size).map_err(|e| e.to_string())?;
+    // SAFETY: the block was just created and nothing else references it yet.
+    synth::fill(
+        PageSet::Realistic,
+        unsafe { block.as_mut_slice() },
+        ps as usize,
+        a.seed,
+    );
+    let gen_secs = gen0.elapsed().as_secs_f64();
+    let mem = Arc::new(GuestMemory::new(vec![block]).map_err(|e| e.to_string())?);
+
+    let mut receiver = Receiver::bind(
+        "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?,
+        cfg.clone(),
+    )
+    .map_err(|e| e.to_string())?;
+    receiver.set_accept_timeout(Some(Duration::from_secs(30)));
+    let addr = receiver.local_addr().map_err(|e| e.to_string())?;
+    let rprogress = receiver.progress();
+    let rthread = std::thread::Builder::new()
+        .name("pw-demo-recv".into())
+        .spawn(move || receiver.serve(ReceiveInto::Allocate))
+        .map_err(|e| e.to_string())?;
+
+    let mut sender =
+        Sender::connect(addr, cfg.clone(), mem.clone()).map_err(|e| format!("sender: {e}"))?;
+    let pb = if a.common.json {
+        ProgressBar::hidden()
+    } else {
+        progress_bar(size as u64, "demo")
+    };
+    let (done, ph) = spawn_progress(pb, sender.progress(), ps);
+    let sizes: Vec<u64> = mem.blocks().iter().map(|b| b.len() as u64).collect();
+    let round = sender.send_round(RoundPages::all(&sizes, cfg.page_size, cfg.pages_per_packet));
+    let finished = round.and_then(|_| sender.finish());
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = ph.join();
+    let sstats = finished.map_err(|e| format!("sender: {e}"))?;
+    let received = rthread
+        .join()
+        .map_err(|_| "receiver thread panicked".to_string())?
+        .map_err(|e| format!("receiver: {e}"))?;
+    let _ = rprogress;
+
+    let v0 = Instant::now();
+    let mut mismatched = Vec::new();
+    for (src, dst) in mem.blocks().iter().zip(received.memory.blocks()) {
+        // SAFETY: both sessions have ended; nothing writes either memory now.
+        let same = unsafe { src.as_slice() == dst.as_slice() };
+        if !same {
+            mismatched.push(src.name().to_string());
+        }
+    }
+    let verify_secs = v0.elapsed().as_secs_f64();
+    let verified = mismatched.is_empty();
+    if a.common.json {
+        let out = json!({
+            "command": "demo",
+            "codec": cfg.codec.name(),
+            "channels": cfg.channels,
+            "verified": verified,
+            "generate_seconds": gen_secs,
+            "verify_seconds": verify_secs,
+            "sender": stats_json(&sstats),
+            "receiver": stats_json(&received.stats),
+        });
+        println!("{out}");
+    } else {
+        println!(
+            "pagewire demo: {} of generated guest memory, codec {}, {} channel(s), loopback",
+            human(size as u64),
+            cfg.codec.name(),
+            cfg.channels
+        );
+        print!("{}", summary_table(&sstats, &received.stats, cfg.page_size));
+        println!(
+            "verified: {}",
+            if verified {
+                "receiver memory is byte-identical to the sender's"
+            } else {
+                "MISMATCH"
+            }
+        );
+    }
+    if !verified {
+        return Err(format!(
+            "verification failed: blocks differ: {}",
+            mismatched.join(", ")
+        ));
+    }
+    Ok(())
+}
+
+fn send(a: SendArgs) -> Res<()> {
+    let channels = a.channels.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, |n| n.get().min(255) as u16)
+    });
+    let cfg = config(&a.tuning, &a.common, channels)?;
+    let addr = pagewire_transport::net::resolve(&a.connect).map_err(|e| e.to_string())?;
+    let file = File::open(&a.image).map_err(|e| format!("{}: {e}", a.image.display()))?;
+    let block = Block::from_file(&a.block_name, &file, false, false)
+        .map_err(|e| format!("{}: {e}", a.image.display()))?;
+    let mem = Arc::new(GuestMemory::new(vec![block]).map_err(|e| e.to_string())?);
+    mem.check_page_size(cfg.page_size)
+        .map_err(|e| format!("{}: {e}", a.image.display()))?;
+    let mut sender = Sender::connect(addr, cfg.clone(), mem.clone()).map_err(|e| e.to_string())?;
+    let total = mem.total_len();
+    let pb = if a.common.json {
+        ProgressBar::hidden()
+    } else {
+        progress_bar(total, "send")
+    };
+    let (done, ph) = spawn_progress(pb, sender.progress(), cfg.page_size as u64);
+    let sizes: Vec<u64> = mem.blocks().iter().map(|b| b.len() as u64).collect();
+    let res = sender
+        .send_round(RoundPages::all(&sizes, cfg.page_size, cfg.pages_per_packet))
+        .and_then(|_| sender.finish());
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = ph.join();
+    let stats = res.map_err(|e| e.to_string())?;
+    if a.common.json {
+        let mut v = stats_json(&stats);
+        v["command"] = json!("send");
+        v["codec"] = json!(cfg.codec.name());
+        println!("{v}");
+    } else {
+        println!(
+            "pagewire send: {} to {}, codec {}, {} channel(s)",
+            human(total),
+            addr,
+            cfg.codec.name(),
+            cfg.channels
+        );
+        print!("{}", format::side_table("sender", &stats, cfg.page_size));
+    }
+    Ok(())
+}
+
+fn recv(a: RecvArgs) -> Res<()> {
+    let addr = pagewire_transport::net::resolve(&a.listen).map_err(|e| e.to_string())?;
+    if !(a.common.idle_timeout > 0.0 && a.common.idle_timeout < 1e6) {
+        return Err(format!(
+            "--idle-timeout {} must be a positive number of seconds",
+            a.common.idle_timeout
+        ));
+    }
+    let mut cfg = Config {
+        idle_timeout: Duration::from_secs_f64(a.common.idle_timeout),
+        ..Config::default()
+    };
+    if let Some(m) = &a.max_memory {
+        cfg.max_memory = parse_size(m)?;
+    }
+    // Fail early on an unwritable output, before the sender spends its time.
+    let out = match &a.out {
+        Some(p) => Some((
+            p.clone(),
+            File::create(p).map_err(|e| format!("{}: {e}", p.display()))?,
+        )),
+        None => None,
+    };
+    let mut receiver = Receiver::bind(addr, cfg).map_err(|e| e.to_string())?;
+    if let Some(t) = a.accept_timeout {
+        receiver.set_accept_timeout(Some(Duration::from_secs_f64(t.max(0.0))));
+    }
+    tracing::info!(addr = %receiver.local_addr().map_err(|e| e.to_string())?, "listening");
+    let done = receiver
+        .serve(ReceiveInto::Allocate)
+        .map_err(|e| e.to_string())?;
+    let mut write_secs = 0.0;
+    if let Some((path, file)) = out {
+        let t = Instant::now();
+        write_memory(&done.memory, file).map_err(|e| format!("{}: {e}", path.display()))?;
+        write_secs = t.elapsed().as_secs_f64();
+    }
+    if a.common.json {
+        let mut v = stats_json(&done.stats);
+        v["command"] = json!("recv");
+        v["write_seconds"] = json!(write_secs);
+        println!("{v}");
+    } else {
+        println!(
+            "pagewire recv: {} received",
+            human(done.stats.total.memory_bytes)
+        );
+        print!("{}", format::side_table("receiver", &done.stats, 4096));
+    }
+    Ok(())
+}
+
+fn write_memory(mem: &GuestMemory, file: File) -> std::io::Result<()> {
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+    for b in mem.blocks() {
+        // SAFETY: the session has ended; no thread writes the memory any more.
+        w.write_all(unsafe { b.as_slice() })?;
+    }
+    w.into_inner().map_err(|e| e.into_error())?.sync_all()
+}
+
+fn decode(a: DecodeArgs) -> Res<()> {
+    let mut blocks = Vec::new();
+    for spec in &a.blocks {
+        let (name, size) = spec
+            .split_once('=')
+            .ok_or_else(|| format!("--block '{spec}': expected NAME=SIZE"))?;
+        let size = parse_size(size)?;
+        let size = usize::try_from(size).map_err(|_| format!("--block '{spec}': too large"))?;
+        blocks.push(Block::anonymous(name, size).map_err(|e| e.to_string())?);
+    }
+    let mem = GuestMemory::new(blocks).map_err(|e| e.to_string())?;
+    mem.check_page_size(a.page_size)
+        .map_err(|e| e.to_string())?;
+    let mut captures = Vec::new();
+    for p in &a.captures {
+        let f = File::open(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        captures.push((
+            p.display().to_string(),
+            BufReader::with_capacity(1 << 20, f),
+        ));
+    }
+    let t = Instant::now();
+    let stats: DecodeStats =
+        decode_streams(&mem, captures, a.page_size).map_err(|e| e.to_string())?;
+    let secs = t.elapsed().as_secs_f64();
+    let file = File::create(&a.out).map_err(|e| format!("{}: {e}", a.out.display()))?;
+    write_memory(&mem, file).map_err(|e| format!("{}: {e}", a.out.display()))?;
+    if a.json {
+        let v = json!({
+            "command": "decode",
+            "memory_bytes": mem.total_len(),
+            "wire_bytes": stats.total.wire_bytes,
+            "seconds": secs,
+            "gbps": if secs > 0.0 { stats.total.memory_bytes as f64 / secs / 1e9 } else { 0.0 },
+            "rounds": stats.rounds,
+            "compression": stats.compression,
+            "pages_per_packet": stats.pages_per_packet,
+            "pages": {
+                "normal": stats.total.pages_normal,
+                "zero": stats.total.pages_zero,
+                "raw": stats.total.pages_raw,
+                "compressed": stats.total.pages_compressed,
+            },
+            "channels": stats.channels,
+        });
+        println!("{v}");
+    } else {
+        println!(
+            "pagewire decode: {} capture(s), {} round(s), compression {}, {} pages applied ({} zero) -> {}",
+            a.captures.len(),
+            stats.rounds,
+            stats.compression,
+            stats.total.pages_normal + stats.total.pages_zero,
+            stats.total.pages_zero,
+            a.out.display()
+        );
+    }
+    Ok(())
+}
+
+fn human(bytes: u64) -> String {
+    format::human_bytes(bytes)
+}

@@ -1,1 +1,181 @@
-//! TCP sockets set up with socket2.
+//! TCP sockets set up with socket2: listeners and connections for the control and channel
+//! connections, with the options a migration link wants (TCP_NODELAY, large buffers) and
+//! errors that name the address.
+
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use thiserror::Error;
+
+/// Errors of the socket layer; every one names the address it is about.
+#[derive(Debug, Error)]
+pub enum NetError {
+    #[error("cannot resolve '{addr}': {source}")]
+    Resolve { addr: String, source: io::Error },
+    #[error("'{addr}' resolves to no address")]
+    NoAddress { addr: String },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: io::Error },
+    #[error("cannot connect to {addr}: {source}")]
+    Connect { addr: SocketAddr, source: io::Error },
+    #[error("accepting on {addr}: {source}")]
+    Accept { addr: SocketAddr, source: io::Error },
+    #[error("timed out after {secs:.1} s waiting for a connection on {addr}")]
+    AcceptTimeout { addr: SocketAddr, secs: f64 },
+    #[error("setting {option} on the connection with {addr}: {source}")]
+    SetOption {
+        addr: SocketAddr,
+        option: &'static str,
+        source: io::Error,
+    },
+}
+
+/// Socket options applied to every control and channel connection.
+#[derive(Clone, Copy, Debug)]
+pub struct SocketOptions {
+    /// SO_SNDBUF / SO_RCVBUF in bytes; `None` keeps the kernel's autotuning.
+    pub buffer_size: Option<usize>,
+    /// Timeout of a connect attempt.
+    pub connect_timeout: Duration,
+}
+
+impl Default for SocketOptions {
+    fn default() -> Self {
+        SocketOptions {
+            buffer_size: None,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Resolve `addr` ("host:port") to its first socket address.
+pub fn resolve(addr: &str) -> Result<SocketAddr, NetError> {
+    addr.to_socket_addrs()
+        .map_err(|source| NetError::Resolve {
+            addr: addr.to_string(),
+            source,
+        })?
+        .next()
+        .ok_or_else(|| NetError::NoAddress {
+            addr: addr.to_string(),
+        })
+}
+
+/// Listen on `addr` with SO_REUSEADDR (a restarted receiver can bind at once).
+pub fn listen(addr: SocketAddr) -> Result<TcpListener, NetError> {
+    let err = |source| NetError::Listen { addr, source };
+    let socket =
+        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
+    socket.set_reuse_address(true).map_err(err)?;
+    socket.bind(&addr.into()).map_err(err)?;
+    socket.listen(256).map_err(err)?;
+    Ok(socket.into())
+}
+
+/// Connect to `addr` within `opts.connect_timeout` and apply [`configure`].
+pub fn connect(addr: SocketAddr, opts: &SocketOptions) -> Result<TcpStream, NetError> {
+    let err = |source| NetError::Connect { addr, source };
+    let socket =
+        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
+    if let Some(size) = opts.buffer_size {
+        // Buffer sizes must be set before connect to affect the window scale.
+        set_buffers(&socket, addr, size)?;
+    }
+    socket
+        .connect_timeout(&addr.into(), opts.connect_timeout)
+        .map_err(err)?;
+    let stream: TcpStream = socket.into();
+    configure(&stream, opts)?;
+    Ok(stream)
+}
+
+/// Accept one connection, waiting at most `timeout`, and apply [`configure`].
+pub fn accept(
+    listener: &TcpListener,
+    timeout: Duration,
+    opts: &SocketOptions,
+) -> Result<(TcpStream, SocketAddr), NetError> {
+    let local = listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let fd = {
+        use std::os::fd::AsRawFd;
+        listener.as_raw_fd()
+    };
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    loop {
+        // SAFETY: `pfd` is a valid pollfd for the duration of the call and nfds is 1.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(NetError::Accept {
+                addr: local,
+                source: e,
+            });
+        }
+        if n == 0 {
+            return Err(NetError::AcceptTimeout {
+                addr: local,
+                secs: timeout.as_secs_f64(),
+            });
+        }
+        break;
+    }
+    let (stream, peer) = listener.accept().map_err(|source| NetError::Accept {
+        addr: local,
+        source,
+    })?;
+    configure(&stream, opts)?;
+    Ok((stream, peer))
+}
+
+/// TCP_NODELAY (a packet is one sendmsg; never wait for more), optional buffer sizes.
+pub fn configure(stream: &TcpStream, opts: &SocketOptions) -> Result<(), NetError> {
+    let addr = stream
+        .peer_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    stream
+        .set_nodelay(true)
+        .map_err(|source| NetError::SetOption {
+            addr,
+            option: "TCP_NODELAY",
+            source,
+        })?;
+    if let Some(size) = opts.buffer_size {
+        set_buffers(&SockRef::from(stream), addr, size)?;
+    }
+    Ok(())
+}
+
+fn set_buffers(socket: &Socket, addr: SocketAddr, size: usize) -> Result<(), NetError> {
+    socket
+        .set_send_buffer_size(size)
+        .map_err(|source| NetError::SetOption {
+            addr,
+            option: "SO_SNDBUF",
+            source,
+        })?;
+    socket
+        .set_recv_buffer_size(size)
+        .map_err(|source| NetError::SetOption {
+            addr,
+            option: "SO_RCVBUF",
+            source,
+        })?;
+    Ok(())
+}
+
+/// True when `addr` is a loopback address (127.0.0.0/8 or ::1).
+pub fn is_loopback(addr: &SocketAddr) -> bool {
+    addr.ip().is_loopback()
+}

@@ -39,7 +39,9 @@ impl std::str::FromStr for CodecKind {
         match s {
             "none" => Ok(CodecKind::None),
             "deflate" => Ok(CodecKind::Deflate),
-            other => Err(format!("unknown codec '{other}' (expected none or deflate)")),
+            other => Err(format!(
+                "unknown codec '{other}' (expected none or deflate)"
+            )),
         }
     }
 }

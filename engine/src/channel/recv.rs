@@ -1,0 +1,389 @@
+//! The receiving side of one channel: one thread, one io_uring, one TCP connection.
+//!
+//! Per packet: read the fixed-size header and validate every field (DESIGN.md §5) before
+//! reading anything else; for the qpl framing read and validate the length array; then one
+//! RECVMSG whose iovecs put raw pages straight into guest memory and compressed pages into
+//! the zbuf; then inflate into guest memory. Every wait is bounded by the idle timeout, and
+//! a peer that closes mid-packet is an error naming the channel, the packet and what was
+//! being read.
+
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use io_uring::{opcode, types};
+use pagewire_transport::ring::{advance_iovecs, Ring};
+use pagewire_transport::wire::{self, BlockSpec, Compression, HeaderRules, PacketHeader};
+
+use crate::channel::apply::{finish_packet, payload_iovecs};
+use crate::codec::DeflateDecompressor;
+use crate::error::{ChannelError, ChannelErrorKind, Place};
+use crate::memory::GuestMemory;
+use crate::stats::{ChannelStats, Progress};
+
+/// What the channel's owner decides when a SYNC arrives or the stream ends.
+pub trait RoundGate: Sync {
+    /// Called after this channel has applied all of round `round` (1-based) and read its
+    /// SYNC. Returns once every channel has done so, or an error to stop.
+    fn synced(&self, channel: u16, round: u64) -> Result<(), ChannelErrorKind>;
+    /// Whether the session has ended (an EOF between packets is then a clean close).
+    fn ended(&self) -> bool;
+    /// Whether the session failed elsewhere (stop at once).
+    fn failed(&self) -> bool;
+}
+
+/// Settings of a receiving channel.
+#[derive(Clone, Debug)]
+pub struct RecvSettings {
+    pub page_size: u32,
+    pub pages_per_packet: u32,
+    pub compression: Compression,
+    pub blocks: Vec<BlockSpec>,
+    pub idle_timeout: Duration,
+}
+
+/// The receiving end of one channel.
+pub struct RecvChannel {
+    id: u16,
+    stream: TcpStream,
+    /// Created on the channel's own thread (SINGLE_ISSUER ties a ring to its creator).
+    ring: Option<Ring>,
+    set: RecvSettings,
+    mem: Arc<GuestMemory>,
+    header_buf: Vec<u8>,
+    zlen_buf: Vec<u8>,
+    zbuf: Vec<u8>,
+    header: PacketHeader,
+    zlens: Vec<u32>,
+    iov: Vec<libc::iovec>,
+    msg: Box<libc::msghdr>,
+    decomp: DeflateDecompressor,
+    packets: u64,
+    stats: ChannelStats,
+}
+
+// SAFETY: the raw pointers inside a RecvChannel (its msghdr and iovecs) point into buffers
+// it owns or into guest memory it holds an Arc of. It is moved to its engine thread once and
+// used only there.
+unsafe impl Send for RecvChannel {}
+
+impl std::fmt::Debug for RecvChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecvChannel")
+            .field("id", &self.id)
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+enum Got {
+    Full,
+    /// EOF before the first byte.
+    Eof,
+}
+
+impl RecvChannel {
+    /// A channel over `stream`, whose init packet has been read and checked.
+    pub fn new(
+        id: u16,
+        stream: TcpStream,
+        set: RecvSettings,
+        mem: Arc<GuestMemory>,
+    ) -> Result<RecvChannel, ChannelError> {
+        let ppp = set.pages_per_packet as usize;
+        let ps = set.page_size as usize;
+        Ok(RecvChannel {
+            id,
+            stream,
+            ring: None,
+            header_buf: vec![0; wire::header_len(set.pages_per_packet)],
+            zlen_buf: vec![0; 4 * ppp],
+            zbuf: vec![0; ppp * ps],
+            header: PacketHeader {
+                offsets: Vec::with_capacity(ppp),
+                ..Default::default()
+            },
+            zlens: Vec::with_capacity(ppp),
+            iov: Vec::with_capacity(ppp),
+            // SAFETY: msghdr is a plain C struct for which all-zero is a valid value.
+            msg: Box::new(unsafe { std::mem::zeroed() }),
+            decomp: DeflateDecompressor::new(),
+            packets: 0,
+            stats: ChannelStats {
+                channel: id,
+                wire_bytes: wire::INIT_PACKET_LEN as u64,
+                ..Default::default()
+            },
+            set,
+            mem,
+        })
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> &ChannelStats {
+        &self.stats
+    }
+
+    /// Record this thread's CPU time in the stats (call from the channel's thread).
+    pub fn set_cpu_seconds(&mut self, secs: f64) {
+        self.stats.cpu_seconds = secs;
+    }
+
+    /// Receive and apply packets until the stream ends cleanly (EOF between packets after
+    /// the session ended) or an error.
+    pub fn run(&mut self, gate: &dyn RoundGate, progress: &Progress) -> Result<(), ChannelError> {
+        if self.ring.is_none() {
+            self.ring = Some(Ring::new(8).map_err(|e| self.err(Place::Init, e.into()))?);
+        }
+        let mut round = 0u64;
+        loop {
+            if gate.failed() {
+                return Err(self.err(
+                    Place::Between {
+                        index: self.packets,
+                    },
+                    ChannelErrorKind::Aborted,
+                ));
+            }
+            let index = self.packets;
+            let hlen = self.header_buf.len();
+            let hptr = self.header_buf.as_mut_ptr();
+            match self.recv_exact(hptr, hlen, "header", Place::Header { index })? {
+                Got::Eof => {
+                    if gate.ended() {
+                        return Ok(());
+                    }
+                    return Err(self.err(Place::Between { index }, ChannelErrorKind::Closed));
+                }
+                Got::Full => {}
+            }
+            let rules = HeaderRules {
+                page_size: self.set.page_size,
+                pages_per_packet: self.set.pages_per_packet,
+                compression: self.set.compression,
+                blocks: &self.set.blocks,
+            };
+            if let Err(e) = self.header.decode_into(&self.header_buf, &rules) {
+                let place = match packet_num_of(&self.header_buf) {
+                    Some(packet_num) => Place::Packet { index, packet_num },
+                    None => Place::Header { index },
+                };
+                return Err(self.err(place, e.into()));
+            }
+            let place = Place::Packet {
+                index,
+                packet_num: self.header.packet_num,
+            };
+            self.packets += 1;
+            self.stats.wire_bytes += hlen as u64 + self.header.next_packet_size as u64;
+            if self.header.is_sync() {
+                self.stats.sync_packets += 1;
+                round += 1;
+                gate.synced(self.id, round)
+                    .map_err(|k| self.err(place, k))?;
+                continue;
+            }
+            let normal = self.header.normal_pages;
+            let qpl = self.set.compression == Compression::Qpl;
+            if qpl && normal > 0 {
+                let n = 4 * normal as usize;
+                let zptr = self.zlen_buf.as_mut_ptr();
+                if let Got::Eof = self.recv_exact(zptr, n, "length array", place)? {
+                    return Err(self.err(
+                        place,
+                        ChannelErrorKind::ClosedMid {
+                            what: "length array",
+                            got: 0,
+                            need: n,
+                        },
+                    ));
+                }
+                let zl = self.zlen_buf.get(..n).unwrap_or_default();
+                wire::decode_zlens(
+                    zl,
+                    normal,
+                    self.set.page_size,
+                    self.header.next_packet_size,
+                    &mut self.zlens,
+                )
+                .map_err(|e| self.err(place, e.into()))?;
+            } else {
+                self.zlens.clear();
+            }
+            if normal > 0 {
+                let zl = if qpl { Some(&self.zlens[..]) } else { None };
+                if !payload_iovecs(
+                    &self.mem,
+                    &self.header,
+                    zl,
+                    self.set.page_size,
+                    &mut self.zbuf,
+                    &mut self.iov,
+                ) {
+                    return Err(self.err(
+                        place,
+                        ChannelErrorKind::Io(std::io::Error::other("internal: payload plan")),
+                    ));
+                }
+                let need: usize = self.iov.iter().map(|v| v.iov_len).sum();
+                if let Got::Eof = self.recv_iov(need, "payload", place)? {
+                    return Err(self.err(
+                        place,
+                        ChannelErrorKind::ClosedMid {
+                            what: "payload",
+                            got: 0,
+                            need,
+                        },
+                    ));
+                }
+            }
+            finish_packet(
+                &self.mem,
+                &self.header,
+                self.set.compression,
+                &self.zlens,
+                self.set.page_size,
+                &self.zbuf,
+                &mut self.decomp,
+                &mut self.stats,
+            )
+            .map_err(|e| {
+                self.err(
+                    place,
+                    ChannelErrorKind::Codec {
+                        page: e.page,
+                        offset: e.offset,
+                        source: e.source,
+                    },
+                )
+            })?;
+            progress.add(
+                normal as u64 + self.header.zero_pages as u64,
+                hlen as u64 + self.header.next_packet_size as u64,
+            );
+        }
+    }
+
+    fn err(&self, place: Place, kind: ChannelErrorKind) -> ChannelError {
+        ChannelError {
+            channel: self.id,
+            place,
+            kind,
+        }
+    }
+
+    fn recv_exact(
+        &mut self,
+        ptr: *mut u8,
+        len: usize,
+        what: &'static str,
+        place: Place,
+    ) -> Result<Got, ChannelError> {
+        self.iov.clear();
+        self.iov.push(libc::iovec {
+            iov_base: ptr.cast(),
+            iov_len: len,
+        });
+        self.recv_iov(len, what, place)
+    }
+
+    /// Receive exactly `need` bytes into `self.iov`, continuing short receives.
+    fn recv_iov(
+        &mut self,
+        need: usize,
+        what: &'static str,
+        place: Place,
+    ) -> Result<Got, ChannelError> {
+        let fd = self.stream.as_raw_fd();
+        let mut first = 0usize;
+        let mut got = 0usize;
+        let timeout = self.set.idle_timeout;
+        while got < need {
+            let rest = &mut self.iov[first..];
+            self.msg.msg_iov = rest.as_mut_ptr();
+            self.msg.msg_iovlen = rest.len();
+            let sqe = opcode::RecvMsg::new(types::Fd(fd), &mut *self.msg)
+                .flags(libc::MSG_WAITALL as u32)
+                .build()
+                .user_data(1);
+            // SAFETY: the msghdr (boxed), the iovec array and every buffer it points at (our
+            // header/zlen/zbuf buffers, guest pages inside the memory we hold an Arc of) stay
+            // valid and untouched until the completion is reaped below; on timeout or error
+            // `drain_after_error` waits for the completion before anything is freed.
+            let Some(ring) = self.ring.as_mut() else {
+                return Err(self.err(place, ChannelErrorKind::Aborted));
+            };
+            let id = self.id;
+            unsafe { ring.push(&sqe) }.map_err(|e| ChannelError {
+                channel: id,
+                place,
+                kind: e.into(),
+            })?;
+            let res = match ring.wait(1, Some(timeout)) {
+                Ok(c) => c.first().map(|c| c.result()),
+                Err(e) => {
+                    self.drain_after_error();
+                    return Err(self.err(place, e.into()));
+                }
+            };
+            let Some(res) = res else {
+                self.drain_after_error();
+                return Err(self.err(
+                    place,
+                    ChannelErrorKind::Idle {
+                        secs: timeout.as_secs_f64(),
+                    },
+                ));
+            };
+            if res < 0 {
+                let e = std::io::Error::from_raw_os_error(-res);
+                return Err(self.err(place, ChannelErrorKind::Io(e)));
+            }
+            if res == 0 {
+                if got == 0 && what == "header" {
+                    return Ok(Got::Eof);
+                }
+                return Err(self.err(place, ChannelErrorKind::ClosedMid { what, got, need }));
+            }
+            got += res as usize;
+            advance_iovecs(&mut self.iov, &mut first, res as usize);
+        }
+        Ok(Got::Full)
+    }
+
+    /// After a timed-out or failed wait the receive may still be in flight: shut the socket
+    /// so it completes now, and reap it before the buffers can be reused or freed.
+    fn drain_after_error(&mut self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        let Some(ring) = self.ring.as_mut() else {
+            return;
+        };
+        for _ in 0..50 {
+            match ring.wait(1, Some(Duration::from_millis(100))) {
+                Ok(c) if !c.is_empty() => return,
+                Ok(_) => continue,
+                Err(_) => break,
+            }
+        }
+        // Still not completed: never free what the kernel may write to.
+        tracing::error!(
+            channel = self.id,
+            "receive did not complete after shutdown; leaking its buffers"
+        );
+        std::mem::forget(std::mem::take(&mut self.zbuf));
+        std::mem::forget(std::mem::take(&mut self.header_buf));
+        std::mem::forget(std::mem::take(&mut self.zlen_buf));
+    }
+
+    /// Shut the connection down (unblocks a pending receive).
+    pub fn shutdown_handle(&self) -> std::io::Result<TcpStream> {
+        self.stream.try_clone()
+    }
+}
+
+/// packet_num of a header whose fixed part is present (for error messages).
+fn packet_num_of(buf: &[u8]) -> Option<u64> {
+    let b: [u8; 8] = buf.get(24..32)?.try_into().ok()?;
+    Some(u64::from_be_bytes(b))
+}

@@ -1,0 +1,71 @@
+//! Settings shared by senders and receivers.
+
+use std::time::Duration;
+
+use pagewire_transport::net::SocketOptions;
+
+use crate::codec::CodecKind;
+
+/// Default pages per packet (QEMU's: 512 KiB of 4 KiB pages).
+pub const DEFAULT_PAGES_PER_PACKET: u32 = 128;
+/// Default page size.
+pub const DEFAULT_PAGE_SIZE: u32 = 4096;
+
+/// How a session runs. Sender and receiver each have one; the sender's page size, pages per
+/// packet, codec and channel count travel in the hello and the receiver adopts them.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Page size in bytes.
+    pub page_size: u32,
+    /// Pages per multifd packet.
+    pub pages_per_packet: u32,
+    /// Codec (sender).
+    pub codec: CodecKind,
+    /// DEFLATE level for the deflate codec.
+    pub level: i32,
+    /// Channel connections (sender).
+    pub channels: u16,
+    /// Packets prepared ahead per channel: while one is being sent, up to `depth - 1` more
+    /// are compressed and queued.
+    pub depth: usize,
+    /// A peer silent for this long fails the session.
+    pub idle_timeout: Duration,
+    /// Socket options for every connection.
+    pub socket: SocketOptions,
+    /// Receiver: largest total guest memory a hello may ask for when the receiver allocates
+    /// the memory itself.
+    pub max_memory: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            page_size: DEFAULT_PAGE_SIZE,
+            pages_per_packet: DEFAULT_PAGES_PER_PACKET,
+            codec: CodecKind::Deflate,
+            level: crate::codec::deflate::DEFAULT_LEVEL,
+            channels: 1,
+            depth: 4,
+            idle_timeout: Duration::from_secs(30),
+            socket: SocketOptions::default(),
+            max_memory: default_max_memory(),
+        }
+    }
+}
+
+/// Physical memory of this host (the natural bound for a receiver's guest memory), or 64 GiB
+/// when it cannot be read.
+pub fn default_max_memory() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    if pages > 0 && size > 0 {
+        (pages as u64).saturating_mul(size as u64)
+    } else {
+        64 << 30
+    }
+}

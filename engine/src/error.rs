@@ -1,0 +1,119 @@
+//! Errors of the engine: one per layer (channel, session), each naming what a user needs to
+//! find the fault: channel, packet, field.
+
+use std::io;
+
+use pagewire_transport::control::ControlError;
+use pagewire_transport::net::NetError;
+use pagewire_transport::ring::RingError;
+use pagewire_transport::wire::WireError;
+use thiserror::Error;
+
+use crate::codec::CodecError;
+use crate::memory::MemoryError;
+
+/// Where in a channel's stream an error happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Place {
+    /// The channel's init packet.
+    Init,
+    /// Packet `index` (0-based, counted on this channel) before its header parsed.
+    Header { index: u64 },
+    /// Packet `index` on this channel, whose header carries `packet_num`.
+    Packet { index: u64, packet_num: u64 },
+    /// Between packets, after `index` packets.
+    Between { index: u64 },
+}
+
+impl std::fmt::Display for Place {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Place::Init => write!(f, "init packet"),
+            Place::Header { index } => write!(f, "packet #{index} header"),
+            Place::Packet { index, packet_num } => {
+                write!(f, "packet #{index} (packet_num {packet_num})")
+            }
+            Place::Between { index } => write!(f, "after packet #{index}"),
+        }
+    }
+}
+
+/// What went wrong on a channel.
+#[derive(Debug, Error)]
+pub enum ChannelErrorKind {
+    #[error("{0}")]
+    Wire(#[from] WireError),
+    #[error("page {page} (offset {offset:#x}): {source}")]
+    Codec {
+        page: usize,
+        offset: u64,
+        source: CodecError,
+    },
+    #[error("peer closed the connection mid-{what} ({got} of {need} bytes received)")]
+    ClosedMid {
+        what: &'static str,
+        got: usize,
+        need: usize,
+    },
+    #[error("peer closed the connection before the session ended")]
+    Closed,
+    #[error("peer idle for {secs:.1} s (idle timeout)")]
+    Idle { secs: f64 },
+    #[error("socket: {0}")]
+    Io(#[source] io::Error),
+    #[error("{0}")]
+    Ring(#[from] RingError),
+    #[error("stopped: the session failed elsewhere")]
+    Aborted,
+}
+
+/// An error on one channel.
+#[derive(Debug, Error)]
+#[error("channel {channel}, {place}: {kind}")]
+pub struct ChannelError {
+    pub channel: u16,
+    pub place: Place,
+    #[source]
+    pub kind: ChannelErrorKind,
+}
+
+/// Errors of a session (sender or receiver).
+#[derive(Debug, Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error(transparent)]
+    Ring(#[from] RingError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    /// The peer's hello or handshake does not fit this side.
+    #[error("handshake: {0}")]
+    Handshake(String),
+    /// A channel connection's init packet is wrong.
+    #[error("channel connection from {peer}: {source}")]
+    Init { peer: String, source: WireError },
+    /// The peer reported an error and ended the session.
+    #[error("peer reported: {0}")]
+    Peer(String),
+    /// The peer said something out of order.
+    #[error("control: expected {expected}, got {got}")]
+    Unexpected {
+        expected: &'static str,
+        got: &'static str,
+    },
+    /// Configuration not usable.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// A thread of the session died unexpectedly (a bug).
+    #[error("internal: {0}")]
+    Internal(String),
+    /// `abort()` was called.
+    #[error("session aborted")]
+    Aborted,
+}

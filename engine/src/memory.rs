@@ -1,0 +1,384 @@
+//! Guest memory: named blocks of page-aligned memory that pagewire reads (sender) or writes
+//! (receiver) in place.
+//!
+//! A block is backed by a memmap2 mapping (anonymous, or a file mapped shared, read-only or
+//! copy-on-write) or by memory an embedding VMM owns ([`Block::from_raw`]). pagewire never
+//! copies a raw page in user space: iovecs point straight into these blocks.
+//!
+//! Concurrency model: guest memory is shared with a running guest (sender) or written by
+//! several channel threads at once (receiver, each page by exactly one packet at a time, see
+//! the round barrier in the session). Blocks therefore hand out raw pointers, not Rust
+//! references; the only place a page is viewed as a slice is a short, documented window in
+//! the channel code. A page the guest changes while it is being read may be sent torn; the
+//! change dirtied it and the next round resends it (DESIGN.md §2).
+
+use std::fs::File;
+use std::ptr::NonNull;
+
+use memmap2::{MmapMut, MmapOptions, MmapRaw};
+use thiserror::Error;
+
+/// Errors of the guest-memory layer.
+#[derive(Debug, Error)]
+pub enum MemoryError {
+    #[error("block '{name}': size {size} is not a non-zero multiple of the page size {page_size}")]
+    BadSize {
+        name: String,
+        size: u64,
+        page_size: u32,
+    },
+    #[error("block '{name}': name must be 1..=255 bytes of UTF-8 without NUL")]
+    BadName { name: String },
+    #[error("block '{name}' appears twice")]
+    Duplicate { name: String },
+    #[error("block '{name}': cannot map {size} bytes: {source}")]
+    Map {
+        name: String,
+        size: u64,
+        source: std::io::Error,
+    },
+    #[error("block '{name}' is read-only; a receiver needs writable memory")]
+    ReadOnly { name: String },
+    #[error("no block named '{0}'")]
+    NoBlock(String),
+    #[error("memory of {requested} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { requested: u64, limit: u64 },
+}
+
+enum Backing {
+    /// Anonymous memory or a private copy-on-write file mapping.
+    Owned(#[allow(dead_code)] MmapMut),
+    /// A shared or read-only file mapping.
+    File(#[allow(dead_code)] MmapRaw),
+    /// Memory owned by the embedding VMM.
+    External,
+}
+
+/// One named, contiguous block of guest memory.
+pub struct Block {
+    name: String,
+    ptr: NonNull<u8>,
+    len: usize,
+    writable: bool,
+    _backing: Backing,
+}
+
+impl std::fmt::Debug for Block {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Block")
+            .field("name", &self.name)
+            .field("len", &self.len)
+            .field("writable", &self.writable)
+            .finish()
+    }
+}
+
+// SAFETY: a Block is a pointer to memory that stays mapped for the Block's life; pagewire
+// accesses it only through raw pointers whose concurrent use is governed by the engine's
+// protocol (one writer per page at a time on the receiver; reads of possibly-changing guest
+// pages on the sender are tolerated by design, see the module docs).
+unsafe impl Send for Block {}
+// SAFETY: as for Send: no &-method hands out a reference that could alias a write.
+unsafe impl Sync for Block {}
+
+fn check_name(name: &str) -> Result<(), MemoryError> {
+    if name.is_empty() || name.len() > 255 || name.as_bytes().contains(&0) {
+        return Err(MemoryError::BadName {
+            name: name.to_string(),
+        });
+    }
+    Ok(())
+}
+
+impl Block {
+    /// Anonymous, zero-filled, writable memory (MAP_NORESERVE: pages cost nothing until
+    /// touched).
+    pub fn anonymous(name: &str, size: usize) -> Result<Block, MemoryError> {
+        check_name(name)?;
+        let mut map = MmapOptions::new()
+            .len(size)
+            .no_reserve_swap()
+            .map_anon()
+            .map_err(|source| MemoryError::Map {
+                name: name.to_string(),
+                size: size as u64,
+                source,
+            })?;
+        let ptr = NonNull::new(map.as_mut_ptr()).ok_or_else(|| MemoryError::Map {
+            name: name.to_string(),
+            size: size as u64,
+            source: std::io::Error::other("null mapping"),
+        })?;
+        Ok(Block {
+            name: name.into(),
+            ptr,
+            len: size,
+            writable: true,
+            _backing: Backing::Owned(map),
+        })
+    }
+
+    /// A file mapped into memory. `writable`: shared writable mapping (writes go to the
+    /// file); otherwise read-only. `copy_on_write`: private writable mapping (writes stay in
+    /// this process; used to simulate a live guest over an image file).
+    pub fn from_file(
+        name: &str,
+        file: &File,
+        writable: bool,
+        copy_on_write: bool,
+    ) -> Result<Block, MemoryError> {
+        check_name(name)?;
+        let len = file
+            .metadata()
+            .map(|m| m.len())
+            .map_err(|source| MemoryError::Map {
+                name: name.to_string(),
+                size: 0,
+                source,
+            })?;
+        let map_err = |source| MemoryError::Map {
+            name: name.to_string(),
+            size: len,
+            source,
+        };
+        let opts = MmapOptions::new();
+        let (ptr, backing) = if copy_on_write {
+            // SAFETY: a private mapping: later changes of the file by others may or may not
+            // show through, which at worst sends stale bytes (the image is ours to send);
+            // Rust references are never formed over it except under as_slice's contract.
+            let mut map = unsafe { opts.map_copy(file) }.map_err(map_err)?;
+            (map.as_mut_ptr(), Backing::Owned(map))
+        } else {
+            let raw = if writable {
+                opts.map_raw(file)
+            } else {
+                opts.map_raw_read_only(file)
+            }
+            .map_err(map_err)?;
+            (raw.as_mut_ptr(), Backing::File(raw))
+        };
+        let ptr =
+            NonNull::new(ptr).ok_or_else(|| map_err(std::io::Error::other("null mapping")))?;
+        let len = usize::try_from(len).map_err(|_| map_err(std::io::Error::other("too large")))?;
+        Ok(Block {
+            name: name.into(),
+            ptr,
+            len,
+            writable: writable || copy_on_write,
+            _backing: backing,
+        })
+    }
+
+    /// Memory the embedding VMM owns (its guest RAM mapping).
+    ///
+    /// # Safety
+    /// - `ptr..ptr + len` must be one mapping that stays valid (mapped, not unmapped or
+    ///   remapped) for as long as this Block or any sender/receiver using it exists;
+    /// - if `writable`, the receiver writes pages there from its channel threads: nothing else
+    ///   may access that memory through Rust references while a receiver runs (the guest
+    ///   must be stopped on the destination);
+    /// - on the sender, the guest may keep writing (pages may be read torn and are resent by
+    ///   the next round), but the memory must be readable for the whole time.
+    pub unsafe fn from_raw(
+        name: &str,
+        ptr: NonNull<u8>,
+        len: usize,
+        writable: bool,
+    ) -> Result<Block, MemoryError> {
+        check_name(name)?;
+        Ok(Block {
+            name: name.into(),
+            ptr,
+            len,
+            writable,
+            _backing: Backing::External,
+        })
+    }
+
+    /// The block's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// Size in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// True for an empty block (never valid in a session).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Whether a receiver may write it.
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+    /// Base pointer.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Pointer to `len` bytes at `offset`, or `None` when they are not inside the block.
+    pub fn range_ptr(&self, offset: u64, len: usize) -> Option<*mut u8> {
+        let off = usize::try_from(offset).ok()?;
+        let end = off.checked_add(len)?;
+        if end > self.len {
+            return None;
+        }
+        Some(self.ptr.as_ptr().wrapping_add(off))
+    }
+
+    /// Copy the whole block into a byte vector (tests and tools; guest must be stopped).
+    pub fn to_vec(&self) -> Vec<u8> {
+        // SAFETY: ptr..ptr+len is mapped for our lifetime (constructor contracts); callers use
+        // this only while no channel writes (documented).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }.to_vec()
+    }
+
+    /// View the block as bytes.
+    ///
+    /// # Safety
+    /// No thread may write the block while the returned slice lives (no receiver running on
+    /// it, guest stopped).
+    pub unsafe fn as_slice(&self) -> &[u8] {
+        // SAFETY: mapped for our lifetime; the caller excludes concurrent writers.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// View the block as mutable bytes (to fill it before a session).
+    ///
+    /// # Safety
+    /// The block must be writable, and nothing else may access it while the slice lives.
+    pub unsafe fn as_mut_slice(&self) -> &mut [u8] {
+        // SAFETY: mapped writable for our lifetime; the caller guarantees exclusivity.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+/// A set of named blocks: a guest's memory layout.
+#[derive(Debug, Default)]
+pub struct GuestMemory {
+    blocks: Vec<Block>,
+}
+
+impl GuestMemory {
+    /// A layout from blocks; names must be unique.
+    pub fn new(blocks: Vec<Block>) -> Result<GuestMemory, MemoryError> {
+        for (i, b) in blocks.iter().enumerate() {
+            if blocks[..i].iter().any(|o| o.name == b.name) {
+                return Err(MemoryError::Duplicate {
+                    name: b.name.clone(),
+                });
+            }
+        }
+        Ok(GuestMemory { blocks })
+    }
+
+    /// Anonymous zeroed memory for a layout (the receiver's memory when it has none of its
+    /// own). `limit` bounds the total so a peer cannot make us map arbitrary amounts.
+    pub fn anonymous(layout: &[(String, u64)], limit: u64) -> Result<GuestMemory, MemoryError> {
+        let total = layout
+            .iter()
+            .try_fold(0u64, |a, (_, s)| a.checked_add(*s))
+            .unwrap_or(u64::MAX);
+        if total > limit {
+            return Err(MemoryError::TooLarge {
+                requested: total,
+                limit,
+            });
+        }
+        let blocks = layout
+            .iter()
+            .map(|(name, size)| {
+                let size = usize::try_from(*size).map_err(|_| MemoryError::TooLarge {
+                    requested: *size,
+                    limit,
+                })?;
+                Block::anonymous(name, size)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        GuestMemory::new(blocks)
+    }
+
+    /// The blocks in layout order.
+    pub fn blocks(&self) -> &[Block] {
+        &self.blocks
+    }
+    /// Block by index.
+    pub fn block(&self, i: usize) -> Option<&Block> {
+        self.blocks.get(i)
+    }
+    /// Index of the block named `name`.
+    pub fn find(&self, name: &str) -> Option<usize> {
+        self.blocks.iter().position(|b| b.name == name)
+    }
+    /// Total bytes.
+    pub fn total_len(&self) -> u64 {
+        self.blocks.iter().map(|b| b.len as u64).sum()
+    }
+    /// The layout as (name, size) pairs.
+    pub fn layout(&self) -> Vec<(String, u64)> {
+        self.blocks
+            .iter()
+            .map(|b| (b.name.clone(), b.len as u64))
+            .collect()
+    }
+    /// Check every block is a non-zero multiple of `page_size`.
+    pub fn check_page_size(&self, page_size: u32) -> Result<(), MemoryError> {
+        for b in &self.blocks {
+            if b.len == 0 || b.len % page_size as usize != 0 {
+                return Err(MemoryError::BadSize {
+                    name: b.name.clone(),
+                    size: b.len as u64,
+                    page_size,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn range_ptr_bounds() {
+        let b = Block::anonymous("ram", 8192).expect("map");
+        assert!(b.range_ptr(0, 4096).is_some());
+        assert!(b.range_ptr(4096, 4096).is_some());
+        assert!(b.range_ptr(4097, 4096).is_none());
+        assert!(b.range_ptr(u64::MAX, 4096).is_none());
+        assert!(b.range_ptr(8192, 0).is_some());
+    }
+
+    #[test]
+    fn names_checked_and_unique() {
+        assert!(matches!(
+            Block::anonymous("", 4096),
+            Err(MemoryError::BadName { .. })
+        ));
+        assert!(matches!(
+            Block::anonymous("a\0b", 4096),
+            Err(MemoryError::BadName { .. })
+        ));
+        let a = Block::anonymous("x", 4096).expect("map");
+        let b = Block::anonymous("x", 4096).expect("map");
+        assert!(matches!(
+            GuestMemory::new(vec![a, b]),
+            Err(MemoryError::Duplicate { .. })
+        ));
+    }
+
+    #[test]
+    fn anonymous_layout_respects_limit() {
+        let layout = vec![("a".to_string(), 1u64 << 20), ("b".to_string(), 1u64 << 20)];
+        assert!(matches!(
+            GuestMemory::anonymous(&layout, 1 << 20),
+            Err(MemoryError::TooLarge { .. })
+        ));
+        let m = GuestMemory::anonymous(&layout, 4 << 20).expect("map");
+        assert_eq!(m.total_len(), 2 << 20);
+        assert_eq!(m.find("b"), Some(1));
+        m.check_page_size(4096).expect("aligned");
+        assert!(m.check_page_size(3 << 20).is_err());
+    }
+}

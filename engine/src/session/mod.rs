@@ -1,0 +1,8 @@
+//! Sessions: a control connection plus N channel connections, one engine thread per channel,
+//! rounds of dirty pages ending with a SYNC on every channel.
+
+pub mod recv;
+pub mod send;
+
+pub use recv::{ReceiveInto, Received, Receiver};
+pub use send::{AbortHandle, Sender};

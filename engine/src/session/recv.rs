@@ -1,0 +1,505 @@
+//! The receiving side of a session: accept the control connection and the channels, run one
+//! receiving engine thread per channel, and enforce the round barrier.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use pagewire_transport::control::{self, Hello, Message};
+use pagewire_transport::net;
+use pagewire_transport::wire::{BlockSpec, Compression, InitPacket, INIT_PACKET_LEN};
+use tracing::{debug, info, info_span, warn};
+
+use crate::channel::recv::{RecvChannel, RecvSettings, RoundGate};
+use crate::config::Config;
+use crate::error::{ChannelErrorKind, SessionError};
+use crate::memory::GuestMemory;
+use crate::stats::{thread_cpu_seconds, Progress, SessionStats};
+
+/// Where a receiver puts the pages.
+#[derive(Debug)]
+pub enum ReceiveInto {
+    /// Anonymous memory laid out as the sender's hello says (bounded by `Config::max_memory`).
+    Allocate,
+    /// The embedding VMM's memory; the hello's layout must match it (same names and sizes).
+    Memory(Arc<GuestMemory>),
+}
+
+/// What a finished session leaves.
+#[derive(Debug)]
+pub struct Received {
+    /// The guest memory, now holding the sender's pages.
+    pub memory: Arc<GuestMemory>,
+    /// Counters.
+    pub stats: SessionStats,
+    /// The session's uuid.
+    pub uuid: [u8; 16],
+}
+
+/// The receiving side of a migration: listens, then serves one session at a time.
+///
+/// ```no_run
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use pagewire::{Config, Receiver, ReceiveInto};
+/// let receiver = Receiver::bind("127.0.0.1:4444".parse()?, Config::default())?;
+/// let done = receiver.serve(ReceiveInto::Allocate)?;
+/// println!("{} bytes in {:.2} s", done.stats.total.memory_bytes, done.stats.seconds);
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Receiver {
+    listener: TcpListener,
+    cfg: Config,
+    progress: Arc<Progress>,
+    accept_timeout: Option<Duration>,
+}
+
+impl Receiver {
+    /// Listen on `addr`.
+    pub fn bind(addr: SocketAddr, cfg: Config) -> Result<Receiver, SessionError> {
+        let listener = net::listen(addr)?;
+        Ok(Receiver {
+            listener,
+            cfg,
+            progress: Arc::new(Progress::default()),
+            accept_timeout: None,
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> Result<SocketAddr, SessionError> {
+        self.listener.local_addr().map_err(|source| {
+            SessionError::Net(net::NetError::Accept {
+                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                source,
+            })
+        })
+    }
+
+    /// Give up if no sender connects within `t` (default: wait indefinitely).
+    pub fn set_accept_timeout(&mut self, t: Option<Duration>) {
+        self.accept_timeout = t;
+    }
+
+    /// Live counters of the session being served.
+    pub fn progress(&self) -> Arc<Progress> {
+        self.progress.clone()
+    }
+
+    /// Serve one session: hello, channels, rounds, end. Returns once the sender has ended the
+    /// session and every page is in memory, or with the first error (which is also sent to
+    /// the sender).
+    pub fn serve(&self, into: ReceiveInto) -> Result<Received, SessionError> {
+        let span = info_span!("recv");
+        let _g = span.enter();
+        let opts = &self.cfg.socket;
+        let wait = self
+            .accept_timeout
+            .unwrap_or(Duration::from_secs(365 * 24 * 3600));
+        let (mut control, peer) = net::accept(&self.listener, wait, opts)?;
+        info!(%peer, "control connection");
+        control
+            .set_read_timeout(Some(self.cfg.idle_timeout))
+            .map_err(control::ControlError::from)?;
+        let hello = match control::read_message(&mut control) {
+            Ok(Message::Hello(h)) => h,
+            Ok(other) => {
+                let e = SessionError::Unexpected {
+                    expected: "hello",
+                    got: other.name(),
+                };
+                return Err(reject(&mut control, e));
+            }
+            Err(e) => return Err(reject(&mut control, e.into())),
+        };
+        let memory = match self.check_hello(&hello, into) {
+            Ok(m) => m,
+            Err(e) => return Err(reject(&mut control, e)),
+        };
+        control::write_message(&mut control, &Message::HelloOk)?;
+        info!(
+            channels = hello.channels,
+            page_size = hello.page_size,
+            compression = hello.compression.name(),
+            memory = memory.total_len(),
+            "hello accepted"
+        );
+
+        let streams = match self.accept_channels(&hello, peer) {
+            Ok(s) => s,
+            Err(e) => return Err(reject(&mut control, e)),
+        };
+        let blocks: Vec<BlockSpec> = memory
+            .blocks()
+            .iter()
+            .map(|b| BlockSpec {
+                name: b.name().into(),
+                size: b.len() as u64,
+            })
+            .collect();
+        let set = RecvSettings {
+            page_size: hello.page_size,
+            pages_per_packet: hello.pages_per_packet,
+            compression: hello.compression,
+            blocks,
+            idle_timeout: self.cfg.idle_timeout,
+        };
+        let gate = Gate::new(hello.channels, &streams, &control);
+        let started = Instant::now();
+        let mut chans = Vec::with_capacity(streams.len());
+        for (id, stream) in streams.into_iter().enumerate() {
+            match RecvChannel::new(id as u16, stream, set.clone(), memory.clone()) {
+                Ok(c) => chans.push(c),
+                Err(e) => return Err(reject(&mut control, e.into())),
+            }
+        }
+
+        let progress = &self.progress;
+        let gate_ref = &gate;
+        let (result, stats) = std::thread::scope(|s| {
+            let handles: Vec<_> = chans
+                .into_iter()
+                .map(|mut chan| {
+                    std::thread::Builder::new()
+                        .name("pw-recv".into())
+                        .spawn_scoped(s, move || {
+                            let id = chan.stats().channel;
+                            let span = info_span!("channel", id);
+                            let _g = span.enter();
+                            let cpu0 = thread_cpu_seconds();
+                            let res = chan.run(gate_ref, progress);
+                            chan.set_cpu_seconds(thread_cpu_seconds() - cpu0);
+                            if let Err(e) = res {
+                                if !matches!(e.kind, ChannelErrorKind::Aborted) {
+                                    gate_ref.fail(e.into());
+                                }
+                            }
+                            chan.stats().clone()
+                        })
+                })
+                .collect();
+            let control_result = self.control_loop(&mut control, gate_ref);
+            if let Err(e) = control_result {
+                gate_ref.fail(e);
+            }
+            let mut stats = Vec::new();
+            for h in handles.into_iter().flatten() {
+                match h.join() {
+                    Ok(st) => stats.push(st),
+                    Err(_) => {
+                        gate_ref.fail(SessionError::Internal("a channel thread panicked".into()))
+                    }
+                }
+            }
+            (gate_ref.take_error(), stats)
+        });
+        match result {
+            Some(e) => {
+                let msg = e.to_string();
+                warn!(error = %msg, "session failed");
+                let _ = control::write_message(&mut control, &Message::Error { message: msg });
+                Err(e)
+            }
+            None => {
+                let rounds = gate.completed();
+                Ok(Received {
+                    memory,
+                    stats: SessionStats::sum(stats, rounds, started.elapsed().as_secs_f64()),
+                    uuid: hello.uuid,
+                })
+            }
+        }
+    }
+
+    fn check_hello(
+        &self,
+        hello: &Hello,
+        into: ReceiveInto,
+    ) -> Result<Arc<GuestMemory>, SessionError> {
+        if !matches!(hello.compression, Compression::None | Compression::Qpl) {
+            return Err(SessionError::Handshake(format!(
+                "compression {} is not supported (pagewire decodes none and qpl framing)",
+                hello.compression.name()
+            )));
+        }
+        let layout: Vec<(String, u64)> = hello
+            .blocks
+            .iter()
+            .map(|b| (b.name.clone(), b.size))
+            .collect();
+        match into {
+            ReceiveInto::Allocate => Ok(Arc::new(GuestMemory::anonymous(
+                &layout,
+                self.cfg.max_memory,
+            )?)),
+            ReceiveInto::Memory(mem) => {
+                for b in &hello.blocks {
+                    match mem.find(&b.name).and_then(|i| mem.block(i)) {
+                        Some(mine) if mine.len() as u64 == b.size && mine.is_writable() => {}
+                        Some(mine) if !mine.is_writable() => {
+                            return Err(SessionError::Handshake(format!(
+                                "block '{}' is read-only here",
+                                b.name
+                            )))
+                        }
+                        Some(mine) => {
+                            return Err(SessionError::Handshake(format!(
+                                "block '{}' is {} bytes on the sender but {} here",
+                                b.name,
+                                b.size,
+                                mine.len()
+                            )))
+                        }
+                        None => {
+                            return Err(SessionError::Handshake(format!(
+                                "block '{}' does not exist here",
+                                b.name
+                            )))
+                        }
+                    }
+                }
+                if mem.blocks().len() != hello.blocks.len() {
+                    return Err(SessionError::Handshake(format!(
+                        "sender has {} memory blocks, this receiver {}",
+                        hello.blocks.len(),
+                        mem.blocks().len()
+                    )));
+                }
+                Ok(mem)
+            }
+        }
+    }
+
+    /// Accept `hello.channels` connections, read and check each init packet; return the
+    /// streams ordered by channel id.
+    fn accept_channels(
+        &self,
+        hello: &Hello,
+        control_peer: SocketAddr,
+    ) -> Result<Vec<TcpStream>, SessionError> {
+        let n = hello.channels as usize;
+        let mut slots: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
+        let deadline = Instant::now() + self.cfg.idle_timeout;
+        for _ in 0..n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (mut stream, peer) = net::accept(&self.listener, left, &self.cfg.socket)?;
+            if peer.ip() != control_peer.ip() {
+                warn!(%peer, %control_peer, "channel connection from another address than the control connection");
+            }
+            stream
+                .set_read_timeout(Some(self.cfg.idle_timeout))
+                .map_err(control::ControlError::from)?;
+            let mut buf = [0u8; INIT_PACKET_LEN];
+            std::io::Read::read_exact(&mut stream, &mut buf).map_err(|e| {
+                SessionError::Handshake(format!(
+                    "channel connection from {peer}: reading init packet: {e}"
+                ))
+            })?;
+            let init = InitPacket::parse(&buf).map_err(|source| SessionError::Init {
+                peer: peer.to_string(),
+                source,
+            })?;
+            init.check(&hello.uuid, n as u32)
+                .map_err(|source| SessionError::Init {
+                    peer: peer.to_string(),
+                    source,
+                })?;
+            let slot = slots.get_mut(init.channel_id as usize).ok_or_else(|| {
+                SessionError::Handshake(format!(
+                    "channel connection from {peer}: channel id {} out of range",
+                    init.channel_id
+                ))
+            })?;
+            if slot.is_some() {
+                return Err(SessionError::Handshake(format!(
+                    "channel connection from {peer}: field channel_id: channel {} connected twice",
+                    init.channel_id
+                )));
+            }
+            stream
+                .set_read_timeout(None)
+                .map_err(control::ControlError::from)?;
+            debug!(channel = init.channel_id, %peer, "channel connected");
+            *slot = Some(stream);
+        }
+        Ok(slots.into_iter().flatten().collect())
+    }
+
+    fn control_loop(&self, control: &mut TcpStream, gate: &Gate) -> Result<(), SessionError> {
+        // Rounds can take long; the channels' idle timeouts bound a stalled sender, and a
+        // failing channel shuts this socket's read side to wake us.
+        control
+            .set_read_timeout(None)
+            .map_err(control::ControlError::from)?;
+        let mut last = 0u64;
+        loop {
+            let msg = match control::read_message(control) {
+                Ok(m) => m,
+                Err(_) if gate.has_failed() => return Ok(()),
+                Err(e) => return Err(e.into()),
+            };
+            match msg {
+                Message::RoundEnd { round } => {
+                    if round != last + 1 {
+                        return Err(SessionError::Handshake(format!(
+                            "round-end for round {round} after round {last}"
+                        )));
+                    }
+                    if !gate.wait_completed(round) {
+                        return Ok(());
+                    }
+                    control::write_message(control, &Message::RoundDone { round })?;
+                    debug!(round, "round applied");
+                    last = round;
+                }
+                Message::End => {
+                    gate.end();
+                    control::write_message(control, &Message::EndOk)?;
+                    return Ok(());
+                }
+                Message::Error { message } => return Err(SessionError::Peer(message)),
+                other => {
+                    return Err(SessionError::Unexpected {
+                        expected: "round-end or end",
+                        got: other.name(),
+                    })
+                }
+            }
+        }
+    }
+}
+
+/// Send an error to the sender (best effort) and return it.
+fn reject(control: &mut TcpStream, e: SessionError) -> SessionError {
+    warn!(error = %e, "rejecting session");
+    let _ = control::write_message(
+        control,
+        &Message::Error {
+            message: e.to_string(),
+        },
+    );
+    e
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    arrived: u16,
+    completed: u64,
+    error: Option<SessionError>,
+}
+
+/// The round barrier plus the session's shared failure state.
+struct Gate {
+    channels: u16,
+    state: Mutex<GateState>,
+    cv: Condvar,
+    ended: AtomicBool,
+    failed: AtomicBool,
+    sockets: Vec<TcpStream>,
+    control: Option<TcpStream>,
+}
+
+impl Gate {
+    fn new(channels: u16, streams: &[TcpStream], control: &TcpStream) -> Gate {
+        Gate {
+            channels,
+            state: Mutex::new(GateState::default()),
+            cv: Condvar::new(),
+            ended: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+            sockets: streams.iter().filter_map(|s| s.try_clone().ok()).collect(),
+            control: control.try_clone().ok(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Record the first error, wake everyone, shut every channel down and the control
+    /// connection's read side (the error is still written to the sender).
+    fn fail(&self, e: SessionError) {
+        {
+            let mut st = self.lock();
+            if st.error.is_none() {
+                st.error = Some(e);
+            }
+        }
+        self.failed.store(true, Ordering::SeqCst);
+        self.cv.notify_all();
+        for s in &self.sockets {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        if let Some(c) = &self.control {
+            let _ = c.shutdown(std::net::Shutdown::Read);
+        }
+    }
+
+    fn has_failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    fn take_error(&self) -> Option<SessionError> {
+        self.lock().error.take()
+    }
+
+    fn completed(&self) -> u64 {
+        self.lock().completed
+    }
+
+    fn end(&self) {
+        self.ended.store(true, Ordering::SeqCst);
+    }
+
+    /// Wait until round `round` is complete on every channel; false if the session failed.
+    fn wait_completed(&self, round: u64) -> bool {
+        let mut st = self.lock();
+        while st.completed < round && !self.has_failed() {
+            st = self
+                .cv
+                .wait_timeout(st, Duration::from_millis(200))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        st.completed >= round
+    }
+}
+
+impl RoundGate for Gate {
+    fn synced(&self, _channel: u16, round: u64) -> Result<(), ChannelErrorKind> {
+        let mut st = self.lock();
+        if round != st.completed + 1 {
+            return Err(ChannelErrorKind::Io(std::io::Error::other(format!(
+                "SYNC for round {round} while round {} is open",
+                st.completed + 1
+            ))));
+        }
+        st.arrived += 1;
+        if st.arrived >= self.channels {
+            st.arrived = 0;
+            st.completed = round;
+            self.cv.notify_all();
+            return Ok(());
+        }
+        while st.completed < round {
+            if self.has_failed() {
+                return Err(ChannelErrorKind::Aborted);
+            }
+            st = self
+                .cv
+                .wait_timeout(st, Duration::from_millis(200))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        Ok(())
+    }
+
+    fn ended(&self) -> bool {
+        self.ended.load(Ordering::SeqCst)
+    }
+
+    fn failed(&self) -> bool {
+        self.has_failed()
+    }
+}

@@ -1,0 +1,460 @@
+//! The sending side of a session: control connection, N channel threads, rounds.
+
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use pagewire_transport::control::{self, Hello, Message};
+use pagewire_transport::net;
+use pagewire_transport::wire::{BlockSpec, Compression, InitPacket};
+use tracing::{debug, info, info_span, warn};
+
+use crate::channel::send::{SendChannel, SendSettings};
+use crate::codec::{CodecKind, DeflateCompressor, PageCompressor};
+use crate::config::Config;
+use crate::error::{ChannelError, SessionError};
+use crate::memory::GuestMemory;
+use crate::pages::RoundPages;
+use crate::stats::{thread_cpu_seconds, ChannelStats, Progress, SessionStats};
+
+enum Cmd {
+    Round(Arc<RoundPages>),
+}
+
+type Reply = (u16, Result<ChannelStats, ChannelError>);
+
+struct Worker {
+    tx: mpsc::Sender<Cmd>,
+    handle: JoinHandle<()>,
+}
+
+/// Stops a running session from another thread.
+#[derive(Clone, Debug)]
+pub struct AbortHandle {
+    /// Channels must stop (set by abort() and by any failure).
+    flag: Arc<AtomicBool>,
+    /// abort() was called by the user.
+    user: Arc<AtomicBool>,
+    /// Control connection first, then the channels.
+    sockets: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl AbortHandle {
+    fn new() -> AbortHandle {
+        AbortHandle {
+            flag: Arc::new(AtomicBool::new(false)),
+            user: Arc::new(AtomicBool::new(false)),
+            sockets: Arc::new(Mutex::new(Vec::new())),
+        }
+    }
+
+    /// Stop every channel promptly: the running round fails with [`SessionError::Aborted`].
+    pub fn abort(&self) {
+        self.user.store(true, Ordering::SeqCst);
+        self.stop(0);
+    }
+
+    /// Whether abort was called.
+    pub fn is_aborted(&self) -> bool {
+        self.user.load(Ordering::SeqCst)
+    }
+
+    /// Set the stop flag and shut down the sockets from index `from` on (1: keep the control
+    /// connection open to read the receiver's error).
+    fn stop(&self, from: usize) {
+        self.flag.store(true, Ordering::SeqCst);
+        if let Ok(socks) = self.sockets.lock() {
+            for s in socks.iter().skip(from) {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+}
+
+/// The sending side of a migration session.
+///
+/// ```no_run
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::sync::Arc;
+/// use pagewire::{Config, GuestMemory, Block, Sender, RoundPages};
+/// let ram = Block::anonymous("pc.ram", 64 << 20)?;
+/// let mem = Arc::new(GuestMemory::new(vec![ram])?);
+/// let mut sender = Sender::connect("127.0.0.1:4444".parse()?, Config::default(), mem.clone())?;
+/// sender.send_round(RoundPages::all(&[64 << 20], 4096, 128))?;
+/// let stats = sender.finish()?;
+/// println!("{:.2} GB/s", stats.gbps());
+/// # Ok(()) }
+/// ```
+pub struct Sender {
+    cfg: Config,
+    mem: Arc<GuestMemory>,
+    control: TcpStream,
+    workers: Vec<Worker>,
+    replies: mpsc::Receiver<Reply>,
+    progress: Arc<Progress>,
+    abort: AbortHandle,
+    totals: Vec<ChannelStats>,
+    rounds: u64,
+    started: Instant,
+    failed: bool,
+}
+
+impl std::fmt::Debug for Sender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sender")
+            .field("rounds", &self.rounds)
+            .field("channels", &self.workers.len())
+            .finish()
+    }
+}
+
+impl Sender {
+    /// Connect to a receiver at `addr`: control connection, hello, then `cfg.channels`
+    /// channel connections each opened by its init packet; one engine thread per channel.
+    pub fn connect(
+        addr: SocketAddr,
+        cfg: Config,
+        mem: Arc<GuestMemory>,
+    ) -> Result<Sender, SessionError> {
+        let span = info_span!("send", %addr);
+        let _g = span.enter();
+        validate_config(&cfg)?;
+        mem.check_page_size(cfg.page_size)?;
+        let compression = match cfg.codec {
+            CodecKind::None => Compression::None,
+            CodecKind::Deflate => Compression::Qpl,
+        };
+        // Fail on a bad level before touching the network.
+        if cfg.codec == CodecKind::Deflate {
+            DeflateCompressor::new(cfg.level)?;
+        }
+        let mut uuid = [0u8; 16];
+        getrandom::fill(&mut uuid)
+            .map_err(|e| SessionError::Internal(format!("random uuid: {e}")))?;
+        let mut control = net::connect(addr, &cfg.socket)?;
+        control
+            .set_read_timeout(Some(cfg.idle_timeout))
+            .map_err(control::ControlError::from)?;
+        let hello = Hello {
+            uuid,
+            page_size: cfg.page_size,
+            pages_per_packet: cfg.pages_per_packet,
+            compression,
+            channels: cfg.channels,
+            blocks: mem
+                .blocks()
+                .iter()
+                .map(|b| BlockSpec {
+                    name: b.name().into(),
+                    size: b.len() as u64,
+                })
+                .collect(),
+        };
+        hello.validate()?;
+        control::write_message(&mut control, &Message::Hello(hello))?;
+        match control::read_message(&mut control)? {
+            Message::HelloOk => {}
+            Message::Error { message } => return Err(SessionError::Peer(message)),
+            other => {
+                return Err(SessionError::Unexpected {
+                    expected: "hello-ok",
+                    got: other.name(),
+                })
+            }
+        }
+        info!(
+            channels = cfg.channels,
+            codec = cfg.codec.name(),
+            memory = mem.total_len(),
+            "session accepted"
+        );
+
+        let abort = AbortHandle::new();
+        if let Ok(mut s) = abort.sockets.lock() {
+            if let Ok(c) = control.try_clone() {
+                s.push(c);
+            }
+        }
+        let packet_num = Arc::new(AtomicU64::new(0));
+        let progress = Arc::new(Progress::default());
+        let (reply_tx, replies) = mpsc::channel::<Reply>();
+        let mut workers = Vec::new();
+        for id in 0..cfg.channels {
+            let mut stream = net::connect(addr, &cfg.socket)?;
+            let init = InitPacket {
+                uuid,
+                channel_id: id as u8,
+            };
+            std::io::Write::write_all(&mut stream, &init.encode()).map_err(|e| {
+                SessionError::Handshake(format!("channel {id}: sending init packet: {e}"))
+            })?;
+            if let (Ok(mut s), Ok(c)) = (abort.sockets.lock(), stream.try_clone()) {
+                s.push(c);
+            }
+            let compressor: Option<Box<dyn PageCompressor>> = match cfg.codec {
+                CodecKind::None => None,
+                CodecKind::Deflate => Some(Box::new(DeflateCompressor::new(cfg.level)?)),
+            };
+            let set = SendSettings {
+                page_size: cfg.page_size,
+                pages_per_packet: cfg.pages_per_packet,
+                compression,
+                depth: cfg.depth,
+                idle_timeout: cfg.idle_timeout,
+            };
+            let chan = SendChannel::new(id, stream, set, compressor, packet_num.clone())?;
+            let (tx, rx) = mpsc::channel::<Cmd>();
+            let reply = reply_tx.clone();
+            let mem = mem.clone();
+            let progress = progress.clone();
+            let flag = abort.flag.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("pw-send-{id}"))
+                .spawn(move || channel_thread(chan, rx, reply, mem, progress, flag))
+                .map_err(|e| SessionError::Internal(format!("spawning channel thread: {e}")))?;
+            workers.push(Worker { tx, handle });
+        }
+        Ok(Sender {
+            cfg,
+            mem,
+            control,
+            workers,
+            replies,
+            progress,
+            abort,
+            totals: Vec::new(),
+            rounds: 0,
+            started: Instant::now(),
+            failed: false,
+        })
+    }
+
+    /// Live counters.
+    pub fn progress(&self) -> Arc<Progress> {
+        self.progress.clone()
+    }
+
+    /// A handle that stops the session from another thread.
+    pub fn abort_handle(&self) -> AbortHandle {
+        self.abort.clone()
+    }
+
+    /// The guest memory being sent.
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.mem
+    }
+
+    /// Send one round: the channels share `pages` (each takes packet-sized batches until none
+    /// are left), each ends with a SYNC, and the call returns when the receiver reports every
+    /// page of the round applied. Returns the round's counters.
+    pub fn send_round(&mut self, pages: RoundPages) -> Result<SessionStats, SessionError> {
+        if self.failed {
+            return Err(SessionError::Config("session already failed".into()));
+        }
+        let round = self.rounds + 1;
+        let span = info_span!("round", round);
+        let _g = span.enter();
+        let t0 = Instant::now();
+        let pages = Arc::new(pages);
+        debug!(pages = pages.pages(), "round starts");
+        for w in &self.workers {
+            if w.tx.send(Cmd::Round(pages.clone())).is_err() {
+                return Err(self.fail(SessionError::Internal("channel thread gone".into())));
+            }
+        }
+        let mut per_channel = vec![ChannelStats::default(); self.workers.len()];
+        let mut first_err: Option<ChannelError> = None;
+        for _ in 0..self.workers.len() {
+            match self.replies.recv() {
+                Ok((id, Ok(s))) => {
+                    if let Some(slot) = per_channel.get_mut(id as usize) {
+                        *slot = s;
+                    }
+                }
+                Ok((_, Err(e))) => {
+                    if first_err.is_none() {
+                        // Stop the other channels now rather than after their rounds.
+                        self.abort.stop(1);
+                        first_err = Some(e);
+                    }
+                }
+                Err(_) => {
+                    return Err(self.fail(SessionError::Internal("channel thread died".into())))
+                }
+            }
+        }
+        if let Some(e) = first_err {
+            let err = if self.abort.is_aborted() {
+                SessionError::Aborted
+            } else {
+                e.into()
+            };
+            return Err(self.fail(err));
+        }
+        if let Err(e) = control::write_message(&mut self.control, &Message::RoundEnd { round }) {
+            return Err(self.fail(e.into()));
+        }
+        match control::read_message(&mut self.control) {
+            Ok(Message::RoundDone { round: r }) if r == round => {}
+            Ok(Message::Error { message }) => return Err(self.fail(SessionError::Peer(message))),
+            Ok(other) => {
+                return Err(self.fail(SessionError::Unexpected {
+                    expected: "round-done",
+                    got: other.name(),
+                }))
+            }
+            Err(e) => return Err(self.fail(e.into())),
+        }
+        self.rounds = round;
+        let delta: Vec<ChannelStats> = per_channel
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let prev = self.totals.get(i).cloned().unwrap_or_default();
+                diff(s, &prev)
+            })
+            .collect();
+        self.totals = per_channel;
+        let stats = SessionStats::sum(delta, 1, t0.elapsed().as_secs_f64());
+        info!(
+            pages = stats.total.memory_bytes / self.cfg.page_size as u64,
+            seconds = stats.seconds,
+            gbps = stats.gbps(),
+            "round done"
+        );
+        Ok(stats)
+    }
+
+    /// Record a failure: stop the channels and prefer the receiver's own account of what went
+    /// wrong (an Error message on the control connection) over our symptom.
+    fn fail(&mut self, err: SessionError) -> SessionError {
+        self.failed = true;
+        self.abort.stop(1);
+        if matches!(err, SessionError::Peer(_) | SessionError::Aborted) {
+            return err;
+        }
+        let _ = self
+            .control
+            .set_read_timeout(Some(Duration::from_millis(500)));
+        loop {
+            match control::read_message(&mut self.control) {
+                Ok(Message::Error { message }) => return SessionError::Peer(message),
+                Ok(_) => continue,
+                Err(_) => return err,
+            }
+        }
+    }
+
+    /// End the session: End on the control connection, wait for the receiver's EndOk, close
+    /// the channels. Returns the whole session's counters.
+    pub fn finish(mut self) -> Result<SessionStats, SessionError> {
+        if self.failed {
+            return Err(SessionError::Config("session already failed".into()));
+        }
+        control::write_message(&mut self.control, &Message::End)?;
+        match control::read_message(&mut self.control)? {
+            Message::EndOk => {}
+            Message::Error { message } => return Err(SessionError::Peer(message)),
+            other => {
+                return Err(SessionError::Unexpected {
+                    expected: "end-ok",
+                    got: other.name(),
+                })
+            }
+        }
+        let seconds = self.started.elapsed().as_secs_f64();
+        let workers = std::mem::take(&mut self.workers);
+        for w in workers {
+            drop(w.tx);
+            if w.handle.join().is_err() {
+                warn!("a channel thread panicked while stopping");
+            }
+        }
+        let totals = std::mem::take(&mut self.totals);
+        Ok(SessionStats::sum(totals, self.rounds, seconds))
+    }
+}
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        // Unfinished session (error or early drop): stop channels, let threads exit.
+        if !self.workers.is_empty() {
+            self.abort.stop(0);
+            for w in std::mem::take(&mut self.workers) {
+                drop(w.tx);
+                let _ = w.handle.join();
+            }
+        }
+    }
+}
+
+fn diff(now: &ChannelStats, prev: &ChannelStats) -> ChannelStats {
+    ChannelStats {
+        channel: now.channel,
+        packets: now.packets - prev.packets,
+        sync_packets: now.sync_packets - prev.sync_packets,
+        pages_normal: now.pages_normal - prev.pages_normal,
+        pages_zero: now.pages_zero - prev.pages_zero,
+        pages_raw: now.pages_raw - prev.pages_raw,
+        pages_compressed: now.pages_compressed - prev.pages_compressed,
+        memory_bytes: now.memory_bytes - prev.memory_bytes,
+        wire_bytes: now.wire_bytes.saturating_sub(prev.wire_bytes),
+        cpu_seconds: now.cpu_seconds - prev.cpu_seconds,
+    }
+}
+
+fn channel_thread(
+    mut chan: SendChannel,
+    rx: mpsc::Receiver<Cmd>,
+    reply: mpsc::Sender<Reply>,
+    mem: Arc<GuestMemory>,
+    progress: Arc<Progress>,
+    abort: Arc<AtomicBool>,
+) {
+    let id = chan.stats().channel;
+    let span = info_span!("channel", id);
+    let _g = span.enter();
+    let cpu0 = thread_cpu_seconds();
+    while let Ok(Cmd::Round(pages)) = rx.recv() {
+        let res = chan.run_round(&mem, &pages, &progress, &abort);
+        chan.set_cpu_seconds(thread_cpu_seconds() - cpu0);
+        let failed = res.is_err();
+        let _ = reply.send((id, res.map(|()| chan.stats().clone())));
+        if failed {
+            chan.shutdown();
+            break;
+        }
+    }
+}
+
+pub(crate) fn validate_config(cfg: &Config) -> Result<(), SessionError> {
+    if !cfg.page_size.is_power_of_two() || !(512..=65536).contains(&cfg.page_size) {
+        return Err(SessionError::Config(format!(
+            "page size {} is not a power of two in 512..=65536",
+            cfg.page_size
+        )));
+    }
+    if cfg.pages_per_packet == 0 || cfg.pages_per_packet > 1000 {
+        return Err(SessionError::Config(format!(
+            "pages per packet {} not in 1..=1000",
+            cfg.pages_per_packet
+        )));
+    }
+    if cfg.channels == 0 || cfg.channels > control::MAX_CHANNELS {
+        return Err(SessionError::Config(format!(
+            "channels {} not in 1..={}",
+            cfg.channels,
+            control::MAX_CHANNELS
+        )));
+    }
+    if cfg.depth == 0 || cfg.depth > 64 {
+        return Err(SessionError::Config(format!(
+            "depth {} not in 1..=64",
+            cfg.depth
+        )));
+    }
+    Ok(())
+}

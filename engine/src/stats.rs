@@ -1,0 +1,126 @@
+//! Counters: per channel, per session, and live progress.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+
+/// What one channel moved.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct ChannelStats {
+    /// Channel id.
+    pub channel: u16,
+    /// RAM packets (with pages).
+    pub packets: u64,
+    /// SYNC packets.
+    pub sync_packets: u64,
+    /// Pages whose data travelled (raw or compressed).
+    pub pages_normal: u64,
+    /// All-zero pages (no data on the wire).
+    pub pages_zero: u64,
+    /// Normal pages sent raw.
+    pub pages_raw: u64,
+    /// Normal pages sent compressed.
+    pub pages_compressed: u64,
+    /// Guest memory bytes covered (pages × page size).
+    pub memory_bytes: u64,
+    /// Bytes on the wire: init packet, headers, length arrays, payloads.
+    pub wire_bytes: u64,
+    /// CPU time of the channel's thread.
+    pub cpu_seconds: f64,
+}
+
+impl ChannelStats {
+    /// Add `other`'s counters into `self` (channel id kept).
+    pub fn add(&mut self, other: &ChannelStats) {
+        self.packets += other.packets;
+        self.sync_packets += other.sync_packets;
+        self.pages_normal += other.pages_normal;
+        self.pages_zero += other.pages_zero;
+        self.pages_raw += other.pages_raw;
+        self.pages_compressed += other.pages_compressed;
+        self.memory_bytes += other.memory_bytes;
+        self.wire_bytes += other.wire_bytes;
+        self.cpu_seconds += other.cpu_seconds;
+    }
+}
+
+/// What a whole session (or one round) moved.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct SessionStats {
+    /// Rounds completed.
+    pub rounds: u64,
+    /// Wall-clock seconds from the first page to the last acknowledgement.
+    pub seconds: f64,
+    /// Sum over channels.
+    pub total: ChannelStats,
+    /// Per channel.
+    pub channels: Vec<ChannelStats>,
+}
+
+impl SessionStats {
+    /// Guest-memory GB/s (10^9 bytes per second).
+    pub fn gbps(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.total.memory_bytes as f64 / self.seconds / 1e9
+        } else {
+            0.0
+        }
+    }
+    /// Wire bytes / memory bytes.
+    pub fn wire_ratio(&self) -> f64 {
+        if self.total.memory_bytes > 0 {
+            self.total.wire_bytes as f64 / self.total.memory_bytes as f64
+        } else {
+            0.0
+        }
+    }
+    pub(crate) fn sum(channels: Vec<ChannelStats>, rounds: u64, seconds: f64) -> SessionStats {
+        let mut total = ChannelStats::default();
+        for c in &channels {
+            total.add(c);
+        }
+        SessionStats {
+            rounds,
+            seconds,
+            total,
+            channels,
+        }
+    }
+}
+
+/// Live counters, readable from any thread while a session runs.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pages: AtomicU64,
+    wire_bytes: AtomicU64,
+}
+
+impl Progress {
+    /// Pages handled so far.
+    pub fn pages(&self) -> u64 {
+        self.pages.load(Ordering::Relaxed)
+    }
+    /// Wire bytes so far.
+    pub fn wire_bytes(&self) -> u64 {
+        self.wire_bytes.load(Ordering::Relaxed)
+    }
+    pub(crate) fn add(&self, pages: u64, wire: u64) {
+        self.pages.fetch_add(pages, Ordering::Relaxed);
+        self.wire_bytes.fetch_add(wire, Ordering::Relaxed);
+    }
+}
+
+/// CPU seconds used by the calling thread.
+pub fn thread_cpu_seconds() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write; CLOCK_THREAD_CPUTIME_ID is always available
+    // on Linux.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return 0.0;
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}

@@ -1,0 +1,121 @@
+//! Sizes and tables for the CLI.
+
+use pagewire::SessionStats;
+
+/// Parse "4096", "64KiB", "256MiB", "1GiB" (also K/M/G and KB/MB/GB as binary units).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (bytes, or a number with KiB/MiB/GiB)"))?;
+    let mul: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => {
+            return Err(format!(
+                "'{s}': unknown size unit '{unit}' (use KiB, MiB, GiB)"
+            ))
+        }
+    };
+    n.checked_mul(mul)
+        .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+/// "256.0 MiB".
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < UNITS.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[i])
+    }
+}
+
+fn row(out: &mut String, label: &str, a: String, b: Option<String>) {
+    match b {
+        Some(b) => out.push_str(&format!("  {label:<24} {a:>16} {b:>16}\n")),
+        None => out.push_str(&format!("  {label:<24} {a:>16}\n")),
+    }
+}
+
+fn rows(out: &mut String, s: &SessionStats, r: Option<&SessionStats>, page_size: u32) {
+    let f = |g: &dyn Fn(&SessionStats) -> String| (g(s), r.map(g));
+    let mut add = |label: &str, g: &dyn Fn(&SessionStats) -> String| {
+        let (a, b) = f(g);
+        row(out, label, a, b);
+    };
+    add("memory", &|s| human_bytes(s.total.memory_bytes));
+    add("on the wire", &|s| human_bytes(s.total.wire_bytes));
+    add("wire / memory", &|s| format!("{:.3}", s.wire_ratio()));
+    add("seconds", &|s| format!("{:.3}", s.seconds));
+    add("GB/s of memory", &|s| format!("{:.2}", s.gbps()));
+    add("CPU seconds", &|s| format!("{:.2}", s.total.cpu_seconds));
+    add("CPU s / GiB", &|s| {
+        let gib = s.total.memory_bytes as f64 / (1u64 << 30) as f64;
+        if gib > 0.0 {
+            format!("{:.2}", s.total.cpu_seconds / gib)
+        } else {
+            "-".into()
+        }
+    });
+    add("pages: zero", &|s| s.total.pages_zero.to_string());
+    add("pages: compressed", &|s| {
+        s.total.pages_compressed.to_string()
+    });
+    add("pages: raw", &|s| s.total.pages_raw.to_string());
+    add("packets", &|s| s.total.packets.to_string());
+    let _ = page_size;
+}
+
+/// Sender and receiver side by side.
+pub fn summary_table(s: &SessionStats, r: &SessionStats, page_size: u32) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "  {:<24} {:>16} {:>16}\n",
+        "", "sender", "receiver"
+    ));
+    rows(&mut out, s, Some(r), page_size);
+    out
+}
+
+/// One side.
+pub fn side_table(label: &str, s: &SessionStats, page_size: u32) -> String {
+    let mut out = String::new();
+    out.push_str(&format!("  {:<24} {:>16}\n", "", label));
+    rows(&mut out, s, None, page_size);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64KiB"), Ok(64 << 10));
+        assert_eq!(parse_size("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("2M"), Ok(2 << 20));
+        assert!(parse_size("12XB").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("99999999999999GiB").is_err());
+    }
+
+    #[test]
+    fn human() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(256 << 20), "256.0 MiB");
+    }
+}
