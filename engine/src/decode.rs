@@ -257,13 +257,15 @@ impl State {
             if self.compression.is_none() && has_pages {
                 match Compression::from_flags(be32(&fixed, 8)) {
                     Some(c @ (Compression::None | Compression::Qpl)) => self.compression = Some(c),
-                    Some(other) => return Err(DecodeError::Stream {
-                        capture: s.name.clone(),
-                        detail: format!(
+                    Some(other) => {
+                        return Err(DecodeError::Stream {
+                            capture: s.name.clone(),
+                            detail: format!(
                             "compression {} streams cannot be decoded (only none and qpl framing)",
                             other.name()
                         ),
-                    }),
+                        })
+                    }
                     None => {} // decode_into reports the bad flags.
                 }
             }

@@ -28,3 +28,8 @@ pub use memory::{Block, GuestMemory, MemoryError};
 pub use pages::{BlockPages, RoundPages};
 pub use session::{AbortHandle, ReceiveInto, Received, Receiver, Sender};
 pub use stats::{ChannelStats, Progress, SessionStats};
+
+/// The README's examples compile as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;

@@ -247,6 +247,7 @@ impl Block {
     ///
     /// # Safety
     /// The block must be writable, and nothing else may access it while the slice lives.
+    #[allow(clippy::mut_from_ref)] // guest memory is shared raw memory; exclusivity is the caller's contract
     pub unsafe fn as_mut_slice(&self) -> &mut [u8] {
         // SAFETY: mapped writable for our lifetime; the caller guarantees exclusivity.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }

@@ -4,17 +4,20 @@
 //! implementations run on the same pages.
 //!
 //! The realistic mix is laid out in runs of pages of one kind (files and heaps are contiguous
-//! in a real guest), with the kind of each run drawn at random but steered so that every
-//! kind's share of the buffer stays within a few dozen pages of its target:
+//! in a real guest). The kind of each run is drawn at random, steered so that every kind's
+//! share of the buffer stays within a few dozen pages of its target:
 //!
 //! | kind | share of pages | looks like |
 //! |---|---|---|
 //! | zero | 32 % | free memory |
 //! | text | 22 % | English prose, source code, log files with timestamps |
-//! | code | 14 % | x86-64 machine code: prologues, common opcodes, small immediates, rel32 calls |
+//! | code | 14 % | x86-64 machine code: prologues, common opcodes, small immediates, rel32 |
 //! | heap | 14 % | malloc chunks: 0x00007f.. pointers, small integers, short strings, zero runs |
 //! | random | 10 % | already-compressed files |
 //! | sparse | 8 % | mostly zero pages holding a few small structures |
+//!
+//! Generation is table driven (fixed-size stores into a scratch page with some slack, field
+//! values taken from masked random words) so that filling runs at well over 1 GB/s on one core.
 
 /// A family of pages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -40,12 +43,15 @@ pub fn fill(set: PageSet, buf: &mut [u8], page_size: usize, seed: u64) {
         PageSet::Zero => buf.fill(0),
         PageSet::Random => rng.fill_random(buf),
         PageSet::Text => {
+            let mut scratch = vec![0u8; page_size + SLACK];
             let mut pages = buf.chunks_mut(page_size);
             while pages.len() > 0 {
-                let len = 1 + rng.below(24) as usize;
+                let len = 1 + rng.below(MAX_RUN[1]) as usize;
                 let mut ctx = TextCtx::new(&mut rng);
                 for page in pages.by_ref().take(len) {
-                    ctx.page(&mut rng, page);
+                    let mut w = Writer::new(&mut scratch, page.len());
+                    ctx.page(&mut rng, &mut w);
+                    page.copy_from_slice(&scratch[..page.len()]);
                 }
             }
         }
@@ -135,8 +141,9 @@ impl Draws {
     /// Skewed towards 0 (min of two uniform draws): a cheap Zipf-like word choice.
     #[inline(always)]
     fn skewed(&mut self, rng: &mut Rng, n: u32) -> u32 {
-        let a = self.below(rng, n);
-        let b = self.below(rng, n);
+        let v = self.next16(rng);
+        let a = ((v & 0xFF) * n) >> 8;
+        let b = ((v >> 8) * n) >> 8;
         a.min(b)
     }
 }
@@ -144,71 +151,149 @@ impl Draws {
 // ---------------------------------------------------------------------------------------------
 // Page writer
 
-/// Appends to a page, silently cutting whatever does not fit.
+/// Bytes past the page end that the scratch page has, so that writers can store 16 bytes at a
+/// time without checking how much room is left.
+const SLACK: usize = 64;
+
+/// Up to 16 bytes and their length, padded with zeros: one store writes them.
+#[derive(Clone, Copy)]
+struct Pad {
+    bytes: [u8; 16],
+    len: usize,
+}
+
+impl Pad {
+    const EMPTY: Pad = Pad {
+        bytes: [0; 16],
+        len: 0,
+    };
+
+    const fn new(s: &str) -> Pad {
+        let b = s.as_bytes();
+        assert!(b.len() <= 16, "table strings are at most 16 bytes");
+        let mut p = Pad::EMPTY;
+        let mut i = 0;
+        while i < b.len() {
+            p.bytes[i] = b[i];
+            i += 1;
+        }
+        p.len = b.len();
+        p
+    }
+}
+
+const fn pads<const N: usize>(src: &[&str]) -> [Pad; N] {
+    let mut out = [Pad::EMPTY; N];
+    let mut i = 0;
+    while i < N {
+        out[i] = Pad::new(src[i]);
+        i += 1;
+    }
+    out
+}
+
+/// Appends to a scratch page of `end + SLACK` bytes; whatever lands past `end` is dropped by
+/// the caller, which copies only `..end` into the real page.
 struct Writer<'a> {
     buf: &'a mut [u8],
     pos: usize,
+    end: usize,
 }
 
 impl<'a> Writer<'a> {
-    fn new(buf: &'a mut [u8]) -> Self {
-        Writer { buf, pos: 0 }
+    fn new(buf: &'a mut [u8], end: usize) -> Self {
+        debug_assert!(buf.len() >= end + SLACK);
+        Writer { buf, pos: 0, end }
     }
 
     #[inline(always)]
     fn full(&self) -> bool {
-        self.pos >= self.buf.len()
+        self.pos >= self.end
     }
 
+    /// Store a fixed-size array.
     #[inline(always)]
-    fn put(&mut self, s: &[u8]) {
-        let room = self.buf.len() - self.pos;
-        if s.len() <= room {
-            self.buf[self.pos..self.pos + s.len()].copy_from_slice(s);
-            self.pos += s.len();
-        } else {
-            self.buf[self.pos..].copy_from_slice(&s[..room]);
-            self.pos = self.buf.len();
+    fn arr<const N: usize>(&mut self, a: &[u8; N]) {
+        match self.buf.get_mut(self.pos..self.pos + N) {
+            Some(dst) => {
+                dst.copy_from_slice(a);
+                self.pos += N;
+            }
+            None => self.pos = self.buf.len(),
+        }
+    }
+
+    /// Store a padded string (16 bytes written, `len` kept).
+    #[inline(always)]
+    fn pad(&mut self, p: &Pad) {
+        self.bits(&p.bytes, p.len);
+    }
+
+    /// Store `N` bytes, keep the first `len` (`N` <= `SLACK`).
+    #[inline(always)]
+    fn bytes<const N: usize>(&mut self, b: &[u8; N], len: usize) {
+        match self.buf.get_mut(self.pos..self.pos + N) {
+            Some(dst) => {
+                dst.copy_from_slice(b);
+                self.pos += len;
+            }
+            None => self.pos = self.buf.len(),
+        }
+    }
+
+    /// Store 16 bytes, keep the first `len`.
+    #[inline(always)]
+    fn bits(&mut self, b: &[u8; 16], len: usize) {
+        match self.buf.get_mut(self.pos..self.pos + 16) {
+            Some(dst) => {
+                dst.copy_from_slice(b);
+                self.pos += len;
+            }
+            None => self.pos = self.buf.len(),
         }
     }
 
     #[inline(always)]
     fn byte(&mut self, b: u8) {
-        if let Some(slot) = self.buf.get_mut(self.pos) {
-            *slot = b;
-            self.pos += 1;
-        }
-    }
-
-    /// Decimal, zero-padded to `width` digits.
-    fn dec(&mut self, mut v: u32, width: usize) {
-        let mut tmp = [b'0'; 10];
-        let mut i = tmp.len();
-        while v > 0 || tmp.len() - i < width.max(1) {
-            i -= 1;
-            tmp[i] = b'0' + (v % 10) as u8;
-            v /= 10;
-            if i == 0 {
-                break;
-            }
-        }
-        self.put(&tmp[i..]);
-    }
-
-    /// Lower-case hexadecimal, `digits` digits.
-    fn hex(&mut self, v: u64, digits: usize) {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut tmp = [0u8; 16];
-        let digits = digits.min(16);
-        for (i, slot) in tmp[..digits].iter_mut().enumerate() {
-            *slot = HEX[((v >> (4 * (digits - 1 - i))) & 0xF) as usize];
-        }
-        self.put(&tmp[..digits]);
+        self.arr(&[b]);
     }
 
     #[inline(always)]
     fn word(&mut self, w: u64) {
-        self.put(&w.to_le_bytes());
+        self.arr(&w.to_le_bytes());
+    }
+
+    /// Decimal, zero-padded to `width` digits (at most 10).
+    fn dec(&mut self, mut v: u32, width: usize) {
+        let mut tmp = [b'0'; 16];
+        let mut n = 0;
+        while v > 0 || n < width.max(1) {
+            if n == 10 {
+                break;
+            }
+            tmp[9 - n] = b'0' + (v % 10) as u8;
+            v /= 10;
+            n += 1;
+        }
+        tmp.copy_within(10 - n..10, 0);
+        self.bits(&tmp, n);
+    }
+
+    /// Two decimal digits.
+    #[inline(always)]
+    fn dec2(&mut self, v: u32) {
+        self.arr(&[b'0' + (v / 10 % 10) as u8, b'0' + (v % 10) as u8]);
+    }
+
+    /// Lower-case hexadecimal, `digits` digits (at most 16).
+    fn hex(&mut self, v: u64, digits: usize) {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let digits = digits.min(16);
+        let mut tmp = [0u8; 16];
+        for (i, slot) in tmp[..digits].iter_mut().enumerate() {
+            *slot = HEX[((v >> (4 * (digits - 1 - i))) & 0xF) as usize];
+        }
+        self.bits(&tmp, digits);
     }
 }
 
@@ -245,15 +330,15 @@ const MAX_RUN: [u32; 6] = [96, 24, 48, 48, 32, 8];
 const SLACK_PAGES: u64 = 32;
 
 fn fill_realistic(buf: &mut [u8], page_size: usize, rng: &mut Rng) {
+    let mut scratch = vec![0u8; page_size + SLACK];
     let mut pages = buf.chunks_mut(page_size);
     let mut assigned = [0u64; 6];
     let mut done = 0u64;
-    let mut code = CodeCtx::new(rng);
     while pages.len() > 0 {
         // Draw a kind by weight.
         let mut r = u64::from(rng.below(1000));
         let mut k = 0;
-        while r >= SHARE[k] {
+        while k + 1 < SHARE.len() && r >= SHARE[k] {
             r -= SHARE[k];
             k += 1;
         }
@@ -274,18 +359,30 @@ fn fill_realistic(buf: &mut [u8], page_size: usize, rng: &mut Rng) {
             Kind::Random => run.for_each(|p| rng.fill_random(p)),
             Kind::Text => {
                 let mut ctx = TextCtx::new(rng);
-                run.for_each(|p| ctx.page(rng, p));
+                for p in run {
+                    let mut w = Writer::new(&mut scratch, p.len());
+                    ctx.page(rng, &mut w);
+                    p.copy_from_slice(&scratch[..p.len()]);
+                }
             }
             Kind::Code => {
-                code.new_module(rng);
-                run.for_each(|p| code.page(rng, p));
+                let ctx = CodeCtx::new(rng);
+                for p in run {
+                    let mut w = Writer::new(&mut scratch, p.len());
+                    ctx.page(rng, &mut w);
+                    p.copy_from_slice(&scratch[..p.len()]);
+                }
             }
             Kind::Heap => {
-                let mut ctx = HeapCtx::new(rng);
-                run.for_each(|p| ctx.page(rng, p));
+                let ctx = HeapCtx::new(rng);
+                for p in run {
+                    let mut w = Writer::new(&mut scratch, p.len());
+                    ctx.page(rng, &mut w);
+                    p.copy_from_slice(&scratch[..p.len()]);
+                }
             }
             Kind::Sparse => {
-                let mut ctx = HeapCtx::new(rng);
+                let ctx = HeapCtx::new(rng);
                 run.for_each(|p| ctx.sparse_page(rng, p));
             }
         }
@@ -295,7 +392,7 @@ fn fill_realistic(buf: &mut [u8], page_size: usize, rng: &mut Rng) {
 // ---------------------------------------------------------------------------------------------
 // Text: prose, source code, logs
 
-const WORDS: &[&str] = &[
+const WORD_LIST: &[&str] = &[
     "the",
     "of",
     "and",
@@ -466,16 +563,18 @@ const WORDS: &[&str] = &[
     "interest",
     "company",
 ];
+static WORDS: [Pad; WORD_LIST.len()] = pads(WORD_LIST);
 
-const IDENTS: &[&str] = &[
+const IDENT_LIST: &[&str] = &[
     "i", "n", "len", "buf", "ctx", "page", "offset", "size", "count", "result", "err", "state",
     "self", "node", "next", "prev", "head", "tail", "key", "value", "index", "data", "ptr",
     "flags", "block", "channel", "packet", "header", "config", "stream", "queue", "entry", "item",
     "list", "map", "total", "bytes", "start", "end", "pos", "mask", "addr", "id", "name", "path",
     "file", "fd", "ret", "tmp", "out", "input", "output", "limit", "round",
 ];
+static IDENTS: [Pad; IDENT_LIST.len()] = pads(IDENT_LIST);
 
-const TYPES: &[&str] = &[
+const TYPE_LIST: &[&str] = &[
     "u8",
     "u32",
     "u64",
@@ -487,14 +586,15 @@ const TYPES: &[&str] = &[
     "Vec<u8>",
     "String",
     "Option<usize>",
-    "Result<(), Error>",
+    "Result<()>",
     "&mut Self",
     "*mut c_void",
     "int",
     "size_t",
 ];
+static TYPES: [Pad; TYPE_LIST.len()] = pads(TYPE_LIST);
 
-const COMPONENTS: &[&str] = &[
+const COMPONENT_LIST: &[&str] = &[
     "kernel",
     "systemd",
     "sshd",
@@ -508,12 +608,34 @@ const COMPONENTS: &[&str] = &[
     "scheduler",
     "api",
 ];
+static COMPONENTS: [Pad; COMPONENT_LIST.len()] = pads(COMPONENT_LIST);
 
-const LEVELS: &[&str] = &[
-    "INFO ", "INFO ", "INFO ", "DEBUG", "DEBUG", "WARN ", "ERROR",
+const LEVEL_LIST: &[&str] = &[
+    " INFO  ", " INFO  ", " INFO  ", " INFO  ", " DEBUG ", " DEBUG ", " WARN  ", " ERROR ",
 ];
+static LEVELS: [Pad; LEVEL_LIST.len()] = pads(LEVEL_LIST);
 
-#[derive(Clone, Copy)]
+const MESSAGE_LIST: &[&str] = &[
+    "request done ",
+    "connection from ",
+    "cache miss ",
+    "retrying after ",
+    "accepted key ",
+    "started job ",
+    "job finished ",
+    "checkpoint at ",
+    "query ok ",
+    "timeout after ",
+    "session opened ",
+    "session closed ",
+    "sync round ",
+    "page fault at ",
+    "slow request ",
+    "health ok ",
+];
+static MESSAGES: [Pad; MESSAGE_LIST.len()] = pads(MESSAGE_LIST);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum TextStyle {
     Prose,
     Source,
@@ -534,8 +656,8 @@ struct TextCtx {
 impl TextCtx {
     fn new(rng: &mut Rng) -> Self {
         let style = match rng.below(10) {
-            0..=3 => TextStyle::Prose,
-            4..=6 => TextStyle::Source,
+            0..=2 => TextStyle::Prose,
+            3..=6 => TextStyle::Source,
             _ => TextStyle::Log,
         };
         TextCtx {
@@ -548,154 +670,159 @@ impl TextCtx {
         }
     }
 
-    fn page(&mut self, rng: &mut Rng, page: &mut [u8]) {
-        let mut w = Writer::new(page);
+    fn page(&mut self, rng: &mut Rng, w: &mut Writer<'_>) {
         match self.style {
-            TextStyle::Prose => self.prose(rng, &mut w),
-            TextStyle::Source => self.source(rng, &mut w),
-            TextStyle::Log => self.log(rng, &mut w),
+            TextStyle::Prose => self.prose(rng, w),
+            TextStyle::Source => self.source(rng, w),
+            TextStyle::Log => self.log(rng, w),
         }
     }
 
-    fn word(&mut self, rng: &mut Rng) -> &'static [u8] {
-        WORDS[self.draws.skewed(rng, WORDS.len() as u32) as usize].as_bytes()
+    #[inline(always)]
+    fn word(&mut self, rng: &mut Rng) -> &'static Pad {
+        &WORDS[self.draws.skewed(rng, WORDS.len() as u32) as usize]
     }
 
-    fn ident(&mut self, rng: &mut Rng) -> &'static [u8] {
-        IDENTS[self.draws.skewed(rng, IDENTS.len() as u32) as usize].as_bytes()
+    #[inline(always)]
+    fn ident(&mut self, rng: &mut Rng) -> &'static Pad {
+        &IDENTS[self.draws.skewed(rng, IDENTS.len() as u32) as usize]
+    }
+
+    #[inline(always)]
+    fn pick(&mut self, rng: &mut Rng, table: &'static [Pad]) -> &'static Pad {
+        &table[self.draws.below(rng, table.len() as u32) as usize]
     }
 
     fn prose(&mut self, rng: &mut Rng, w: &mut Writer<'_>) {
         while !w.full() {
-            // One sentence.
-            let words = 4 + self.draws.below(rng, 18);
+            // One sentence: capitalised, words separated by spaces and the odd comma.
+            let words = 4 + self.draws.below(rng, 16);
             let start = w.pos;
-            for i in 0..words {
+            let first = self.word(rng);
+            w.pad(first);
+            if let Some(c) = w.buf.get_mut(start) {
+                c.make_ascii_uppercase();
+            }
+            for _ in 1..words {
+                if self.draws.below(rng, 14) == 0 {
+                    w.arr(b", ");
+                } else {
+                    w.byte(b' ');
+                }
                 let word = self.word(rng);
-                w.put(word);
-                if i == 0 {
-                    if let Some(c) = w.buf.get_mut(start) {
-                        c.make_ascii_uppercase();
-                    }
-                }
-                if i + 1 < words {
-                    if self.draws.below(rng, 12) == 0 {
-                        w.put(b", ");
-                    } else {
-                        w.byte(b' ');
-                    }
-                }
+                w.pad(word);
             }
             if self.draws.below(rng, 6) == 0 {
-                w.put(b".\n\n");
+                w.arr(b".\n\n");
             } else {
-                w.put(b". ");
+                w.arr(b". ");
             }
         }
     }
 
+    fn indent(&self, w: &mut Writer<'_>) {
+        for _ in 0..self.indent {
+            w.arr(b"    ");
+        }
+    }
+
+    fn open(&mut self) {
+        self.indent = (self.indent + 1).min(4);
+    }
+
     fn source(&mut self, rng: &mut Rng, w: &mut Writer<'_>) {
         while !w.full() {
-            for _ in 0..self.indent {
-                w.put(b"    ");
-            }
-            match self.draws.below(rng, 12) {
-                0 => {
-                    w.put(b"let ");
-                    w.put(self.ident(rng));
-                    w.put(b" = ");
-                    w.put(self.ident(rng));
+            self.indent(w);
+            match self.draws.below(rng, 16) {
+                0..=2 => {
+                    w.arr(b"let ");
+                    w.pad(self.ident(rng));
+                    w.arr(b" = ");
+                    w.pad(self.ident(rng));
                     w.byte(b'.');
-                    w.put(self.ident(rng));
+                    w.pad(self.ident(rng));
                     w.byte(b'(');
-                    w.put(self.ident(rng));
-                    w.put(b", ");
-                    w.dec(self.draws.below(rng, 100), 1);
-                    w.put(b");\n");
+                    w.pad(self.ident(rng));
+                    w.arr(b");\n");
                 }
-                1 => {
-                    w.put(b"if ");
-                    w.put(self.ident(rng));
-                    w.put(b" == ");
-                    w.dec(self.draws.below(rng, 16), 1);
-                    w.put(b" {\n");
-                    self.indent = (self.indent + 1).min(5);
+                3 => {
+                    w.arr(b"if ");
+                    w.pad(self.ident(rng));
+                    w.arr(b" == ");
+                    w.dec(self.draws.below(rng, 4), 1);
+                    w.arr(b" {\n");
+                    self.open();
                 }
-                2 | 3 => {
+                4..=6 => {
                     if self.indent > 0 {
                         self.indent -= 1;
-                        w.put(b"}\n");
+                        w.pos -= 4;
+                        w.arr(b"}\n");
                     } else {
-                        w.put(b"\n");
+                        w.byte(b'\n');
                     }
                 }
-                4 => {
-                    w.put(b"return ");
-                    w.put(self.ident(rng));
-                    w.put(b";\n");
+                7 => {
+                    w.arr(b"return ");
+                    w.pad(self.ident(rng));
+                    w.arr(b";\n");
                 }
-                5 => {
-                    w.put(b"// ");
-                    let n = 3 + self.draws.below(rng, 9);
+                8 => {
+                    w.arr(b"// ");
+                    let n = 3 + self.draws.below(rng, 6);
                     for _ in 0..n {
-                        w.put(self.word(rng));
+                        w.pad(self.word(rng));
                         w.byte(b' ');
                     }
                     w.byte(b'\n');
                 }
-                6 => {
-                    w.put(b"pub fn ");
-                    w.put(self.ident(rng));
-                    w.byte(b'_');
-                    w.put(self.ident(rng));
-                    w.put(b"(&mut self, ");
-                    w.put(self.ident(rng));
-                    w.put(b": ");
-                    w.put(TYPES[self.draws.below(rng, TYPES.len() as u32) as usize].as_bytes());
-                    w.put(b") -> ");
-                    w.put(TYPES[self.draws.below(rng, TYPES.len() as u32) as usize].as_bytes());
-                    w.put(b" {\n");
-                    self.indent = (self.indent + 1).min(5);
-                }
-                7 => {
-                    w.put(b"self.");
-                    w.put(self.ident(rng));
-                    w.put(b" += ");
-                    w.put(self.ident(rng));
-                    w.put(b".len();\n");
-                }
-                8 => {
-                    w.put(b"for ");
-                    w.put(self.ident(rng));
-                    w.put(b" in 0..");
-                    w.put(self.ident(rng));
-                    w.put(b" {\n");
-                    self.indent = (self.indent + 1).min(5);
-                }
                 9 => {
-                    w.put(self.ident(rng));
-                    w.byte(b'[');
-                    w.put(self.ident(rng));
-                    w.put(b"] = 0x");
-                    w.hex(u64::from(self.draws.next16(rng)), 4);
-                    w.put(b";\n");
+                    w.arr(b"pub fn ");
+                    w.pad(self.ident(rng));
+                    w.byte(b'_');
+                    w.pad(self.ident(rng));
+                    w.arr(b"(&mut self, ");
+                    w.pad(self.ident(rng));
+                    w.arr(b": ");
+                    w.pad(self.pick(rng, &TYPES));
+                    w.arr(b") -> ");
+                    w.pad(self.pick(rng, &TYPES));
+                    w.arr(b" {\n");
+                    self.open();
                 }
-                10 => {
-                    w.put(b"match ");
-                    w.put(self.ident(rng));
-                    w.put(b" {\n");
-                    self.indent = (self.indent + 1).min(5);
+                10 | 11 => {
+                    w.arr(b"self.");
+                    w.pad(self.ident(rng));
+                    w.arr(b" += ");
+                    w.pad(self.ident(rng));
+                    w.arr(b".len();\n");
+                }
+                12 => {
+                    w.arr(b"for ");
+                    w.pad(self.ident(rng));
+                    w.arr(b" in 0..");
+                    w.pad(self.ident(rng));
+                    w.arr(b" {\n");
+                    self.open();
+                }
+                13 => {
+                    w.pad(self.ident(rng));
+                    w.byte(b'[');
+                    w.pad(self.ident(rng));
+                    w.arr(b"] = 0;\n");
+                }
+                14 => {
+                    w.arr(b"match self.");
+                    w.pad(self.ident(rng));
+                    w.arr(b" {\n");
+                    self.open();
                 }
                 _ => {
-                    w.put(b"assert!(");
-                    w.put(self.ident(rng));
-                    w.put(b" <= ");
-                    w.put(self.ident(rng));
-                    w.put(b", \"");
-                    w.put(self.word(rng));
-                    w.byte(b' ');
-                    w.put(self.word(rng));
-                    w.put(b"\");\n");
+                    w.arr(b"assert!(");
+                    w.pad(self.ident(rng));
+                    w.arr(b" <= ");
+                    w.pad(self.ident(rng));
+                    w.arr(b");\n");
                 }
             }
         }
@@ -703,53 +830,46 @@ impl TextCtx {
 
     fn log(&mut self, rng: &mut Rng, w: &mut Writer<'_>) {
         while !w.full() {
-            self.millis += self.draws.below(rng, 2000);
+            self.millis += self.draws.below(rng, 1500);
             if self.millis >= 86_400_000 {
                 self.millis -= 86_400_000;
                 self.day = self.day % 28 + 1;
             }
             let ms = self.millis;
-            w.put(b"2024-06-");
-            w.dec(self.day, 2);
+            w.arr(b"2024-06-");
+            w.dec2(self.day);
             w.byte(b'T');
-            w.dec(ms / 3_600_000, 2);
+            w.dec2(ms / 3_600_000);
             w.byte(b':');
-            w.dec(ms / 60_000 % 60, 2);
+            w.dec2(ms / 60_000 % 60);
             w.byte(b':');
-            w.dec(ms / 1000 % 60, 2);
+            w.dec2(ms / 1000 % 60);
             w.byte(b'.');
             w.dec(ms % 1000, 3);
-            w.put(b"Z ");
-            w.put(LEVELS[self.draws.below(rng, LEVELS.len() as u32) as usize].as_bytes());
-            w.byte(b' ');
+            w.byte(b'Z');
+            w.pad(self.pick(rng, &LEVELS));
             let c = self.draws.below(rng, COMPONENTS.len() as u32);
-            w.put(COMPONENTS[c as usize].as_bytes());
+            w.pad(&COMPONENTS[c as usize]);
             w.byte(b'[');
             w.dec(self.pid + c, 1);
-            w.put(b"]: ");
-            let n = 2 + self.draws.below(rng, 7);
-            for _ in 0..n {
-                w.put(self.word(rng));
-                w.byte(b' ');
-            }
+            w.arr(b"]: ");
+            w.pad(self.pick(rng, &MESSAGES));
             match self.draws.below(rng, 4) {
                 0 => {
-                    w.put(b"id=");
-                    w.hex(rng.next_u64(), 8);
+                    w.arr(b"id=");
+                    w.hex(u64::from(self.draws.next16(rng)), 4);
                 }
                 1 => {
-                    w.put(b"took=");
-                    w.dec(self.draws.below(rng, 5000), 1);
-                    w.put(b"ms");
+                    w.arr(b"took=");
+                    w.dec(self.draws.below(rng, 500), 1);
+                    w.arr(b"ms");
                 }
                 2 => {
-                    w.put(b"path=/api/v1/");
-                    w.put(self.ident(rng));
-                    w.byte(b'/');
-                    w.dec(self.draws.next16(rng), 1);
+                    w.arr(b"path=/api/v1/");
+                    w.pad(self.ident(rng));
                 }
                 _ => {
-                    w.put(b"status=");
+                    w.arr(b"status=");
                     w.dec(200 + 100 * self.draws.below(rng, 4), 1);
                 }
             }
@@ -761,195 +881,176 @@ impl TextCtx {
 // ---------------------------------------------------------------------------------------------
 // x86-64 machine code
 
-/// Registers, weighted towards the ones compilers use most (rax, rdi, rsi, rdx, rcx, rbx).
-const REGS: [u8; 8] = [0, 0, 7, 6, 2, 1, 3, 0];
+/// An instruction template: its bytes, which bits a random word may set (register fields,
+/// displacements, immediates, rel32 targets), and its length.
+#[derive(Clone, Copy)]
+struct Insn {
+    base: u128,
+    mask: u128,
+    len: usize,
+}
 
-/// A code module: where its functions and data live, and the function being emitted.
+const fn insn(bytes: &[u8], mask: &[u8]) -> Insn {
+    assert!(bytes.len() == mask.len() && bytes.len() <= 16);
+    let mut base = 0u128;
+    let mut m = 0u128;
+    let mut i = 0;
+    while i < bytes.len() {
+        base |= (bytes[i] as u128) << (8 * i);
+        m |= (mask[i] as u128) << (8 * i);
+        i += 1;
+    }
+    Insn {
+        base,
+        mask: m,
+        len: bytes.len(),
+    }
+}
+
+/// Templates, most frequent first (`code_page` draws skewed towards the front), some repeated
+/// for weight. Register fields favour rax/rcx/rdx/rbx and stack slots are small negative
+/// multiples of 8, as in compiled code.
+const INSNS: &[Insn] = &[
+    // mov reg, [rbp-8k] / mov [rbp-8k], reg
+    insn(&[0x48, 0x8B, 0x45, 0xC0], &[0, 0, 0x08, 0x18]),
+    insn(&[0x48, 0x89, 0x45, 0xC0], &[0, 0, 0x08, 0x18]),
+    // mov rdi, reg
+    insn(&[0x48, 0x89, 0xC7], &[0, 0, 0x18]),
+    // call rel32, forward
+    insn(&[0xE8, 0x00, 0x00, 0x00, 0x00], &[0, 0xFF, 0x07, 0, 0]),
+    // mov reg, [reg+8k]
+    insn(&[0x48, 0x8B, 0x40, 0x08], &[0, 0, 0x0B, 0x18]),
+    // test rax, rax; je/jne rel8
+    insn(&[0x48, 0x85, 0xC0, 0x74, 0x00], &[0, 0, 0, 0x01, 0x3F]),
+    insn(&[0x48, 0x8B, 0x45, 0xC0], &[0, 0, 0x08, 0x18]),
+    // lea rdi/rsi, [rip+rel32]
+    insn(
+        &[0x48, 0x8D, 0x35, 0x00, 0x00, 0x10, 0x00],
+        &[0, 0, 0x08, 0xF8, 0x03, 0, 0],
+    ),
+    insn(&[0x48, 0x89, 0x45, 0xC0], &[0, 0, 0x08, 0x18]),
+    // cmp reg, imm8; jcc rel8
+    insn(
+        &[0x48, 0x83, 0xF8, 0x00, 0x74, 0x00],
+        &[0, 0, 0x03, 0x0F, 0x0B, 0x3F],
+    ),
+    // add/sub reg, imm8
+    insn(&[0x48, 0x83, 0xC0, 0x08], &[0, 0, 0x2B, 0x18]),
+    // xor eax, eax
+    insn(&[0x31, 0xC0], &[0, 0]),
+    // call rel32, backward
+    insn(&[0xE8, 0x00, 0x00, 0xFC, 0xFF], &[0, 0xFF, 0x07, 0, 0]),
+    // mov r32, imm32 (small)
+    insn(&[0xB8, 0x00, 0x00, 0x00, 0x00], &[0x03, 0x1F, 0, 0, 0]),
+    // mov [rsp+8k], reg
+    insn(&[0x48, 0x89, 0x44, 0x24, 0x08], &[0, 0, 0x18, 0, 0x38]),
+    // mov eax, [rbp-4k]
+    insn(&[0x8B, 0x45, 0xE0], &[0, 0x08, 0x1C]),
+    // mov reg, reg
+    insn(&[0x48, 0x89, 0xC0], &[0, 0, 0x1B]),
+    // test eax, eax; je/jne rel8
+    insn(&[0x85, 0xC0, 0x74, 0x00], &[0, 0, 0x01, 0x1F]),
+    // call [rip+rel32] (GOT)
+    insn(
+        &[0xFF, 0x15, 0x00, 0x00, 0x20, 0x00],
+        &[0, 0, 0xF8, 0x0F, 0x01, 0],
+    ),
+    // jmp rel8
+    insn(&[0xEB, 0x00], &[0, 0x3F]),
+    // movzx eax, byte [rbp-x]
+    insn(&[0x0F, 0xB6, 0x45, 0xC0], &[0, 0, 0x08, 0x38]),
+    // jcc rel32 (forward)
+    insn(
+        &[0x0F, 0x84, 0x00, 0x00, 0x00, 0x00],
+        &[0, 0x01, 0xFF, 0x01, 0, 0],
+    ),
+    // mov reg, [rbx+8k]
+    insn(&[0x48, 0x8B, 0x43, 0x08], &[0, 0, 0x08, 0x18]),
+    // prologue
+    insn(
+        &[0x55, 0x48, 0x89, 0xE5, 0x48, 0x83, 0xEC, 0x10],
+        &[0, 0, 0, 0, 0, 0, 0, 0x30],
+    ),
+    // epilogue with padding
+    insn(
+        &[
+            0x48, 0x83, 0xC4, 0x10, 0x5B, 0x5D, 0xC3, 0xCC, 0xCC, 0xCC, 0xCC, 0xCC,
+        ],
+        &[0, 0, 0, 0x30, 0, 0, 0, 0, 0, 0, 0, 0],
+    ),
+    // push rbx / push r12..r15 / ret
+    insn(&[0x53], &[0x00]),
+    insn(&[0x41, 0x54], &[0, 0x03]),
+    insn(&[0xC3], &[0]),
+    // prologue saving registers
+    insn(
+        &[
+            0x55, 0x48, 0x89, 0xE5, 0x41, 0x57, 0x41, 0x56, 0x53, 0x48, 0x83, 0xEC, 0x18,
+        ],
+        &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x30],
+    ),
+    // leave; ret; nop padding
+    insn(&[0xC9, 0xC3, 0x0F, 0x1F, 0x44, 0x00, 0x00], &[0; 7]),
+];
+
+/// One instruction from the template table, drawn skewed towards the front of the table
+/// (compiled code is dominated by a few instruction forms), as 16 bytes and a length.
+#[inline(always)]
+fn random_insn(rng: &mut Rng) -> ([u8; 16], usize) {
+    let n = INSNS.len() as u64;
+    let r = rng.next_u64();
+    let a = ((r >> 48) * n) >> 16;
+    let b = (((r >> 32) & 0xFFFF) * n) >> 16;
+    let t = &INSNS[a.min(b) as usize];
+    let rnd = u128::from(r) | (u128::from(r) << 64);
+    ((t.base | (rnd & t.mask)).to_le_bytes(), t.len)
+}
+
+/// Longest idiom, in bytes.
+const IDIOM: usize = 32;
+
+/// A code module: the instruction sequences its compiler emits again and again (argument
+/// set-up and call, load-test-branch, spill and reload...). Pages mix these idioms with
+/// single instructions, which gives DEFLATE the repeats that real code has.
 struct CodeCtx {
-    /// Address of the next byte to emit (relative to the module).
-    addr: u32,
-    /// Entry points of the module's functions (call targets).
-    funcs: [u32; 32],
-    /// Start of the module's data (lea/mov rip-relative targets).
-    data: u32,
-    /// Instructions left in the current function (0: start a new one).
-    left: u32,
-    frame: u8,
-    draws: Draws,
+    idioms: Vec<([u8; IDIOM], usize)>,
 }
 
 impl CodeCtx {
     fn new(rng: &mut Rng) -> Self {
-        let mut c = CodeCtx {
-            addr: 0,
-            funcs: [0; 32],
-            data: 0,
-            left: 0,
-            frame: 0x28,
-            draws: Draws::new(),
-        };
-        c.new_module(rng);
-        c
+        let idioms = (0..64)
+            .map(|_| {
+                let mut buf = [0u8; IDIOM + 16];
+                let mut len = 0;
+                let count = 2 + rng.below(4);
+                for _ in 0..count {
+                    let (b, n) = random_insn(rng);
+                    if len + n > IDIOM {
+                        break;
+                    }
+                    buf[len..len + 16].copy_from_slice(&b);
+                    len += n;
+                }
+                let mut idiom = [0u8; IDIOM];
+                idiom.copy_from_slice(&buf[..IDIOM]);
+                (idiom, len)
+            })
+            .collect();
+        CodeCtx { idioms }
     }
 
-    fn new_module(&mut self, rng: &mut Rng) {
-        self.addr = (rng.below(1 << 20)) << 4;
-        let text_len = 1 << (18 + rng.below(4)); // 256 KiB .. 2 MiB of text
-        for f in self.funcs.iter_mut() {
-            *f = self.addr.wrapping_add(rng.below(text_len)) & !0xF;
-        }
-        self.data = self.addr.wrapping_add(text_len + rng.below(1 << 16));
-        self.left = 0;
-    }
-
-    #[inline(always)]
-    fn reg(&mut self, rng: &mut Rng) -> u8 {
-        REGS[self.draws.below(rng, 8) as usize]
-    }
-
-    /// A small stack displacement: -8 * (1..=frame/8).
-    #[inline(always)]
-    fn disp8(&mut self, rng: &mut Rng) -> u8 {
-        let slots = u32::from(self.frame / 8).max(1);
-        (8 * (1 + self.draws.below(rng, slots)) as u8).wrapping_neg()
-    }
-
-    fn page(&mut self, rng: &mut Rng, page: &mut [u8]) {
-        let mut w = Writer::new(page);
+    fn page(&self, rng: &mut Rng, w: &mut Writer<'_>) {
+        let n = self.idioms.len() as u64;
         while !w.full() {
-            let start = w.pos;
-            self.instruction(rng, &mut w);
-            self.addr = self.addr.wrapping_add((w.pos - start) as u32);
-        }
-    }
-
-    fn rel32(&self, target: u32, insn_len: u32) -> [u8; 4] {
-        target
-            .wrapping_sub(self.addr.wrapping_add(insn_len))
-            .to_le_bytes()
-    }
-
-    fn instruction(&mut self, rng: &mut Rng, w: &mut Writer<'_>) {
-        if self.left == 0 {
-            // Pad to 16 bytes, then a prologue.
-            let pad = (16 - (self.addr & 15)) & 15;
-            let fill = if self.draws.below(rng, 2) == 0 {
-                0xCC
+            let r = rng.next_u64();
+            if r & 0xF < 5 {
+                let a = ((r >> 48) * n) >> 16;
+                let b = (((r >> 32) & 0xFFFF) * n) >> 16;
+                let (bytes, len) = &self.idioms[a.min(b) as usize];
+                w.bytes(bytes, *len);
             } else {
-                0x90
-            };
-            for _ in 0..pad {
-                w.byte(fill);
-            }
-            self.frame = 8 * (2 + self.draws.below(rng, 15)) as u8;
-            w.put(&[0x55, 0x48, 0x89, 0xE5]); // push rbp; mov rbp, rsp
-            if self.draws.below(rng, 2) == 0 {
-                w.put(&[0x41, 0x57, 0x41, 0x56, 0x53]); // push r15; push r14; push rbx
-            }
-            w.put(&[0x48, 0x83, 0xEC, self.frame]); // sub rsp, frame
-            self.left = 6 + self.draws.below(rng, 60);
-            return;
-        }
-        self.left -= 1;
-        if self.left == 0 {
-            w.put(&[0x48, 0x83, 0xC4, self.frame, 0x5B, 0x5D, 0xC3]); // add rsp; pop; pop; ret
-            return;
-        }
-        match self.draws.below(rng, 20) {
-            0..=2 => {
-                // mov [rbp+disp8], reg
-                let r = self.reg(rng);
-                let d = self.disp8(rng);
-                w.put(&[0x48, 0x89, 0x45 | (r << 3), d]);
-            }
-            3..=5 => {
-                // mov reg, [rbp+disp8]
-                let r = self.reg(rng);
-                let d = self.disp8(rng);
-                w.put(&[0x48, 0x8B, 0x45 | (r << 3), d]);
-            }
-            6 => {
-                // mov reg, reg
-                let a = self.reg(rng);
-                let b = self.reg(rng);
-                w.put(&[0x48, 0x89, 0xC0 | (a << 3) | b]);
-            }
-            7 => {
-                // mov r32, imm32 (small)
-                let r = self.reg(rng);
-                let imm = self.draws.below(rng, 300);
-                let i = imm.to_le_bytes();
-                w.put(&[0xB8 + r, i[0], i[1], i[2], i[3]]);
-            }
-            8 | 9 => {
-                // call rel32
-                let t = self.funcs[self.draws.below(rng, 32) as usize];
-                let d = self.rel32(t, 5);
-                w.put(&[0xE8, d[0], d[1], d[2], d[3]]);
-            }
-            10 => {
-                // lea rdi/rsi, [rip+rel32]
-                let r = if self.draws.below(rng, 2) == 0 { 7 } else { 6 };
-                let t = self.data.wrapping_add(self.draws.below(rng, 4096) * 8);
-                let d = self.rel32(t, 7);
-                w.put(&[0x48, 0x8D, 0x05 | (r << 3), d[0], d[1], d[2], d[3]]);
-            }
-            11 => {
-                // test rax, rax; je/jne rel8
-                let cc = 0x74 + (self.draws.below(rng, 2) as u8);
-                let d = (2 + self.draws.below(rng, 40)) as u8;
-                w.put(&[0x48, 0x85, 0xC0, cc, d]);
-            }
-            12 => {
-                // cmp reg, imm8; jcc rel8
-                let r = self.reg(rng);
-                let imm = self.draws.below(rng, 32) as u8;
-                let cc = 0x72 + 2 * (self.draws.below(rng, 6) as u8);
-                let d = (self.draws.below(rng, 96) as u8).wrapping_sub(32);
-                w.put(&[0x48, 0x83, 0xF8 | r, imm, cc, d]);
-            }
-            13 => {
-                // jcc rel32 (short forward distance)
-                let cc = 0x84 + (self.draws.below(rng, 2) as u8);
-                let d = (self.draws.below(rng, 600) + 6).to_le_bytes();
-                w.put(&[0x0F, cc, d[0], d[1], d[2], d[3]]);
-            }
-            14 => {
-                // add/sub reg, imm8
-                let r = self.reg(rng);
-                let op = if self.draws.below(rng, 2) == 0 {
-                    0xC0
-                } else {
-                    0xE8
-                };
-                let imm = 8 * (1 + self.draws.below(rng, 8)) as u8;
-                w.put(&[0x48, 0x83, op | r, imm]);
-            }
-            15 => w.put(&[0x31, 0xC0]), // xor eax, eax
-            16 => {
-                // mov reg, [reg+disp8]
-                let a = self.reg(rng);
-                let b = self.reg(rng);
-                let d = 8 * self.draws.below(rng, 16) as u8;
-                w.put(&[0x48, 0x8B, 0x40 | (a << 3) | b, d]);
-            }
-            17 => {
-                // movzx eax, byte [rbp+disp8]
-                let d = self.disp8(rng);
-                w.put(&[0x0F, 0xB6, 0x45, d]);
-            }
-            18 => {
-                // call [rip+rel32] (PLT/GOT)
-                let t = self
-                    .data
-                    .wrapping_sub(0x2000 - self.draws.below(rng, 256) * 8);
-                let d = self.rel32(t, 6);
-                w.put(&[0xFF, 0x15, d[0], d[1], d[2], d[3]]);
-            }
-            _ => {
-                // jmp rel8
-                let d = (self.draws.below(rng, 128) as u8).wrapping_sub(40);
-                w.put(&[0xEB, d]);
+                let (bytes, len) = random_insn(rng);
+                w.bits(&bytes, len);
             }
         }
     }
@@ -958,87 +1059,134 @@ impl CodeCtx {
 // ---------------------------------------------------------------------------------------------
 // Heap-like data
 
+/// One kind of heap word: `base | (random & mask) | (short string & text)`.
+#[derive(Clone, Copy)]
+struct HeapWord {
+    base: u64,
+    mask: u64,
+    text: u64,
+}
+
+/// Short strings as 8-byte words, NUL padded (for heap objects).
+static STR8: [u64; 256] = {
+    let mut out = [0u64; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = WORD_LIST[i % WORD_LIST.len()].as_bytes();
+        let mut v = 0u64;
+        let mut j = 0;
+        while j < b.len() && j < 7 {
+            v |= (b[j] as u64) << (8 * j);
+            j += 1;
+        }
+        out[i] = v;
+        i += 1;
+    }
+    out
+};
+
 /// A process heap: pointers share their high bytes, objects are malloc chunks.
 struct HeapCtx {
-    base: u64,
-    span_shift: u32,
-    draws: Draws,
+    words: [HeapWord; 16],
 }
 
 impl HeapCtx {
     fn new(rng: &mut Rng) -> Self {
-        // 0x00007fXX_XXX00000: a heap or mmap region of a 64-bit process.
-        let base = 0x0000_7F00_0000_0000 | (rng.next_u64() & 0x00FF_FFF0_0000);
-        HeapCtx {
+        // 0x00007fXX_XXX00000: a heap or mmap region of a 64-bit process; objects within a
+        // span of 4 KiB .. 1 MiB.
+        let base = 0x0000_7F00_0000_0000 | (rng.next_u64() & 0x00FF_FF00_0000);
+        let span = (1u64 << (12 + rng.below(9))) - 16;
+        let ptr = HeapWord {
             base,
-            span_shift: 16 + rng.below(8),
-            draws: Draws::new(),
+            mask: span,
+            text: 0,
+        };
+        let int = |mask: u64| HeapWord {
+            base: 0,
+            mask,
+            text: 0,
+        };
+        let konst = |base: u64| HeapWord {
+            base,
+            mask: 0,
+            text: 0,
+        };
+        HeapCtx {
+            words: [
+                ptr,
+                ptr,
+                ptr,
+                ptr,
+                konst(0),
+                konst(0),
+                konst(0),
+                int(0x1F),
+                int(0x1F),
+                int(0xFF),
+                int(0xFFFF),
+                HeapWord {
+                    base: 0,
+                    mask: 0,
+                    text: u64::MAX,
+                },
+                konst(u64::MAX),
+                HeapWord {
+                    base: 0x3FF0_0000_0000_0000,
+                    mask: 0x000F_0000_0000_0000,
+                    text: 0,
+                },
+                HeapWord {
+                    base: 1,
+                    mask: 0x0000_0003_0000_0000,
+                    text: 0,
+                },
+                konst(0),
+            ],
         }
-    }
-
-    #[inline(always)]
-    fn pointer(&mut self, rng: &mut Rng) -> u64 {
-        let off = u64::from(self.draws.next16(rng)) << (self.span_shift - 12);
-        self.base + (off & !0xF)
     }
 
     /// One object word.
     #[inline(always)]
-    fn value(&mut self, rng: &mut Rng, w: &mut Writer<'_>) {
-        match self.draws.below(rng, 16) {
-            0..=4 => {
-                let p = self.pointer(rng);
-                w.word(p);
-            }
-            5..=7 => w.word(0),
-            8..=10 => w.word(u64::from(self.draws.below(rng, 64))),
-            11 => w.word(u64::from(self.draws.next16(rng))),
-            12 => {
-                // A short string, NUL padded to 8 bytes.
-                let s = WORDS[self.draws.skewed(rng, WORDS.len() as u32) as usize].as_bytes();
-                let mut b = [0u8; 8];
-                let n = s.len().min(7);
-                b[..n].copy_from_slice(&s[..n]);
-                w.put(&b);
-            }
-            13 => w.word(0xFFFF_FFFF_FFFF_FFFF),
-            14 => w.word(0x3FF0_0000_0000_0000 + (u64::from(self.draws.below(rng, 16)) << 48)),
-            _ => w.word(u64::from(self.draws.below(rng, 4)) << 32 | 1),
-        }
+    fn value(&self, rng: &mut Rng) -> u64 {
+        let r = rng.next_u64();
+        let k = &self.words[(r >> 60) as usize];
+        k.base | (r & k.mask) | (STR8[((r >> 40) & 0xFF) as usize] & k.text)
     }
 
-    fn page(&mut self, rng: &mut Rng, page: &mut [u8]) {
-        let mut w = Writer::new(page);
+    fn page(&self, rng: &mut Rng, w: &mut Writer<'_>) {
         while !w.full() {
-            if self.draws.below(rng, 12) == 0 {
+            let r = rng.next_u64();
+            if r & 0xF == 0 {
                 // A free or untouched stretch.
-                let n = 2 + self.draws.below(rng, 30);
+                let n = 2 + ((r >> 8) & 0x1F);
                 for _ in 0..n {
                     w.word(0);
                 }
                 continue;
             }
-            // malloc chunk header: size | PREV_INUSE, then the object.
-            let words = 2 + self.draws.below(rng, 14);
-            w.word(u64::from((words + 1) * 8 + 8) | 1);
+            // malloc chunk header (size | PREV_INUSE), then the object.
+            let words = 2 + ((r >> 8) & 0xF);
+            w.word(((words + 1) * 8 + 8) | 1);
             for _ in 0..words {
-                self.value(rng, &mut w);
+                let v = self.value(rng);
+                w.word(v);
             }
         }
     }
 
     /// A mostly zero page holding a few small structures.
-    fn sparse_page(&mut self, rng: &mut Rng, page: &mut [u8]) {
+    fn sparse_page(&self, rng: &mut Rng, page: &mut [u8]) {
         page.fill(0);
-        let len = page.len();
-        let n = 1 + self.draws.below(rng, 4);
+        let slots = page.len() / 8;
+        if slots == 0 {
+            return;
+        }
+        let n = 1 + rng.below(4);
         for _ in 0..n {
-            let words = 2 + self.draws.below(rng, 18) as usize;
-            let at = (self.draws.below(rng, (len / 8).max(1) as u32) as usize * 8).min(len);
-            let end = (at + words * 8).min(len);
-            let mut w = Writer::new(&mut page[at..end]);
-            while !w.full() {
-                self.value(rng, &mut w);
+            let words = 2 + rng.below(18) as usize;
+            let at = rng.below(slots as u32) as usize;
+            for slot in page.chunks_exact_mut(8).skip(at).take(words) {
+                slot.copy_from_slice(&self.value(rng).to_le_bytes());
             }
         }
     }
@@ -1121,6 +1269,31 @@ mod tests {
     }
 
     #[test]
+    fn realistic_has_every_kind_in_runs() {
+        let mut buf = vec![0u8; 4096 * PAGE];
+        fill(PageSet::Realistic, &mut buf, PAGE, 8);
+        let mut c = DeflateCompressor::new(1).expect("level 1");
+        let mut z = vec![0u8; PAGE - 1];
+        let (mut raw, mut text, mut zero, mut changes) = (0, 0, 0, 0);
+        let mut prev_zero = false;
+        for p in buf.chunks(PAGE) {
+            let is_zero = is_zero_page(p);
+            zero += usize::from(is_zero);
+            changes += usize::from(is_zero != prev_zero);
+            prev_zero = is_zero;
+            raw += usize::from(c.compress(p, &mut z).is_none());
+            text += usize::from(p.iter().all(|&b| b == b'\n' || (0x20..0x7F).contains(&b)));
+        }
+        assert!((300..=500).contains(&raw), "random pages {raw}");
+        assert!((700..=1100).contains(&text), "text pages {text}");
+        // Zero pages come in runs, not one by one.
+        assert!(
+            changes < zero / 4,
+            "{changes} changes for {zero} zero pages"
+        );
+    }
+
+    #[test]
     fn zero_set_is_zero() {
         let mut buf = vec![0xFFu8; 32 * PAGE];
         fill(PageSet::Zero, &mut buf, PAGE, 5);
@@ -1157,6 +1330,7 @@ mod tests {
             (5000, 4096),
             (3 * 65536, 65536),
             (100, 7),
+            (100, 1),
         ] {
             for set in [
                 PageSet::Realistic,
@@ -1164,65 +1338,82 @@ mod tests {
                 PageSet::Random,
                 PageSet::Zero,
             ] {
-                let mut buf = vec![0u8; len];
-                fill(set, &mut buf, ps, 11);
+                let mut a = vec![0u8; len];
+                let mut b = vec![1u8; len];
+                fill(set, &mut a, ps, 11);
+                fill(set, &mut b, ps, 11);
+                assert!(a == b, "{set:?} {len} {ps}");
             }
         }
     }
 
-    /// Per-kind DEFLATE level-1 ratios, for tuning (`cargo test -- --ignored --nocapture`).
+    /// Per-kind DEFLATE level-1 ratios and fill speed, for tuning
+    /// (`cargo test --release -- --ignored --nocapture print_kind_ratios`).
     #[test]
     #[ignore]
     fn print_kind_ratios() {
         let mut rng = Rng::new(99);
-        let pages = 2048;
+        let pages = 4096;
         let mut buf = vec![0u8; pages * PAGE];
-        for (name, kind) in [
-            ("text", Kind::Text),
-            ("code", Kind::Code),
-            ("heap", Kind::Heap),
-            ("sparse", Kind::Sparse),
-        ] {
-            let mut code = CodeCtx::new(&mut rng);
+        let mut scratch = vec![0u8; PAGE + SLACK];
+        let styles = [
+            ("prose", Some(TextStyle::Prose)),
+            ("source", Some(TextStyle::Source)),
+            ("log", Some(TextStyle::Log)),
+            ("text", None),
+        ];
+        for (name, style) in styles {
             let t = std::time::Instant::now();
             for run in buf.chunks_mut(16 * PAGE) {
                 let mut text = TextCtx::new(&mut rng);
-                let mut heap = HeapCtx::new(&mut rng);
-                code.new_module(&mut rng);
+                text.style = style.unwrap_or(text.style);
                 for p in run.chunks_mut(PAGE) {
-                    match kind {
-                        Kind::Text => text.page(&mut rng, p),
-                        Kind::Code => code.page(&mut rng, p),
-                        Kind::Heap => heap.page(&mut rng, p),
-                        _ => heap.sparse_page(&mut rng, p),
-                    }
+                    let mut w = Writer::new(&mut scratch, PAGE);
+                    text.page(&mut rng, &mut w);
+                    p.copy_from_slice(&scratch[..PAGE]);
                 }
             }
             let gbs = buf.len() as f64 / t.elapsed().as_secs_f64() / 1e9;
             println!("{name:>8}: ratio {:.3}, {gbs:.2} GB/s", ratio(&buf).0);
         }
-        for style in [TextStyle::Prose, TextStyle::Source, TextStyle::Log] {
-            let t = std::time::Instant::now();
-            for p in buf.chunks_mut(PAGE) {
-                let mut text = TextCtx::new(&mut rng);
-                text.style = style;
-                text.page(&mut rng, p);
+        let t = std::time::Instant::now();
+        for run in buf.chunks_mut(16 * PAGE) {
+            let code = CodeCtx::new(&mut rng);
+            for p in run.chunks_mut(PAGE) {
+                let mut w = Writer::new(&mut scratch, PAGE);
+                code.page(&mut rng, &mut w);
+                p.copy_from_slice(&scratch[..PAGE]);
             }
-            let name = match style {
-                TextStyle::Prose => "prose",
-                TextStyle::Source => "source",
-                TextStyle::Log => "log",
-            };
+        }
+        let gbs = buf.len() as f64 / t.elapsed().as_secs_f64() / 1e9;
+        println!("    code: ratio {:.3}, {gbs:.2} GB/s", ratio(&buf).0);
+        for sparse in [false, true] {
+            let t = std::time::Instant::now();
+            for run in buf.chunks_mut(16 * PAGE) {
+                let heap = HeapCtx::new(&mut rng);
+                for p in run.chunks_mut(PAGE) {
+                    if sparse {
+                        heap.sparse_page(&mut rng, p);
+                    } else {
+                        let mut w = Writer::new(&mut scratch, PAGE);
+                        heap.page(&mut rng, &mut w);
+                        p.copy_from_slice(&scratch[..PAGE]);
+                    }
+                }
+            }
             let gbs = buf.len() as f64 / t.elapsed().as_secs_f64() / 1e9;
+            let name = if sparse { "sparse" } else { "heap" };
             println!("{name:>8}: ratio {:.3}, {gbs:.2} GB/s", ratio(&buf).0);
         }
         let mut buf = vec![0u8; 64 << 20];
+        fill(PageSet::Realistic, &mut buf, PAGE, 1); // fault the pages in
         let t = std::time::Instant::now();
         fill(PageSet::Realistic, &mut buf, PAGE, 1);
         let dt = t.elapsed().as_secs_f64();
         let (r, nz) = ratio(&buf);
         println!(
-            "realistic: {:.2} GB/s fill, non-zero ratio {r:.3}, non-zero pages {nz} of {}, wire/RAM {:.3}",
+            "realistic: {:.2} GB/s fill, non-zero ratio {r:.3}, non-zero pages {nz} of {}, \
+             wire/RAM {:.3}",
             buf.len() as f64 / dt / 1e9,
             buf.len() / PAGE,
             r * (nz * PAGE) as f64 / buf.len() as f64

@@ -68,6 +68,7 @@ pub fn payload_iovecs(
 
 /// After the payload has landed: inflate every compressed page from `zbuf` into its guest
 /// page and zero every zero page that is not already zero. Counts pages into `stats`.
+#[allow(clippy::too_many_arguments)] // the receiver's and the decoder's buffers, passed as they own them
 pub fn finish_packet(
     mem: &GuestMemory,
     header: &PacketHeader,

@@ -307,14 +307,14 @@ impl RecvChannel {
                 .flags(libc::MSG_WAITALL as u32)
                 .build()
                 .user_data(1);
-            // SAFETY: the msghdr (boxed), the iovec array and every buffer it points at (our
-            // header/zlen/zbuf buffers, guest pages inside the memory we hold an Arc of) stay
-            // valid and untouched until the completion is reaped below; on timeout or error
-            // `drain_after_error` waits for the completion before anything is freed.
             let Some(ring) = self.ring.as_mut() else {
                 return Err(self.err(place, ChannelErrorKind::Aborted));
             };
             let id = self.id;
+            // SAFETY: the msghdr (boxed), the iovec array and every buffer it points at (our
+            // header/zlen/zbuf buffers, guest pages inside the memory we hold an Arc of) stay
+            // valid and untouched until the completion is reaped below; on timeout or error
+            // `drain_after_error` waits for the completion before anything is freed.
             unsafe { ring.push(&sqe) }.map_err(|e| ChannelError {
                 channel: id,
                 place,

@@ -402,13 +402,13 @@ impl SendChannel {
             .build()
             .user_data(key as u64);
         trace!(channel = self.id, key, bytes = slot.remaining, "sendmsg");
+        let Some(ring) = self.ring.as_mut() else {
+            return Err(self.err(ChannelErrorKind::Aborted));
+        };
         // SAFETY: the msghdr, its iovec array, the header/zlen/zbuf buffers and the guest pages
         // all live in (or are pointed at by) the boxed slot, which is neither freed nor
         // reused until this send's completion is reaped (`in_flight` holds its key), and the
         // guest memory outlives the round.
-        let Some(ring) = self.ring.as_mut() else {
-            return Err(self.err(ChannelErrorKind::Aborted));
-        };
         unsafe { ring.push(&sqe) }.map_err(|e| self.err(e.into()))
     }
 

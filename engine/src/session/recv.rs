@@ -197,7 +197,7 @@ impl Receiver {
         match result {
             Some(e) => {
                 let msg = e.to_string();
-                warn!(error = %msg, "session failed");
+                debug!(error = %msg, "session failed");
                 let _ = control::write_message(&mut control, &Message::Error { message: msg });
                 Err(e)
             }
@@ -372,7 +372,7 @@ impl Receiver {
 
 /// Send an error to the sender (best effort) and return it.
 fn reject(control: &mut TcpStream, e: SessionError) -> SessionError {
-    warn!(error = %e, "rejecting session");
+    debug!(error = %e, "rejecting session");
     let _ = control::write_message(
         control,
         &Message::Error {

@@ -1,0 +1,1197 @@
+//! A broken or malicious SENDER against the real receiver, over real loopback sockets.
+//!
+//! Every test plays a fake sender (plain `std::net::TcpStream`, hand-built bytes) against
+//! `pagewire::Receiver` and asserts the exact error the receiver returns: right variant,
+//! right channel, right packet, right field. A receiver that panics, hangs, or accepts the
+//! stream fails the test (see [`Serving::result`]). One positive control test
+//! (`valid_hand_built_stream_is_accepted`) proves the fake sender speaks the protocol, so each
+//! negative test fails for the reason it names.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use pagewire::codec::{CodecError, DeflateCompressor, PageCompressor};
+use pagewire::error::{ChannelErrorKind, Place};
+use pagewire::SessionError;
+use pagewire::{Block, ChannelError, Config, GuestMemory, ReceiveInto, Received, Receiver};
+use pagewire_transport::control::{read_message, write_message, ControlError, Hello, Message};
+use pagewire_transport::wire::{
+    encode_header, encode_zlens, header_len, BlockSpec, Compression, Field, HeaderFields,
+    InitPacket, WireError, FLAG_SYNC,
+};
+
+// ---------------------------------------------------------------------------------------------
+// Shared set-up: receiver in a thread, fake sender, packet builders, assertions.
+// ---------------------------------------------------------------------------------------------
+
+const PS: u32 = 4096;
+const PSU: usize = PS as usize;
+/// Small packets keep the tests light: header_len(8) = 384 bytes.
+const PPP: u32 = 8;
+const BLOCK: &str = "pc.ram";
+const BLOCK_PAGES: u64 = 64;
+const BLOCK_SIZE: u64 = BLOCK_PAGES * PS as u64;
+/// The receiver's idle timeout in every test (bounds any wait it does on us).
+const IDLE: Duration = Duration::from_secs(2);
+/// A receiver that has not returned after this long is hung.
+const HANG_LIMIT: Duration = Duration::from_secs(10);
+const UUID: [u8; 16] = *b"hostile-sender!!";
+const PATTERN: u8 = 0xAB;
+
+// RAM header byte offsets (docs/wire-format.md §1.2).
+const OFF_MAGIC: usize = 0;
+const OFF_VERSION: usize = 4;
+const OFF_FLAGS: usize = 8;
+const OFF_PAGES_ALLOC: usize = 12;
+const OFF_ZERO_PAGES: usize = 32;
+const OFF_BLOCK_NAME: usize = 64;
+const OFF_OFFSETS: usize = 320;
+
+fn cfg() -> Config {
+    Config {
+        idle_timeout: IDLE,
+        ..Config::default()
+    }
+}
+
+/// A receiver serving one session on its own thread.
+struct Serving {
+    addr: SocketAddr,
+    rx: mpsc::Receiver<Result<Received, SessionError>>,
+}
+
+fn serve(into: ReceiveInto) -> Serving {
+    serve_with(cfg(), into)
+}
+
+fn serve_with(cfg: Config, into: ReceiveInto) -> Serving {
+    let mut r = Receiver::bind("127.0.0.1:0".parse().unwrap(), cfg).expect("bind");
+    r.set_accept_timeout(Some(Duration::from_secs(5)));
+    let addr = r.local_addr().expect("local_addr");
+    let (tx, rx) = mpsc::channel();
+    thread::Builder::new()
+        .name("receiver".into())
+        .spawn(move || {
+            let _ = tx.send(r.serve(into));
+        })
+        .expect("spawn receiver");
+    Serving { addr, rx }
+}
+
+impl Serving {
+    /// What `serve` returned; fails the test if the receiver hung or panicked.
+    fn result(&self) -> Result<Received, SessionError> {
+        match self.rx.recv_timeout(HANG_LIMIT) {
+            Ok(r) => r,
+            Err(RecvTimeoutError::Timeout) => {
+                panic!("receiver hung: serve() did not return within {HANG_LIMIT:?}")
+            }
+            Err(RecvTimeoutError::Disconnected) => panic!("receiver thread panicked"),
+        }
+    }
+
+    /// The error `serve` returned; fails the test if the receiver accepted the stream.
+    fn error(&self) -> SessionError {
+        match self.result() {
+            Ok(_) => panic!("receiver accepted a hostile stream"),
+            Err(e) => e,
+        }
+    }
+}
+
+fn hello(compression: Compression, channels: u16, block_size: u64) -> Hello {
+    Hello {
+        uuid: UUID,
+        page_size: PS,
+        pages_per_packet: PPP,
+        compression,
+        channels,
+        blocks: vec![BlockSpec {
+            name: BLOCK.into(),
+            size: block_size,
+        }],
+    }
+}
+
+fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(HANG_LIMIT)).unwrap();
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+/// Connect the control connection and send `hello`, without reading the answer.
+fn send_hello(addr: SocketAddr, h: &Hello) -> TcpStream {
+    let mut c = connect(addr);
+    write_message(&mut c, &Message::Hello(h.clone())).expect("send hello");
+    c
+}
+
+/// Control connection through a successful hello.
+fn handshake(addr: SocketAddr, h: &Hello) -> TcpStream {
+    let mut c = send_hello(addr, h);
+    match read_message(&mut c) {
+        Ok(Message::HelloOk) => c,
+        other => panic!("expected hello-ok, got {other:?}"),
+    }
+}
+
+/// A channel connection that has sent its init packet.
+fn open_channel(addr: SocketAddr, uuid: [u8; 16], channel_id: u8) -> TcpStream {
+    let mut s = connect(addr);
+    s.write_all(&InitPacket { uuid, channel_id }.encode())
+        .expect("send init packet");
+    s
+}
+
+/// A fake sender through the handshake, with its channels connected.
+struct Fake {
+    control: TcpStream,
+    chans: Vec<TcpStream>,
+}
+
+fn session(srv: &Serving, compression: Compression, channels: u16) -> Fake {
+    let control = handshake(srv.addr, &hello(compression, channels, BLOCK_SIZE));
+    let chans = (0..channels)
+        .map(|id| open_channel(srv.addr, UUID, id as u8))
+        .collect();
+    Fake { control, chans }
+}
+
+impl Fake {
+    /// Write bytes on channel `ch`. Errors are ignored: the receiver may legitimately have
+    /// rejected the stream and closed the connection already.
+    fn send(&mut self, ch: usize, bytes: &[u8]) {
+        let _ = self.chans[ch].write_all(bytes);
+    }
+    /// Close channel `ch` (the peer sees EOF).
+    fn close(&mut self, ch: usize) {
+        let s = self.chans.remove(ch);
+        drop(s);
+    }
+}
+
+/// The sender learns the failure on the control connection: a `Message::Error` whose text is
+/// the receiver's error.
+fn expect_error_on_control(control: &mut TcpStream, needle: &str) {
+    match read_message(control) {
+        Ok(Message::Error { message }) => assert!(
+            message.contains(needle),
+            "control error {message:?} does not contain {needle:?}"
+        ),
+        other => panic!("expected an error message on control, got {other:?}"),
+    }
+}
+
+/// A page of text (compresses well) that differs per `seed`.
+fn text_page(seed: u32) -> Vec<u8> {
+    let mut p = Vec::with_capacity(PSU);
+    let mut i = 0u32;
+    while p.len() < PSU {
+        p.extend_from_slice(format!("page {seed} line {i}: the quick brown fox\n").as_bytes());
+        i += 1;
+    }
+    p.truncate(PSU);
+    p
+}
+
+/// A page of pseudo-random bytes (sent raw).
+fn noise_page(seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..PSU)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Raw DEFLATE of `data` (must fit in `page_size - 1` bytes).
+fn deflate(data: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8; PSU - 1];
+    let n = DeflateCompressor::default()
+        .compress(data, &mut out)
+        .expect("test data compresses");
+    out.truncate(n);
+    out
+}
+
+/// One page of a hand-built packet.
+enum Page {
+    /// Raw page (zlen == page size in the qpl framing).
+    Raw(u64, Vec<u8>),
+    /// Compressed bytes (raw DEFLATE, or garbage) with the zlen they claim.
+    Deflate(u64, Vec<u8>),
+    /// Zero page (no payload).
+    Zero(u64),
+}
+
+/// A packet as three byte strings, so tests can corrupt or cut any part.
+struct Packet {
+    header: Vec<u8>,
+    zlens: Vec<u8>,
+    payload: Vec<u8>,
+}
+
+impl Packet {
+    fn bytes(&self) -> Vec<u8> {
+        [&self.header[..], &self.zlens, &self.payload].concat()
+    }
+    fn set_u32(&mut self, at: usize, v: u32) {
+        self.header[at..at + 4].copy_from_slice(&v.to_be_bytes());
+    }
+    fn set_u64(&mut self, at: usize, v: u64) {
+        self.header[at..at + 8].copy_from_slice(&v.to_be_bytes());
+    }
+    fn get_u32(&self, at: usize) -> u32 {
+        u32::from_be_bytes(self.header[at..at + 4].try_into().unwrap())
+    }
+}
+
+/// A valid packet of `BLOCK` in the given framing: normal pages first (in the order given),
+/// then zero pages.
+fn packet(compression: Compression, packet_num: u64, pages: &[Page]) -> Packet {
+    let mut offsets = Vec::new();
+    let mut zlens = Vec::new();
+    let mut payload = Vec::new();
+    for p in pages {
+        match p {
+            Page::Raw(off, data) => {
+                assert_eq!(data.len(), PSU);
+                offsets.push(*off);
+                zlens.push(PS);
+                payload.extend_from_slice(data);
+            }
+            Page::Deflate(off, z) => {
+                assert_eq!(compression, Compression::Qpl);
+                offsets.push(*off);
+                zlens.push(z.len() as u32);
+                payload.extend_from_slice(z);
+            }
+            Page::Zero(_) => {}
+        }
+    }
+    let normal = offsets.len() as u32;
+    let mut zero = 0;
+    for p in pages {
+        if let Page::Zero(off) = p {
+            offsets.push(*off);
+            zero += 1;
+        }
+    }
+    let zlen_bytes = if compression == Compression::Qpl {
+        let mut b = vec![0u8; 4 * zlens.len()];
+        encode_zlens(&mut b, &zlens);
+        b
+    } else {
+        Vec::new()
+    };
+    let fields = HeaderFields {
+        flags: compression.flag(),
+        pages_alloc: PPP,
+        normal_pages: normal,
+        next_packet_size: (zlen_bytes.len() + payload.len()) as u32,
+        packet_num,
+        zero_pages: zero,
+    };
+    let mut header = vec![0u8; header_len(PPP)];
+    encode_header(&mut header, &fields, BLOCK, &offsets);
+    Packet {
+        header,
+        zlens: zlen_bytes,
+        payload,
+    }
+}
+
+/// A SYNC packet as pagewire's sender writes it.
+fn sync_packet(packet_num: u64) -> Vec<u8> {
+    let mut header = vec![0u8; header_len(PPP)];
+    let fields = HeaderFields {
+        flags: FLAG_SYNC,
+        pages_alloc: PPP,
+        packet_num,
+        ..HeaderFields::default()
+    };
+    encode_header(&mut header, &fields, "", &[]);
+    header
+}
+
+/// A typical qpl packet: a raw page, a compressed page and a zero page.
+fn qpl_packet(packet_num: u64) -> Packet {
+    packet(
+        Compression::Qpl,
+        packet_num,
+        &[
+            Page::Raw(0x3000, noise_page(packet_num)),
+            Page::Deflate(0x1000, deflate(&text_page(packet_num as u32))),
+            Page::Zero(0x5000),
+        ],
+    )
+}
+
+fn channel_error(e: &SessionError) -> &ChannelError {
+    match e {
+        SessionError::Channel(c) => c,
+        other => panic!("expected a channel error, got {other:?} ({other})"),
+    }
+}
+
+/// The error is `channel <channel>, <place>: field <field>: ...` from header/length-array
+/// validation, and its text names channel, packet and field.
+fn assert_wire(e: &SessionError, channel: u16, place: Place, field: Field) {
+    let c = channel_error(e);
+    assert_eq!(c.channel, channel, "wrong channel in: {e}");
+    assert_eq!(c.place, place, "wrong place in: {e}");
+    match &c.kind {
+        ChannelErrorKind::Wire(WireError::Invalid { field: f, .. }) => {
+            assert_eq!(*f, field, "wrong field in: {e}")
+        }
+        other => panic!("expected a wire error on field {field}, got {other:?} ({e})"),
+    }
+    let text = e.to_string();
+    assert!(text.contains(&format!("channel {channel}")), "{text}");
+    if let Place::Packet { packet_num, .. } = place {
+        assert!(text.contains(&format!("packet_num {packet_num}")), "{text}");
+    }
+    assert!(text.contains(&format!("field {field}")), "{text}");
+}
+
+/// `ClosedMid { what, got, need }` at `place` on `channel`.
+fn assert_closed_mid(
+    e: &SessionError,
+    channel: u16,
+    place: Place,
+    what: &str,
+    got: usize,
+    need: usize,
+) {
+    let c = channel_error(e);
+    assert_eq!((c.channel, c.place), (channel, place), "{e}");
+    match &c.kind {
+        ChannelErrorKind::ClosedMid {
+            what: w,
+            got: g,
+            need: n,
+        } => assert_eq!((*w, *g, *n), (what, got, need), "{e}"),
+        other => panic!("expected closed mid-{what}, got {other:?} ({e})"),
+    }
+    assert!(e.to_string().contains(&format!("mid-{what}")), "{e}");
+}
+
+/// Guest memory with one block `BLOCK` of `pages` pages, every byte `PATTERN`.
+fn patterned_memory(pages: u64) -> Arc<GuestMemory> {
+    let block = Block::anonymous(BLOCK, (pages * PS as u64) as usize).unwrap();
+    // SAFETY: the block was just created and nothing else references it yet.
+    unsafe { block.as_mut_slice() }.fill(PATTERN);
+    Arc::new(GuestMemory::new(vec![block]).unwrap())
+}
+
+fn assert_untouched(mem: &GuestMemory) {
+    let bytes = mem.block(0).unwrap().to_vec();
+    if let Some(i) = bytes.iter().position(|&b| b != PATTERN) {
+        panic!(
+            "guest memory written by a rejected packet: byte {i:#x} (page {}) is {:#04x}",
+            i / PSU,
+            bytes[i]
+        );
+    }
+}
+
+/// Run one hostile packet (after an optional valid prefix) through a 1-channel qpl session
+/// and return the error; also checks the sender is told on the control connection.
+fn reject_qpl_bytes(bytes: &[u8]) -> SessionError {
+    let srv = serve(ReceiveInto::Allocate);
+    let mut f = session(&srv, Compression::Qpl, 1);
+    f.send(0, bytes);
+    let e = srv.error();
+    expect_error_on_control(&mut f.control, &e.to_string());
+    e
+}
+
+// ---------------------------------------------------------------------------------------------
+// Positive control.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn valid_hand_built_stream_is_accepted() {
+    let mem = patterned_memory(BLOCK_PAGES);
+    let srv = serve(ReceiveInto::Memory(mem.clone()));
+    let mut f = session(&srv, Compression::Qpl, 1);
+
+    let raw0 = noise_page(1);
+    let text0 = text_page(2);
+    let raw1 = noise_page(3);
+    let text1 = text_page(4);
+    let p0 = packet(
+        Compression::Qpl,
+        0,
+        &[
+            Page::Raw(0x3000, raw0.clone()),
+            Page::Deflate(0x1000, deflate(&text0)),
+            Page::Zero(0x5000),
+        ],
+    );
+    // Offsets unsorted, compressed page first, as QEMU may send them.
+    let p1 = packet(
+        Compression::Qpl,
+        1,
+        &[
+            Page::Deflate(0x8000, deflate(&text1)),
+            Page::Raw(0x2000, raw1.clone()),
+            Page::Zero(0x9000),
+        ],
+    );
+    f.send(0, &p0.bytes());
+    f.send(0, &p1.bytes());
+    f.send(0, &sync_packet(2));
+    write_message(&mut f.control, &Message::RoundEnd { round: 1 }).unwrap();
+    assert_eq!(
+        read_message(&mut f.control).unwrap(),
+        Message::RoundDone { round: 1 }
+    );
+    write_message(&mut f.control, &Message::End).unwrap();
+    assert_eq!(read_message(&mut f.control).unwrap(), Message::EndOk);
+    f.chans.clear();
+
+    let got = srv.result().expect("a valid stream is accepted");
+    assert!(Arc::ptr_eq(&got.memory, &mem));
+    assert_eq!(got.uuid, UUID);
+    assert_eq!(got.stats.rounds, 1);
+    assert_eq!(got.stats.total.pages_normal, 4);
+    assert_eq!(got.stats.total.pages_zero, 2);
+    assert_eq!(got.stats.total.pages_raw, 2);
+    assert_eq!(got.stats.total.pages_compressed, 2);
+    assert_eq!(got.stats.total.sync_packets, 1);
+
+    let bytes = mem.block(0).unwrap().to_vec();
+    let zero = vec![0u8; PSU];
+    for page in 0..BLOCK_PAGES as usize {
+        let got = &bytes[page * PSU..(page + 1) * PSU];
+        let want: &[u8] = match page * PSU {
+            0x3000 => &raw0,
+            0x1000 => &text0,
+            0x5000 | 0x9000 => &zero,
+            0x8000 => &text1,
+            0x2000 => &raw1,
+            _ => {
+                assert!(got.iter().all(|&b| b == PATTERN), "page {page} was written");
+                continue;
+            }
+        };
+        assert!(got == want, "page {page} differs from what was sent");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Peer closes mid-packet.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn peer_closes_mid_header() {
+    let srv = serve(ReceiveInto::Allocate);
+    let mut f = session(&srv, Compression::Qpl, 1);
+    let p = qpl_packet(5);
+    f.send(0, &p.header[..100]);
+    f.close(0);
+    let e = srv.error();
+    assert_closed_mid(
+        &e,
+        0,
+        Place::Header { index: 0 },
+        "header",
+        100,
+        header_len(PPP),
+    );
+    expect_error_on_control(&mut f.control, "mid-header");
+}
+
+#[test]
+fn peer_closes_mid_length_array() {
+    let srv = serve(ReceiveInto::Allocate);
+    let mut f = session(&srv, Compression::Qpl, 1);
+    let p = qpl_packet(5);
+    f.send(0, &p.header);
+    f.send(0, &p.zlens[..4]);
+    f.close(0);
+    let e = srv.error();
+    let place = Place::Packet {
+        index: 0,
+        packet_num: 5,
+    };
+    assert_closed_mid(&e, 0, place, "length array", 4, 8);
+    expect_error_on_control(&mut f.control, "mid-length array");
+}
+
+#[test]
+fn peer_closes_mid_payload() {
+    let srv = serve(ReceiveInto::Allocate);
+    let mut f = session(&srv, Compression::Qpl, 1);
+    // A valid packet first, so the failing one is packet #1 on this channel.
+    f.send(0, &qpl_packet(4).bytes());
+    let p = qpl_packet(5);
+    f.send(0, &p.header);
+    f.send(0, &p.zlens);
+    f.send(0, &p.payload[..1000]);
+    f.close(0);
+    let e = srv.error();
+    let place = Place::Packet {
+        index: 1,
+        packet_num: 5,
+    };
+    assert_closed_mid(&e, 0, place, "payload", 1000, p.payload.len());
+    expect_error_on_control(&mut f.control, "mid-payload");
+}
+
+#[test]
+fn peer_closes_between_packets_before_end() {
+    let srv = serve(ReceiveInto::Allocate);
+    let mut f = session(&srv, Compression::Qpl, 1);
+    f.send(0, &qpl_packet(4).bytes());
+    f.close(0);
+    let e = srv.error();
+    let c = channel_error(&e);
+    assert_eq!(
+        (c.channel, c.place),
+        (0, Place::Between { index: 1 }),
+        "{e}"
+    );
+    assert!(matches!(c.kind, ChannelErrorKind::Closed), "{e}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Payload content.
+// ---------------------------------------------------------------------------------------------
+
+fn assert_codec(e: &SessionError, place: Place, page: usize, offset: u64) -> CodecError {
+    let c = channel_error(e);
+    assert_eq!((c.channel, c.place), (0, place), "{e}");
+    match &c.kind {
+        ChannelErrorKind::Codec {
+            page: p,
+            offset: o,
+            source,
+        } => {
+            assert_eq!((*p, *o), (page, offset), "{e}");
+            let text = e.to_string();
+            assert!(
+                text.contains("channel 0") && text.contains(&format!("page {page}")),
+                "{text}"
+            );
+            source.clone()
+        }
+        other => panic!("expected a codec error, got {other:?} ({e})"),
+    }
+}
+
+#[test]
+fn corrupt_deflate_payload() {
+    // 0xFF: BFINAL=1, BTYPE=11 (reserved) — never valid DEFLATE.
+    let p = packet(
+        Compression::Qpl,
+        5,
+        &[
+            Page::Raw(0x3000, noise_page(1)),
+            Page::Deflate(0x1000, vec![0xFF; 100]),
+        ],
+    );
+    let e = reject_qpl_bytes(&p.bytes());
+    let place = Place::Packet {
+        index: 0,
+        packet_num: 5,
+    };
+    let src = assert_codec(&e, place, 1, 0x1000);
+    assert!(matches!(src, CodecError::Corrupt(_)), "{src:?}");
+}
+
+#[test]
+fn deflate_inflating_to_less_than_a_page() {
+    let half = &text_page(9)[..PSU / 2];
+    let p = packet(Compression::Qpl, 5, &[Page::Deflate(0x1000, deflate(half))]);
+    let e = reject_qpl_bytes(&p.bytes());
+    let place = Place::Packet {
+        index: 0,
+        packet_num: 5,
+    };
+    let src = assert_codec(&e, place, 0, 0x1000);
+    assert_eq!(
+        src,
+        CodecError::WrongOutputSize {
+            got: PSU / 2,
+            expected: PSU
+        }
+    );
+}
+
+#[test]
+fn deflate_inflating_to_more_than_a_page() {
+    let mut two = text_page(9);
+    two.extend_from_slice(&text_page(10));
+    let p = packet(Compression::Qpl, 5, &[Page::Deflate(0x1000, deflate(&two))]);
+    let e = reject_qpl_bytes(&p.bytes());
+    let place = Place::Packet {
+        index: 0,
+        packet_num: 5,
+    };
+    let src = assert_codec(&e, place, 0, 0x1000);
+    assert!(
+        matches!(src, CodecError::WrongOutputSize { expected, .. } if expected == PSU),
+        "{src:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Length array.
+// ---------------------------------------------------------------------------------------------
+
+/// `qpl_packet` with its zlen `i` replaced; payload cut/padded so the stream stays aligned
+/// with what the (corrupted) header announces.
+fn with_zlen(i: usize, zlen: u32, next_packet_size: u32) -> Packet {
+    let mut p = qpl_packet(5);
+    p.zlens[4 * i..4 * i + 4].copy_from_slice(&zlen.to_be_bytes());
+    p.set_u32(20, next_packet_size);
+    p
+}
+
+#[test]
+fn zlen_zero() {
+    let p0 = qpl_packet(5);
+    let npsize = p0.get_u32(20);
+    let p = with_zlen(1, 0, npsize);
+    let e = reject_qpl_bytes(&p.bytes());
+    let place = Place::Packet {
+        index: 0,
+        packet_num: 5,
+    };
+    assert_wire(&e, 0, place, Field::Zlen);
+    assert!(e.to_string().contains("page 1: 0"), "{e}");
+}
+
+#[test]
+fn zlen_larger_than_page() {
+    let p0 = qpl_packet(5);
+    let npsize = p0.get_u32(20);
+    let p = with_zlen(0, PS + 1, npsize);
+    let e = reject_qpl_bytes(&p.bytes());
+    let place = Place::Packet {
+        index: 0,
+        packet_num: 5,
+    };
+    assert_wire(&e, 0, place, Field::Zlen);
+    assert!(
+        e.to_string().contains(&format!("page 0: {}", PS + 1)),
+        "{e}"
+    );
+}
+
+#[test]
+fn next_packet_size_disagrees_with_zlens() {
+    // Within the header's bounds (4n..=4n + n*page), but not 4n + sum(zlen).
+    let mut p = qpl_packet(5);
+    let npsize = p.get_u32(20);
+    p.set_u32(20, npsize + 1);
+    let e = reject_qpl_bytes(&p.bytes());
+    let place = Place::Packet {
+        index: 0,
+        packet_num: 5,
+    };
+    assert_wire(&e, 0, place, Field::NextPacketSize);
+    assert!(e.to_string().contains("sum of zlen"), "{e}");
+}
+
+#[test]
+fn next_packet_size_out_of_header_bounds() {
+    let mut p = qpl_packet(5);
+    // 2 normal pages: at most 8 + 2 * 4096.
+    p.set_u32(20, 8 + 2 * PS + 1);
+    let e = reject_qpl_bytes(&p.bytes());
+    let place = Place::Packet {
+        index: 0,
+        packet_num: 5,
+    };
+    assert_wire(&e, 0, place, Field::NextPacketSize);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Offsets and block names.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn offset_unaligned_on_second_channel() {
+    // Channel 1 of 2, after one valid packet there: the error names channel 1, packet #1.
+    let srv = serve(ReceiveInto::Allocate);
+    let mut f = session(&srv, Compression::Qpl, 2);
+    f.send(1, &qpl_packet(6).bytes());
+    let mut p = qpl_packet(7);
+    p.set_u64(OFF_OFFSETS + 8, 0x1000 + 512); // page 1 (normal)
+    f.send(1, &p.bytes());
+    let e = srv.error();
+    let place = Place::Packet {
+        index: 1,
+        packet_num: 7,
+    };
+    assert_wire(&e, 1, place, Field::Offset);
+    assert!(e.to_string().contains("page 1 (normal)"), "{e}");
+    expect_error_on_control(&mut f.control, "field offset");
+}
+
+#[test]
+fn offset_past_block_end() {
+    let mut p = qpl_packet(5);
+    p.set_u64(OFF_OFFSETS + 16, BLOCK_SIZE); // page 2 (the zero page), one past the end
+    let e = reject_qpl_bytes(&p.bytes());
+    let place = Place::Packet {
+        index: 0,
+        packet_num: 5,
+    };
+    assert_wire(&e, 0, place, Field::Offset);
+    assert!(e.to_string().contains("page 2 (zero)"), "{e}");
+    assert!(e.to_string().contains("past the end"), "{e}");
+}
+
+#[test]
+fn offset_overflowing_u64() {
+    let mut p = qpl_packet(5);
+    p.set_u64(OFF_OFFSETS, u64::MAX - (PS as u64 - 1)); // page-aligned, + page_size overflows
+    let e = reject_qpl_bytes(&p.bytes());
+    let place = Place::Packet {
+        index: 0,
+        packet_num: 5,
+    };
+    assert_wire(&e, 0, place, Field::Offset);
+}
+
+#[test]
+fn unknown_block_name() {
+    let mut p = qpl_packet(5);
+    p.header[OFF_BLOCK_NAME..OFF_BLOCK_NAME + 7].copy_from_slice(b"pc.rom\0");
+    let e = reject_qpl_bytes(&p.bytes());
+    let place = Place::Packet {
+        index: 0,
+        packet_num: 5,
+    };
+    assert_wire(&e, 0, place, Field::BlockName);
+    assert!(e.to_string().contains("pc.rom"), "{e}");
+}
+
+#[test]
+fn block_name_not_nul_terminated() {
+    let mut p = qpl_packet(5);
+    p.header[OFF_BLOCK_NAME..OFF_BLOCK_NAME + 256].fill(b'A');
+    let e = reject_qpl_bytes(&p.bytes());
+    let place = Place::Packet {
+        index: 0,
+        packet_num: 5,
+    };
+    assert_wire(&e, 0, place, Field::BlockName);
+    assert!(e.to_string().contains("NUL"), "{e}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Header fields.
+// ---------------------------------------------------------------------------------------------
+
+/// `qpl_packet(5)` with one header u32 replaced, sent in full; returns the error.
+fn reject_header_u32(at: usize, value: u32) -> SessionError {
+    let mut p = qpl_packet(5);
+    p.set_u32(at, value);
+    reject_qpl_bytes(&p.bytes())
+}
+
+const PLACE5: Place = Place::Packet {
+    index: 0,
+    packet_num: 5,
+};
+
+#[test]
+fn wrong_magic() {
+    let e = reject_header_u32(OFF_MAGIC, 0x4433_2211);
+    assert_wire(&e, 0, PLACE5, Field::Magic);
+}
+
+#[test]
+fn wrong_version() {
+    let e = reject_header_u32(OFF_VERSION, 2);
+    assert_wire(&e, 0, PLACE5, Field::Version);
+}
+
+#[test]
+fn unknown_flag_bit() {
+    let e = reject_header_u32(OFF_FLAGS, Compression::Qpl.flag() | 0x80);
+    assert_wire(&e, 0, PLACE5, Field::Flags);
+    assert!(e.to_string().contains("unknown bits"), "{e}");
+}
+
+#[test]
+fn device_state_flag() {
+    let e = reject_header_u32(OFF_FLAGS, Compression::Qpl.flag() | 0x40);
+    assert_wire(&e, 0, PLACE5, Field::Flags);
+    assert!(e.to_string().contains("device state"), "{e}");
+}
+
+#[test]
+fn two_compression_bits() {
+    let e = reject_header_u32(OFF_FLAGS, 0x08 | 0x04);
+    assert_wire(&e, 0, PLACE5, Field::Flags);
+}
+
+#[test]
+fn compression_flag_mismatch() {
+    // Session qpl, packet says none (and is a consistent none packet of 2 raw pages).
+    let p = packet(
+        Compression::None,
+        5,
+        &[
+            Page::Raw(0x3000, noise_page(1)),
+            Page::Raw(0x4000, noise_page(2)),
+        ],
+    );
+    let e = reject_qpl_bytes(&p.bytes());
+    assert_wire(&e, 0, PLACE5, Field::Flags);
+    assert!(e.to_string().contains("session uses qpl"), "{e}");
+}
+
+#[test]
+fn compression_flag_mismatch_none_session() {
+    // Session none, packet qpl.
+    let srv = serve(ReceiveInto::Allocate);
+    let mut f = session(&srv, Compression::None, 1);
+    f.send(0, &qpl_packet(5).bytes());
+    let e = srv.error();
+    assert_wire(&e, 0, PLACE5, Field::Flags);
+    assert!(e.to_string().contains("session uses none"), "{e}");
+}
+
+#[test]
+fn sync_with_pages() {
+    let mut p = qpl_packet(5);
+    let flags = p.get_u32(OFF_FLAGS);
+    p.set_u32(OFF_FLAGS, flags | FLAG_SYNC);
+    let e = reject_qpl_bytes(&p.bytes());
+    assert_wire(&e, 0, PLACE5, Field::Flags);
+    assert!(e.to_string().contains("SYNC"), "{e}");
+}
+
+#[test]
+fn sync_with_payload() {
+    let mut h = sync_packet(5);
+    h[20..24].copy_from_slice(&16u32.to_be_bytes());
+    let e = reject_qpl_bytes(&h);
+    assert_wire(&e, 0, PLACE5, Field::NextPacketSize);
+}
+
+#[test]
+fn normal_plus_zero_exceeds_pages_alloc() {
+    // 2 normal + 7 zero = 9 > 8.
+    let e = reject_header_u32(OFF_ZERO_PAGES, PPP - 1);
+    assert_wire(&e, 0, PLACE5, Field::ZeroPages);
+}
+
+#[test]
+fn normal_plus_zero_overflowing_u32() {
+    // 2 + 0xFFFF_FFFF would wrap to 1 in u32.
+    let e = reject_header_u32(OFF_ZERO_PAGES, u32::MAX);
+    assert_wire(&e, 0, PLACE5, Field::ZeroPages);
+}
+
+#[test]
+fn normal_pages_exceeds_pages_alloc() {
+    let e = reject_header_u32(16, PPP + 1);
+    assert_wire(&e, 0, PLACE5, Field::NormalPages);
+}
+
+#[test]
+fn pages_alloc_mismatch() {
+    let e = reject_header_u32(OFF_PAGES_ALLOC, PPP * 2);
+    assert_wire(&e, 0, PLACE5, Field::PagesAlloc);
+}
+
+#[test]
+fn pages_alloc_huge() {
+    let e = reject_header_u32(OFF_PAGES_ALLOC, u32::MAX);
+    assert_wire(&e, 0, PLACE5, Field::PagesAlloc);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Channel init packets.
+// ---------------------------------------------------------------------------------------------
+
+fn assert_init(e: &SessionError, field: Field) {
+    match e {
+        SessionError::Init {
+            source: WireError::Invalid { field: f, .. },
+            ..
+        } => assert_eq!(*f, field, "{e}"),
+        other => panic!("expected an init packet error on {field}, got {other:?} ({other})"),
+    }
+    assert!(e.to_string().contains(&format!("field {field}")), "{e}");
+}
+
+#[test]
+fn init_wrong_uuid() {
+    let srv = serve(ReceiveInto::Allocate);
+    let mut control = handshake(srv.addr, &hello(Compression::Qpl, 1, BLOCK_SIZE));
+    let mut other = UUID;
+    other[0] ^= 1;
+    let _ch = open_channel(srv.addr, other, 0);
+    let e = srv.error();
+    assert_init(&e, Field::Uuid);
+    expect_error_on_control(&mut control, "field uuid");
+}
+
+#[test]
+fn init_channel_id_equals_channels() {
+    let srv = serve(ReceiveInto::Allocate);
+    let mut control = handshake(srv.addr, &hello(Compression::Qpl, 2, BLOCK_SIZE));
+    let _c0 = open_channel(srv.addr, UUID, 0);
+    let _c2 = open_channel(srv.addr, UUID, 2);
+    let e = srv.error();
+    assert_init(&e, Field::ChannelId);
+    expect_error_on_control(&mut control, "field channel_id");
+}
+
+#[test]
+fn init_duplicate_channel_id() {
+    let srv = serve(ReceiveInto::Allocate);
+    let mut control = handshake(srv.addr, &hello(Compression::Qpl, 2, BLOCK_SIZE));
+    let _a = open_channel(srv.addr, UUID, 0);
+    // Let the first connection be accepted first (accept order = connection order anyway).
+    thread::sleep(Duration::from_millis(50));
+    let _b = open_channel(srv.addr, UUID, 0);
+    let e = srv.error();
+    // The engine checks duplicates (docs/wire-format.md §2.1 rule 6, field channel_id).
+    match &e {
+        SessionError::Handshake(msg) => {
+            assert!(msg.contains("field channel_id"), "{e}");
+            assert!(msg.contains("channel 0 connected twice"), "{e}");
+        }
+        other => panic!("expected a handshake error, got {other:?} ({other})"),
+    }
+    expect_error_on_control(&mut control, "connected twice");
+}
+
+#[test]
+fn init_bad_magic() {
+    let srv = serve(ReceiveInto::Allocate);
+    let mut control = handshake(srv.addr, &hello(Compression::Qpl, 1, BLOCK_SIZE));
+    let mut ch = connect(srv.addr);
+    let mut init = InitPacket {
+        uuid: UUID,
+        channel_id: 0,
+    }
+    .encode();
+    init[0] ^= 0xFF;
+    ch.write_all(&init).unwrap();
+    let e = srv.error();
+    assert_init(&e, Field::Magic);
+    expect_error_on_control(&mut control, "field magic");
+}
+
+#[test]
+fn init_short_then_silent() {
+    // Half an init packet, then nothing: bounded by the idle timeout.
+    let srv = serve(ReceiveInto::Allocate);
+    let mut control = handshake(srv.addr, &hello(Compression::Qpl, 1, BLOCK_SIZE));
+    let mut ch = connect(srv.addr);
+    let init = InitPacket {
+        uuid: UUID,
+        channel_id: 0,
+    }
+    .encode();
+    let t = Instant::now();
+    ch.write_all(&init[..32]).unwrap();
+    let e = srv.error();
+    let took = t.elapsed();
+    assert!(took < IDLE + Duration::from_secs(2), "took {took:?}");
+    match &e {
+        SessionError::Handshake(msg) => assert!(msg.contains("init packet"), "{e}"),
+        other => panic!("expected a handshake error, got {other:?} ({other})"),
+    }
+    expect_error_on_control(&mut control, "init packet");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hello.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn hello_with_zlib_compression() {
+    let srv = serve(ReceiveInto::Allocate);
+    let mut control = send_hello(srv.addr, &hello(Compression::Zlib, 1, BLOCK_SIZE));
+    let e = srv.error();
+    // Rejected while decoding the hello (docs/wire-format.md §3.3: `hello: field compression`),
+    // before the receiver's own compression check.
+    match &e {
+        SessionError::Control(ControlError::Invalid { msg, field, .. }) => {
+            assert_eq!((*msg, *field), ("hello", "compression"), "{e}")
+        }
+        other => panic!("expected a hello error on compression, got {other:?} ({other})"),
+    }
+    expect_error_on_control(&mut control, "hello: field compression");
+}
+
+#[test]
+fn hello_memory_layout_mismatch() {
+    let mem = patterned_memory(BLOCK_PAGES);
+    let srv = serve(ReceiveInto::Memory(mem.clone()));
+    let mut control = send_hello(srv.addr, &hello(Compression::Qpl, 1, BLOCK_SIZE / 2));
+    let e = srv.error();
+    let want = format!(
+        "block '{BLOCK}' is {} bytes on the sender but {BLOCK_SIZE} here",
+        BLOCK_SIZE / 2
+    );
+    match &e {
+        SessionError::Handshake(msg) => assert_eq!(msg, &want, "{e}"),
+        other => panic!("expected a handshake error, got {other:?} ({other})"),
+    }
+    expect_error_on_control(&mut control, &want);
+    assert_untouched(&mem);
+}
+
+#[test]
+fn hello_unknown_block_for_memory() {
+    let mem = patterned_memory(BLOCK_PAGES);
+    let srv = serve(ReceiveInto::Memory(mem.clone()));
+    let mut h = hello(Compression::Qpl, 1, BLOCK_SIZE);
+    h.blocks[0].name = "pc.bios".into();
+    let mut control = send_hello(srv.addr, &h);
+    let e = srv.error();
+    match &e {
+        SessionError::Handshake(msg) => assert!(msg.contains("'pc.bios' does not exist"), "{e}"),
+        other => panic!("expected a handshake error, got {other:?} ({other})"),
+    }
+    expect_error_on_control(&mut control, "does not exist");
+}
+
+#[test]
+fn hello_asking_for_too_much_memory() {
+    let srv = serve_with(
+        Config {
+            max_memory: BLOCK_SIZE,
+            ..cfg()
+        },
+        ReceiveInto::Allocate,
+    );
+    let mut control = send_hello(srv.addr, &hello(Compression::Qpl, 1, 1 << 40));
+    let e = srv.error();
+    assert!(
+        matches!(
+            e,
+            SessionError::Memory(pagewire::MemoryError::TooLarge { .. })
+        ),
+        "{e:?}"
+    );
+    expect_error_on_control(&mut control, "exceeds the limit");
+}
+
+// ---------------------------------------------------------------------------------------------
+// A stalled peer.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn stalled_peer_times_out() {
+    let srv = serve(ReceiveInto::Allocate);
+    let mut f = session(&srv, Compression::Qpl, 1);
+    let p = qpl_packet(5);
+    let t = Instant::now();
+    f.send(0, &p.header[..50]);
+    let e = srv.error();
+    let took = t.elapsed();
+    assert!(
+        took >= IDLE.mul_f32(0.9) && took < IDLE + Duration::from_secs(2),
+        "idle timeout of {IDLE:?} took {took:?}"
+    );
+    let c = channel_error(&e);
+    assert_eq!((c.channel, c.place), (0, Place::Header { index: 0 }), "{e}");
+    assert!(
+        matches!(c.kind, ChannelErrorKind::Idle { secs } if secs == IDLE.as_secs_f64()),
+        "{e}"
+    );
+    expect_error_on_control(&mut f.control, "idle timeout");
+}
+
+#[test]
+fn stalled_peer_mid_payload_times_out() {
+    let srv = serve(ReceiveInto::Allocate);
+    let mut f = session(&srv, Compression::Qpl, 1);
+    let p = qpl_packet(5);
+    let t = Instant::now();
+    f.send(0, &p.header);
+    f.send(0, &p.zlens);
+    f.send(0, &p.payload[..10]);
+    let e = srv.error();
+    let took = t.elapsed();
+    assert!(took < IDLE + Duration::from_secs(2), "took {took:?}");
+    let c = channel_error(&e);
+    assert_eq!((c.channel, c.place), (0, PLACE5), "{e}");
+    assert!(matches!(c.kind, ChannelErrorKind::Idle { .. }), "{e}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory safety of rejection: nothing is written before validation.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn rejected_header_leaves_memory_untouched() {
+    let mem = patterned_memory(BLOCK_PAGES);
+    let srv = serve(ReceiveInto::Memory(mem.clone()));
+    let mut f = session(&srv, Compression::Qpl, 1);
+    // Page 0 is a valid raw page; page 2 (a zero page) is out of range. If anything of the
+    // payload were read before the whole header is validated, page 0x3000 would change; if
+    // zero pages were applied early, page 0x5000... would change.
+    let mut p = packet(
+        Compression::Qpl,
+        5,
+        &[
+            Page::Raw(0x3000, noise_page(1)),
+            Page::Deflate(0x1000, deflate(&text_page(2))),
+            Page::Zero(0x5000),
+            Page::Zero(0x6000),
+        ],
+    );
+    p.set_u64(OFF_OFFSETS + 24, BLOCK_SIZE + 0x1000);
+    f.send(0, &p.bytes());
+    let e = srv.error();
+    assert_wire(&e, 0, PLACE5, Field::Offset);
+    assert_untouched(&mem);
+}
+
+#[test]
+fn rejected_length_array_leaves_memory_untouched() {
+    let mem = patterned_memory(BLOCK_PAGES);
+    let srv = serve(ReceiveInto::Memory(mem.clone()));
+    let mut f = session(&srv, Compression::Qpl, 1);
+    // Raw page first, then a zlen of 0: the raw page's bytes must not land in memory.
+    let mut p = qpl_packet(5);
+    p.zlens[4..8].copy_from_slice(&0u32.to_be_bytes());
+    f.send(0, &p.bytes());
+    let e = srv.error();
+    assert_wire(&e, 0, PLACE5, Field::Zlen);
+    assert_untouched(&mem);
+}
+
+#[test]
+fn probe_end_with_open_round() {
+    let mem = patterned_memory(BLOCK_PAGES);
+    let srv = serve(ReceiveInto::Memory(mem.clone()));
+    let mut f = session(&srv, Compression::Qpl, 1);
+    f.send(0, &qpl_packet(0).bytes());
+    write_message(&mut f.control, &Message::End).unwrap();
+    let ans = read_message(&mut f.control);
+    eprintln!("PROBE answer to End with open round: {ans:?}");
+    f.chans.clear();
+    let r = srv.result();
+    eprintln!(
+        "PROBE result: {:?}",
+        r.as_ref()
+            .map(|r| r.stats.total.pages_normal)
+            .map_err(|e| e.to_string())
+    );
+}

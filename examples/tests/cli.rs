@@ -1,0 +1,345 @@
+//! The `pagewire` binary as an operator runs it: real processes over loopback.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use pagewire::synth::{self, PageSet};
+use pagewire_transport::control::{self, Hello, Message};
+use pagewire_transport::wire::{self, BlockSpec, Compression, HeaderFields, InitPacket};
+
+const BIN: &str = env!("CARGO_BIN_EXE_pagewire");
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+fn make_image(path: &Path, size: usize, seed: u64) {
+    let mut v = vec![0u8; size];
+    synth::fill(PageSet::Realistic, &mut v, 4096, seed);
+    std::fs::write(path, &v).expect("write image");
+}
+
+fn wait_output(mut child: std::process::Child, limit: Duration) -> Output {
+    let t = Instant::now();
+    loop {
+        if let Some(_status) = child.try_wait().expect("wait") {
+            return child.wait_with_output().expect("output");
+        }
+        if t.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "process did not exit within {limit:?}; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether something listens on 127.0.0.1:`port` (read from /proc, without connecting: a
+/// probe connection would be taken for the session's control connection).
+fn listening(port: u16) -> bool {
+    let want = format!(":{port:04X}");
+    std::fs::read_to_string("/proc/net/tcp").is_ok_and(|t| {
+        t.lines().skip(1).any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1].ends_with(&want) && f[3] == "0A"
+        })
+    })
+}
+
+fn spawn_recv(port: u16, extra: &[&str]) -> std::process::Child {
+    let child = Command::new(BIN)
+        .args([
+            "recv",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--accept-timeout",
+            "30",
+        ])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn recv");
+    let t = Instant::now();
+    while !listening(port) {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "recv did not start listening"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+fn send_recv_identical(codec: &str) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let img = dir.path().join("guest.img");
+    let out = dir.path().join("out.img");
+    make_image(&img, 256 << 20, 42);
+    let port = free_port();
+    let recv = spawn_recv(port, &["--out", out.to_str().expect("utf8"), "--json"]);
+    let send = Command::new(BIN)
+        .args([
+            "send",
+            "--connect",
+            &format!("127.0.0.1:{port}"),
+            "--image",
+            img.to_str().expect("utf8"),
+        ])
+        .args(["--codec", codec, "--channels", "1", "--json"])
+        .output()
+        .expect("run send");
+    assert!(
+        send.status.success(),
+        "send failed: {}",
+        String::from_utf8_lossy(&send.stderr)
+    );
+    let r = wait_output(recv, Duration::from_secs(60));
+    assert!(
+        r.status.success(),
+        "recv failed: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let a = std::fs::read(&img).expect("img");
+    let b = std::fs::read(&out).expect("out");
+    assert!(a == b, "OUT differs from IMG");
+    let sj: serde_json::Value =
+        serde_json::from_slice(&send.stdout).expect("send --json is one JSON object");
+    let rj: serde_json::Value =
+        serde_json::from_slice(&r.stdout).expect("recv --json is one JSON object");
+    assert_eq!(sj["memory_bytes"].as_u64(), Some(256 << 20));
+    assert_eq!(rj["memory_bytes"].as_u64(), Some(256 << 20));
+    assert_eq!(sj["wire_bytes"], rj["wire_bytes"]);
+    assert_eq!(sj["codec"].as_str(), Some(codec));
+    let compressed = sj["pages"]["compressed"]
+        .as_u64()
+        .expect("pages.compressed");
+    if codec == "none" {
+        assert_eq!(compressed, 0);
+    } else {
+        assert!(compressed > 0);
+    }
+}
+
+#[test]
+fn send_recv_256mib_none_is_byte_identical() {
+    send_recv_identical("none");
+}
+
+#[test]
+fn send_recv_256mib_deflate_is_byte_identical() {
+    send_recv_identical("deflate");
+}
+
+#[test]
+fn demo_json_verifies() {
+    let out = Command::new(BIN)
+        .args(["demo", "--size", "16MiB", "--json"])
+        .output()
+        .expect("run demo");
+    assert!(
+        out.status.success(),
+        "demo failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["verified"], serde_json::Value::Bool(true));
+    assert_eq!(v["sender"]["memory_bytes"].as_u64(), Some(16 << 20));
+    assert!(v["sender"]["pages"]["zero"].as_u64().expect("zero") > 0);
+    assert!(v["sender"]["gbps"].as_f64().expect("gbps") > 0.0);
+    assert_eq!(
+        v["sender"]["channels"].as_array().expect("channels").len(),
+        2
+    );
+}
+
+#[test]
+fn bad_arguments_are_one_line_errors() {
+    let out = Command::new(BIN)
+        .args(["demo", "--size", "12XB"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("unknown size unit"), "{err}");
+    let out = Command::new(BIN)
+        .args([
+            "send",
+            "--connect",
+            "127.0.0.1:1",
+            "--image",
+            "/nonexistent/x.img",
+        ])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("/nonexistent/x.img"), "{err}");
+}
+
+/// A sender that breaks a §5 rule: recv exits non-zero with one line naming the channel,
+/// the packet and the field.
+#[test]
+fn recv_rejects_a_bad_offset_with_one_line() {
+    let port = free_port();
+    let recv = spawn_recv(port, &["--idle-timeout", "5"]);
+    let uuid = [7u8; 16];
+    let mut ctl = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let hello = Hello {
+        uuid,
+        page_size: 4096,
+        pages_per_packet: 8,
+        compression: Compression::None,
+        channels: 1,
+        blocks: vec![BlockSpec {
+            name: "pc.ram".into(),
+            size: 1 << 20,
+        }],
+    };
+    control::write_message(&mut ctl, &Message::Hello(hello)).expect("hello");
+    assert_eq!(
+        control::read_message(&mut ctl).expect("reply"),
+        Message::HelloOk
+    );
+    let mut ch = TcpStream::connect(("127.0.0.1", port)).expect("connect channel");
+    ch.write_all(
+        &InitPacket {
+            uuid,
+            channel_id: 0,
+        }
+        .encode(),
+    )
+    .expect("init");
+    let mut hdr = vec![0u8; wire::header_len(8)];
+    let fields = HeaderFields {
+        flags: 0,
+        pages_alloc: 8,
+        normal_pages: 1,
+        next_packet_size: 4096,
+        packet_num: 41,
+        zero_pages: 0,
+    };
+    wire::encode_header(&mut hdr, &fields, "pc.ram", &[4096 + 12]);
+    ch.write_all(&hdr).expect("header");
+    let _ = ch.write_all(&[0u8; 4096]);
+    let r = wait_output(recv, Duration::from_secs(20));
+    assert!(!r.status.success());
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "one line expected: {err}"
+    );
+    assert!(err.contains("channel 0"), "{err}");
+    assert!(err.contains("packet_num 41"), "{err}");
+    assert!(err.contains("field offset"), "{err}");
+    // The sender's side hears why.
+    match control::read_message(&mut ctl) {
+        Ok(Message::Error { message }) => assert!(message.contains("field offset"), "{message}"),
+        other => panic!("expected an error message on control, got {other:?}"),
+    }
+}
+
+/// `pagewire decode` rebuilds the image from channel streams recorded off a `pagewire send`.
+#[test]
+fn decode_rebuilds_image_from_recorded_send() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let img = dir.path().join("guest.img");
+    make_image(&img, 16 << 20, 3);
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let caps_dir = dir.path().to_path_buf();
+    let rec = std::thread::spawn(move || {
+        let (mut ctl, _) = listener.accept().expect("control");
+        let Message::Hello(h) = control::read_message(&mut ctl).expect("hello") else {
+            panic!("no hello")
+        };
+        control::write_message(&mut ctl, &Message::HelloOk).expect("ok");
+        let readers: Vec<_> = (0..h.channels)
+            .map(|i| {
+                let (mut s, _) = listener.accept().expect("channel");
+                let path = caps_dir.join(format!("chan{i}.bin"));
+                std::thread::spawn(move || {
+                    let mut v = Vec::new();
+                    s.read_to_end(&mut v).expect("read");
+                    std::fs::write(&path, v).expect("write capture");
+                    path
+                })
+            })
+            .collect();
+        loop {
+            match control::read_message(&mut ctl).expect("control") {
+                Message::RoundEnd { round } => {
+                    control::write_message(&mut ctl, &Message::RoundDone { round }).expect("rd")
+                }
+                Message::End => {
+                    control::write_message(&mut ctl, &Message::EndOk).expect("eo");
+                    break;
+                }
+                m => panic!("unexpected {m:?}"),
+            }
+        }
+        readers
+            .into_iter()
+            .map(|h| h.join().expect("reader"))
+            .collect::<Vec<_>>()
+    });
+    let send = Command::new(BIN)
+        .args([
+            "send",
+            "--connect",
+            &format!("127.0.0.1:{port}"),
+            "--image",
+            img.to_str().expect("utf8"),
+        ])
+        .args(["--codec", "deflate", "--channels", "2"])
+        .output()
+        .expect("send");
+    assert!(
+        send.status.success(),
+        "{}",
+        String::from_utf8_lossy(&send.stderr)
+    );
+    let caps = rec.join().expect("recorder");
+    let out = dir.path().join("decoded.img");
+    let dec = Command::new(BIN)
+        .args([
+            "decode",
+            "--block",
+            "pc.ram=16MiB",
+            "--out",
+            out.to_str().expect("utf8"),
+            "--json",
+        ])
+        .args(
+            caps.iter()
+                .rev()
+                .map(|p| p.to_str().expect("utf8").to_string()),
+        )
+        .output()
+        .expect("decode");
+    assert!(
+        dec.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dec.stderr)
+    );
+    assert!(
+        std::fs::read(&img).expect("img") == std::fs::read(&out).expect("out"),
+        "decoded image differs"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&dec.stdout).expect("json");
+    assert_eq!(v["compression"].as_str(), Some("qpl"));
+    assert_eq!(v["rounds"].as_u64(), Some(1));
+}
