@@ -175,7 +175,7 @@ impl Table {
                 .is_some_and(|c| c.is_ascii_digit() || c == '-' || c == '.')
         };
         let mut out = String::new();
-        let mut line = |row: &Vec<String>, out: &mut String| {
+        let line = |row: &Vec<String>, out: &mut String| {
             let mut l = String::new();
             for (i, w) in width.iter().enumerate() {
                 let c = cell(row, i);

@@ -57,6 +57,10 @@ pub enum ChannelErrorKind {
     },
     #[error("peer closed the connection before the session ended")]
     Closed,
+    #[error(
+        "peer closed the channel with {packets} packet(s) after its last SYNC (round not ended)"
+    )]
+    OpenRound { packets: u64 },
     #[error("peer idle for {secs:.1} s (idle timeout)")]
     Idle { secs: f64 },
     #[error("socket: {0}")]
@@ -107,6 +111,9 @@ pub enum SessionError {
         expected: &'static str,
         got: &'static str,
     },
+    /// A peer did not do what the protocol requires in time.
+    #[error("timed out: {0}")]
+    Timeout(String),
     /// Configuration not usable.
     #[error("configuration: {0}")]
     Config(String),

@@ -92,18 +92,9 @@ pub fn connect(addr: SocketAddr, opts: &SocketOptions) -> Result<TcpStream, NetE
 }
 
 /// Accept one connection, waiting at most `timeout`, and apply [`configure`].
-pub fn accept(
-    listener: &TcpListener,
-    timeout: Duration,
-    opts: &SocketOptions,
-) -> Result<(TcpStream, SocketAddr), NetError> {
-    let local = listener
-        .local_addr()
-        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-    let fd = {
-        use std::os::fd::AsRawFd;
-        listener.as_raw_fd()
-    };
+/// Wait until `fd` is readable (data, EOF or error pending) or `timeout` passes; `Ok(false)`
+/// on timeout. Signals restart the wait.
+pub fn wait_readable(fd: std::os::fd::RawFd, timeout: Duration) -> io::Result<bool> {
     let mut pfd = libc::pollfd {
         fd,
         events: libc::POLLIN,
@@ -118,18 +109,32 @@ pub fn accept(
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
-            return Err(NetError::Accept {
-                addr: local,
-                source: e,
-            });
+            return Err(e);
         }
-        if n == 0 {
-            return Err(NetError::AcceptTimeout {
-                addr: local,
-                secs: timeout.as_secs_f64(),
-            });
-        }
-        break;
+        return Ok(n > 0);
+    }
+}
+
+pub fn accept(
+    listener: &TcpListener,
+    timeout: Duration,
+    opts: &SocketOptions,
+) -> Result<(TcpStream, SocketAddr), NetError> {
+    let local = listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let fd = {
+        use std::os::fd::AsRawFd;
+        listener.as_raw_fd()
+    };
+    if !wait_readable(fd, timeout).map_err(|e| NetError::Accept {
+        addr: local,
+        source: e,
+    })? {
+        return Err(NetError::AcceptTimeout {
+            addr: local,
+            secs: timeout.as_secs_f64(),
+        });
     }
     let (stream, peer) = listener.accept().map_err(|source| NetError::Accept {
         addr: local,

@@ -125,24 +125,37 @@ impl Ring {
         timeout: Option<Duration>,
     ) -> Result<&[cqueue::Entry], RingError> {
         self.cqes.clear();
-        let ready = self.ring.completion().len();
-        let want = want.saturating_sub(ready);
-        let res = match timeout {
-            Some(t) if want > 0 => {
-                let ts = types::Timespec::from(t);
-                let args = types::SubmitArgs::new().timespec(&ts);
-                self.ring.submitter().submit_with_args(want, &args)
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        loop {
+            let ready = self.ring.completion().len();
+            let need = want.saturating_sub(ready);
+            let res = match deadline {
+                Some(d) if need > 0 => {
+                    let left = d.saturating_duration_since(std::time::Instant::now());
+                    let ts = types::Timespec::from(left);
+                    let args = types::SubmitArgs::new().timespec(&ts);
+                    self.ring.submitter().submit_with_args(need, &args)
+                }
+                _ => self.ring.submitter().submit_and_wait(need),
+            };
+            match res {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ETIME) => break,
+                // A signal interrupted the wait: not a timeout; wait again for what is left.
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    // CQ overflow backlog: reap what is there, the caller comes back.
+                    break;
+                }
+                Err(e) => return Err(RingError::Submit(e)),
             }
-            _ => self.ring.submitter().submit_and_wait(want),
-        };
-        match res {
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ETIME) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                // CQ overflow backlog: reap what is there, the caller comes back.
+            // io_uring_enter returns the number submitted even when a signal cut the wait
+            // short, so "fewer completions than wanted" is not a timeout until the deadline.
+            let enough = self.ring.completion().len() >= want;
+            let expired = deadline.is_some_and(|d| std::time::Instant::now() >= d);
+            if enough || expired || need == 0 {
+                break;
             }
-            Err(e) => return Err(RingError::Submit(e)),
         }
         self.cqes.extend(self.ring.completion());
         Ok(&self.cqes)

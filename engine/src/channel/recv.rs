@@ -27,8 +27,9 @@ pub trait RoundGate: Sync {
     /// Called after this channel has applied all of round `round` (1-based) and read its
     /// SYNC. Returns once every channel has done so, or an error to stop.
     fn synced(&self, channel: u16, round: u64) -> Result<(), ChannelErrorKind>;
-    /// Whether the session has ended (an EOF between packets is then a clean close).
-    fn ended(&self) -> bool;
+    /// This channel's peer closed it cleanly: at a packet boundary, every round it carried
+    /// ended by a SYNC.
+    fn closed(&self, channel: u16);
     /// Whether the session failed elsewhere (stop at once).
     fn failed(&self) -> bool;
 }
@@ -130,13 +131,15 @@ impl RecvChannel {
         self.stats.cpu_seconds = secs;
     }
 
-    /// Receive and apply packets until the stream ends cleanly (EOF between packets after
-    /// the session ended) or an error.
+    /// Receive and apply packets until the stream ends cleanly (EOF between packets, no round
+    /// left open) or an error.
     pub fn run(&mut self, gate: &dyn RoundGate, progress: &Progress) -> Result<(), ChannelError> {
         if self.ring.is_none() {
             self.ring = Some(Ring::new(8).map_err(|e| self.err(Place::Init, e.into()))?);
         }
         let mut round = 0u64;
+        // Packets applied since this channel's last SYNC.
+        let mut open = 0u64;
         loop {
             if gate.failed() {
                 return Err(self.err(
@@ -151,10 +154,12 @@ impl RecvChannel {
             let hptr = self.header_buf.as_mut_ptr();
             match self.recv_exact(hptr, hlen, "header", Place::Header { index })? {
                 Got::Eof => {
-                    if gate.ended() {
-                        return Ok(());
+                    if open > 0 {
+                        let kind = ChannelErrorKind::OpenRound { packets: open };
+                        return Err(self.err(Place::Between { index }, kind));
                     }
-                    return Err(self.err(Place::Between { index }, ChannelErrorKind::Closed));
+                    gate.closed(self.id);
+                    return Ok(());
                 }
                 Got::Full => {}
             }
@@ -180,6 +185,7 @@ impl RecvChannel {
             if self.header.is_sync() {
                 self.stats.sync_packets += 1;
                 round += 1;
+                open = 0;
                 gate.synced(self.id, round)
                     .map_err(|k| self.err(place, k))?;
                 continue;
@@ -258,6 +264,7 @@ impl RecvChannel {
                     },
                 )
             })?;
+            open += 1;
             progress.add(
                 normal as u64 + self.header.zero_pages as u64,
                 hlen as u64 + self.header.next_packet_size as u64,

@@ -312,10 +312,13 @@ impl Receiver {
                 ))
             })?;
             if slot.is_some() {
-                return Err(SessionError::Handshake(format!(
-                    "channel connection from {peer}: field channel_id: channel {} connected twice",
-                    init.channel_id
-                )));
+                return Err(SessionError::Init {
+                    peer: peer.to_string(),
+                    source: pagewire_transport::wire::WireError::Invalid {
+                        field: pagewire_transport::wire::Field::ChannelId,
+                        detail: format!("channel {} connected twice", init.channel_id),
+                    },
+                });
             }
             stream
                 .set_read_timeout(None)
@@ -327,13 +330,33 @@ impl Receiver {
     }
 
     fn control_loop(&self, control: &mut TcpStream, gate: &Gate) -> Result<(), SessionError> {
-        // Rounds can take long; the channels' idle timeouts bound a stalled sender, and a
-        // failing channel shuts this socket's read side to wake us.
+        // Rounds can take long, so the control connection may be silent for as long as the
+        // channels make progress (their idle timeouts bound a stalled sender). Once a channel
+        // has closed, the sender owes its End within the idle timeout. A failing channel shuts
+        // this socket's read side, which wakes the wait.
+        let idle = self.cfg.idle_timeout;
         control
-            .set_read_timeout(None)
+            .set_read_timeout(Some(idle))
             .map_err(control::ControlError::from)?;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&*control);
         let mut last = 0u64;
         loop {
+            loop {
+                if gate.has_failed() {
+                    return Ok(());
+                }
+                if net::wait_readable(fd, Duration::from_millis(200))
+                    .map_err(control::ControlError::from)?
+                {
+                    break;
+                }
+                if gate.closed_since().is_some_and(|t| t.elapsed() > idle) {
+                    return Err(SessionError::Timeout(format!(
+                        "the sender closed its channels but sent no end within {:.1} s",
+                        idle.as_secs_f64()
+                    )));
+                }
+            }
             let msg = match control::read_message(control) {
                 Ok(m) => m,
                 Err(_) if gate.has_failed() => return Ok(()),
@@ -354,7 +377,16 @@ impl Receiver {
                     last = round;
                 }
                 Message::End => {
-                    gate.end();
+                    // The sender closes its channels before End: EndOk only once every
+                    // channel has ended cleanly, so every page it carried is applied.
+                    let (closed, n) = gate.wait_closed(self.cfg.idle_timeout);
+                    if closed < n {
+                        return Err(SessionError::Timeout(format!(
+                            "end received but {} of {n} channels still open after {:.1} s",
+                            n - closed,
+                            self.cfg.idle_timeout.as_secs_f64()
+                        )));
+                    }
                     control::write_message(control, &Message::EndOk)?;
                     return Ok(());
                 }
@@ -386,6 +418,9 @@ fn reject(control: &mut TcpStream, e: SessionError) -> SessionError {
 struct GateState {
     arrived: u16,
     completed: u64,
+    closed: u16,
+    /// When the first channel closed cleanly.
+    closed_at: Option<Instant>,
     error: Option<SessionError>,
 }
 
@@ -394,7 +429,6 @@ struct Gate {
     channels: u16,
     state: Mutex<GateState>,
     cv: Condvar,
-    ended: AtomicBool,
     failed: AtomicBool,
     sockets: Vec<TcpStream>,
     control: Option<TcpStream>,
@@ -406,7 +440,6 @@ impl Gate {
             channels,
             state: Mutex::new(GateState::default()),
             cv: Condvar::new(),
-            ended: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             sockets: streams.iter().filter_map(|s| s.try_clone().ok()).collect(),
             control: control.try_clone().ok(),
@@ -448,8 +481,23 @@ impl Gate {
         self.lock().completed
     }
 
-    fn end(&self) {
-        self.ended.store(true, Ordering::SeqCst);
+    /// When the first channel closed cleanly, if one has.
+    fn closed_since(&self) -> Option<Instant> {
+        self.lock().closed_at
+    }
+
+    /// Wait (at most `t`) until every channel has closed cleanly; returns (closed, channels).
+    fn wait_closed(&self, t: Duration) -> (u16, u16) {
+        let deadline = Instant::now() + t;
+        let mut st = self.lock();
+        while st.closed < self.channels && !self.has_failed() && Instant::now() < deadline {
+            st = self
+                .cv
+                .wait_timeout(st, Duration::from_millis(100))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        (st.closed, self.channels)
     }
 
     /// Wait until round `round` is complete on every channel; false if the session failed.
@@ -495,8 +543,13 @@ impl RoundGate for Gate {
         Ok(())
     }
 
-    fn ended(&self) -> bool {
-        self.ended.load(Ordering::SeqCst)
+    fn closed(&self, _channel: u16) {
+        {
+            let mut st = self.lock();
+            st.closed += 1;
+            st.closed_at.get_or_insert_with(Instant::now);
+        }
+        self.cv.notify_all();
     }
 
     fn failed(&self) -> bool {

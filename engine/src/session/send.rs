@@ -354,6 +354,13 @@ impl Sender {
         if self.failed {
             return Err(SessionError::Config("session already failed".into()));
         }
+        // Close every channel (FIN after the last packet) before End: the receiver answers
+        // EndOk once each channel has ended cleanly at a packet boundary.
+        if let Ok(socks) = self.abort.sockets.lock() {
+            for s in socks.iter().skip(1) {
+                let _ = s.shutdown(std::net::Shutdown::Write);
+            }
+        }
         control::write_message(&mut self.control, &Message::End)?;
         match control::read_message(&mut self.control)? {
             Message::EndOk => {}
