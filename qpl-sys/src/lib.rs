@@ -177,9 +177,9 @@ impl Qpl {
                 // SAFETY: the symbol is QPL's C function of exactly this signature (qpl.h,
                 // checked by tests/header_probe.rs); the pointer stays valid while `lib`
                 // lives, and `lib` lives in the same struct as the pointer.
+                let got = unsafe { lib.get(concat!($name, "\0").as_bytes()) };
                 let s: libloading::Symbol<'_, $ty> =
-                    unsafe { lib.get(concat!($name, "\0").as_bytes()) }
-                        .map_err(|_| QplError::MissingSymbol { symbol: $name })?;
+                    got.map_err(|_| QplError::MissingSymbol { symbol: $name })?;
                 *s
             }};
         }
