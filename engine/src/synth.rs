@@ -1187,7 +1187,13 @@ impl HeapCtx {
         for _ in 0..n {
             let words = 2 + rng.below(18) as usize;
             let at = rng.below(slots as u32) as usize;
-            for slot in page.chunks_exact_mut(8).skip(at).take(words) {
+            // A malloc chunk header first, so the page is never all zero.
+            let header = ((words as u64 + 1) * 8 + 8) | 1;
+            let mut slots = page.chunks_exact_mut(8).skip(at).take(words);
+            if let Some(slot) = slots.next() {
+                slot.copy_from_slice(&header.to_le_bytes());
+            }
+            for slot in slots {
                 slot.copy_from_slice(&self.value(rng).to_le_bytes());
             }
         }

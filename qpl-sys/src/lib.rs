@@ -224,6 +224,17 @@ impl Qpl {
     }
 }
 
+/// What a job does: operation, flags and level.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Operation {
+    /// `op::COMPRESS` or `op::DECOMPRESS`.
+    pub op: u32,
+    /// `flag::*` bits.
+    pub flags: u32,
+    /// `level::*`.
+    pub level: u32,
+}
+
 /// One QPL job, owned: allocated at `qpl_get_job_size` bytes, initialised in place, never
 /// moved (the allocation is on the heap and only this handle points at it), finalised and
 /// freed on drop.
@@ -310,14 +321,13 @@ impl Job {
     /// BEING_PROCESSED on the hardware path).
     pub unsafe fn prepare(
         &mut self,
-        op: u32,
-        flags: u32,
-        level: u32,
+        what: Operation,
         input: *const u8,
         in_len: u32,
         output: *mut u8,
         out_len: u32,
     ) {
+        let Operation { op, flags, level } = what;
         self.write_u32(offset::OP, op);
         self.write_u32(offset::FLAGS, flags);
         self.write_u32(offset::LEVEL, level);
@@ -411,9 +421,11 @@ mod tests {
             // SAFETY: buffers live until the synchronous software job returned.
             unsafe {
                 job.prepare(
-                    op::COMPRESS,
-                    flags,
-                    level::DEFAULT,
+                    Operation {
+                        op: op::COMPRESS,
+                        flags,
+                        level: level::DEFAULT,
+                    },
                     page.as_ptr(),
                     4096,
                     out.as_mut_ptr(),
@@ -427,9 +439,11 @@ mod tests {
             // SAFETY: as above.
             unsafe {
                 job.prepare(
-                    op::DECOMPRESS,
-                    flag::FIRST | flag::LAST,
-                    level::DEFAULT,
+                    Operation {
+                        op: op::DECOMPRESS,
+                        flags: flag::FIRST | flag::LAST,
+                        level: level::DEFAULT,
+                    },
                     out.as_ptr(),
                     n as u32,
                     back.as_mut_ptr(),
