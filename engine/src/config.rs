@@ -4,7 +4,19 @@ use std::time::Duration;
 
 use pagewire_transport::net::SocketOptions;
 
+use crate::accel::qpl::QplSettings;
 use crate::codec::CodecKind;
+
+/// Which decoder a receiver uses for DEFLATE pages (any decoder reads any sender's pages).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decoder {
+    /// QPL's hardware path where IAA is present, else the built-in decoder.
+    Auto,
+    /// The built-in decoder (libdeflate).
+    Builtin,
+    /// QPL: hardware where present, else QPL's software path.
+    Qpl,
+}
 
 /// Default pages per packet (QEMU's: 512 KiB of 4 KiB pages).
 pub const DEFAULT_PAGES_PER_PACKET: u32 = 128;
@@ -23,6 +35,10 @@ pub struct Config {
     pub codec: CodecKind,
     /// DEFLATE level for the deflate codec.
     pub level: i32,
+    /// Settings of the qpl codec (Huffman mode, level, path).
+    pub qpl: QplSettings,
+    /// Receiver: which decoder inflates pages.
+    pub decoder: Decoder,
     /// Channel connections (sender).
     pub channels: u16,
     /// Packets prepared ahead per channel: while one is being sent, up to `depth - 1` more
@@ -44,6 +60,8 @@ impl Default for Config {
             pages_per_packet: DEFAULT_PAGES_PER_PACKET,
             codec: CodecKind::Deflate,
             level: crate::codec::deflate::DEFAULT_LEVEL,
+            qpl: QplSettings::default(),
+            decoder: Decoder::Auto,
             channels: 1,
             depth: 4,
             idle_timeout: Duration::from_secs(30),

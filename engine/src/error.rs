@@ -96,6 +96,8 @@ pub enum SessionError {
     Channel(#[from] ChannelError),
     #[error(transparent)]
     Codec(#[from] CodecError),
+    #[error("qpl: {0}")]
+    Qpl(#[from] crate::accel::qpl::QplSetupError),
     /// The peer's hello or handshake does not fit this side.
     #[error("handshake: {0}")]
     Handshake(String),

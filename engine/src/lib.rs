@@ -10,6 +10,7 @@
 //! [`session`] (control connection, channels, rounds), [`decode`] (offline decoding of
 //! recorded channel streams).
 
+pub mod accel;
 pub mod channel;
 pub mod codec;
 pub mod config;

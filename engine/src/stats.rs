@@ -25,6 +25,16 @@ pub struct ChannelStats {
     pub memory_bytes: u64,
     /// Bytes on the wire: init packet, headers, length arrays, payloads.
     pub wire_bytes: u64,
+    /// Page jobs completed on an accelerator (IAA).
+    pub jobs_hardware: u64,
+    /// Page jobs run on the CPU (software DEFLATE, QPL's software path, busy fallbacks).
+    pub jobs_software: u64,
+    /// Submissions an accelerator answered busy.
+    pub busy_retries: u64,
+    /// Pages compressed on the CPU because the accelerator stayed busy.
+    pub busy_fallbacks: u64,
+    /// Jobs that failed (the page went raw).
+    pub jobs_failed: u64,
     /// CPU time of the channel's thread.
     pub cpu_seconds: f64,
 }
@@ -40,6 +50,11 @@ impl ChannelStats {
         self.pages_compressed += other.pages_compressed;
         self.memory_bytes += other.memory_bytes;
         self.wire_bytes += other.wire_bytes;
+        self.jobs_hardware += other.jobs_hardware;
+        self.jobs_software += other.jobs_software;
+        self.busy_retries += other.busy_retries;
+        self.busy_fallbacks += other.busy_fallbacks;
+        self.jobs_failed += other.jobs_failed;
         self.cpu_seconds += other.cpu_seconds;
     }
 }

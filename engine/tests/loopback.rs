@@ -91,7 +91,7 @@ fn round_trip(codec: CodecKind, channels: u16) {
     );
     match codec {
         CodecKind::None => assert_eq!(total.total.pages_compressed, 0),
-        CodecKind::Deflate => {
+        CodecKind::Deflate | CodecKind::Qpl => {
             assert!(total.total.pages_compressed > 0);
             assert!(
                 total.wire_ratio() < 0.6,

@@ -17,7 +17,7 @@ use pagewire_transport::ring::{advance_iovecs, Ring};
 use pagewire_transport::wire::{self, BlockSpec, Compression, HeaderRules, PacketHeader};
 
 use crate::channel::apply::{finish_packet, payload_iovecs};
-use crate::codec::DeflateDecompressor;
+use crate::codec::PageDecompressor;
 use crate::error::{ChannelError, ChannelErrorKind, Place};
 use crate::memory::GuestMemory;
 use crate::stats::{ChannelStats, Progress};
@@ -59,7 +59,7 @@ pub struct RecvChannel {
     zlens: Vec<u32>,
     iov: Vec<libc::iovec>,
     msg: Box<libc::msghdr>,
-    decomp: DeflateDecompressor,
+    decomp: Box<dyn PageDecompressor>,
     packets: u64,
     stats: ChannelStats,
 }
@@ -91,6 +91,7 @@ impl RecvChannel {
         stream: TcpStream,
         set: RecvSettings,
         mem: Arc<GuestMemory>,
+        decomp: Box<dyn PageDecompressor>,
     ) -> Result<RecvChannel, ChannelError> {
         let ppp = set.pages_per_packet as usize;
         let ps = set.page_size as usize;
@@ -109,7 +110,7 @@ impl RecvChannel {
             iov: Vec::with_capacity(ppp),
             // SAFETY: msghdr is a plain C struct for which all-zero is a valid value.
             msg: Box::new(unsafe { std::mem::zeroed() }),
-            decomp: DeflateDecompressor::new(),
+            decomp,
             packets: 0,
             stats: ChannelStats {
                 channel: id,
@@ -251,7 +252,7 @@ impl RecvChannel {
                 &self.zlens,
                 self.set.page_size,
                 &self.zbuf,
-                &mut self.decomp,
+                &mut *self.decomp,
                 &mut self.stats,
             )
             .map_err(|e| {

@@ -1,12 +1,15 @@
-//! The sending side of one channel: one thread, one io_uring, one TCP connection.
+//! The sending side of one channel: one thread, one io_uring, one TCP connection, one page
+//! compression engine ([`Accelerator`]).
 //!
 //! Packets are prepared in slots (header, length array, zbuf, iovecs, msghdr), at most
-//! `depth` of them. Exactly one SENDMSG is in flight on the socket at a time, so the byte
-//! stream keeps packet order even when the kernel completes a send in pieces; the other
-//! slots are compressed and queued while it is in flight, so compression overlaps sending.
-//! The loop reaps completions between packets and only blocks when it has nothing else to
-//! do. A slot (its zbuf and the guest pages its iovecs point at) is reused only after its
-//! send's last completion.
+//! `depth` of them. A slot goes *compressing* (its pages' jobs submitted to the engine) →
+//! *ready* (every job completed; iovecs and header built) → *sending* → free. Exactly one
+//! SENDMSG is in flight on the socket at a time, so the byte stream keeps packet order even
+//! when the kernel completes a send in pieces; the other slots compress meanwhile, so
+//! compression overlaps sending. The loop polls the engine's completions and the ring's
+//! completions in the same turn and blocks only when neither can make progress. A slot (its
+//! zbuf and the guest pages its iovecs point at) is reused only after its send's last
+//! completion.
 
 use std::collections::VecDeque;
 use std::net::TcpStream;
@@ -21,22 +24,49 @@ use pagewire_transport::wire::{self, Compression, HeaderFields};
 use slab::Slab;
 use tracing::trace;
 
-use crate::codec::{is_zero_page, PageCompressor};
+use crate::accel::{Accelerator, Completion, JobDesc, Outcome, Path, Submit};
+use crate::codec::is_zero_page;
 use crate::error::{ChannelError, ChannelErrorKind, Place};
 use crate::memory::GuestMemory;
 use crate::pages::RoundPages;
 use crate::stats::{ChannelStats, Progress};
 
+/// A busy engine is asked this many more times before a page goes to the software fallback
+/// (QEMU's multifd-qpl does the same).
+pub const BUSY_RETRIES: u32 = 3;
+
+/// Bits of a job tag that hold the page index; the slot key sits above them.
+const TAG_SHIFT: u32 = 16;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Free,
+    Compressing,
+    Ready,
+    Sending,
+}
+
 /// One packet being prepared or sent. Boxed so the msghdr and iovec pointers stay valid while
 /// the kernel holds them.
 struct Slot {
+    state: State,
+    block: usize,
     header: Vec<u8>,
     zlen_bytes: Vec<u8>,
+    /// Per normal page: 0 while its job runs, `page_size` for raw, else the compressed length.
     zlens: Vec<u32>,
+    /// Page i's compressed bytes go to `zbuf[i * page_size ..][.. page_size - 1]`.
     zbuf: Vec<u8>,
     batch: Vec<u64>,
+    /// Normal offsets, then zero offsets (header order).
     offsets: Vec<u64>,
     zero: Vec<u64>,
+    /// Guest address of each normal page.
+    pages: Vec<*const u8>,
+    /// Jobs submitted and not completed.
+    jobs_left: usize,
+    /// Pages submitted so far (the slot is fed while the engine has room).
+    next: usize,
     iov: Vec<libc::iovec>,
     first: usize,
     remaining: usize,
@@ -48,6 +78,8 @@ struct Slot {
 impl Slot {
     fn new(page_size: usize, ppp: usize) -> Box<Slot> {
         Box::new(Slot {
+            state: State::Free,
+            block: 0,
             header: vec![0; wire::header_len(ppp as u32)],
             zlen_bytes: vec![0; 4 * ppp],
             zlens: Vec::with_capacity(ppp),
@@ -55,6 +87,9 @@ impl Slot {
             batch: Vec::with_capacity(ppp),
             offsets: Vec::with_capacity(ppp),
             zero: Vec::with_capacity(ppp),
+            pages: Vec::with_capacity(ppp),
+            jobs_left: 0,
+            next: 0,
             iov: Vec::with_capacity(ppp + 2),
             first: 0,
             remaining: 0,
@@ -82,19 +117,25 @@ pub struct SendChannel {
     /// Created on the channel's own thread (SINGLE_ISSUER ties a ring to its creator).
     ring: Option<Ring>,
     set: SendSettings,
-    compressor: Option<Box<dyn PageCompressor>>,
+    accel: Option<Box<dyn Accelerator>>,
     slots: Slab<Box<Slot>>,
     free: Vec<usize>,
     ready: VecDeque<usize>,
+    compressing: usize,
+    /// The slot whose pages are being handed to the engine.
+    feeding: Option<usize>,
     in_flight: Option<usize>,
     packet_num: Arc<AtomicU64>,
     packets: u64,
+    done: Vec<Completion>,
+    /// Names of the memory's blocks, by index (for headers).
+    block_names: Vec<String>,
     stats: ChannelStats,
 }
 
-// SAFETY: the raw pointers inside a SendChannel (msghdr and iovecs in its slots) point into
-// buffers the channel owns or into guest memory (a `Sync` mapping that outlives the session).
-// A SendChannel is moved to its engine thread once and used only there.
+// SAFETY: the raw pointers inside a SendChannel (msghdr, iovecs and page addresses in its
+// slots) point into buffers the channel owns or into guest memory (a `Sync` mapping that
+// outlives the session). A SendChannel is moved to its engine thread once and used only there.
 unsafe impl Send for SendChannel {}
 
 impl std::fmt::Debug for SendChannel {
@@ -107,16 +148,23 @@ impl std::fmt::Debug for SendChannel {
 }
 
 impl SendChannel {
-    /// A channel over `stream` (whose init packet has been sent). `compressor` must be given
-    /// for the qpl framing and is ignored for `none`.
+    /// A channel over `stream` (whose init packet has been sent). `accel` compresses pages
+    /// for the qpl framing (without one, every page is sent raw); it is unused for `none`.
     pub fn new(
         id: u16,
         stream: TcpStream,
         set: SendSettings,
-        compressor: Option<Box<dyn PageCompressor>>,
+        accel: Option<Box<dyn Accelerator>>,
         packet_num: Arc<AtomicU64>,
     ) -> Result<SendChannel, ChannelError> {
         let depth = set.depth.max(1);
+        if set.pages_per_packet as u64 >= 1 << TAG_SHIFT {
+            return Err(ChannelError {
+                channel: id,
+                place: Place::Init,
+                kind: ChannelErrorKind::Io(std::io::Error::other("pages per packet too large")),
+            });
+        }
         let mut slots = Slab::with_capacity(depth);
         let free = (0..depth)
             .map(|_| {
@@ -136,13 +184,17 @@ impl SendChannel {
             stream,
             ring: None,
             set,
-            compressor,
+            accel,
             slots,
             free,
             ready: VecDeque::new(),
+            compressing: 0,
+            feeding: None,
             in_flight: None,
             packet_num,
             packets: 0,
+            done: Vec::new(),
+            block_names: Vec::new(),
             stats,
         })
     }
@@ -174,45 +226,61 @@ impl SendChannel {
         if self.ring.is_none() {
             self.ring = Some(Ring::new(32).map_err(|e| self.err(e.into()))?);
         }
+        if self.block_names.len() != mem.blocks().len() {
+            self.block_names = mem.blocks().iter().map(|b| b.name().to_string()).collect();
+        }
         let mut exhausted = false;
         let mut sync_queued = false;
         loop {
             if abort.load(Ordering::Relaxed) {
                 return Err(self.err(ChannelErrorKind::Aborted));
             }
-            // Reap whatever completed, without blocking.
+            // Both completion sources, without blocking.
             self.reap(false, progress)?;
+            self.poll_engine();
+            self.feed();
             if self.in_flight.is_none() {
                 if let Some(key) = self.ready.pop_front() {
                     self.submit(key)?;
                 }
             }
-            if let Some(key) = self.free.pop() {
-                if !exhausted {
-                    match self.prepare(key, mem, round) {
-                        Ok(true) => {
-                            self.ready.push_back(key);
-                            continue;
+            let engine_has_room = self
+                .accel
+                .as_ref()
+                .is_none_or(|a| a.in_flight() < a.capacity());
+            if !exhausted && engine_has_room {
+                if let Some(key) = self.free.pop() {
+                    match self.start_packet(key, mem, round) {
+                        Ok(true) => continue,
+                        Ok(false) => {
+                            self.free.push(key);
+                            exhausted = true;
                         }
-                        Ok(false) => exhausted = true,
                         Err(e) => {
                             self.free.push(key);
                             return Err(e);
                         }
                     }
                 }
-                if exhausted && !sync_queued {
+            }
+            // The SYNC goes after every packet of the round, so only once none is compressing.
+            if exhausted && !sync_queued && self.compressing == 0 {
+                if let Some(key) = self.free.pop() {
                     self.prepare_sync(key);
                     self.ready.push_back(key);
                     sync_queued = true;
                     continue;
                 }
-                self.free.push(key);
             }
-            if self.in_flight.is_none() && self.ready.is_empty() {
-                if sync_queued {
-                    return Ok(());
+            if sync_queued && self.in_flight.is_none() && self.ready.is_empty() {
+                return Ok(());
+            }
+            if self.compressing > 0 {
+                // Engine jobs in flight: keep both sources turning without sleeping on one.
+                if self.in_flight.is_some() {
+                    self.reap(false, progress)?;
                 }
+                std::hint::spin_loop();
                 continue;
             }
             if self.in_flight.is_some() {
@@ -221,15 +289,15 @@ impl SendChannel {
         }
     }
 
-    /// Fill slot `key` with the next batch of `round`. `Ok(false)`: the round has no more.
-    fn prepare(
+    /// Start slot `key` on the next batch of `round`: zero pages listed, the others handed
+    /// to the engine (or referenced raw). `Ok(false)`: the round has no more pages.
+    fn start_packet(
         &mut self,
         key: usize,
         mem: &GuestMemory,
         round: &RoundPages,
     ) -> Result<bool, ChannelError> {
         let ps = self.set.page_size as usize;
-        let ppp = self.set.pages_per_packet;
         let qpl = self.set.compression == Compression::Qpl;
         let Some(slot) = self.slots.get_mut(key) else {
             return Err(self.err(ChannelErrorKind::Aborted));
@@ -249,21 +317,11 @@ impl SendChannel {
                 )),
             });
         };
+        slot.block = block_idx;
         slot.offsets.clear();
         slot.zero.clear();
         slot.zlens.clear();
-        slot.iov.clear();
-        // Placeholders for the header and the length array; lengths set below.
-        slot.iov.push(libc::iovec {
-            iov_base: slot.header.as_mut_ptr().cast(),
-            iov_len: slot.header.len(),
-        });
-        slot.iov.push(libc::iovec {
-            iov_base: slot.zlen_bytes.as_mut_ptr().cast(),
-            iov_len: 0,
-        });
-        let mut zpos = 0usize;
-        let mut compressed = 0u64;
+        slot.pages.clear();
         for &off in &slot.batch {
             let Some(ptr) = block.range_ptr(off, ps) else {
                 continue;
@@ -274,31 +332,149 @@ impl SendChannel {
             let page = unsafe { std::slice::from_raw_parts(ptr, ps) };
             if is_zero_page(page) {
                 slot.zero.push(off);
-                continue;
+            } else {
+                slot.offsets.push(off);
+                slot.pages.push(ptr);
+                slot.zlens.push(ps as u32);
             }
-            slot.offsets.push(off);
-            let (src, len) = match (qpl, self.compressor.as_mut()) {
-                (true, Some(c)) => {
-                    let out = &mut slot.zbuf[zpos..zpos + ps - 1];
-                    match c.compress(page, out) {
-                        Some(n) if n > 0 && n < ps => {
-                            let p = out.as_mut_ptr();
-                            zpos += n;
-                            compressed += 1;
-                            slot.zlens.push(n as u32);
-                            (p, n)
+        }
+        slot.state = State::Compressing;
+        slot.jobs_left = 0;
+        slot.next = 0;
+        self.compressing += 1;
+        if qpl && self.accel.is_some() {
+            for z in slot.zlens.iter_mut() {
+                *z = 0;
+            }
+            self.feeding = Some(key);
+            self.feed();
+        } else {
+            // Codec none, or no engine: every non-zero page goes raw.
+            slot.next = slot.pages.len();
+            self.finish_packet(key);
+        }
+        Ok(true)
+    }
+
+    /// Submit the feeding slot's next pages while the engine has room. A page the engine
+    /// answers busy is asked again [`BUSY_RETRIES`] times, then compressed on the CPU.
+    fn feed(&mut self) {
+        let Some(key) = self.feeding else { return };
+        let ps = self.set.page_size as usize;
+        let (Some(accel), Some(slot)) = (self.accel.as_mut(), self.slots.get_mut(key)) else {
+            self.feeding = None;
+            return;
+        };
+        let slot: &mut Slot = slot;
+        while slot.next < slot.pages.len() && accel.in_flight() < accel.capacity() {
+            let i = slot.next;
+            let out = slot.zbuf[i * ps..].as_mut_ptr();
+            let job = JobDesc {
+                tag: ((key as u64) << TAG_SHIFT) | i as u64,
+                input: slot.pages[i],
+                in_len: ps,
+                output: out,
+                out_cap: ps - 1,
+            };
+            let mut busy = 0u32;
+            loop {
+                // SAFETY: the page is guest memory that outlives the round and the output is
+                // this slot's zbuf region for page i, untouched until the job's completion is
+                // polled (the slot stays Compressing until every job of it has completed).
+                match unsafe { accel.submit(job) } {
+                    Submit::Accepted => {
+                        slot.jobs_left += 1;
+                        break;
+                    }
+                    Submit::Busy if busy < BUSY_RETRIES => {
+                        busy += 1;
+                        self.stats.busy_retries += 1;
+                    }
+                    Submit::Busy => {
+                        // Still busy after the retries: this page on the CPU now.
+                        self.stats.busy_fallbacks += 1;
+                        // SAFETY: as above; the fallback runs synchronously.
+                        let (page, out) = unsafe {
+                            (
+                                std::slice::from_raw_parts(job.input, ps),
+                                std::slice::from_raw_parts_mut(out, ps - 1),
+                            )
+                        };
+                        let o = accel.fallback(page, out);
+                        if let Some(z) = slot.zlens.get_mut(i) {
+                            record(&mut self.stats, z, o, Path::Software, ps);
                         }
-                        _ => {
-                            slot.zlens.push(ps as u32);
-                            (ptr, ps)
-                        }
+                        break;
                     }
                 }
-                (true, None) => {
-                    slot.zlens.push(ps as u32);
-                    (ptr, ps)
-                }
-                (false, _) => (ptr, ps),
+            }
+            slot.next += 1;
+        }
+        if slot.next >= slot.pages.len() {
+            self.feeding = None;
+            if slot.jobs_left == 0 {
+                self.finish_packet(key);
+            }
+        }
+    }
+
+    /// Take the engine's completions and finish every packet whose jobs are all done.
+    fn poll_engine(&mut self) {
+        let Some(accel) = self.accel.as_mut() else {
+            return;
+        };
+        accel.poll(&mut self.done);
+        let ps = self.set.page_size as usize;
+        for c in std::mem::take(&mut self.done) {
+            let key = (c.tag >> TAG_SHIFT) as usize;
+            let i = (c.tag & ((1 << TAG_SHIFT) - 1)) as usize;
+            let Some(slot) = self.slots.get_mut(key) else {
+                continue;
+            };
+            if slot.state != State::Compressing {
+                continue;
+            }
+            let Some(z) = slot.zlens.get_mut(i) else {
+                continue;
+            };
+            record(&mut self.stats, z, c.outcome, c.path, ps);
+            slot.jobs_left = slot.jobs_left.saturating_sub(1);
+            if slot.jobs_left == 0 && slot.next >= slot.pages.len() {
+                self.finish_packet(key);
+            }
+        }
+    }
+
+    /// Every page of slot `key` is settled: build the iovecs, length array and header, and
+    /// queue the packet.
+    fn finish_packet(&mut self, key: usize) {
+        let ps = self.set.page_size as usize;
+        let ppp = self.set.pages_per_packet;
+        let qpl = self.set.compression == Compression::Qpl;
+        let flags = self.set.compression.flag();
+        let packet_num = self.packet_num.fetch_add(1, Ordering::Relaxed);
+        let id = self.id;
+        let Some(slot) = self.slots.get_mut(key) else {
+            return;
+        };
+        let slot: &mut Slot = slot;
+        slot.iov.clear();
+        slot.iov.push(libc::iovec {
+            iov_base: slot.header.as_mut_ptr().cast(),
+            iov_len: slot.header.len(),
+        });
+        slot.iov.push(libc::iovec {
+            iov_base: slot.zlen_bytes.as_mut_ptr().cast(),
+            iov_len: 0,
+        });
+        let mut compressed = 0u64;
+        for (i, &page) in slot.pages.iter().enumerate() {
+            let z = slot.zlens.get(i).copied().unwrap_or(ps as u32) as usize;
+            let (src, len) = if z == ps || z == 0 {
+                (page.cast_mut(), ps)
+            } else {
+                compressed += 1;
+                (slot.zbuf[i * ps..].as_mut_ptr(), z)
             };
             let n_iov = slot.iov.len();
             match slot.iov.last_mut() {
@@ -314,7 +490,7 @@ impl SendChannel {
                 }),
             }
         }
-        let normal = slot.offsets.len() as u32;
+        let normal = slot.pages.len() as u32;
         let zero = slot.zero.len() as u32;
         slot.offsets.extend_from_slice(&slot.zero);
         let payload: u64 = slot.iov[2..].iter().map(|v| v.iov_len as u64).sum();
@@ -329,16 +505,18 @@ impl SendChannel {
             slot.iov[1].iov_len = n;
         }
         let fields = HeaderFields {
-            flags: self.set.compression.flag(),
+            flags,
             pages_alloc: ppp,
             normal_pages: normal,
             next_packet_size: next_packet_size as u32,
-            packet_num: self.packet_num.fetch_add(1, Ordering::Relaxed),
+            packet_num,
             zero_pages: zero,
         };
-        wire::encode_header(&mut slot.header, &fields, block.name(), &slot.offsets);
+        // Block names were checked (1..=255 bytes, no NUL) when the memory was built.
+        let block_name = self.block_names.get(slot.block).map_or("", String::as_str);
+        wire::encode_header(&mut slot.header, &fields, block_name, &slot.offsets);
         slot.pending = ChannelStats {
-            channel: self.id,
+            channel: id,
             packets: 1,
             pages_normal: normal as u64,
             pages_zero: zero as u64,
@@ -348,7 +526,9 @@ impl SendChannel {
             wire_bytes: slot.header.len() as u64 + next_packet_size,
             ..Default::default()
         };
-        Ok(true)
+        slot.state = State::Ready;
+        self.compressing = self.compressing.saturating_sub(1);
+        self.ready.push_back(key);
     }
 
     /// Fill slot `key` with a SYNC packet (flags SYNC alone, as QEMU sends it).
@@ -377,6 +557,7 @@ impl SendChannel {
             wire_bytes: slot.header.len() as u64,
             ..Default::default()
         };
+        slot.state = State::Ready;
     }
 
     fn submit(&mut self, key: usize) -> Result<(), ChannelError> {
@@ -386,6 +567,7 @@ impl SendChannel {
         };
         slot.first = 0;
         slot.remaining = slot.iov.iter().map(|v| v.iov_len).sum();
+        slot.state = State::Sending;
         self.in_flight = Some(key);
         self.push_send(key, fd)
     }
@@ -412,7 +594,7 @@ impl SendChannel {
         unsafe { ring.push(&sqe) }.map_err(|e| self.err(e.into()))
     }
 
-    /// Take completions (blocking for one if `block`), continue short sends, free slots.
+    /// Take ring completions (blocking for one if `block`), continue short sends, free slots.
     fn reap(&mut self, block: bool, progress: &Progress) -> Result<(), ChannelError> {
         let timeout = self.set.idle_timeout;
         let want = usize::from(block);
@@ -460,6 +642,7 @@ impl SendChannel {
                 continue;
             }
             let p = std::mem::take(&mut slot.pending);
+            slot.state = State::Free;
             self.stats.add(&p);
             self.packets += p.packets + p.sync_packets;
             progress.add(p.pages_normal + p.pages_zero, p.wire_bytes);
@@ -483,8 +666,40 @@ impl SendChannel {
     }
 }
 
+/// Count a settled page job and set its length-array entry.
+fn record(stats: &mut ChannelStats, zlen: &mut u32, o: Outcome, path: Path, ps: usize) {
+    match path {
+        Path::Hardware => stats.jobs_hardware += 1,
+        Path::Software => stats.jobs_software += 1,
+    }
+    *zlen = match o {
+        Outcome::Compressed(n) if n > 0 && n < ps => n as u32,
+        Outcome::Compressed(_) | Outcome::DidNotFit => ps as u32,
+        Outcome::Failed(_) => {
+            stats.jobs_failed += 1;
+            ps as u32
+        }
+    };
+}
+
 impl Drop for SendChannel {
     fn drop(&mut self) {
+        // Engine jobs may still write into zbufs: let them finish (bounded) first.
+        if let Some(accel) = self.accel.as_mut() {
+            let mut sink = Vec::new();
+            for _ in 0..1_000_000 {
+                if accel.in_flight() == 0 {
+                    break;
+                }
+                accel.poll(&mut sink);
+                sink.clear();
+                std::hint::spin_loop();
+            }
+            if accel.in_flight() > 0 {
+                std::mem::forget(std::mem::take(&mut self.slots));
+                return;
+            }
+        }
         // A send may still be in flight after an error: shut the socket so it completes at
         // once, then wait (bounded) for its completion before the slots are freed.
         if let (Some(_), Some(ring)) = (self.in_flight, self.ring.as_mut()) {

@@ -10,8 +10,9 @@ use std::ptr::NonNull;
 
 use libdeflate_sys::{
     libdeflate_alloc_decompressor, libdeflate_decompressor, libdeflate_deflate_decompress_ex,
-    libdeflate_free_decompressor, libdeflate_result_LIBDEFLATE_BAD_DATA,
-    libdeflate_result_LIBDEFLATE_INSUFFICIENT_SPACE, libdeflate_result_LIBDEFLATE_SUCCESS,
+    libdeflate_free_decompressor, libdeflate_result_LIBDEFLATE_BAD_DATA as BAD_DATA,
+    libdeflate_result_LIBDEFLATE_INSUFFICIENT_SPACE as INSUFFICIENT_SPACE,
+    libdeflate_result_LIBDEFLATE_SUCCESS as SUCCESS,
 };
 
 use super::{CodecError, PageCompressor, PageDecompressor};
@@ -154,9 +155,8 @@ impl PageDecompressor for DeflateDecompressor {
                 &mut produced,
             )
         };
-        #[allow(non_upper_case_globals)]
         match status {
-            libdeflate_result_LIBDEFLATE_SUCCESS => {
+            SUCCESS => {
                 if produced != out.len() {
                     Err(CodecError::WrongOutputSize {
                         got: produced,
@@ -171,8 +171,8 @@ impl PageDecompressor for DeflateDecompressor {
                     Ok(())
                 }
             }
-            libdeflate_result_LIBDEFLATE_INSUFFICIENT_SPACE => Err(oversized(input, out.len())),
-            libdeflate_result_LIBDEFLATE_BAD_DATA => Err(CodecError::Corrupt(format!(
+            INSUFFICIENT_SPACE => Err(oversized(input, out.len())),
+            BAD_DATA => Err(CodecError::Corrupt(format!(
                 "invalid raw DEFLATE stream ({} bytes)",
                 input.len()
             ))),

@@ -21,6 +21,8 @@ pub enum CodecKind {
     None,
     /// Software raw DEFLATE per page, multifd qpl framing (flag 0x08).
     Deflate,
+    /// Intel QPL: IAA hardware where present, QPL's software path otherwise (flag 0x08).
+    Qpl,
 }
 
 impl CodecKind {
@@ -29,6 +31,7 @@ impl CodecKind {
         match self {
             CodecKind::None => "none",
             CodecKind::Deflate => "deflate",
+            CodecKind::Qpl => "qpl",
         }
     }
 }

@@ -11,8 +11,10 @@ use pagewire_transport::net;
 use pagewire_transport::wire::{BlockSpec, Compression, InitPacket, INIT_PACKET_LEN};
 use tracing::{debug, info, info_span, warn};
 
+use crate::accel::qpl::{QplDecompressor, QplSetupError};
 use crate::channel::recv::{RecvChannel, RecvSettings, RoundGate};
-use crate::config::Config;
+use crate::codec::{DeflateDecompressor, PageDecompressor};
+use crate::config::{Config, Decoder};
 use crate::error::{ChannelErrorKind, SessionError};
 use crate::memory::GuestMemory;
 use crate::stats::{thread_cpu_seconds, Progress, SessionStats};
@@ -149,7 +151,11 @@ impl Receiver {
         let started = Instant::now();
         let mut chans = Vec::with_capacity(streams.len());
         for (id, stream) in streams.into_iter().enumerate() {
-            match RecvChannel::new(id as u16, stream, set.clone(), memory.clone()) {
+            let decoder = match decoder_for(self.cfg.decoder) {
+                Ok(d) => d,
+                Err(e) => return Err(reject(&mut control, e)),
+            };
+            match RecvChannel::new(id as u16, stream, set.clone(), memory.clone(), decoder) {
                 Ok(c) => chans.push(c),
                 Err(e) => return Err(reject(&mut control, e.into())),
             }
@@ -399,6 +405,20 @@ impl Receiver {
                 }
             }
         }
+    }
+}
+
+/// The page decoder `d` asks for.
+pub fn decoder_for(d: Decoder) -> Result<Box<dyn PageDecompressor>, SessionError> {
+    let qpl = |software_only| -> Result<Box<dyn PageDecompressor>, SessionError> {
+        let q = QplDecompressor::new(software_only).map_err(QplSetupError::from)?;
+        Ok(Box::new(q))
+    };
+    match d {
+        Decoder::Builtin => Ok(Box::new(DeflateDecompressor::new())),
+        Decoder::Qpl => qpl(false),
+        Decoder::Auto if crate::accel::qpl::hardware_available() => qpl(false),
+        Decoder::Auto => Ok(Box::new(DeflateDecompressor::new())),
     }
 }
 

@@ -12,8 +12,11 @@ use pagewire_transport::net;
 use pagewire_transport::wire::{BlockSpec, Compression, InitPacket};
 use tracing::{debug, info, info_span, warn};
 
+use crate::accel::qpl::QplCompressor;
+use crate::accel::software::SoftwareDeflate;
+use crate::accel::Accelerator;
 use crate::channel::send::{SendChannel, SendSettings};
-use crate::codec::{CodecKind, DeflateCompressor, PageCompressor};
+use crate::codec::CodecKind;
 use crate::config::Config;
 use crate::error::{ChannelError, SessionError};
 use crate::memory::GuestMemory;
@@ -119,18 +122,37 @@ impl Sender {
         cfg: Config,
         mem: Arc<GuestMemory>,
     ) -> Result<Sender, SessionError> {
+        let engines = (0..cfg.channels)
+            .map(|_| engine_for(&cfg))
+            .collect::<Result<Vec<_>, _>>()?;
+        Sender::connect_with_engines(addr, cfg, mem, engines)
+    }
+
+    /// Like [`Sender::connect`], with the page-compression engine of each channel given by
+    /// the caller (`engines[i]` for channel i; `None` sends every page raw). This is how an
+    /// embedder plugs in its own accelerator, and how the tests inject faults.
+    pub fn connect_with_engines(
+        addr: SocketAddr,
+        cfg: Config,
+        mem: Arc<GuestMemory>,
+        engines: Vec<Option<Box<dyn Accelerator>>>,
+    ) -> Result<Sender, SessionError> {
         let span = info_span!("send", %addr);
         let _g = span.enter();
         validate_config(&cfg)?;
         mem.check_page_size(cfg.page_size)?;
+        if engines.len() != cfg.channels as usize {
+            return Err(SessionError::Config(format!(
+                "{} compression engines for {} channels",
+                engines.len(),
+                cfg.channels
+            )));
+        }
+        let mut engines = engines.into_iter();
         let compression = match cfg.codec {
             CodecKind::None => Compression::None,
-            CodecKind::Deflate => Compression::Qpl,
+            CodecKind::Deflate | CodecKind::Qpl => Compression::Qpl,
         };
-        // Fail on a bad level before touching the network.
-        if cfg.codec == CodecKind::Deflate {
-            DeflateCompressor::new(cfg.level)?;
-        }
         let mut uuid = [0u8; 16];
         getrandom::fill(&mut uuid)
             .map_err(|e| SessionError::Internal(format!("random uuid: {e}")))?;
@@ -194,10 +216,10 @@ impl Sender {
             if let (Ok(mut s), Ok(c)) = (abort.sockets.lock(), stream.try_clone()) {
                 s.push(c);
             }
-            let compressor: Option<Box<dyn PageCompressor>> = match cfg.codec {
-                CodecKind::None => None,
-                CodecKind::Deflate => Some(Box::new(DeflateCompressor::new(cfg.level)?)),
-            };
+            let compressor = engines.next().flatten();
+            if let Some(e) = &compressor {
+                info!(channel = id, engine = e.name(), "compression engine");
+            }
             let set = SendSettings {
                 page_size: cfg.page_size,
                 pages_per_packet: cfg.pages_per_packet,
@@ -409,6 +431,11 @@ fn diff(now: &ChannelStats, prev: &ChannelStats) -> ChannelStats {
         pages_compressed: now.pages_compressed - prev.pages_compressed,
         memory_bytes: now.memory_bytes - prev.memory_bytes,
         wire_bytes: now.wire_bytes.saturating_sub(prev.wire_bytes),
+        jobs_hardware: now.jobs_hardware - prev.jobs_hardware,
+        jobs_software: now.jobs_software - prev.jobs_software,
+        busy_retries: now.busy_retries - prev.busy_retries,
+        busy_fallbacks: now.busy_fallbacks - prev.busy_fallbacks,
+        jobs_failed: now.jobs_failed - prev.jobs_failed,
         cpu_seconds: now.cpu_seconds - prev.cpu_seconds,
     }
 }
@@ -435,6 +462,19 @@ fn channel_thread(
             break;
         }
     }
+}
+
+/// The page-compression engine `cfg` asks for (one per channel).
+pub fn engine_for(cfg: &Config) -> Result<Option<Box<dyn Accelerator>>, SessionError> {
+    Ok(match cfg.codec {
+        CodecKind::None => None,
+        CodecKind::Deflate => Some(Box::new(SoftwareDeflate::new(cfg.level)?)),
+        CodecKind::Qpl => {
+            let mut s = cfg.qpl;
+            s.hw_jobs = cfg.pages_per_packet as usize;
+            Some(Box::new(QplCompressor::new(s)?))
+        }
+    })
 }
 
 pub(crate) fn validate_config(cfg: &Config) -> Result<(), SessionError> {
