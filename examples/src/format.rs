@@ -49,7 +49,7 @@ fn row(out: &mut String, label: &str, a: String, b: Option<String>) {
     }
 }
 
-fn rows(out: &mut String, s: &SessionStats, r: Option<&SessionStats>, page_size: u32) {
+fn rows(out: &mut String, s: &SessionStats, r: Option<&SessionStats>) {
     let f = |g: &dyn Fn(&SessionStats) -> String| (g(s), r.map(g));
     let mut add = |label: &str, g: &dyn Fn(&SessionStats) -> String| {
         let (a, b) = f(g);
@@ -75,25 +75,33 @@ fn rows(out: &mut String, s: &SessionStats, r: Option<&SessionStats>, page_size:
     });
     add("pages: raw", &|s| s.total.pages_raw.to_string());
     add("packets", &|s| s.total.packets.to_string());
-    let _ = page_size;
+    if s.total.jobs_hardware + s.total.jobs_software > 0 {
+        add("jobs: hardware", &|s| s.total.jobs_hardware.to_string());
+        add("jobs: software", &|s| s.total.jobs_software.to_string());
+        add("jobs: busy retries", &|s| s.total.busy_retries.to_string());
+        add("jobs: busy -> software", &|s| {
+            s.total.busy_fallbacks.to_string()
+        });
+        add("jobs: failed -> raw", &|s| s.total.jobs_failed.to_string());
+    }
 }
 
 /// Sender and receiver side by side.
-pub fn summary_table(s: &SessionStats, r: &SessionStats, page_size: u32) -> String {
+pub fn summary_table(s: &SessionStats, r: &SessionStats) -> String {
     let mut out = String::new();
     out.push_str(&format!(
         "  {:<24} {:>16} {:>16}\n",
         "", "sender", "receiver"
     ));
-    rows(&mut out, s, Some(r), page_size);
+    rows(&mut out, s, Some(r));
     out
 }
 
 /// One side.
-pub fn side_table(label: &str, s: &SessionStats, page_size: u32) -> String {
+pub fn side_table(label: &str, s: &SessionStats) -> String {
     let mut out = String::new();
     out.push_str(&format!("  {:<24} {:>16}\n", "", label));
-    rows(&mut out, s, None, page_size);
+    rows(&mut out, s, None);
     out
 }
 

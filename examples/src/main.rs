@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use pagewire::accel::qpl::{Huffman, QplPath, QplSettings};
 use pagewire::decode::{decode_streams, DecodeStats};
 use pagewire::synth::{self, PageSet};
 use pagewire::{
@@ -58,12 +59,18 @@ struct Common {
 
 #[derive(Args, Debug, Clone)]
 struct Tuning {
-    /// Codec: none, deflate, or auto (best available).
+    /// Codec: none, deflate, qpl, or auto (qpl on IAA hardware if present, else deflate).
     #[arg(long, default_value = "auto")]
     codec: String,
-    /// DEFLATE level.
+    /// Compression level: deflate 1..=12; qpl 1 (default) or 3 (high, QPL software path).
     #[arg(long, default_value_t = pagewire::codec::deflate::DEFAULT_LEVEL)]
     level: i32,
+    /// qpl codec: Huffman mode, fixed (QEMU's setting) or dynamic.
+    #[arg(long, default_value = "fixed")]
+    huffman: String,
+    /// qpl codec: auto (IAA if present), hardware (IAA only) or software (QPL's CPU path).
+    #[arg(long, default_value = "auto")]
+    qpl_path: String,
     /// Pages per multifd packet.
     #[arg(long, default_value_t = pagewire::config::DEFAULT_PAGES_PER_PACKET)]
     pages_per_packet: u32,
@@ -172,16 +179,17 @@ fn main() -> ExitCode {
     }
 }
 
-fn resolve_codec(name: &str) -> Res<CodecKind> {
+/// The codec a name asks for; `auto` is resolved by the library (and the reason logged).
+fn resolve_codec(name: &str) -> Res<(CodecKind, String)> {
     match name {
         "auto" => {
-            tracing::info!(
-                "codec auto: no accelerator support in this build; using software deflate"
-            );
-            Ok(CodecKind::Deflate)
+            let (codec, why) = pagewire::codec::resolve_auto();
+            tracing::info!(codec = codec.name(), "codec auto: {why}");
+            Ok((codec, why))
         }
         other => other
             .parse::<CodecKind>()
+            .map(|c| (c, "chosen on the command line".to_string()))
             .map_err(|e| format!("{e} (or auto)")),
     }
 }
@@ -193,9 +201,33 @@ fn config(t: &Tuning, c: &Common, channels: u16) -> Res<Config> {
             c.idle_timeout
         ));
     }
+    let (codec, _) = resolve_codec(&t.codec)?;
+    let huffman = t.huffman.parse::<Huffman>()?;
+    let path = match t.qpl_path.as_str() {
+        "auto" => QplPath::Auto,
+        "hardware" => QplPath::Hardware,
+        "software" => QplPath::Software,
+        o => {
+            return Err(format!(
+                "--qpl-path '{o}': expected auto, hardware or software"
+            ))
+        }
+    };
+    let qpl = QplSettings {
+        huffman,
+        level: u32::try_from(t.level).unwrap_or(0),
+        path,
+        ..QplSettings::default()
+    };
+    let level = if codec == CodecKind::Qpl {
+        pagewire::codec::deflate::DEFAULT_LEVEL
+    } else {
+        t.level
+    };
     Ok(Config {
-        codec: resolve_codec(&t.codec)?,
-        level: t.level,
+        codec,
+        level,
+        qpl,
         pages_per_packet: t.pages_per_packet,
         depth: t.depth,
         channels,
@@ -255,6 +287,13 @@ fn stats_json(s: &SessionStats) -> serde_json::Value {
             "compressed": s.total.pages_compressed,
         },
         "packets": s.total.packets,
+        "jobs": {
+            "hardware": s.total.jobs_hardware,
+            "software": s.total.jobs_software,
+            "busy_retries": s.total.busy_retries,
+            "busy_fallbacks": s.total.busy_fallbacks,
+            "failed": s.total.jobs_failed,
+        },
         "channels": s.channels,
     })
 }
@@ -345,7 +384,7 @@ fn demo(a: DemoArgs) -> Res<()> {
             cfg.codec.name(),
             cfg.channels
         );
-        print!("{}", summary_table(&sstats, &received.stats, cfg.page_size));
+        print!("{}", summary_table(&sstats, &received.stats));
         println!(
             "verified: {}",
             if verified {
@@ -404,7 +443,7 @@ fn send(a: SendArgs) -> Res<()> {
             cfg.codec.name(),
             cfg.channels
         );
-        print!("{}", format::side_table("sender", &stats, cfg.page_size));
+        print!("{}", format::side_table("sender", &stats));
     }
     Ok(())
 }
@@ -456,7 +495,7 @@ fn recv(a: RecvArgs) -> Res<()> {
             "pagewire recv: {} received",
             human(done.stats.total.memory_bytes)
         );
-        print!("{}", format::side_table("receiver", &done.stats, 4096));
+        print!("{}", format::side_table("receiver", &done.stats));
     }
     Ok(())
 }

@@ -81,7 +81,7 @@ fn spawn_recv(port: u16, extra: &[&str]) -> std::process::Child {
     child
 }
 
-fn send_recv_identical(codec: &str) {
+fn send_recv_identical(codec: &str) -> serde_json::Value {
     let dir = tempfile::tempdir().expect("tmp");
     let img = dir.path().join("guest.img");
     let out = dir.path().join("out.img");
@@ -129,6 +129,7 @@ fn send_recv_identical(codec: &str) {
     } else {
         assert!(compressed > 0);
     }
+    sj
 }
 
 #[test]
@@ -342,4 +343,82 @@ fn decode_rebuilds_image_from_recorded_send() {
     let v: serde_json::Value = serde_json::from_slice(&dec.stdout).expect("json");
     assert_eq!(v["compression"].as_str(), Some("qpl"));
     assert_eq!(v["rounds"].as_u64(), Some(1));
+}
+
+fn qpl_installed() -> Result<String, String> {
+    qpl_sys::Qpl::load()
+        .map(|q| q.version())
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn send_recv_256mib_qpl_is_byte_identical_on_qpl_software_path() {
+    if let Err(e) = qpl_installed() {
+        eprintln!("SKIP send_recv_256mib_qpl_is_byte_identical_on_qpl_software_path: {e}");
+        return;
+    }
+    let sj = send_recv_identical("qpl");
+    let hw = sj["jobs"]["hardware"].as_u64().expect("jobs.hardware");
+    let sw = sj["jobs"]["software"].as_u64().expect("jobs.software");
+    if pagewire::accel::qpl::hardware_available() {
+        assert!(hw > 0);
+    } else {
+        assert_eq!(hw, 0, "no IAA on this host: no hardware jobs");
+        assert_eq!(sw, sj["pages"]["normal"].as_u64().expect("pages.normal"));
+    }
+}
+
+#[test]
+fn codec_qpl_without_libqpl_fails_at_start_with_one_line() {
+    if let Ok(v) = qpl_installed() {
+        eprintln!(
+            "SKIP codec_qpl_without_libqpl_fails_at_start_with_one_line: QPL {v} is installed"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let img = dir.path().join("small.img");
+    make_image(&img, 1 << 20, 1);
+    let out = Command::new(BIN)
+        .args([
+            "send",
+            "--connect",
+            "127.0.0.1:9",
+            "--image",
+            img.to_str().expect("utf8"),
+            "--codec",
+            "qpl",
+        ])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("libqpl.so.1") && err.contains("install"),
+        "{err}"
+    );
+}
+
+#[test]
+fn codec_auto_without_iaa_uses_deflate_and_says_why() {
+    let out = Command::new(BIN)
+        .args([
+            "--log", "info", "demo", "--size", "4MiB", "--codec", "auto", "--json",
+        ])
+        .output()
+        .expect("run demo");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let log = String::from_utf8_lossy(&out.stderr);
+    if pagewire::accel::qpl::hardware_available() {
+        assert_eq!(v["codec"].as_str(), Some("qpl"));
+    } else {
+        assert_eq!(v["codec"].as_str(), Some("deflate"));
+        assert!(log.contains("codec auto: using deflate"), "{log}");
+    }
 }

@@ -42,10 +42,34 @@ impl std::str::FromStr for CodecKind {
         match s {
             "none" => Ok(CodecKind::None),
             "deflate" => Ok(CodecKind::Deflate),
+            "qpl" => Ok(CodecKind::Qpl),
             other => Err(format!(
-                "unknown codec '{other}' (expected none or deflate)"
+                "unknown codec '{other}' (expected none, deflate or qpl)"
             )),
         }
+    }
+}
+
+/// What `--codec auto` means on this host: `qpl` where an IAA work queue is usable through
+/// libqpl.so.1, else `deflate`. Returns the codec and why it was chosen.
+pub fn resolve_auto() -> (CodecKind, String) {
+    match qpl_sys::Qpl::load() {
+        Err(e) => (CodecKind::Deflate, format!("using deflate: {e}")),
+        Ok(q) if crate::accel::qpl::hardware_available() => (
+            CodecKind::Qpl,
+            format!(
+                "using qpl: IAA hardware path available (QPL {})",
+                q.version()
+            ),
+        ),
+        Ok(q) => (
+            CodecKind::Deflate,
+            format!(
+                "using deflate: QPL {} is installed but no IAA work queue is available \
+                 (see docs/benchmarks.md for the software paths compared)",
+                q.version()
+            ),
+        ),
     }
 }
 
