@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use pagewire::accel::qpl::{Huffman, QplPath, QplSettings};
+use pagewire::config::Decoder;
 use pagewire::decode::{decode_streams, DecodeStats};
 use pagewire::synth::{self, PageSet};
 use pagewire::{
@@ -130,6 +131,9 @@ struct RecvArgs {
     /// Give up if no sender connects within this many seconds (default: wait).
     #[arg(long)]
     accept_timeout: Option<f64>,
+    /// DEFLATE decoder: auto (QPL on IAA if present, else built-in), builtin, or qpl.
+    #[arg(long, default_value = "auto")]
+    decoder: String,
     #[command(flatten)]
     common: Common,
 }
@@ -462,6 +466,16 @@ fn recv(a: RecvArgs) -> Res<()> {
     };
     if let Some(m) = &a.max_memory {
         cfg.max_memory = parse_size(m)?;
+    }
+    cfg.decoder = match a.decoder.as_str() {
+        "auto" => Decoder::Auto,
+        "builtin" => Decoder::Builtin,
+        "qpl" => Decoder::Qpl,
+        o => return Err(format!("--decoder '{o}': expected auto, builtin or qpl")),
+    };
+    if cfg.decoder == Decoder::Qpl {
+        // Fail at start, not when the first sender arrives.
+        pagewire::session::recv::decoder_for(Decoder::Qpl).map_err(|e| e.to_string())?;
     }
     // Fail early on an unwritable output, before the sender spends its time.
     let out = match &a.out {

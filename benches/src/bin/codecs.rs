@@ -2,6 +2,14 @@
 //! the engine uses them (each page compressed on its own into a `page_size - 1` limit, a page
 //! that does not fit counted as sent raw), to choose the software codec by measurement.
 //!
+//! The candidates: libdeflate (through pagewire's own codec), miniz_oxide, zlib-rs, and QPL's
+//! software path through pagewire's own engine type (`QplCompressor` with
+//! `QplPath::Software`, fixed and dynamic Huffman; `QplDecompressor` on the software path).
+//! The QPL rows need `libqpl.so.1` at run time (e.g. `LD_LIBRARY_PATH=/opt/qpl/lib`); without
+//! it the bench prints "SKIP qpl: <reason>" and leaves them out (`"qpl": null` in the JSON).
+//! zstd level 1 and LZ4 (block format) are measured the same way for reference only: they
+//! are not DEFLATE and never go on pagewire's wire.
+//!
 //! For each page set (realistic, text, random) every candidate compresses and decompresses the
 //! same pages in the same run; the runs of all candidates are interleaved and every figure is
 //! the median of `--runs` runs. The realistic set is measured on its non-zero pages only, since
@@ -21,6 +29,8 @@ use miniz_oxide::inflate::core::{
     DecompressorOxide,
 };
 use miniz_oxide::inflate::TINFLStatus;
+use pagewire::accel::qpl::{Huffman, QplCompressor, QplDecompressor, QplPath, QplSettings};
+use pagewire::accel::{Accelerator, Outcome};
 use pagewire::codec::{
     is_zero_page, DeflateCompressor, DeflateDecompressor, PageCompressor, PageDecompressor,
 };
@@ -40,12 +50,17 @@ const USAGE: &str = "usage: codecs [--json] [--runs N] [--mib N]
   --runs N   runs per figure, the median is reported (default 5)
   --mib N    MiB of pages per page set (default 16)";
 
-/// One DEFLATE implementation at one level, with the engine's per-page contract.
+/// One compressor at one level, with the engine's per-page contract.
 trait Codec {
     /// Compress into `out` (the limit); `None` when it does not fit.
     fn compress(&mut self, page: &[u8], out: &mut [u8]) -> Option<usize>;
     /// Inflate `z` into exactly `out`, using all of `z`.
     fn decompress(&mut self, z: &[u8], out: &mut [u8]) -> bool;
+    /// Compressions that failed for another reason than "does not fit" (counted as raw), and
+    /// the last such failure; a correct run has none.
+    fn failures(&self) -> (usize, Option<String>) {
+        (0, None)
+    }
 }
 
 /// libdeflate through pagewire's own codec (libdeflater + libdeflate-sys).
@@ -152,20 +167,134 @@ impl Codec for ZlibRs {
     }
 }
 
+/// QPL's software path through pagewire's own engine types: `QplCompressor` (compressing with
+/// `Accelerator::fallback`, the synchronous software job) and `QplDecompressor::new(true)`.
+struct QplSoftware {
+    c: QplCompressor,
+    d: QplDecompressor,
+    failed: usize,
+    last_failure: Option<u32>,
+}
+
+impl QplSoftware {
+    fn new(huffman: Huffman) -> Result<QplSoftware, String> {
+        let c = QplCompressor::new(QplSettings {
+            huffman,
+            path: QplPath::Software,
+            ..QplSettings::default()
+        })
+        .map_err(|e| format!("QPL compressor ({huffman:?} Huffman): {e}"))?;
+        let d = QplDecompressor::new(true).map_err(|e| format!("QPL decompressor: {e}"))?;
+        Ok(QplSoftware {
+            c,
+            d,
+            failed: 0,
+            last_failure: None,
+        })
+    }
+}
+
+impl Codec for QplSoftware {
+    fn compress(&mut self, page: &[u8], out: &mut [u8]) -> Option<usize> {
+        match self.c.fallback(page, out) {
+            Outcome::Compressed(n) => Some(n),
+            Outcome::DidNotFit => None,
+            Outcome::Failed(st) => {
+                self.failed += 1;
+                self.last_failure = Some(st);
+                None
+            }
+        }
+    }
+    fn decompress(&mut self, z: &[u8], out: &mut [u8]) -> bool {
+        self.d.decompress(z, out).is_ok()
+    }
+    fn failures(&self) -> (usize, Option<String>) {
+        let last = self
+            .last_failure
+            .map(|st| format!("QPL status {st} ({})", qpl_sys::status_name(st)));
+        (self.failed, last)
+    }
+}
+
+/// zstd (reference only): one zstd frame per page, bulk API, contexts reused across pages.
+struct Zstd {
+    c: zstd::bulk::Compressor<'static>,
+    d: zstd::bulk::Decompressor<'static>,
+}
+
+impl Zstd {
+    fn new(level: i32) -> Result<Zstd, String> {
+        Ok(Zstd {
+            c: zstd::bulk::Compressor::new(level).map_err(|e| format!("zstd: {e}"))?,
+            d: zstd::bulk::Decompressor::new().map_err(|e| format!("zstd: {e}"))?,
+        })
+    }
+}
+
+impl Codec for Zstd {
+    fn compress(&mut self, page: &[u8], out: &mut [u8]) -> Option<usize> {
+        // An output that does not fit the limit is an error (dstSize_tooSmall).
+        self.c.compress_to_buffer(page, out).ok()
+    }
+    fn decompress(&mut self, z: &[u8], out: &mut [u8]) -> bool {
+        self.d
+            .decompress_to_buffer(z, out)
+            .is_ok_and(|n| n == out.len())
+    }
+}
+
+/// LZ4 block format through lz4_flex (reference only). lz4_flex refuses an output buffer
+/// smaller than LZ4's worst case (4,525 bytes for a 4 KiB page), so a page is compressed into
+/// a scratch buffer of that size and copied into the limit when it fits; the copy is part of
+/// its compress time.
+struct Lz4 {
+    scratch: Vec<u8>,
+}
+
+impl Codec for Lz4 {
+    fn compress(&mut self, page: &[u8], out: &mut [u8]) -> Option<usize> {
+        let n = lz4_flex::block::compress_into(page, &mut self.scratch).ok()?;
+        let dst = out.get_mut(..n)?;
+        dst.copy_from_slice(self.scratch.get(..n)?);
+        Some(n)
+    }
+    fn decompress(&mut self, z: &[u8], out: &mut [u8]) -> bool {
+        lz4_flex::block::decompress_into(z, out).is_ok_and(|n| n == out.len())
+    }
+}
+
 struct Candidate {
     name: String,
     library: &'static str,
     level: i32,
+    /// What the compressed bytes are.
+    format: &'static str,
+    /// Not DEFLATE, never on pagewire's wire: measured for comparison only.
+    reference_only: bool,
     codec: Box<dyn Codec>,
 }
 
-fn candidates() -> Vec<Candidate> {
+const RAW_DEFLATE: &str = "raw DEFLATE";
+
+/// Exits with a message when a candidate cannot be set up (QPL's availability is checked
+/// before, so this is a real failure).
+fn or_exit<T>(r: Result<T, String>) -> T {
+    r.unwrap_or_else(|e| {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    })
+}
+
+fn candidates(qpl: bool) -> Vec<Candidate> {
     let mut v = Vec::new();
     for level in [1, 3, 6] {
         v.push(Candidate {
             name: format!("libdeflate L{level}"),
             library: "libdeflate",
             level,
+            format: RAW_DEFLATE,
+            reference_only: false,
             codec: Box::new(Libdeflate {
                 c: DeflateCompressor::new(level).unwrap_or_default(),
                 d: DeflateDecompressor::new(),
@@ -176,6 +305,8 @@ fn candidates() -> Vec<Candidate> {
         name: "miniz_oxide L1".into(),
         library: "miniz_oxide",
         level: 1,
+        format: RAW_DEFLATE,
+        reference_only: false,
         codec: Box::new(Miniz::new(1)),
     });
     for level in [1, 2] {
@@ -183,10 +314,50 @@ fn candidates() -> Vec<Candidate> {
             name: format!("zlib-rs L{level}"),
             library: "zlib-rs (flate2)",
             level: level as i32,
+            format: RAW_DEFLATE,
+            reference_only: false,
             codec: Box::new(ZlibRs::new(level)),
         });
     }
+    if qpl {
+        for (huffman, name) in [(Huffman::Fixed, "fixed"), (Huffman::Dynamic, "dynamic")] {
+            v.push(Candidate {
+                name: format!("QPL sw {name} L1"),
+                library: "QPL software path (pagewire::accel::qpl)",
+                level: 1,
+                format: RAW_DEFLATE,
+                reference_only: false,
+                codec: Box::new(or_exit(QplSoftware::new(huffman))),
+            });
+        }
+    }
+    v.push(Candidate {
+        name: "zstd L1".into(),
+        library: "zstd (libzstd)",
+        level: 1,
+        format: "zstd frame",
+        reference_only: true,
+        codec: Box::new(or_exit(Zstd::new(1))),
+    });
+    v.push(Candidate {
+        name: "lz4".into(),
+        library: "lz4_flex",
+        level: 1,
+        format: "LZ4 block",
+        reference_only: true,
+        codec: Box::new(Lz4 {
+            scratch: vec![0u8; lz4_flex::block::get_maximum_output_size(PAGE)],
+        }),
+    });
     v
+}
+
+/// QPL as found on this host: its version, or why its rows are skipped.
+fn probe_qpl() -> Result<String, String> {
+    let qpl = qpl_sys::Qpl::load().map_err(|e| e.to_string())?;
+    // Setting up both engines here turns a QPL that loads but cannot run into a skip too.
+    QplSoftware::new(Huffman::Fixed)?;
+    Ok(qpl.version())
 }
 
 /// The pages of one set that a codec is handed, and a destination like guest memory.
@@ -277,6 +448,10 @@ struct CandidateResult {
     name: String,
     library: &'static str,
     level: i32,
+    /// "raw DEFLATE", or another format for the reference-only candidates.
+    format: &'static str,
+    /// Not DEFLATE, never on pagewire's wire: measured for comparison only.
+    reference_only: bool,
     /// Input page bytes / median compress time.
     compress_gbps: f64,
     /// Output bytes of the compressed pages / median decompress time.
@@ -326,6 +501,14 @@ struct Reference {
 }
 
 #[derive(Serialize)]
+struct QplInfo {
+    /// `qpl_get_library_version()`.
+    version: String,
+    /// The path the QPL rows ran on (always "software" here).
+    path: &'static str,
+}
+
+#[derive(Serialize)]
 struct Report {
     bench: &'static str,
     command: String,
@@ -333,14 +516,32 @@ struct Report {
     page_size: usize,
     mib_per_set: usize,
     runs: usize,
+    /// QPL's rows ran: its version; `null` when libqpl.so.1 could not be used.
+    qpl: Option<QplInfo>,
+    /// Why the QPL rows were skipped (`null` when they ran).
+    qpl_skipped: Option<String>,
     reference: Reference,
     sets: Vec<SetResult>,
 }
 
-fn measure_set(pages: &Pages, runs: usize, progress: bool) -> SetResult {
+/// Exits when a candidate's compressor failed (other than "does not fit") on some page.
+fn check_failures(cands: &[Candidate], set: &str) {
+    for c in cands {
+        if let (n @ 1.., last) = c.codec.failures() {
+            eprintln!(
+                "error: {} on {set}: {n} compressions failed (last: {})",
+                c.name,
+                last.unwrap_or_default()
+            );
+            std::process::exit(1);
+        }
+    }
+}
+
+fn measure_set(pages: &Pages, runs: usize, progress: bool, qpl: bool) -> SetResult {
     let n = pages.count();
     let input = pages.src.len();
-    let mut cands = candidates();
+    let mut cands = candidates(qpl);
     let mut streams: Vec<Streams> = cands.iter().map(|_| Streams::new(n)).collect();
     let mut dst = vec![0u8; input];
 
@@ -363,6 +564,7 @@ fn measure_set(pages: &Pages, runs: usize, progress: bool) -> SetResult {
             std::process::exit(1);
         }
     }
+    check_failures(&cands, pages.set);
 
     let mut comp: Vec<Samples> = cands.iter().map(|_| Samples::default()).collect();
     let mut decomp: Vec<Samples> = cands.iter().map(|_| Samples::default()).collect();
@@ -377,6 +579,7 @@ fn measure_set(pages: &Pages, runs: usize, progress: bool) -> SetResult {
             }
         }
     }
+    check_failures(&cands, pages.set);
 
     // Decoders on the same streams: libdeflate L1's output, decoded by every library.
     let mut decoders = Vec::new();
@@ -393,6 +596,12 @@ fn measure_set(pages: &Pages, runs: usize, progress: bool) -> SetResult {
             ("miniz_oxide", Box::new(Miniz::new(1))),
             ("zlib-rs (flate2)", Box::new(ZlibRs::new(1))),
         ];
+        if qpl {
+            decs.push((
+                "QPL software",
+                Box::new(or_exit(QplSoftware::new(Huffman::Fixed))),
+            ));
+        }
         let mut samples: Vec<Samples> = decs.iter().map(|_| Samples::default()).collect();
         for (_, d) in decs.iter_mut() {
             if decompress_all(d.as_mut(), &streams[0], &mut dst) > 0 {
@@ -427,6 +636,8 @@ fn measure_set(pages: &Pages, runs: usize, progress: bool) -> SetResult {
                 name: c.name.clone(),
                 library: c.library,
                 level: c.level,
+                format: c.format,
+                reference_only: c.reference_only,
                 compress_gbps: ct.gbps(input as u64),
                 decompress_gbps: dt
                     .as_ref()
@@ -491,7 +702,7 @@ fn measure_reference(mib: usize, runs: usize) -> Reference {
 
 fn print_tables(r: &Report) {
     println!(
-        "codecs: raw DEFLATE per {} KiB page, one core",
+        "codecs: raw DEFLATE (and zstd, LZ4 for reference) per {} KiB page, one core",
         r.page_size / 1024
     );
     println!("machine: {}", r.machine);
@@ -504,6 +715,10 @@ fn print_tables(r: &Report) {
         fmt_gbps(r.reference.memcpy_gbps),
         fmt_gbps(r.reference.zero_check_gbps)
     );
+    match (&r.qpl, &r.qpl_skipped) {
+        (Some(q), _) => println!("qpl: libqpl {}, {} path", q.version, q.path),
+        (None, reason) => println!("SKIP qpl: {}", reason.as_deref().unwrap_or("not loaded")),
+    }
     for s in &r.sets {
         println!();
         println!(
@@ -529,8 +744,13 @@ fn print_tables(r: &Report) {
                 ),
                 None => ("-".into(), "-".into()),
             };
+            let name = if c.reference_only {
+                format!("{} [ref]", c.name)
+            } else {
+                c.name.clone()
+            };
             t.row([
-                c.name.clone(),
+                name,
                 fmt_gbps(c.compress_gbps),
                 fmt_gbps(c.decompress_gbps),
                 fmt_sig(c.ratio, 3),
@@ -541,6 +761,9 @@ fn print_tables(r: &Report) {
             ]);
         }
         print!("{t}");
+        if s.candidates.iter().any(|c| c.reference_only) {
+            println!("[ref] = reference only (not DEFLATE, not on the wire)");
+        }
         if !s.decoders.is_empty() {
             let mut t = Table::new(["decoder (libdeflate L1 streams)", "decompress GB/s"]);
             for d in &s.decoders {
@@ -554,6 +777,22 @@ fn print_tables(r: &Report) {
 fn main() {
     let opts = Options::from_args(5, 16, USAGE);
     let progress = !opts.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (qpl, qpl_skipped) = match probe_qpl() {
+        Ok(version) => (
+            Some(QplInfo {
+                version,
+                path: "software",
+            }),
+            None,
+        ),
+        Err(reason) => {
+            // Table mode prints it above the tables; with --json stdout holds only the JSON.
+            if opts.json {
+                eprintln!("SKIP qpl: {reason}");
+            }
+            (None, Some(reason))
+        }
+    };
     let reference = measure_reference(opts.mib, opts.runs);
     let sets = [
         (PageSet::Realistic, "realistic"),
@@ -563,7 +802,7 @@ fn main() {
     .into_iter()
     .map(|(set, name)| {
         let pages = Pages::new(set, name, opts.mib);
-        measure_set(&pages, opts.runs, progress)
+        measure_set(&pages, opts.runs, progress, qpl.is_some())
     })
     .collect();
     let report = Report {
@@ -573,6 +812,8 @@ fn main() {
         page_size: PAGE,
         mib_per_set: opts.mib,
         runs: opts.runs,
+        qpl,
+        qpl_skipped,
         reference,
         sets,
     };

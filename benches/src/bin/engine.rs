@@ -9,12 +9,14 @@
 //! time), wire bytes / memory bytes. Each the median of `--runs` runs.
 //!
 //! `cargo run --release -p pagewire-benches --bin engine -- [--size 256MiB] [--runs 5] [--json]`
+//! (QPL variants run when libqpl.so.1 loads, e.g. with `LD_LIBRARY_PATH=/opt/qpl/lib`.)
 
 use std::io::{IoSlice, IoSliceMut, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pagewire::accel::qpl::{Huffman, QplSettings};
 use pagewire::stats::thread_cpu_seconds;
 use pagewire::synth::{self, PageSet};
 use pagewire::{Block, CodecKind, Config, GuestMemory, ReceiveInto, Receiver, RoundPages, Sender};
@@ -119,9 +121,17 @@ fn writev_readv(src: &[u8], dst: &mut [u8]) -> Run {
     }
 }
 
-fn pagewire_run(src: &Arc<GuestMemory>, dst: &Arc<GuestMemory>, codec: CodecKind) -> Run {
+fn pagewire_run(
+    src: &Arc<GuestMemory>,
+    dst: &Arc<GuestMemory>,
+    codec: CodecKind,
+    huffman: Huffman,
+) -> Run {
+    let mut qpl = QplSettings::default();
+    qpl.huffman = huffman;
     let cfg = Config {
         codec,
+        qpl,
         channels: 1,
         idle_timeout: Duration::from_secs(30),
         ..Config::default()
@@ -186,12 +196,16 @@ fn main() {
     // SAFETY: no session runs yet.
     unsafe { dst.block(0).expect("block").as_mut_slice() }.fill(1);
 
-    let names = [
+    let mut names = vec![
         "tcp-large-writes",
         "writev-readv",
         "pagewire-none",
         "pagewire-deflate",
     ];
+    match qpl_sys::Qpl::load() {
+        Ok(_) => names.extend(["pagewire-qpl-fixed", "pagewire-qpl-dynamic"]),
+        Err(e) => eprintln!("SKIP pagewire-qpl-*: {e}"),
+    }
     let mut results: Vec<Vec<Run>> = vec![Vec::new(); names.len()];
     for run in 0..runs {
         for (i, name) in names.iter().enumerate() {
@@ -209,8 +223,10 @@ fn main() {
                     assert!(s == d, "writev-readv baseline corrupted data");
                     r
                 }
-                "pagewire-none" => pagewire_run(&src, &dst, CodecKind::None),
-                _ => pagewire_run(&src, &dst, CodecKind::Deflate),
+                "pagewire-none" => pagewire_run(&src, &dst, CodecKind::None, Huffman::Fixed),
+                "pagewire-deflate" => pagewire_run(&src, &dst, CodecKind::Deflate, Huffman::Fixed),
+                "pagewire-qpl-fixed" => pagewire_run(&src, &dst, CodecKind::Qpl, Huffman::Fixed),
+                _ => pagewire_run(&src, &dst, CodecKind::Qpl, Huffman::Dynamic),
             };
             eprintln!("run {run} {name}: {:.3} s", r.seconds);
             results[i].push(r);
