@@ -127,8 +127,10 @@ fn pagewire_run(
     codec: CodecKind,
     huffman: Huffman,
 ) -> Run {
-    let mut qpl = QplSettings::default();
-    qpl.huffman = huffman;
+    let qpl = QplSettings {
+        huffman,
+        ..QplSettings::default()
+    };
     let cfg = Config {
         codec,
         qpl,
