@@ -6,6 +6,7 @@ use pagewire_transport::net::SocketOptions;
 
 use crate::accel::qpl::QplSettings;
 use crate::codec::CodecKind;
+use crate::session::auth::Secret;
 
 /// Which decoder a receiver uses for DEFLATE pages (any decoder reads any sender's pages).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,6 +49,10 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// Socket options for every connection.
     pub socket: SocketOptions,
+    /// Shared secret: every connection proves it knows it (HMAC over a per-session nonce).
+    pub secret: Option<Secret>,
+    /// Receiver without a secret: accept peers that are not on loopback.
+    pub insecure: bool,
     /// Receiver: largest total guest memory a hello may ask for when the receiver allocates
     /// the memory itself.
     pub max_memory: u64,
@@ -67,6 +72,8 @@ impl Default for Config {
             idle_timeout: Duration::from_secs(30),
             socket: SocketOptions::default(),
             max_memory: default_max_memory(),
+            secret: None,
+            insecure: false,
         }
     }
 }

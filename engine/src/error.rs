@@ -104,6 +104,9 @@ pub enum SessionError {
     /// A channel connection's init packet is wrong.
     #[error("channel connection from {peer}: {source}")]
     Init { peer: String, source: WireError },
+    /// A peer failed authentication, or the two sides disagree on using a secret.
+    #[error("authentication failed: {0}")]
+    Auth(String),
     /// The peer reported an error and ended the session.
     #[error("peer reported: {0}")]
     Peer(String),

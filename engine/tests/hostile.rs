@@ -124,6 +124,7 @@ fn hello(compression: Compression, channels: u16, block_size: u64) -> Hello {
             name: BLOCK.into(),
             size: block_size,
         }],
+        auth: None,
     }
 }
 
@@ -134,9 +135,17 @@ fn connect(addr: SocketAddr) -> TcpStream {
     s
 }
 
-/// Connect the control connection and send `hello`, without reading the answer.
+/// Connect the control connection, take the receiver's challenge (no secret configured) and
+/// send `hello`, without reading the answer.
 fn send_hello(addr: SocketAddr, h: &Hello) -> TcpStream {
     let mut c = connect(addr);
+    match read_message(&mut c) {
+        Ok(Message::Challenge {
+            secret_required: false,
+            ..
+        }) => {}
+        other => panic!("expected a challenge without secret, got {other:?}"),
+    }
     write_message(&mut c, &Message::Hello(h.clone())).expect("send hello");
     c
 }
@@ -145,7 +154,7 @@ fn send_hello(addr: SocketAddr, h: &Hello) -> TcpStream {
 fn handshake(addr: SocketAddr, h: &Hello) -> TcpStream {
     let mut c = send_hello(addr, h);
     match read_message(&mut c) {
-        Ok(Message::HelloOk) => c,
+        Ok(Message::HelloOk { proof: None }) => c,
         other => panic!("expected hello-ok, got {other:?}"),
     }
 }
@@ -188,7 +197,13 @@ impl Fake {
 /// The sender learns the failure on the control connection: a `Message::Error` whose text is
 /// the receiver's error.
 fn expect_error_on_control(control: &mut TcpStream, needle: &str) {
-    match read_message(control) {
+    let mut msg = read_message(control);
+    // The receiver's challenge opens every control connection; a test that never read it
+    // finds it first.
+    if let Ok(Message::Challenge { .. }) = msg {
+        msg = read_message(control);
+    }
+    match msg {
         Ok(Message::Error { message }) => assert!(
             message.contains(needle),
             "control error {message:?} does not contain {needle:?}"
@@ -1301,7 +1316,7 @@ fn round_end_out_of_order() {
 fn unexpected_control_message() {
     let srv = serve(ReceiveInto::Allocate);
     let mut f = session(&srv, Compression::Qpl, 1);
-    write_message(&mut f.control, &Message::HelloOk).unwrap();
+    write_message(&mut f.control, &Message::HelloOk { proof: None }).unwrap();
     let e = srv.error();
     assert!(
         matches!(

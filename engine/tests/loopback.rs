@@ -186,11 +186,16 @@ fn rounds_resend_changed_pages() {
 fn recorder(listener: TcpListener, channels: usize) -> std::thread::JoinHandle<Vec<Vec<u8>>> {
     std::thread::spawn(move || {
         let (mut ctl, _) = listener.accept().expect("accept control");
+        let challenge = Message::Challenge {
+            nonce: [7; 32],
+            secret_required: false,
+        };
+        control::write_message(&mut ctl, &challenge).expect("challenge");
         match control::read_message(&mut ctl).expect("hello") {
             Message::Hello(h) => assert_eq!(h.channels as usize, channels),
             other => panic!("expected hello, got {other:?}"),
         }
-        control::write_message(&mut ctl, &Message::HelloOk).expect("hello-ok");
+        control::write_message(&mut ctl, &Message::HelloOk { proof: None }).expect("hello-ok");
         let readers: Vec<_> = (0..channels)
             .map(|_| {
                 let (mut s, _): (TcpStream, _) = listener.accept().expect("accept channel");

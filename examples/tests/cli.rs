@@ -198,6 +198,13 @@ fn recv_rejects_a_bad_offset_with_one_line() {
     let recv = spawn_recv(port, &["--idle-timeout", "5"]);
     let uuid = [7u8; 16];
     let mut ctl = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    assert!(matches!(
+        control::read_message(&mut ctl).expect("challenge"),
+        Message::Challenge {
+            secret_required: false,
+            ..
+        }
+    ));
     let hello = Hello {
         uuid,
         page_size: 4096,
@@ -208,11 +215,12 @@ fn recv_rejects_a_bad_offset_with_one_line() {
             name: "pc.ram".into(),
             size: 1 << 20,
         }],
+        auth: None,
     };
     control::write_message(&mut ctl, &Message::Hello(hello)).expect("hello");
     assert_eq!(
         control::read_message(&mut ctl).expect("reply"),
-        Message::HelloOk
+        Message::HelloOk { proof: None }
     );
     let mut ch = TcpStream::connect(("127.0.0.1", port)).expect("connect channel");
     ch.write_all(
@@ -264,10 +272,15 @@ fn decode_rebuilds_image_from_recorded_send() {
     let caps_dir = dir.path().to_path_buf();
     let rec = std::thread::spawn(move || {
         let (mut ctl, _) = listener.accept().expect("control");
+        let challenge = Message::Challenge {
+            nonce: [7; 32],
+            secret_required: false,
+        };
+        control::write_message(&mut ctl, &challenge).expect("challenge");
         let Message::Hello(h) = control::read_message(&mut ctl).expect("hello") else {
             panic!("no hello")
         };
-        control::write_message(&mut ctl, &Message::HelloOk).expect("ok");
+        control::write_message(&mut ctl, &Message::HelloOk { proof: None }).expect("ok");
         let readers: Vec<_> = (0..h.channels)
             .map(|i| {
                 let (mut s, _) = listener.accept().expect("channel");

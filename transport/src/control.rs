@@ -20,7 +20,13 @@ use crate::wire::{BlockSpec, Compression, MAX_BLOCK_NAME};
 /// First four bytes of a hello body.
 pub const HELLO_MAGIC: [u8; 4] = *b"PWCP";
 /// The control protocol version this build speaks.
-pub const CONTROL_VERSION: u16 = 1;
+pub const CONTROL_VERSION: u16 = 2;
+/// Length of the session nonces.
+pub const NONCE_LEN: usize = 32;
+/// Length of an HMAC-SHA256 tag.
+pub const MAC_LEN: usize = 32;
+/// Hello feature bit: the hello carries the sender's nonce and its HMAC proof.
+pub const FEATURE_AUTH: u32 = 1;
 /// Largest frame (type + body) either side accepts.
 pub const MAX_FRAME: usize = 1 << 20;
 /// Longest error message carried (longer ones are truncated by the sender).
@@ -41,14 +47,26 @@ pub mod msg_type {
     pub const END: u8 = 5;
     pub const END_OK: u8 = 6;
     pub const ERROR: u8 = 7;
+    pub const CHALLENGE: u8 = 8;
+}
+
+/// The sender's half of the handshake's authentication, carried at the end of a hello when
+/// the `FEATURE_AUTH` bit is set: its own fresh nonce and an HMAC-SHA256 proof that it knows
+/// the shared secret, computed over the receiver's challenge nonce (see the engine's
+/// `session::auth`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HelloAuth {
+    pub nonce: [u8; NONCE_LEN],
+    pub mac: [u8; MAC_LEN],
 }
 
 /// The session's parameters, sent by the sender as the first message.
 ///
 /// Body layout: magic "PWCP", version u16, uuid [16], page_size u32, pages_per_packet u32,
 /// compression u32 (the multifd flag value, 0x00 or 0x08), channels u16, features u32
-/// (must be 0 in version 1), block count u16, then per block: name length u8 (1..=255),
-/// name bytes (UTF-8, no NUL), size u64.
+/// (0, or `FEATURE_AUTH`), block count u16, then per block: name length u8 (1..=255),
+/// name bytes (UTF-8, no NUL), size u64; then, with `FEATURE_AUTH`, the sender's nonce [32]
+/// and its proof [32].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Hello {
     pub uuid: [u8; 16],
@@ -57,6 +75,8 @@ pub struct Hello {
     pub compression: Compression,
     pub channels: u16,
     pub blocks: Vec<BlockSpec>,
+    /// Present when the sender authenticates (a shared secret is configured).
+    pub auth: Option<HelloAuth>,
 }
 
 impl Hello {
@@ -165,6 +185,11 @@ impl Hello {
                 .iter()
                 .map(|b| 1 + b.name.len().min(usize::from(u8::MAX)) + 8)
                 .sum::<usize>()
+            + if self.auth.is_some() {
+                NONCE_LEN + MAC_LEN
+            } else {
+                0
+            }
     }
 
     /// Append the body. Does not validate: a name longer than 255 bytes or more than
@@ -177,7 +202,8 @@ impl Hello {
         out.extend_from_slice(&self.pages_per_packet.to_be_bytes());
         out.extend_from_slice(&self.compression.flag().to_be_bytes());
         out.extend_from_slice(&self.channels.to_be_bytes());
-        out.extend_from_slice(&0u32.to_be_bytes()); // features
+        let features = if self.auth.is_some() { FEATURE_AUTH } else { 0 };
+        out.extend_from_slice(&features.to_be_bytes());
         let count = self.blocks.len().min(usize::from(u16::MAX));
         // `count <= u16::MAX` by the line above.
         out.extend_from_slice(&(count as u16).to_be_bytes());
@@ -188,6 +214,10 @@ impl Hello {
             out.push(name.len() as u8);
             out.extend_from_slice(name);
             out.extend_from_slice(&b.size.to_be_bytes());
+        }
+        if let Some(a) = &self.auth {
+            out.extend_from_slice(&a.nonce);
+            out.extend_from_slice(&a.mac);
         }
     }
 
@@ -222,11 +252,13 @@ impl Hello {
         };
         let channels = r.u16()?;
         let features = r.u32()?;
-        if features != 0 {
+        if features & !FEATURE_AUTH != 0 {
             return Err(invalid(
                 "hello",
                 "features",
-                format!("{features:#x}, expected 0 in control protocol version {CONTROL_VERSION}"),
+                format!(
+                    "{features:#x}, expected 0 or {FEATURE_AUTH:#x} in control protocol version {CONTROL_VERSION}"
+                ),
             ));
         }
         let count = usize::from(r.u16()?);
@@ -258,6 +290,14 @@ impl Hello {
                 size,
             });
         }
+        let auth = if features & FEATURE_AUTH != 0 {
+            Some(HelloAuth {
+                nonce: r.array()?,
+                mac: r.array()?,
+            })
+        } else {
+            None
+        };
         r.finish()?;
         let hello = Hello {
             uuid,
@@ -266,6 +306,7 @@ impl Hello {
             compression,
             channels,
             blocks,
+            auth,
         };
         hello.validate()?;
         Ok(hello)
@@ -334,6 +375,7 @@ fn type_name(t: u8) -> &'static str {
         msg_type::END => "end",
         msg_type::END_OK => "end-ok",
         msg_type::ERROR => "error",
+        msg_type::CHALLENGE => "challenge",
         _ => "frame",
     }
 }
@@ -355,8 +397,16 @@ fn truncate_utf8(s: &str, max: usize) -> &str {
 pub enum Message {
     /// Sender → receiver, first message.
     Hello(Hello),
-    /// Receiver → sender: hello accepted; channels may connect.
-    HelloOk,
+    /// Receiver → sender, first message on every control connection: a fresh nonce the
+    /// sender's proof must cover, and whether a shared secret is required. Body: nonce [32],
+    /// flags u8 (bit 0: secret required; other bits 0).
+    Challenge {
+        nonce: [u8; NONCE_LEN],
+        secret_required: bool,
+    },
+    /// Receiver → sender: hello accepted; channels may connect. Body: empty, or (when the
+    /// hello authenticated) the receiver's own proof [32] over the sender's nonce.
+    HelloOk { proof: Option<[u8; MAC_LEN]> },
     /// Sender → receiver: every channel has sent its SYNC for `round`. Body: round u64.
     RoundEnd { round: u64 },
     /// Receiver → sender: every page of `round` is in guest memory. Body: round u64.
@@ -410,7 +460,19 @@ impl Message {
             Message::RoundEnd { round } | Message::RoundDone { round } => {
                 out.extend_from_slice(&round.to_be_bytes());
             }
-            Message::HelloOk | Message::End | Message::EndOk => {}
+            Message::HelloOk { proof } => {
+                if let Some(p) = proof {
+                    out.extend_from_slice(p);
+                }
+            }
+            Message::Challenge {
+                nonce,
+                secret_required,
+            } => {
+                out.extend_from_slice(nonce);
+                out.push(u8::from(*secret_required));
+            }
+            Message::End | Message::EndOk => {}
             Message::Error { message } => {
                 out.extend_from_slice(truncate_utf8(message, MAX_ERROR_MESSAGE).as_bytes());
             }
@@ -425,7 +487,8 @@ impl Message {
     fn type_byte(&self) -> u8 {
         match self {
             Message::Hello(_) => msg_type::HELLO,
-            Message::HelloOk => msg_type::HELLO_OK,
+            Message::HelloOk { .. } => msg_type::HELLO_OK,
+            Message::Challenge { .. } => msg_type::CHALLENGE,
             Message::RoundEnd { .. } => msg_type::ROUND_END,
             Message::RoundDone { .. } => msg_type::ROUND_DONE,
             Message::End => msg_type::END,
@@ -459,7 +522,37 @@ impl Message {
         };
         match t {
             msg_type::HELLO => Ok(Message::Hello(Hello::decode_body(body)?)),
-            msg_type::HELLO_OK => empty(Message::HelloOk),
+            msg_type::HELLO_OK => match body.len() {
+                0 => Ok(Message::HelloOk { proof: None }),
+                MAC_LEN => {
+                    let mut r = Cursor::new(body, name);
+                    let proof = r.array()?;
+                    r.finish()?;
+                    Ok(Message::HelloOk { proof: Some(proof) })
+                }
+                n => Err(invalid(
+                    "hello-ok",
+                    "proof",
+                    format!("{n} bytes, expected 0 or {MAC_LEN}"),
+                )),
+            },
+            msg_type::CHALLENGE => {
+                let mut r = Cursor::new(body, name);
+                let nonce = r.array()?;
+                let flags = r.u8()?;
+                r.finish()?;
+                if flags & !1 != 0 {
+                    return Err(invalid(
+                        "challenge",
+                        "flags",
+                        format!("{flags:#x}, expected 0 or 1"),
+                    ));
+                }
+                Ok(Message::Challenge {
+                    nonce,
+                    secret_required: flags & 1 != 0,
+                })
+            }
             msg_type::ROUND_END => Ok(Message::RoundEnd { round: round()? }),
             msg_type::ROUND_DONE => Ok(Message::RoundDone { round: round()? }),
             msg_type::END => empty(Message::End),
@@ -558,6 +651,7 @@ mod tests {
                     size: 0x1000,
                 },
             ],
+            auth: None,
         }
     }
 
@@ -582,7 +676,7 @@ mod tests {
     fn hello_layout_is_pinned() {
         let mut body = Vec::new();
         body.extend_from_slice(b"PWCP");
-        body.extend_from_slice(&[0, 1]); // version
+        body.extend_from_slice(&[0, 2]); // version
         body.extend_from_slice(&hello().uuid);
         body.extend_from_slice(&[0, 0, 0x10, 0]); // page_size
         body.extend_from_slice(&[0, 0, 0, 128]); // pages_per_packet
@@ -601,12 +695,62 @@ mod tests {
         let msg = Message::Hello(hello());
         assert_eq!(msg.encode(), want);
         assert_eq!(Message::decode(&want[4..]).unwrap(), msg);
+        // With authentication: feature bit 1, then the sender's nonce and proof at the end.
+        let mut auth_body = body.clone();
+        auth_body[36..40].copy_from_slice(&[0, 0, 0, 1]);
+        auth_body.extend_from_slice(&[0x11; 32]);
+        auth_body.extend_from_slice(&[0x22; 32]);
+        let h = Hello {
+            auth: Some(HelloAuth {
+                nonce: [0x11; 32],
+                mac: [0x22; 32],
+            }),
+            ..hello()
+        };
+        assert_eq!(Message::Hello(h.clone()).encode(), frame(1, &auth_body));
+        assert_eq!(
+            Message::decode(&frame(1, &auth_body)[4..]).unwrap(),
+            Message::Hello(h)
+        );
+        // The feature bit without the 64 bytes is truncated.
+        let mut short = body.clone();
+        short[36..40].copy_from_slice(&[0, 0, 0, 1]);
+        assert!(matches!(
+            Message::decode(&frame(1, &short)[4..]),
+            Err(ControlError::Truncated { .. })
+        ));
+    }
+
+    #[test]
+    fn challenge_and_hello_ok_layouts() {
+        let c = Message::Challenge {
+            nonce: [5; 32],
+            secret_required: true,
+        };
+        let mut body = vec![5u8; 32];
+        body.push(1);
+        assert_eq!(c.encode(), frame(8, &body));
+        assert_eq!(Message::decode(&frame(8, &body)[4..]).unwrap(), c);
+        body[32] = 2;
+        assert_eq!(
+            invalid_field(Message::decode(&frame(8, &body)[4..])),
+            "flags"
+        );
+        let ok = Message::HelloOk {
+            proof: Some([9; 32]),
+        };
+        assert_eq!(ok.encode(), frame(2, &[9; 32]));
+        assert_eq!(Message::decode(&frame(2, &[9; 32])[4..]).unwrap(), ok);
+        assert_eq!(
+            invalid_field(Message::decode(&frame(2, &[9; 5])[4..])),
+            "proof"
+        );
     }
 
     #[test]
     fn small_messages_layout_is_pinned() {
         let cases = [
-            (Message::HelloOk, vec![0, 0, 0, 1, 2]),
+            (Message::HelloOk { proof: None }, vec![0, 0, 0, 1, 2]),
             (
                 Message::RoundEnd {
                     round: 0x0102_0304_0506_0708,
@@ -642,7 +786,7 @@ mod tests {
     fn names() {
         let all = [
             (Message::Hello(hello()), "hello"),
-            (Message::HelloOk, "hello-ok"),
+            (Message::HelloOk { proof: None }, "hello-ok"),
             (Message::RoundEnd { round: 0 }, "round-end"),
             (Message::RoundDone { round: 0 }, "round-done"),
             (Message::End, "end"),
@@ -793,21 +937,21 @@ mod tests {
     #[test]
     fn hello_unsupported_version() {
         let mut b = hello_body();
-        b[4..6].copy_from_slice(&2u16.to_be_bytes());
+        b[4..6].copy_from_slice(&1u16.to_be_bytes());
         let e = decode_hello_body(&b).unwrap_err();
         assert!(
             matches!(
                 e,
                 ControlError::UnsupportedVersion {
-                    got: 2,
-                    supported: 1
+                    got: 1,
+                    supported: 2
                 }
             ),
             "{e:?}"
         );
         assert_eq!(
             e.to_string(),
-            "hello: control protocol version 2 not supported (this build speaks 1)"
+            "hello: control protocol version 1 not supported (this build speaks 2)"
         );
     }
 
@@ -833,9 +977,9 @@ mod tests {
     }
 
     #[test]
-    fn hello_features_must_be_zero() {
+    fn hello_unknown_features_refused() {
         let mut b = hello_body();
-        b[36..40].copy_from_slice(&1u32.to_be_bytes());
+        b[36..40].copy_from_slice(&2u32.to_be_bytes());
         assert_eq!(invalid_field(decode_hello_body(&b)), "features");
     }
 
@@ -893,8 +1037,11 @@ mod tests {
                 extra: 1
             })
         ));
+        let mut challenge = vec![8u8];
+        challenge.extend_from_slice(&[0; 33]);
+        challenge.push(7);
         let cases: [(&[u8], &str, usize); 5] = [
-            (&[2, 0], "hello-ok", 1),
+            (&challenge, "challenge", 1),
             (&[3, 0, 0, 0, 0, 0, 0, 0, 1, 9, 9], "round-end", 2),
             (&[4, 0, 0, 0, 0, 0, 0, 0, 1, 9], "round-done", 1),
             (&[5, 1, 2, 3], "end", 3),
@@ -924,7 +1071,7 @@ mod tests {
 
     #[test]
     fn unknown_type_and_empty_frame() {
-        for t in [0u8, 8, 0xFF] {
+        for t in [0u8, 9, 0xFF] {
             assert!(matches!(
                 Message::decode(&[t, 1, 2]),
                 Err(ControlError::UnknownType(x)) if x == t
@@ -997,7 +1144,7 @@ mod tests {
     fn write_then_read_sequence() {
         let msgs = [
             Message::Hello(hello()),
-            Message::HelloOk,
+            Message::HelloOk { proof: None },
             Message::RoundEnd { round: 1 },
             Message::RoundDone { round: 1 },
             Message::End,
@@ -1141,6 +1288,14 @@ mod tests {
                             size: pages * u64::from(page_size),
                         })
                         .collect(),
+                    auth: if qpl {
+                        Some(HelloAuth {
+                            nonce: [uuid[0]; NONCE_LEN],
+                            mac: [uuid[1]; MAC_LEN],
+                        })
+                    } else {
+                        None
+                    },
                 }
             })
     }

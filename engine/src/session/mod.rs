@@ -1,6 +1,7 @@
 //! Sessions: a control connection plus N channel connections, one engine thread per channel,
 //! rounds of dirty pages ending with a SYNC on every channel.
 
+pub mod auth;
 pub mod recv;
 pub mod send;
 

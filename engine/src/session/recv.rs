@@ -17,6 +17,7 @@ use crate::codec::{DeflateDecompressor, PageDecompressor};
 use crate::config::{Config, Decoder};
 use crate::error::{ChannelErrorKind, SessionError};
 use crate::memory::GuestMemory;
+use crate::session::auth;
 use crate::stats::{thread_cpu_seconds, Progress, SessionStats};
 
 /// Where a receiver puts the pages.
@@ -104,6 +105,18 @@ impl Receiver {
         control
             .set_read_timeout(Some(self.cfg.idle_timeout))
             .map_err(control::ControlError::from)?;
+        if let Err(e) = self.check_peer(&peer) {
+            return Err(reject(&mut control, e));
+        }
+        let nonce_r = auth::nonce()?;
+        let secret = self.cfg.secret.clone();
+        control::write_message(
+            &mut control,
+            &Message::Challenge {
+                nonce: nonce_r,
+                secret_required: secret.is_some(),
+            },
+        )?;
         let hello = match control::read_message(&mut control) {
             Ok(Message::Hello(h)) => h,
             Ok(other) => {
@@ -115,11 +128,31 @@ impl Receiver {
             }
             Err(e) => return Err(reject(&mut control, e.into())),
         };
+        // Authenticate before anything else of the hello is acted on (no memory is mapped or
+        // written for a peer that has not proved it knows the secret).
+        let proof = match (&secret, &hello.auth) {
+            (None, _) => None,
+            (Some(_), None) => {
+                let e = SessionError::Auth(format!(
+                    "control connection from {peer}: the sender sent no proof of the shared secret"
+                ));
+                return Err(reject(&mut control, e));
+            }
+            (Some(sec), Some(a)) => {
+                if !sec.check_sender(&nonce_r, &a.nonce, &hello.uuid, &a.mac) {
+                    let e = SessionError::Auth(format!(
+                        "control connection from {peer}: the sender's proof does not match this receiver's shared secret"
+                    ));
+                    return Err(reject(&mut control, e));
+                }
+                Some(sec.receiver_proof(&nonce_r, &a.nonce, &hello.uuid))
+            }
+        };
         let memory = match self.check_hello(&hello, into) {
             Ok(m) => m,
             Err(e) => return Err(reject(&mut control, e)),
         };
-        control::write_message(&mut control, &Message::HelloOk)?;
+        control::write_message(&mut control, &Message::HelloOk { proof })?;
         info!(
             channels = hello.channels,
             page_size = hello.page_size,
@@ -128,7 +161,7 @@ impl Receiver {
             "hello accepted"
         );
 
-        let streams = match self.accept_channels(&hello, peer) {
+        let streams = match self.accept_channels(&hello, peer, &nonce_r) {
             Ok(s) => s,
             Err(e) => return Err(reject(&mut control, e)),
         };
@@ -279,10 +312,22 @@ impl Receiver {
 
     /// Accept `hello.channels` connections, read and check each init packet; return the
     /// streams ordered by channel id.
+    /// Without a shared secret, only loopback peers are accepted unless `insecure` is set.
+    fn check_peer(&self, peer: &SocketAddr) -> Result<(), SessionError> {
+        if self.cfg.secret.is_none() && !self.cfg.insecure && !net::is_loopback(peer) {
+            return Err(SessionError::Auth(format!(
+                "refusing {peer}: it is not on loopback and no shared secret is configured \
+                 (use --secret-file on both sides, or --insecure on a trusted network)"
+            )));
+        }
+        Ok(())
+    }
+
     fn accept_channels(
         &self,
         hello: &Hello,
         control_peer: SocketAddr,
+        nonce_r: &[u8; control::NONCE_LEN],
     ) -> Result<Vec<TcpStream>, SessionError> {
         let n = hello.channels as usize;
         let mut slots: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
@@ -293,9 +338,18 @@ impl Receiver {
             if peer.ip() != control_peer.ip() {
                 warn!(%peer, %control_peer, "channel connection from another address than the control connection");
             }
+            self.check_peer(&peer)?;
             stream
                 .set_read_timeout(Some(self.cfg.idle_timeout))
                 .map_err(control::ControlError::from)?;
+            let mut token = [0u8; control::MAC_LEN];
+            if self.cfg.secret.is_some() {
+                std::io::Read::read_exact(&mut stream, &mut token).map_err(|e| {
+                    SessionError::Auth(format!(
+                        "channel connection from {peer}: reading its token: {e}"
+                    ))
+                })?;
+            }
             let mut buf = [0u8; INIT_PACKET_LEN];
             std::io::Read::read_exact(&mut stream, &mut buf).map_err(|e| {
                 SessionError::Handshake(format!(
@@ -306,6 +360,13 @@ impl Receiver {
                 peer: peer.to_string(),
                 source,
             })?;
+            if let Some(secret) = &self.cfg.secret {
+                if !secret.check_channel(nonce_r, &hello.uuid, init.channel_id, &token) {
+                    return Err(SessionError::Auth(format!(
+                        "channel connection from {peer}: its token does not match this receiver's shared secret"
+                    )));
+                }
+            }
             init.check(&hello.uuid, n as u32)
                 .map_err(|source| SessionError::Init {
                     peer: peer.to_string(),

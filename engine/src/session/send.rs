@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use pagewire_transport::control::{self, Hello, Message};
+use pagewire_transport::control::{self, Hello, HelloAuth, Message};
 use pagewire_transport::net;
 use pagewire_transport::wire::{BlockSpec, Compression, InitPacket};
 use tracing::{debug, info, info_span, warn};
@@ -21,6 +21,7 @@ use crate::config::Config;
 use crate::error::{ChannelError, SessionError};
 use crate::memory::GuestMemory;
 use crate::pages::RoundPages;
+use crate::session::auth;
 use crate::stats::{thread_cpu_seconds, ChannelStats, Progress, SessionStats};
 
 enum Cmd {
@@ -160,6 +161,42 @@ impl Sender {
         control
             .set_read_timeout(Some(cfg.idle_timeout))
             .map_err(control::ControlError::from)?;
+        // The receiver speaks first: its challenge nonce, and whether it wants a secret.
+        let (nonce_r, secret_required) = match control::read_message(&mut control)? {
+            Message::Challenge {
+                nonce,
+                secret_required,
+            } => (nonce, secret_required),
+            Message::Error { message } => return Err(SessionError::Peer(message)),
+            other => {
+                return Err(SessionError::Unexpected {
+                    expected: "challenge",
+                    got: other.name(),
+                })
+            }
+        };
+        let auth = match (&cfg.secret, secret_required) {
+            (None, true) => {
+                let e = "the receiver requires a shared secret and this sender has none (--secret-file)";
+                let _ = control::write_message(
+                    &mut control,
+                    &Message::Error {
+                        message: "authentication failed: the sender has no shared secret".into(),
+                    },
+                );
+                return Err(SessionError::Auth(e.into()));
+            }
+            (Some(_), false) => {
+                let e = "this sender has a shared secret but the receiver does not authenticate; refusing to send to an unauthenticated receiver";
+                let _ = control::write_message(&mut control, &Message::Error { message: "authentication failed: the sender requires a shared secret and this receiver has none (--secret-file)".into() });
+                return Err(SessionError::Auth(e.into()));
+            }
+            (Some(secret), true) => {
+                let nonce_s = auth::nonce()?;
+                Some((secret.clone(), nonce_s))
+            }
+            (None, false) => None,
+        };
         let hello = Hello {
             uuid,
             page_size: cfg.page_size,
@@ -174,11 +211,25 @@ impl Sender {
                     size: b.len() as u64,
                 })
                 .collect(),
+            auth: auth.as_ref().map(|(secret, nonce_s)| HelloAuth {
+                nonce: *nonce_s,
+                mac: secret.sender_proof(&nonce_r, nonce_s, &uuid),
+            }),
         };
         hello.validate()?;
         control::write_message(&mut control, &Message::Hello(hello))?;
         match control::read_message(&mut control)? {
-            Message::HelloOk => {}
+            Message::HelloOk { proof } => {
+                if let Some((secret, nonce_s)) = &auth {
+                    let ok =
+                        proof.is_some_and(|p| secret.check_receiver(&nonce_r, nonce_s, &uuid, &p));
+                    if !ok {
+                        return Err(SessionError::Auth(
+                            "the receiver did not prove it knows the shared secret".into(),
+                        ));
+                    }
+                }
+            }
             Message::Error { message } => return Err(SessionError::Peer(message)),
             other => {
                 return Err(SessionError::Unexpected {
