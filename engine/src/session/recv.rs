@@ -119,6 +119,7 @@ impl Receiver {
         )?;
         let hello = match control::read_message(&mut control) {
             Ok(Message::Hello(h)) => h,
+            Ok(Message::Error { message }) => return Err(SessionError::Peer(message)),
             Ok(other) => {
                 let e = SessionError::Unexpected {
                     expected: "hello",
@@ -312,15 +313,8 @@ impl Receiver {
 
     /// Accept `hello.channels` connections, read and check each init packet; return the
     /// streams ordered by channel id.
-    /// Without a shared secret, only loopback peers are accepted unless `insecure` is set.
     fn check_peer(&self, peer: &SocketAddr) -> Result<(), SessionError> {
-        if self.cfg.secret.is_none() && !self.cfg.insecure && !net::is_loopback(peer) {
-            return Err(SessionError::Auth(format!(
-                "refusing {peer}: it is not on loopback and no shared secret is configured \
-                 (use --secret-file on both sides, or --insecure on a trusted network)"
-            )));
-        }
-        Ok(())
+        peer_allowed(&self.cfg, peer)
     }
 
     fn accept_channels(
@@ -467,6 +461,17 @@ impl Receiver {
             }
         }
     }
+}
+
+/// Without a shared secret, a receiver accepts only loopback peers unless `insecure` is set.
+pub fn peer_allowed(cfg: &Config, peer: &SocketAddr) -> Result<(), SessionError> {
+    if cfg.secret.is_none() && !cfg.insecure && !net::is_loopback(peer) {
+        return Err(SessionError::Auth(format!(
+            "refusing {peer}: it is not on loopback and no shared secret is configured \
+             (use --secret-file on both sides, or --insecure on a trusted network)"
+        )));
+    }
+    Ok(())
 }
 
 /// The page decoder `d` asks for.

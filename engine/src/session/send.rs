@@ -257,6 +257,14 @@ impl Sender {
         let mut workers = Vec::new();
         for id in 0..cfg.channels {
             let mut stream = net::connect(addr, &cfg.socket)?;
+            if let Some((secret, _)) = &auth {
+                let token = secret.channel_token(&nonce_r, &uuid, id as u8);
+                std::io::Write::write_all(&mut stream, &token).map_err(|e| {
+                    SessionError::Handshake(format!(
+                        "channel {id}: sending its authentication token: {e}"
+                    ))
+                })?;
+            }
             let init = InitPacket {
                 uuid,
                 channel_id: id as u8,
