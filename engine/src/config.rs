@@ -6,6 +6,7 @@ use pagewire_transport::net::SocketOptions;
 
 use crate::accel::qpl::QplSettings;
 use crate::codec::CodecKind;
+use crate::pin::Pinning;
 use crate::session::auth::Secret;
 
 /// Which decoder a receiver uses for DEFLATE pages (any decoder reads any sender's pages).
@@ -49,6 +50,8 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// Socket options for every connection.
     pub socket: SocketOptions,
+    /// Where channel threads run (one per channel; `Auto` pins channel i to the i-th core).
+    pub pinning: Pinning,
     /// Shared secret: every connection proves it knows it (HMAC over a per-session nonce).
     pub secret: Option<Secret>,
     /// Receiver without a secret: accept peers that are not on loopback.
@@ -72,6 +75,7 @@ impl Default for Config {
             idle_timeout: Duration::from_secs(30),
             socket: SocketOptions::default(),
             max_memory: default_max_memory(),
+            pinning: Pinning::Off,
             secret: None,
             insecure: false,
         }

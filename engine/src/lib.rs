@@ -18,6 +18,7 @@ pub mod decode;
 pub mod error;
 pub mod memory;
 pub mod pages;
+pub mod pin;
 pub mod session;
 pub mod stats;
 pub mod synth;

@@ -207,6 +207,7 @@ impl Receiver {
                             let id = chan.stats().channel;
                             let span = info_span!("channel", id);
                             let _g = span.enter();
+                            crate::pin::apply(&self.cfg.pinning, id);
                             let cpu0 = thread_cpu_seconds();
                             let res = chan.run(gate_ref, progress);
                             chan.set_cpu_seconds(thread_cpu_seconds() - cpu0);

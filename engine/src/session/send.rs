@@ -292,9 +292,10 @@ impl Sender {
             let mem = mem.clone();
             let progress = progress.clone();
             let flag = abort.flag.clone();
+            let pinning = cfg.pinning.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("pw-send-{id}"))
-                .spawn(move || channel_thread(chan, rx, reply, mem, progress, flag))
+                .spawn(move || channel_thread(chan, rx, reply, mem, progress, flag, pinning))
                 .map_err(|e| SessionError::Internal(format!("spawning channel thread: {e}")))?;
             workers.push(Worker { tx, handle });
         }
@@ -506,10 +507,12 @@ fn channel_thread(
     mem: Arc<GuestMemory>,
     progress: Arc<Progress>,
     abort: Arc<AtomicBool>,
+    pinning: crate::pin::Pinning,
 ) {
     let id = chan.stats().channel;
     let span = info_span!("channel", id);
     let _g = span.enter();
+    crate::pin::apply(&pinning, id);
     let cpu0 = thread_cpu_seconds();
     while let Ok(Cmd::Round(pages)) = rx.recv() {
         let res = chan.run_round(&mem, &pages, &progress, &abort);

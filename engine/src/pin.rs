@@ -1,0 +1,102 @@
+//! Pinning channel threads to cores: one engine thread per channel, each on its own core.
+
+use std::io;
+
+/// Where channel threads run.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Pinning {
+    /// Leave placement to the scheduler (the library's default: the embedding VMM decides).
+    #[default]
+    Off,
+    /// Channel i on the i-th CPU this process may use (wrapping around).
+    Auto,
+    /// Channel i on `cpus[i % cpus.len()]`.
+    Cpus(Vec<usize>),
+}
+
+impl Pinning {
+    /// The CPU channel `channel` should run on, if any.
+    pub fn cpu_for(&self, channel: u16) -> Option<usize> {
+        match self {
+            Pinning::Off => None,
+            Pinning::Auto => {
+                let cpus = allowed_cpus().ok()?;
+                cpus.get(channel as usize % cpus.len().max(1)).copied()
+            }
+            Pinning::Cpus(list) if list.is_empty() => None,
+            Pinning::Cpus(list) => list.get(channel as usize % list.len()).copied(),
+        }
+    }
+}
+
+/// The CPUs the calling thread may run on.
+pub fn allowed_cpus() -> io::Result<Vec<usize>> {
+    // SAFETY: cpu_set_t is a plain bit array; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed.
+    let rc =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: CPU_ISSET reads the bit array only, for indices below CPU_SETSIZE.
+    Ok((0..libc::CPU_SETSIZE as usize)
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect())
+}
+
+/// Pin the calling thread to `cpu`.
+pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(io::Error::other(format!("cpu {cpu} out of range")));
+    }
+    // SAFETY: as above; CPU_SET writes one bit inside the set (index checked above).
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: index checked against CPU_SETSIZE above.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed; pid 0 is the calling thread.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Pin the calling channel thread as `p` says, logging (not failing) when the OS refuses.
+pub(crate) fn apply(p: &Pinning, channel: u16) {
+    if let Some(cpu) = p.cpu_for(channel) {
+        match pin_current_thread(cpu) {
+            Ok(()) => tracing::debug!(channel, cpu, "pinned"),
+            Err(e) => {
+                tracing::warn!(channel, cpu, error = %e, "could not pin channel thread; running unpinned")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn choices() {
+        assert_eq!(Pinning::Off.cpu_for(3), None);
+        assert_eq!(Pinning::Cpus(vec![4, 6]).cpu_for(3), Some(6));
+        let cpus = allowed_cpus().expect("affinity");
+        assert!(!cpus.is_empty());
+        assert_eq!(Pinning::Auto.cpu_for(0), cpus.first().copied());
+    }
+
+    #[test]
+    fn pinning_takes_effect_on_a_thread() {
+        let cpus = allowed_cpus().expect("affinity");
+        let target = *cpus.last().expect("a cpu");
+        let seen = std::thread::spawn(move || {
+            pin_current_thread(target).expect("pin");
+            allowed_cpus().expect("affinity")
+        })
+        .join()
+        .expect("join");
+        assert_eq!(seen, vec![target]);
+    }
+}
