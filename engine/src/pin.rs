@@ -10,6 +10,9 @@ pub enum Pinning {
     Off,
     /// Channel i on the i-th CPU this process may use (wrapping around).
     Auto,
+    /// As `Auto`, counting from the last CPU: a receiver's default, so that a sender and a
+    /// receiver on the same host (loopback tests, demos) start on different cores.
+    AutoFromLast,
     /// Channel i on `cpus[i % cpus.len()]`.
     Cpus(Vec<usize>),
 }
@@ -19,9 +22,15 @@ impl Pinning {
     pub fn cpu_for(&self, channel: u16) -> Option<usize> {
         match self {
             Pinning::Off => None,
-            Pinning::Auto => {
+            Pinning::Auto | Pinning::AutoFromLast => {
                 let cpus = allowed_cpus().ok()?;
-                cpus.get(channel as usize % cpus.len().max(1)).copied()
+                let i = channel as usize % cpus.len().max(1);
+                let i = if *self == Pinning::AutoFromLast {
+                    cpus.len().checked_sub(1 + i)?
+                } else {
+                    i
+                };
+                cpus.get(i).copied()
             }
             Pinning::Cpus(list) if list.is_empty() => None,
             Pinning::Cpus(list) => list.get(channel as usize % list.len()).copied(),
@@ -85,6 +94,7 @@ mod tests {
         let cpus = allowed_cpus().expect("affinity");
         assert!(!cpus.is_empty());
         assert_eq!(Pinning::Auto.cpu_for(0), cpus.first().copied());
+        assert_eq!(Pinning::AutoFromLast.cpu_for(0), cpus.last().copied());
     }
 
     #[test]

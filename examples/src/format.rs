@@ -97,6 +97,28 @@ pub fn summary_table(s: &SessionStats, r: &SessionStats) -> String {
     out
 }
 
+/// One line per round: pages by kind, wire bytes, time.
+pub fn rounds_table(rounds: &[SessionStats]) -> String {
+    let mut out = format!(
+        "  {:>5} {:>10} {:>10} {:>10} {:>10} {:>12} {:>9}\n",
+        "round", "pages", "zero", "compressed", "raw", "wire", "seconds"
+    );
+    for (i, r) in rounds.iter().enumerate() {
+        let t = &r.total;
+        out.push_str(&format!(
+            "  {:>5} {:>10} {:>10} {:>10} {:>10} {:>12} {:>9.3}\n",
+            i + 1,
+            t.pages_normal + t.pages_zero,
+            t.pages_zero,
+            t.pages_compressed,
+            t.pages_raw,
+            human_bytes(t.wire_bytes),
+            r.seconds
+        ));
+    }
+    out
+}
+
 /// One side.
 pub fn side_table(label: &str, s: &SessionStats) -> String {
     let mut out = String::new();

@@ -12,10 +12,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use pagewire::accel::qpl::{Huffman, QplPath, QplSettings};
 use pagewire::config::Decoder;
 use pagewire::decode::{decode_streams, DecodeStats};
+use pagewire::pin::Pinning;
+use pagewire::session::auth::Secret;
 use pagewire::synth::{self, PageSet};
 use pagewire::{
-    Block, CodecKind, Config, GuestMemory, Progress, ReceiveInto, Receiver, RoundPages, Sender,
-    SessionStats,
+    Block, BlockPages, CodecKind, Config, GuestMemory, Progress, ReceiveInto, Receiver, RoundPages,
+    Sender, SessionStats,
 };
 use serde_json::json;
 
@@ -56,6 +58,38 @@ struct Common {
     /// Seconds a silent peer is tolerated.
     #[arg(long, default_value_t = 30.0)]
     idle_timeout: f64,
+    /// File holding the shared secret (at least 16 bytes); every connection proves it knows
+    /// it. Both sides need the same file.
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
+    /// Channel threads' cores: auto (channel i on the i-th core), off, or a list like 0,2,4
+    /// (default: auto for send and recv, off for demo).
+    #[arg(long)]
+    cpus: Option<String>,
+}
+
+fn pinning(c: &Common, default: Pinning) -> Res<Pinning> {
+    match c.cpus.as_deref() {
+        None => Ok(default),
+        Some("auto") => Ok(Pinning::Auto),
+        Some("off") => Ok(Pinning::Off),
+        Some(list) => list
+            .split(',')
+            .map(|x| {
+                x.trim().parse::<usize>().map_err(|_| {
+                    format!("--cpus '{list}': expected auto, off or a list like 0,2,4")
+                })
+            })
+            .collect::<Res<Vec<_>>>()
+            .map(Pinning::Cpus),
+    }
+}
+
+fn secret(c: &Common) -> Res<Option<Secret>> {
+    c.secret_file
+        .as_deref()
+        .map(|p| Secret::from_file(p).map_err(|e| e.to_string()))
+        .transpose()
 }
 
 #[derive(Args, Debug, Clone)]
@@ -111,6 +145,19 @@ struct SendArgs {
     /// Channel connections (default: one per available core).
     #[arg(long)]
     channels: Option<u16>,
+    /// Rounds to send: the first sends every page, each later one the pages rewritten since.
+    #[arg(long, default_value_t = 1)]
+    rounds: u32,
+    /// Fraction of the pages rewritten between rounds (in a private copy-on-write mapping of
+    /// the image; the file is never modified), simulating a live guest.
+    #[arg(long, default_value_t = 0.1)]
+    dirty_fraction: f64,
+    /// Seed of the simulated guest's writes.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Write the sender's final memory (after the last round's rewrites) to this file.
+    #[arg(long)]
+    final_image: Option<PathBuf>,
     #[command(flatten)]
     tuning: Tuning,
     #[command(flatten)]
@@ -134,6 +181,9 @@ struct RecvArgs {
     /// DEFLATE decoder: auto (QPL on IAA if present, else built-in), builtin, or qpl.
     #[arg(long, default_value = "auto")]
     decoder: String,
+    /// Without --secret-file, also accept senders that are not on loopback.
+    #[arg(long)]
+    insecure: bool,
     #[command(flatten)]
     common: Common,
 }
@@ -229,6 +279,7 @@ fn config(t: &Tuning, c: &Common, channels: u16) -> Res<Config> {
         t.level
     };
     Ok(Config {
+        secret: secret(c)?,
         codec,
         level,
         qpl,
@@ -411,45 +462,188 @@ fn send(a: SendArgs) -> Res<()> {
     let channels = a.channels.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1, |n| n.get().min(255) as u16)
     });
-    let cfg = config(&a.tuning, &a.common, channels)?;
+    let mut cfg = config(&a.tuning, &a.common, channels)?;
+    cfg.pinning = pinning(&a.common, Pinning::Auto)?;
+    if a.rounds == 0 {
+        return Err("--rounds must be at least 1".into());
+    }
+    if !(0.0..=1.0).contains(&a.dirty_fraction) {
+        return Err(format!(
+            "--dirty-fraction {} must be in 0..=1",
+            a.dirty_fraction
+        ));
+    }
     let addr = pagewire_transport::net::resolve(&a.connect).map_err(|e| e.to_string())?;
     let file = File::open(&a.image).map_err(|e| format!("{}: {e}", a.image.display()))?;
-    let block = Block::from_file(&a.block_name, &file, false, false)
+    // Several rounds rewrite pages between rounds: map the image copy-on-write so the file
+    // itself is never modified. One round only reads it.
+    let cow = a.rounds > 1;
+    let block = Block::from_file(&a.block_name, &file, false, cow)
         .map_err(|e| format!("{}: {e}", a.image.display()))?;
     let mem = Arc::new(GuestMemory::new(vec![block]).map_err(|e| e.to_string())?);
     mem.check_page_size(cfg.page_size)
         .map_err(|e| format!("{}: {e}", a.image.display()))?;
+    let ps = cfg.page_size as u64;
+    let pages = mem.total_len() / ps;
+    let dirty_per_round = ((pages as f64) * a.dirty_fraction).round() as u64;
     let mut sender = Sender::connect(addr, cfg.clone(), mem.clone()).map_err(|e| e.to_string())?;
-    let total = mem.total_len();
+    let total_pages = pages + dirty_per_round * u64::from(a.rounds - 1);
     let pb = if a.common.json {
         ProgressBar::hidden()
     } else {
-        progress_bar(total, "send")
+        progress_bar(total_pages * ps, "send")
     };
-    let (done, ph) = spawn_progress(pb, sender.progress(), cfg.page_size as u64);
+    let (done, ph) = spawn_progress(pb, sender.progress(), ps);
     let sizes: Vec<u64> = mem.blocks().iter().map(|b| b.len() as u64).collect();
-    let res = sender
-        .send_round(RoundPages::all(&sizes, cfg.page_size, cfg.pages_per_packet))
-        .and_then(|_| sender.finish());
+    let mut guest = SimulatedGuest::new(a.seed, pages, cfg.page_size as usize);
+    let mut per_round = Vec::new();
+    let mut res = Ok(());
+    for round in 1..=a.rounds {
+        let sel = if round == 1 {
+            RoundPages::all(&sizes, cfg.page_size, cfg.pages_per_packet)
+        } else {
+            let block = mem.block(0).ok_or("no memory block")?;
+            // SAFETY: no round is running: nothing else reads or writes the mapping now.
+            let dirty = guest.rewrite(unsafe { block.as_mut_slice() }, dirty_per_round, round);
+            RoundPages::new(
+                vec![(0, BlockPages::Offsets(dirty))],
+                &sizes,
+                cfg.page_size,
+                cfg.pages_per_packet,
+            )
+        };
+        match sender.send_round(sel) {
+            Ok(st) => per_round.push(st),
+            Err(e) => {
+                res = Err(e);
+                break;
+            }
+        }
+    }
+    let res = res.and_then(|()| sender.finish());
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = ph.join();
     let stats = res.map_err(|e| e.to_string())?;
+    if let Some(path) = &a.final_image {
+        let f = File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        write_memory(&mem, f).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
     if a.common.json {
         let mut v = stats_json(&stats);
         v["command"] = json!("send");
         v["codec"] = json!(cfg.codec.name());
+        v["per_round"] = json!(per_round
+            .iter()
+            .enumerate()
+            .map(|(i, r)| round_json(i as u64 + 1, r))
+            .collect::<Vec<_>>());
         println!("{v}");
     } else {
         println!(
-            "pagewire send: {} to {}, codec {}, {} channel(s)",
-            human(total),
+            "pagewire send: {} to {}, codec {}, {} channel(s), {} round(s)",
+            human(mem.total_len()),
             addr,
             cfg.codec.name(),
-            cfg.channels
+            cfg.channels,
+            a.rounds
         );
+        if per_round.len() > 1 {
+            print!("{}", format::rounds_table(&per_round));
+        }
         print!("{}", format::side_table("sender", &stats));
     }
     Ok(())
+}
+
+fn round_json(round: u64, r: &SessionStats) -> serde_json::Value {
+    json!({
+        "round": round,
+        "memory_bytes": r.total.memory_bytes,
+        "wire_bytes": r.total.wire_bytes,
+        "seconds": r.seconds,
+        "pages": {
+            "normal": r.total.pages_normal,
+            "zero": r.total.pages_zero,
+            "raw": r.total.pages_raw,
+            "compressed": r.total.pages_compressed,
+        },
+    })
+}
+
+/// A guest that rewrites pages between rounds: deterministic from its seed.
+struct SimulatedGuest {
+    state: u64,
+    pages: u64,
+    page_size: usize,
+}
+
+impl SimulatedGuest {
+    fn new(seed: u64, pages: u64, page_size: usize) -> Self {
+        SimulatedGuest {
+            state: seed ^ 0x9E37_79B9_7F4A_7C15,
+            pages,
+            page_size,
+        }
+    }
+
+    fn next(&mut self) -> u64 {
+        // splitmix64
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Rewrite `n` distinct pages of `mem` (a third zeroed, a third text, a third random
+    /// bytes) and return their offsets, sorted.
+    fn rewrite(&mut self, mem: &mut [u8], n: u64, round: u32) -> Vec<u64> {
+        let n = n.min(self.pages);
+        let mut chosen = vec![0u64; self.pages.div_ceil(64) as usize];
+        let mut picked = 0;
+        // Rejection sampling, or every page when (almost) all are asked for.
+        if n * 10 >= self.pages * 9 {
+            for p in 0..n {
+                chosen[(p / 64) as usize] |= 1 << (p % 64);
+            }
+            picked = n;
+        }
+        while picked < n {
+            let p = self.next() % self.pages;
+            let (w, b) = ((p / 64) as usize, p % 64);
+            if chosen[w] & (1 << b) == 0 {
+                chosen[w] |= 1 << b;
+                picked += 1;
+            }
+        }
+        let ps = self.page_size;
+        let mut offsets = Vec::with_capacity(n as usize);
+        for p in 0..self.pages {
+            if chosen[(p / 64) as usize] & (1 << (p % 64)) == 0 {
+                continue;
+            }
+            let Some(page) = mem.get_mut(p as usize * ps..(p as usize + 1) * ps) else {
+                continue;
+            };
+            match self.next() % 3 {
+                0 => page.fill(0),
+                1 => {
+                    let line = format!("round {round} page {p}: the guest wrote this line again. ");
+                    for (i, b) in page.iter_mut().enumerate() {
+                        *b = line.as_bytes()[i % line.len()];
+                    }
+                }
+                _ => {
+                    for chunk in page.chunks_mut(8) {
+                        let r = self.next().to_le_bytes();
+                        chunk.copy_from_slice(&r[..chunk.len()]);
+                    }
+                }
+            }
+            offsets.push(p * ps as u64);
+        }
+        offsets
+    }
 }
 
 fn recv(a: RecvArgs) -> Res<()> {
@@ -462,6 +656,9 @@ fn recv(a: RecvArgs) -> Res<()> {
     }
     let mut cfg = Config {
         idle_timeout: Duration::from_secs_f64(a.common.idle_timeout),
+        secret: secret(&a.common)?,
+        insecure: a.insecure,
+        pinning: pinning(&a.common, Pinning::AutoFromLast)?,
         ..Config::default()
     };
     if let Some(m) = &a.max_memory {

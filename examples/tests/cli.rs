@@ -435,3 +435,264 @@ fn codec_auto_without_iaa_uses_deflate_and_says_why() {
         assert!(log.contains("codec auto: using deflate"), "{log}");
     }
 }
+
+#[test]
+fn send_recv_256mib_two_channels_is_byte_identical() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let img = dir.path().join("guest.img");
+    let out = dir.path().join("out.img");
+    make_image(&img, 256 << 20, 43);
+    let port = free_port();
+    let recv = spawn_recv(port, &["--out", out.to_str().expect("utf8")]);
+    let send = Command::new(BIN)
+        .args([
+            "send",
+            "--connect",
+            &format!("127.0.0.1:{port}"),
+            "--image",
+            img.to_str().expect("utf8"),
+        ])
+        .args(["--codec", "deflate", "--channels", "2", "--json"])
+        .output()
+        .expect("run send");
+    assert!(
+        send.status.success(),
+        "send failed: {}",
+        String::from_utf8_lossy(&send.stderr)
+    );
+    let r = wait_output(recv, Duration::from_secs(60));
+    assert!(
+        r.status.success(),
+        "recv failed: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert!(
+        std::fs::read(&img).expect("img") == std::fs::read(&out).expect("out"),
+        "OUT differs from IMG"
+    );
+    let sj: serde_json::Value = serde_json::from_slice(&send.stdout).expect("json");
+    let chans = sj["channels"].as_array().expect("channels");
+    assert_eq!(chans.len(), 2);
+    assert!(
+        chans.iter().all(|c| c["packets"].as_u64().unwrap_or(0) > 0),
+        "both channels carried packets: {chans:?}"
+    );
+}
+
+#[test]
+fn rounds_with_dirty_pages_end_identical_to_senders_final_memory() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let img = dir.path().join("guest.img");
+    let out = dir.path().join("out.img");
+    let fin = dir.path().join("final.img");
+    make_image(&img, 64 << 20, 44);
+    let before = std::fs::read(&img).expect("img");
+    let port = free_port();
+    let recv = spawn_recv(port, &["--out", out.to_str().expect("utf8"), "--json"]);
+    let send = Command::new(BIN)
+        .args([
+            "send",
+            "--connect",
+            &format!("127.0.0.1:{port}"),
+            "--image",
+            img.to_str().expect("utf8"),
+        ])
+        .args([
+            "--channels",
+            "2",
+            "--rounds",
+            "5",
+            "--dirty-fraction",
+            "0.1",
+            "--json",
+        ])
+        .args(["--final-image", fin.to_str().expect("utf8")])
+        .output()
+        .expect("run send");
+    assert!(
+        send.status.success(),
+        "send failed: {}",
+        String::from_utf8_lossy(&send.stderr)
+    );
+    let r = wait_output(recv, Duration::from_secs(60));
+    assert!(
+        r.status.success(),
+        "recv failed: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let final_mem = std::fs::read(&fin).expect("final");
+    assert!(
+        final_mem != before,
+        "the simulated guest changed its memory"
+    );
+    assert!(
+        std::fs::read(&img).expect("img") == before,
+        "the image file itself is never modified"
+    );
+    assert!(
+        std::fs::read(&out).expect("out") == final_mem,
+        "receiver's memory differs from the sender's final memory"
+    );
+    let sj: serde_json::Value = serde_json::from_slice(&send.stdout).expect("json");
+    let rounds = sj["per_round"].as_array().expect("per_round");
+    assert_eq!(rounds.len(), 5);
+    let pages = |r: &serde_json::Value| r["memory_bytes"].as_u64().unwrap_or(0) / 4096;
+    assert_eq!(pages(&rounds[0]), 16384);
+    for r in &rounds[1..] {
+        assert_eq!(
+            pages(r),
+            1638,
+            "10 % of 16384 pages rewritten per round: {r}"
+        );
+    }
+    let rj: serde_json::Value = serde_json::from_slice(&r.stdout).expect("json");
+    assert_eq!(rj["rounds"].as_u64(), Some(5));
+}
+
+#[test]
+fn wrong_secret_refused_with_one_line_on_both_sides() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let img = dir.path().join("guest.img");
+    let out = dir.path().join("out.img");
+    make_image(&img, 4 << 20, 45);
+    let good = dir.path().join("good.key");
+    let bad = dir.path().join("bad.key");
+    std::fs::write(&good, "a shared secret of some length\n").expect("key");
+    std::fs::write(&bad, "another secret of some length\n").expect("key");
+    let port = free_port();
+    let recv = spawn_recv(
+        port,
+        &[
+            "--out",
+            out.to_str().expect("utf8"),
+            "--secret-file",
+            good.to_str().expect("utf8"),
+        ],
+    );
+    let send = Command::new(BIN)
+        .args([
+            "send",
+            "--connect",
+            &format!("127.0.0.1:{port}"),
+            "--image",
+            img.to_str().expect("utf8"),
+        ])
+        .args(["--secret-file", bad.to_str().expect("utf8")])
+        .output()
+        .expect("run send");
+    let r = wait_output(recv, Duration::from_secs(20));
+    for (who, o) in [("send", &send), ("recv", &r)] {
+        assert!(!o.status.success(), "{who} must fail");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "{who}: one line expected: {err}"
+        );
+        assert!(err.contains("authentication failed"), "{who}: {err}");
+    }
+    // Nothing was received: the output file is empty.
+    assert_eq!(std::fs::metadata(&out).expect("out").len(), 0);
+    // The same secret on both sides works.
+    let port = free_port();
+    let recv = spawn_recv(
+        port,
+        &[
+            "--out",
+            out.to_str().expect("utf8"),
+            "--secret-file",
+            good.to_str().expect("utf8"),
+        ],
+    );
+    let send = Command::new(BIN)
+        .args([
+            "send",
+            "--connect",
+            &format!("127.0.0.1:{port}"),
+            "--image",
+            img.to_str().expect("utf8"),
+        ])
+        .args(["--secret-file", good.to_str().expect("utf8")])
+        .output()
+        .expect("run send");
+    assert!(
+        send.status.success(),
+        "{}",
+        String::from_utf8_lossy(&send.stderr)
+    );
+    let r = wait_output(recv, Duration::from_secs(20));
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(std::fs::read(&img).expect("img") == std::fs::read(&out).expect("out"));
+}
+
+/// A long session: many rounds of a deflate send.
+fn long_send(port: u16, img: &Path) -> std::process::Child {
+    Command::new(BIN)
+        .args([
+            "send",
+            "--connect",
+            &format!("127.0.0.1:{port}"),
+            "--image",
+            img.to_str().expect("utf8"),
+        ])
+        .args([
+            "--codec",
+            "deflate",
+            "--channels",
+            "2",
+            "--rounds",
+            "1000",
+            "--dirty-fraction",
+            "0.5",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn send")
+}
+
+#[test]
+fn sender_exits_quickly_when_receiver_is_killed() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let img = dir.path().join("guest.img");
+    make_image(&img, 32 << 20, 46);
+    let port = free_port();
+    let mut recv = spawn_recv(port, &[]);
+    let send = long_send(port, &img);
+    std::thread::sleep(Duration::from_millis(700));
+    recv.kill().expect("kill recv");
+    let _ = recv.wait();
+    let t = Instant::now();
+    let out = wait_output(send, Duration::from_secs(10));
+    let took = t.elapsed();
+    assert!(!out.status.success(), "sender must fail");
+    assert!(
+        took < Duration::from_secs(2),
+        "sender took {took:?} to notice"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+}
+
+#[test]
+fn receiver_exits_when_sender_is_killed() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let img = dir.path().join("guest.img");
+    make_image(&img, 32 << 20, 47);
+    let port = free_port();
+    let recv = spawn_recv(port, &["--idle-timeout", "3"]);
+    let mut send = long_send(port, &img);
+    std::thread::sleep(Duration::from_millis(700));
+    send.kill().expect("kill send");
+    let _ = send.wait();
+    let t = Instant::now();
+    let out = wait_output(recv, Duration::from_secs(10));
+    let took = t.elapsed();
+    assert!(!out.status.success(), "receiver must fail");
+    assert!(
+        took < Duration::from_secs(3) + Duration::from_millis(500),
+        "receiver took {took:?}"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+}
