@@ -230,3 +230,32 @@ fn qpl_codec_without_library_is_one_clear_error() {
         "{msg}"
     );
 }
+
+/// Channels take batches from a shared cursor: a channel with a slow engine takes fewer, the
+/// fast one takes the rest (no fixed round-robin stalling on the slowest).
+#[test]
+fn a_slow_channel_takes_fewer_batches() {
+    let src = memory(16 << 20, 12);
+    let slow = Script {
+        busy: vec![0],
+        fail_every: 0,
+        late_polls: 20_000,
+        capacity: 1,
+    };
+    let (slow, _) = ScriptedAccel::new(slow).expect("scripted");
+    let fast = pagewire::accel::software::SoftwareDeflate::new(1).expect("deflate");
+    let engines: Vec<Option<Box<dyn Accelerator>>> =
+        vec![Some(Box::new(slow)), Some(Box::new(fast))];
+    let (st, _) = run(
+        &src,
+        cfg(CodecKind::Deflate, 2),
+        Some(engines),
+        Decoder::Builtin,
+    );
+    let (p0, p1) = (st.channels[0].packets, st.channels[1].packets);
+    assert_eq!(p0 + p1, 16 << 20 >> 19, "every 512 KiB batch sent once");
+    assert!(
+        p1 > 2 * p0,
+        "the fast channel should carry most packets: slow {p0}, fast {p1}"
+    );
+}

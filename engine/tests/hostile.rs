@@ -1465,3 +1465,49 @@ fn signal_to_channel_thread_is_not_an_idle_timeout() {
     srv.result().expect("a signal is not a failure");
     assert!(mem.block(0).unwrap().to_vec()[0x2000..0x3000] == raw[..]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Round barrier: an older copy of a page never overwrites a newer one across channels.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn round_barrier_keeps_the_newer_copy_across_channels() {
+    let mem = patterned_memory(BLOCK_PAGES);
+    let srv = serve(ReceiveInto::Memory(mem.clone()));
+    let mut f = session(&srv, Compression::None, 2);
+    let old = text_page(1);
+    let new = text_page(2);
+    // Channel 1 races ahead: round 1 ends at once on it, then round 2 resends page 0x1000.
+    f.send(1, &sync_packet(10));
+    f.send(
+        1,
+        &packet(Compression::None, 11, &[Page::Raw(0x1000, new.clone())]).bytes(),
+    );
+    f.send(1, &sync_packet(12));
+    // Give channel 1 every chance to run ahead; its round-2 packet is already in the socket.
+    thread::sleep(Duration::from_millis(200));
+    // Channel 0 delivers round 1's (older) copy late, then ends rounds 1 and 2.
+    f.send(
+        0,
+        &packet(Compression::None, 1, &[Page::Raw(0x1000, old.clone())]).bytes(),
+    );
+    f.send(0, &sync_packet(2));
+    f.send(0, &sync_packet(13));
+    for round in 1..=2 {
+        write_message(&mut f.control, &Message::RoundEnd { round }).unwrap();
+        assert_eq!(
+            read_message(&mut f.control).unwrap(),
+            Message::RoundDone { round }
+        );
+    }
+    f.chans.clear();
+    write_message(&mut f.control, &Message::End).unwrap();
+    assert_eq!(read_message(&mut f.control).unwrap(), Message::EndOk);
+    let got = srv.result().expect("valid session");
+    assert_eq!(got.stats.rounds, 2);
+    let bytes = mem.block(0).unwrap().to_vec();
+    assert!(
+        bytes[0x1000..0x2000] == new[..],
+        "round 1's copy overwrote round 2's"
+    );
+}
