@@ -175,10 +175,21 @@ fn rounds_resend_changed_pages() {
             dirty.len() as u64
         );
     }
+    // Device state travels after the last round, in order.
+    s.send_state(b"vcpu0: rip=0x1000 rsp=0x8000")
+        .expect("state");
+    s.send_state(&vec![0x5A; 100_000]).expect("state");
     let total = s.finish().expect("finish");
     assert_eq!(total.rounds, 4);
     let got = rt.join().expect("join").expect("serve");
     assert_eq!(got.stats.rounds, 4);
+    assert_eq!(
+        got.state,
+        vec![
+            b"vcpu0: rip=0x1000 rsp=0x8000".to_vec(),
+            vec![0x5A; 100_000]
+        ]
+    );
     assert!(same(&src, &got.memory));
 }
 

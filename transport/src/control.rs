@@ -48,6 +48,7 @@ pub mod msg_type {
     pub const END_OK: u8 = 6;
     pub const ERROR: u8 = 7;
     pub const CHALLENGE: u8 = 8;
+    pub const STATE: u8 = 9;
 }
 
 /// The sender's half of the handshake's authentication, carried at the end of a hello when
@@ -376,6 +377,7 @@ fn type_name(t: u8) -> &'static str {
         msg_type::END_OK => "end-ok",
         msg_type::ERROR => "error",
         msg_type::CHALLENGE => "challenge",
+        msg_type::STATE => "state",
         _ => "frame",
     }
 }
@@ -397,6 +399,9 @@ fn truncate_utf8(s: &str, max: usize) -> &str {
 pub enum Message {
     /// Sender → receiver, first message.
     Hello(Hello),
+    /// Sender → receiver: opaque device state (e.g. vCPU registers) the VMM sends with the
+    /// last round, before `End`. Body: the bytes (at most `MAX_FRAME - 1`).
+    State { data: Vec<u8> },
     /// Receiver → sender, first message on every control connection: a fresh nonce the
     /// sender's proof must cover, and whether a shared secret is required. Body: nonce [32],
     /// flags u8 (bit 0: secret required; other bits 0).
@@ -472,6 +477,7 @@ impl Message {
                 out.extend_from_slice(nonce);
                 out.push(u8::from(*secret_required));
             }
+            Message::State { data } => out.extend_from_slice(data),
             Message::End | Message::EndOk => {}
             Message::Error { message } => {
                 out.extend_from_slice(truncate_utf8(message, MAX_ERROR_MESSAGE).as_bytes());
@@ -489,6 +495,7 @@ impl Message {
             Message::Hello(_) => msg_type::HELLO,
             Message::HelloOk { .. } => msg_type::HELLO_OK,
             Message::Challenge { .. } => msg_type::CHALLENGE,
+            Message::State { .. } => msg_type::STATE,
             Message::RoundEnd { .. } => msg_type::ROUND_END,
             Message::RoundDone { .. } => msg_type::ROUND_DONE,
             Message::End => msg_type::END,
@@ -536,6 +543,9 @@ impl Message {
                     format!("{n} bytes, expected 0 or {MAC_LEN}"),
                 )),
             },
+            msg_type::STATE => Ok(Message::State {
+                data: body.to_vec(),
+            }),
             msg_type::CHALLENGE => {
                 let mut r = Cursor::new(body, name);
                 let nonce = r.array()?;
@@ -1071,7 +1081,7 @@ mod tests {
 
     #[test]
     fn unknown_type_and_empty_frame() {
-        for t in [0u8, 9, 0xFF] {
+        for t in [0u8, 10, 0xFF] {
             assert!(matches!(
                 Message::decode(&[t, 1, 2]),
                 Err(ControlError::UnknownType(x)) if x == t

@@ -20,6 +20,9 @@ use crate::memory::GuestMemory;
 use crate::session::auth;
 use crate::stats::{thread_cpu_seconds, Progress, SessionStats};
 
+/// Most device-state bytes one session may carry.
+pub const MAX_STATE_TOTAL: usize = 16 << 20;
+
 /// Where a receiver puts the pages.
 #[derive(Debug)]
 pub enum ReceiveInto {
@@ -38,6 +41,8 @@ pub struct Received {
     pub stats: SessionStats,
     /// The session's uuid.
     pub uuid: [u8; 16],
+    /// Device state the sender sent ([`crate::Sender::send_state`]), in order.
+    pub state: Vec<Vec<u8>>,
 }
 
 /// The receiving side of a migration: listens, then serves one session at a time.
@@ -197,6 +202,7 @@ impl Receiver {
 
         let progress = &self.progress;
         let gate_ref = &gate;
+        let mut states: Vec<Vec<u8>> = Vec::new();
         let (result, stats) = std::thread::scope(|s| {
             let handles: Vec<_> = chans
                 .into_iter()
@@ -220,7 +226,7 @@ impl Receiver {
                         })
                 })
                 .collect();
-            let control_result = self.control_loop(&mut control, gate_ref);
+            let control_result = self.control_loop(&mut control, gate_ref, &mut states);
             if let Err(e) = control_result {
                 gate_ref.fail(e);
             }
@@ -248,6 +254,7 @@ impl Receiver {
                     memory,
                     stats: SessionStats::sum(stats, rounds, started.elapsed().as_secs_f64()),
                     uuid: hello.uuid,
+                    state: states,
                 })
             }
         }
@@ -391,7 +398,12 @@ impl Receiver {
         Ok(slots.into_iter().flatten().collect())
     }
 
-    fn control_loop(&self, control: &mut TcpStream, gate: &Gate) -> Result<(), SessionError> {
+    fn control_loop(
+        &self,
+        control: &mut TcpStream,
+        gate: &Gate,
+        states: &mut Vec<Vec<u8>>,
+    ) -> Result<(), SessionError> {
         // Rounds can take long, so the control connection may be silent for as long as the
         // channels make progress (their idle timeouts bound a stalled sender). Once a channel
         // has closed, the sender owes its End within the idle timeout. A failing channel shuts
@@ -437,6 +449,16 @@ impl Receiver {
                     control::write_message(control, &Message::RoundDone { round })?;
                     debug!(round, "round applied");
                     last = round;
+                }
+                Message::State { data } => {
+                    let held: usize = states.iter().map(Vec::len).sum();
+                    if held + data.len() > MAX_STATE_TOTAL {
+                        return Err(SessionError::Handshake(format!(
+                            "device state beyond {MAX_STATE_TOTAL} bytes in one session"
+                        )));
+                    }
+                    debug!(bytes = data.len(), "device state received");
+                    states.push(data);
                 }
                 Message::End => {
                     // The sender closes its channels before End: EndOk only once every

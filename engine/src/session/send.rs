@@ -24,6 +24,9 @@ use crate::pages::RoundPages;
 use crate::session::auth;
 use crate::stats::{thread_cpu_seconds, ChannelStats, Progress, SessionStats};
 
+/// Largest device state one [`Sender::send_state`] call carries (one control frame).
+pub const MAX_STATE: usize = control::MAX_FRAME - 1;
+
 enum Cmd {
     Round(Arc<RoundPages>),
 }
@@ -428,6 +431,28 @@ impl Sender {
                 Err(_) => return err,
             }
         }
+    }
+
+    /// Send opaque device state (vCPU registers, device models: whatever the destination VMM
+    /// needs to resume) over the control connection, in order with the rounds: call it after
+    /// the last round, before [`Sender::finish`]. At most [`MAX_STATE`] bytes per call.
+    pub fn send_state(&mut self, data: &[u8]) -> Result<(), SessionError> {
+        if self.failed {
+            return Err(SessionError::Config("session already failed".into()));
+        }
+        if data.len() > MAX_STATE {
+            return Err(SessionError::Config(format!(
+                "device state of {} bytes (limit {MAX_STATE})",
+                data.len()
+            )));
+        }
+        control::write_message(
+            &mut self.control,
+            &Message::State {
+                data: data.to_vec(),
+            },
+        )?;
+        Ok(())
     }
 
     /// End the session: End on the control connection, wait for the receiver's EndOk, close
