@@ -9,6 +9,21 @@ use crate::codec::CodecKind;
 use crate::pin::Pinning;
 use crate::session::auth::Secret;
 
+/// Whether senders use SENDMSG_ZC (the kernel reads pages straight from guest memory and the
+/// zbuf; a slot is reused only after the kernel's notification).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ZeroCopy {
+    /// On for non-loopback peers and packets of at least [`ZERO_COPY_AUTO_MIN`] bytes.
+    Auto,
+    /// Always (still falls back to SENDMSG where the kernel or socket refuses it).
+    On,
+    /// Never.
+    Off,
+}
+
+/// Smallest send `ZeroCopy::Auto` makes zero-copy (smaller ones are cheaper to copy).
+pub const ZERO_COPY_AUTO_MIN: usize = 64 << 10;
+
 /// Which decoder a receiver uses for DEFLATE pages (any decoder reads any sender's pages).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Decoder {
@@ -50,6 +65,11 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// Socket options for every connection.
     pub socket: SocketOptions,
+    /// SENDMSG_ZC use (sender).
+    pub zero_copy: ZeroCopy,
+    /// Receiver: read headers, length arrays and all-compressed payloads into buffers
+    /// registered with the ring (READ_FIXED); falls back with a warning when registration fails.
+    pub registered_buffers: bool,
     /// Where channel threads run (one per channel; `Auto` pins channel i to the i-th core).
     pub pinning: Pinning,
     /// Shared secret: every connection proves it knows it (HMAC over a per-session nonce).
@@ -75,6 +95,8 @@ impl Default for Config {
             idle_timeout: Duration::from_secs(30),
             socket: SocketOptions::default(),
             max_memory: default_max_memory(),
+            zero_copy: ZeroCopy::Auto,
+            registered_buffers: true,
             pinning: Pinning::Off,
             secret: None,
             insecure: false,

@@ -35,6 +35,12 @@ pub struct ChannelStats {
     pub busy_fallbacks: u64,
     /// Jobs that failed (the page went raw).
     pub jobs_failed: u64,
+    /// Packets (or continuations) sent with SENDMSG_ZC.
+    pub zc_sends: u64,
+    /// Zero-copy notifications received.
+    pub zc_notifications: u64,
+    /// Notifications reporting that the kernel copied the data anyway (always, on loopback).
+    pub zc_copied: u64,
     /// CPU time of the channel's thread.
     pub cpu_seconds: f64,
 }
@@ -55,6 +61,9 @@ impl ChannelStats {
         self.busy_retries += other.busy_retries;
         self.busy_fallbacks += other.busy_fallbacks;
         self.jobs_failed += other.jobs_failed;
+        self.zc_sends += other.zc_sends;
+        self.zc_notifications += other.zc_notifications;
+        self.zc_copied += other.zc_copied;
         self.cpu_seconds += other.cpu_seconds;
     }
 }

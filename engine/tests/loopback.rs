@@ -387,3 +387,33 @@ fn abort_stops_a_running_round() {
         "receiver sees the aborted session as a failure"
     );
 }
+
+#[test]
+fn zero_copy_round_trip_waits_for_every_notification() {
+    use pagewire::config::ZeroCopy;
+    for codec in [CodecKind::None, CodecKind::Deflate] {
+        let c = Config {
+            zero_copy: ZeroCopy::On,
+            ..cfg(codec, 2)
+        };
+        let src = memory(&[("pc.ram", 16 << 20)], 31);
+        let (r, addr) = receiver(&c);
+        let rt = std::thread::spawn(move || r.serve(ReceiveInto::Allocate));
+        let mut s = Sender::connect(addr, c.clone(), src.clone()).expect("connect");
+        s.send_round(RoundPages::all(&sizes(&src), PS, c.pages_per_packet))
+            .expect("round");
+        let st = s.finish().expect("finish");
+        let got = rt.join().expect("join").expect("serve");
+        assert!(same(&src, &got.memory), "{codec:?}: memory differs");
+        let t = &st.total;
+        assert!(t.zc_sends > 0, "{codec:?}: zero copy was not used: {t:?}");
+        assert_eq!(
+            t.zc_notifications, t.zc_sends,
+            "{codec:?}: every zero-copy send's notification was awaited"
+        );
+        assert_eq!(
+            t.zc_copied, t.zc_notifications,
+            "{codec:?}: loopback copies every zero-copy send"
+        );
+    }
+}

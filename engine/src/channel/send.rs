@@ -35,6 +35,12 @@ use crate::stats::{ChannelStats, Progress};
 /// (QEMU's multifd-qpl does the same).
 pub const BUSY_RETRIES: u32 = 3;
 
+/// IORING_SEND_ZC_REPORT_USAGE (ioprio of a SENDMSG_ZC): the notification reports whether the
+/// kernel had to copy the data after all.
+const SEND_ZC_REPORT_USAGE: u16 = 1 << 3;
+/// IORING_NOTIF_USAGE_ZC_COPIED, in a notification's result.
+const NOTIF_USAGE_ZC_COPIED: u32 = 1 << 31;
+
 /// Bits of a job tag that hold the page index; the slot key sits above them.
 const TAG_SHIFT: u32 = 16;
 
@@ -44,6 +50,38 @@ enum State {
     Compressing,
     Ready,
     Sending,
+    /// Every byte was handed to the kernel by SENDMSG_ZC, but the kernel may still read the
+    /// slot's buffers (and guest pages) until its notifications arrive.
+    Notifying,
+}
+
+/// Zero-copy bookkeeping of one slot: a slot may be reused only once its send has completed
+/// *and* every SENDMSG_ZC notification it is owed has arrived.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct ZcTrack {
+    /// Notifications announced (result CQE with F_MORE) and not yet received.
+    pub notifs_owed: u32,
+    /// The whole packet has been handed to the kernel.
+    pub sent: bool,
+}
+
+impl ZcTrack {
+    /// A result CQE: `more` is its IORING_CQE_F_MORE flag (a notification will follow);
+    /// `done` whether no continuation of this send will be submitted (all sent, or failed).
+    pub fn on_result(&mut self, more: bool, done: bool) {
+        if more {
+            self.notifs_owed += 1;
+        }
+        self.sent |= done;
+    }
+    /// A notification CQE.
+    pub fn on_notif(&mut self) {
+        self.notifs_owed = self.notifs_owed.saturating_sub(1);
+    }
+    /// Whether the slot's buffers are no longer referenced by the kernel.
+    pub fn reusable(&self) -> bool {
+        self.sent && self.notifs_owed == 0
+    }
 }
 
 /// One packet being prepared or sent. Boxed so the msghdr and iovec pointers stay valid while
@@ -70,6 +108,7 @@ struct Slot {
     iov: Vec<libc::iovec>,
     first: usize,
     remaining: usize,
+    zc: ZcTrack,
     msg: libc::msghdr,
     /// Counters applied to the channel's stats when the send completes.
     pending: ChannelStats,
@@ -93,6 +132,7 @@ impl Slot {
             iov: Vec::with_capacity(ppp + 2),
             first: 0,
             remaining: 0,
+            zc: ZcTrack::default(),
             // SAFETY: msghdr is a plain C struct for which all-zero is a valid value.
             msg: unsafe { std::mem::zeroed() },
             pending: ChannelStats::default(),
@@ -108,6 +148,8 @@ pub struct SendSettings {
     pub compression: Compression,
     pub depth: usize,
     pub idle_timeout: Duration,
+    /// Use SENDMSG_ZC for packets of at least this many bytes (`None`: never).
+    pub zero_copy_min: Option<usize>,
 }
 
 /// The sending end of one channel.
@@ -130,6 +172,8 @@ pub struct SendChannel {
     done: Vec<Completion>,
     /// Names of the memory's blocks, by index (for headers).
     block_names: Vec<String>,
+    /// SENDMSG_ZC in use (cleared when the ring or the socket refuses it).
+    zc_on: bool,
     stats: ChannelStats,
 }
 
@@ -195,6 +239,7 @@ impl SendChannel {
             packets: 0,
             done: Vec::new(),
             block_names: Vec::new(),
+            zc_on: false,
             stats,
         })
     }
@@ -224,7 +269,12 @@ impl SendChannel {
         abort: &AtomicBool,
     ) -> Result<(), ChannelError> {
         if self.ring.is_none() {
-            self.ring = Some(Ring::new(32).map_err(|e| self.err(e.into()))?);
+            let ring = Ring::new(32).map_err(|e| self.err(e.into()))?;
+            self.zc_on = self.set.zero_copy_min.is_some() && ring.features().send_zc;
+            if self.set.zero_copy_min.is_some() && !self.zc_on {
+                tracing::info!(channel = self.id, "kernel lacks SENDMSG_ZC; using SENDMSG");
+            }
+            self.ring = Some(ring);
         }
         if self.block_names.len() != mem.blocks().len() {
             self.block_names = mem.blocks().iter().map(|b| b.name().to_string()).collect();
@@ -273,7 +323,13 @@ impl SendChannel {
                 }
             }
             if sync_queued && self.in_flight.is_none() && self.ready.is_empty() {
-                return Ok(());
+                if self.notifying() == 0 {
+                    return Ok(());
+                }
+                // The round's packets are all sent; their zero-copy notifications are not
+                // all in: the guest pages stay referenced until they are.
+                self.reap(true, progress)?;
+                continue;
             }
             if self.compressing > 0 {
                 // Engine jobs in flight: keep both sources turning without sleeping on one.
@@ -283,7 +339,7 @@ impl SendChannel {
                 std::hint::spin_loop();
                 continue;
             }
-            if self.in_flight.is_some() {
+            if self.in_flight.is_some() || self.notifying() > 0 {
                 self.reap(true, progress)?;
             }
         }
@@ -567,6 +623,7 @@ impl SendChannel {
         };
         slot.first = 0;
         slot.remaining = slot.iov.iter().map(|v| v.iov_len).sum();
+        slot.zc = ZcTrack::default();
         slot.state = State::Sending;
         self.in_flight = Some(key);
         self.push_send(key, fd)
@@ -579,10 +636,27 @@ impl SendChannel {
         let rest = &mut slot.iov[slot.first..];
         slot.msg.msg_iov = rest.as_mut_ptr();
         slot.msg.msg_iovlen = rest.len();
-        let sqe = opcode::SendMsg::new(types::Fd(fd), &slot.msg)
-            .flags((libc::MSG_NOSIGNAL | libc::MSG_WAITALL) as u32)
-            .build()
-            .user_data(key as u64);
+        let flags = (libc::MSG_NOSIGNAL | libc::MSG_WAITALL) as u32;
+        let zc = self.zc_on
+            && self
+                .set
+                .zero_copy_min
+                .is_some_and(|min| slot.remaining >= min);
+        let sqe = if zc {
+            opcode::SendMsgZc::new(types::Fd(fd), &slot.msg)
+                .flags(flags)
+                .ioprio(SEND_ZC_REPORT_USAGE)
+                .build()
+                .user_data(key as u64)
+        } else {
+            opcode::SendMsg::new(types::Fd(fd), &slot.msg)
+                .flags(flags)
+                .build()
+                .user_data(key as u64)
+        };
+        if zc {
+            self.stats.zc_sends += 1;
+        }
         trace!(channel = self.id, key, bytes = slot.remaining, "sendmsg");
         let Some(ring) = self.ring.as_mut() else {
             return Err(self.err(ChannelErrorKind::Aborted));
@@ -601,7 +675,7 @@ impl SendChannel {
         let Some(ring) = self.ring.as_mut() else {
             return Err(self.err(ChannelErrorKind::Aborted));
         };
-        let cqes: Vec<(u64, i32)> = ring
+        let cqes: Vec<(u64, i32, u32)> = ring
             .wait(want, Some(timeout))
             .map_err(|e| ChannelError {
                 channel: self.id,
@@ -611,21 +685,57 @@ impl SendChannel {
                 kind: e.into(),
             })?
             .iter()
-            .map(|c| (c.user_data(), c.result()))
+            .map(|c| (c.user_data(), c.result(), c.flags()))
             .collect();
         if block && cqes.is_empty() {
             return Err(self.err(ChannelErrorKind::Idle {
                 secs: timeout.as_secs_f64(),
             }));
         }
-        for (ud, res) in cqes {
+        for (ud, res, flags) in cqes {
             let key = ud as usize;
+            if io_uring::cqueue::notif(flags) {
+                // A zero-copy notification: the kernel no longer reads that send's buffers.
+                self.stats.zc_notifications += 1;
+                if (res as u32) & NOTIF_USAGE_ZC_COPIED != 0 {
+                    self.stats.zc_copied += 1;
+                }
+                let Some(slot) = self.slots.get_mut(key) else {
+                    continue;
+                };
+                slot.zc.on_notif();
+                if slot.state == State::Notifying && slot.zc.reusable() {
+                    slot.state = State::Free;
+                    self.free.push(key);
+                }
+                continue;
+            }
+            let more = io_uring::cqueue::more(flags);
+            if res == -libc::EOPNOTSUPP && self.zc_on {
+                // This socket cannot send zero-copy: plain SENDMSG from now on.
+                tracing::info!(
+                    channel = self.id,
+                    "SENDMSG_ZC not supported on this socket; falling back to SENDMSG"
+                );
+                self.zc_on = false;
+                let fd = self.stream.as_raw_fd();
+                if let Some(slot) = self.slots.get_mut(key) {
+                    slot.zc.on_result(more, false);
+                }
+                self.push_send(key, fd)?;
+                continue;
+            }
             if res < 0 {
                 let e = std::io::Error::from_raw_os_error(-res);
                 let kind = match -res {
                     libc::EPIPE | libc::ECONNRESET => ChannelErrorKind::Closed,
                     _ => ChannelErrorKind::Io(e),
                 };
+                // The operation is over (no continuation follows); only an announced
+                // notification can still be owed.
+                if let Some(slot) = self.slots.get_mut(key) {
+                    slot.zc.on_result(more, true);
+                }
                 self.in_flight = None;
                 return Err(self.err(kind));
             }
@@ -636,23 +746,37 @@ impl SendChannel {
             let slot: &mut Slot = slot;
             let left = advance_iovecs(&mut slot.iov, &mut slot.first, res as usize);
             slot.remaining = left;
+            slot.zc.on_result(more, left == 0);
             if left > 0 {
                 trace!(channel = self.id, key, left, "short send, continuing");
                 self.push_send(key, fd)?;
                 continue;
             }
             let p = std::mem::take(&mut slot.pending);
-            slot.state = State::Free;
             self.stats.add(&p);
             self.packets += p.packets + p.sync_packets;
             progress.add(p.pages_normal + p.pages_zero, p.wire_bytes);
             self.in_flight = None;
-            self.free.push(key);
+            if slot.zc.reusable() {
+                slot.state = State::Free;
+                self.free.push(key);
+            } else {
+                // Zero-copy: the kernel may still read these buffers; free on the notification.
+                slot.state = State::Notifying;
+            }
             if let Some(next) = self.ready.pop_front() {
                 self.submit(next)?;
             }
         }
         Ok(())
+    }
+
+    /// Slots waiting for zero-copy notifications.
+    fn notifying(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|(_, s)| s.state == State::Notifying)
+            .count()
     }
 
     /// Stop using the connection: shut it down so a peer blocked on it sees EOF.
@@ -702,23 +826,80 @@ impl Drop for SendChannel {
         }
         // A send may still be in flight after an error: shut the socket so it completes at
         // once, then wait (bounded) for its completion before the slots are freed.
-        if let (Some(_), Some(ring)) = (self.in_flight, self.ring.as_mut()) {
+        let kernel_holds = |c: &SendChannel| {
+            c.in_flight.is_some()
+                || c.slots.iter().any(|(_, s)| {
+                    matches!(s.state, State::Sending | State::Notifying) && !s.zc.reusable()
+                })
+        };
+        if kernel_holds(self) && self.ring.is_some() {
             let _ = self.stream.shutdown(std::net::Shutdown::Both);
             for _ in 0..50 {
-                match ring.wait(1, Some(Duration::from_millis(100))) {
-                    Ok(c) if !c.is_empty() => {
-                        self.in_flight = None;
-                        break;
-                    }
-                    Ok(_) => continue,
+                let Some(ring) = self.ring.as_mut() else {
+                    break;
+                };
+                let cqes: Vec<(u64, u32)> = match ring.wait(1, Some(Duration::from_millis(100))) {
+                    Ok(c) => c.iter().map(|c| (c.user_data(), c.flags())).collect(),
                     Err(_) => break,
+                };
+                for (ud, flags) in cqes {
+                    if let Some(slot) = self.slots.get_mut(ud as usize) {
+                        if io_uring::cqueue::notif(flags) {
+                            slot.zc.on_notif();
+                        } else {
+                            slot.zc.on_result(io_uring::cqueue::more(flags), true);
+                            self.in_flight = None;
+                        }
+                    }
+                }
+                if !kernel_holds(self) {
+                    break;
                 }
             }
-            if self.in_flight.is_some() {
+            if kernel_holds(self) {
                 // The kernel still holds pointers into the slots: leak them rather than free
                 // memory it may write to or read from.
                 std::mem::forget(std::mem::take(&mut self.slots));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ZcTrack;
+
+    /// A slot is reusable only after its send completed and every notification arrived,
+    /// whatever the order of the completions.
+    #[test]
+    fn slot_reusable_only_after_last_notification() {
+        // Plain SENDMSG: one result, no F_MORE.
+        let mut t = ZcTrack::default();
+        t.on_result(false, true);
+        assert!(t.reusable());
+
+        // Zero copy, short send continued: two results with F_MORE, then two notifications.
+        let mut t = ZcTrack::default();
+        t.on_result(true, false);
+        assert!(!t.reusable(), "partly sent");
+        t.on_result(true, true);
+        assert!(
+            !t.reusable(),
+            "sent, but the kernel still references the buffers"
+        );
+        t.on_notif();
+        assert!(!t.reusable(), "one notification still owed");
+        t.on_notif();
+        assert!(t.reusable());
+
+        // A notification may overtake the last result.
+        let mut t = ZcTrack::default();
+        t.on_result(true, false);
+        t.on_notif();
+        assert!(!t.reusable(), "not all sent yet");
+        t.on_result(true, true);
+        assert!(!t.reusable());
+        t.on_notif();
+        assert!(t.reusable());
     }
 }

@@ -17,7 +17,7 @@ use crate::accel::software::SoftwareDeflate;
 use crate::accel::Accelerator;
 use crate::channel::send::{SendChannel, SendSettings};
 use crate::codec::CodecKind;
-use crate::config::Config;
+use crate::config::{Config, ZeroCopy, ZERO_COPY_AUTO_MIN};
 use crate::error::{ChannelError, SessionError};
 use crate::memory::GuestMemory;
 use crate::pages::RoundPages;
@@ -282,7 +282,15 @@ impl Sender {
             if let Some(e) = &compressor {
                 info!(channel = id, engine = e.name(), "compression engine");
             }
+            let zero_copy_min = match cfg.zero_copy {
+                ZeroCopy::Off => None,
+                ZeroCopy::On => Some(0),
+                // Zero copy pays only for large sends, and loopback copies anyway.
+                ZeroCopy::Auto if net::is_loopback(&addr) => None,
+                ZeroCopy::Auto => Some(ZERO_COPY_AUTO_MIN),
+            };
             let set = SendSettings {
+                zero_copy_min,
                 page_size: cfg.page_size,
                 pages_per_packet: cfg.pages_per_packet,
                 compression,
@@ -521,6 +529,9 @@ fn diff(now: &ChannelStats, prev: &ChannelStats) -> ChannelStats {
         busy_retries: now.busy_retries - prev.busy_retries,
         busy_fallbacks: now.busy_fallbacks - prev.busy_fallbacks,
         jobs_failed: now.jobs_failed - prev.jobs_failed,
+        zc_sends: now.zc_sends - prev.zc_sends,
+        zc_notifications: now.zc_notifications - prev.zc_notifications,
+        zc_copied: now.zc_copied - prev.zc_copied,
         cpu_seconds: now.cpu_seconds - prev.cpu_seconds,
     }
 }
