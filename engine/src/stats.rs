@@ -37,6 +37,8 @@ pub struct ChannelStats {
     pub jobs_failed: u64,
     /// Packets (or continuations) sent with SENDMSG_ZC.
     pub zc_sends: u64,
+    /// Receives done with READ_FIXED into registered buffers (receiver).
+    pub reads_fixed: u64,
     /// Zero-copy notifications received.
     pub zc_notifications: u64,
     /// Notifications reporting that the kernel copied the data anyway (always, on loopback).
@@ -62,6 +64,7 @@ impl ChannelStats {
         self.busy_fallbacks += other.busy_fallbacks;
         self.jobs_failed += other.jobs_failed;
         self.zc_sends += other.zc_sends;
+        self.reads_fixed += other.reads_fixed;
         self.zc_notifications += other.zc_notifications;
         self.zc_copied += other.zc_copied;
         self.cpu_seconds += other.cpu_seconds;

@@ -417,3 +417,21 @@ fn zero_copy_round_trip_waits_for_every_notification() {
         );
     }
 }
+
+#[test]
+fn unregistered_receive_buffers_round_trip() {
+    let c = Config {
+        registered_buffers: false,
+        ..cfg(CodecKind::Deflate, 2)
+    };
+    let src = memory(&[("pc.ram", 8 << 20)], 32);
+    let (r, addr) = receiver(&c);
+    let rt = std::thread::spawn(move || r.serve(ReceiveInto::Allocate));
+    let mut s = Sender::connect(addr, c.clone(), src.clone()).expect("connect");
+    s.send_round(RoundPages::all(&sizes(&src), PS, c.pages_per_packet))
+        .expect("round");
+    s.finish().expect("finish");
+    let got = rt.join().expect("join").expect("serve");
+    assert!(same(&src, &got.memory));
+    assert_eq!(got.stats.total.reads_fixed, 0);
+}

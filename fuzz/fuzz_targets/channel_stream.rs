@@ -140,7 +140,14 @@ impl Gen<'_> {
         Some(out)
     }
 
-    fn header(&mut self, flags: u32, name: &str, normal: u32, nps: u32, offsets: &[u64]) -> Vec<u8> {
+    fn header(
+        &mut self,
+        flags: u32,
+        name: &str,
+        normal: u32,
+        nps: u32,
+        offsets: &[u64],
+    ) -> Vec<u8> {
         let fields = HeaderFields {
             flags,
             pages_alloc: self.ppp,
@@ -247,7 +254,13 @@ impl Gen<'_> {
     }
 
     /// Replace one page's compressed bytes (or raw page) with a hostile variant.
-    fn corrupt_page(&mut self, src: &mut Src<'_>, content: &[u8], zlen: &mut u32, data: &mut Vec<u8>) {
+    fn corrupt_page(
+        &mut self,
+        src: &mut Src<'_>,
+        content: &[u8],
+        zlen: &mut u32,
+        data: &mut Vec<u8>,
+    ) {
         match src.u8() % 7 {
             // One byte changed.
             0 => {
@@ -313,14 +326,15 @@ impl Gen<'_> {
             }
         };
         let h = &mut p.header;
-        let put32 = |h: &mut Vec<u8>, at: usize, v: u32| h[at..at + 4].copy_from_slice(&v.to_be_bytes());
+        let put32 =
+            |h: &mut Vec<u8>, at: usize, v: u32| h[at..at + 4].copy_from_slice(&v.to_be_bytes());
         match src.u8() % 9 {
-            0 => put32(h, 8, src.u32()),                        // flags
-            1 => put32(h, 8, u32::from(src.u8() & 0x7F)),       // flags, known bits only
-            2 => put32(h, 12, u32::from(src.u16())),            // pages_alloc
-            3 => put32(h, 16, u32::from(src.u8())),             // normal_pages
-            4 => put32(h, 20, src.u32()),                       // next_packet_size
-            5 => put32(h, 32, u32::from(src.u8())),             // zero_pages
+            0 => put32(h, 8, src.u32()),                  // flags
+            1 => put32(h, 8, u32::from(src.u8() & 0x7F)), // flags, known bits only
+            2 => put32(h, 12, u32::from(src.u16())),      // pages_alloc
+            3 => put32(h, 16, u32::from(src.u8())),       // normal_pages
+            4 => put32(h, 20, src.u32()),                 // next_packet_size
+            5 => put32(h, 32, u32::from(src.u8())),       // zero_pages
             6 => {
                 // block name byte
                 let at = 64 + usize::from(src.u8());
@@ -332,7 +346,9 @@ impl Gen<'_> {
                 let v = if src.u8() & 1 == 0 {
                     src.u64()
                 } else {
-                    (u64::from(src.u8()) * PS as u64).wrapping_add(u64::from(src.u8() % 3)) - 1
+                    (u64::from(src.u8()) * PS as u64)
+                        .wrapping_add(u64::from(src.u8() % 3))
+                        .wrapping_sub(1)
                 };
                 h[320 + 8 * slot..328 + 8 * slot].copy_from_slice(&v.to_be_bytes());
             }
@@ -346,7 +362,11 @@ impl Gen<'_> {
     }
 }
 
-fn recipe(cfg: u8, src: &mut Src<'_>, comp: &mut DeflateCompressor) -> (Vec<Vec<u8>>, Gen<'_>) {
+fn recipe<'c>(
+    cfg: u8,
+    src: &mut Src<'_>,
+    comp: &'c mut DeflateCompressor,
+) -> (Vec<Vec<u8>>, Gen<'c>) {
     let compression = if cfg & 2 != 0 {
         Compression::Qpl
     } else {

@@ -21,7 +21,12 @@ fn round_trip(frame: &[u8], m: &Message) {
     let enc = m.encode();
     let len = u32::from_be_bytes(enc[..4].try_into().expect("4 bytes")) as usize;
     assert_eq!(len, enc.len() - 4, "length word");
-    assert_eq!(&enc[4..], frame, "re-encoded {} differs from its frame", m.name());
+    assert_eq!(
+        &enc[4..],
+        frame,
+        "re-encoded {} differs from its frame",
+        m.name()
+    );
     let again = Message::decode(&enc[4..]).expect("an encoded message decodes");
     assert_eq!(&again, m, "message round trip");
     let mut out = Vec::new();

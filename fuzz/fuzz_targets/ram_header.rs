@@ -55,18 +55,28 @@ fn check_rules(h: &PacketHeader, buf: &[u8], rules: &HeaderRules<'_>) {
         "pages_alloc {} accepted",
         h.pages_alloc
     );
-    assert!(pages <= u64::from(h.pages_alloc), "normal + zero > pages_alloc");
+    assert!(
+        pages <= u64::from(h.pages_alloc),
+        "normal + zero > pages_alloc"
+    );
     assert_eq!(h.offsets.len() as u64, pages, "offsets vs page counts");
     if h.is_sync() {
         assert_eq!(pages, 0, "SYNC with pages accepted");
     }
     let found = Compression::from_flags(h.flags).expect("accepted flags have a compression");
-    assert_eq!(h.flags & !0x3F, 0, "unknown or device-state flag bits accepted");
+    assert_eq!(
+        h.flags & !0x3F,
+        0,
+        "unknown or device-state flag bits accepted"
+    );
     if pages == 0 {
         assert_eq!(h.next_packet_size, 0, "payload on a packet without pages");
         return;
     }
-    assert_eq!(found, rules.compression, "compression differs from the session's");
+    assert_eq!(
+        found, rules.compression,
+        "compression differs from the session's"
+    );
     let n = u64::from(h.next_packet_size);
     match found {
         Compression::None => assert_eq!(n, normal * ps),
@@ -77,7 +87,11 @@ fn check_rules(h: &PacketHeader, buf: &[u8], rules: &HeaderRules<'_>) {
     }
     let block = rules.blocks.get(h.block).expect("block index in range");
     let name = &buf[64..64 + block.name.len() + 1];
-    assert_eq!(&name[..block.name.len()], block.name.as_bytes(), "block name");
+    assert_eq!(
+        &name[..block.name.len()],
+        block.name.as_bytes(),
+        "block name"
+    );
     assert_eq!(name[block.name.len()], 0, "block name not NUL-terminated");
     for &off in &h.offsets {
         assert_eq!(off % ps, 0, "unaligned offset {off:#x} accepted");
@@ -135,7 +149,11 @@ fuzz_target!(|data: &[u8]| {
             enc.resize(hlen, 0);
             assert_eq!(enc[..36], buf[..36], "fixed fields re-encode differently");
             let used = HEADER_FIXED_LEN..HEADER_FIXED_LEN + 8 * pages;
-            assert_eq!(enc[used.clone()], buf[used], "offsets re-encode differently");
+            assert_eq!(
+                enc[used.clone()],
+                buf[used],
+                "offsets re-encode differently"
+            );
             let mut again = PacketHeader::default();
             again
                 .decode_into(&enc, &rules)
@@ -143,7 +161,9 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(again, h, "header round trip");
 
             if matches!(h.flags & 0x3E, 0x08 | 0x10) && h.flags & FLAG_SYNC == 0 {
-                let arr = tail.get(..4 * pages.min(h.normal_pages as usize)).unwrap_or(tail);
+                let arr = tail
+                    .get(..4 * pages.min(h.normal_pages as usize))
+                    .unwrap_or(tail);
                 zlens(arr, h.normal_pages, h.next_packet_size);
             }
         }
@@ -165,7 +185,10 @@ fn zlens(buf: &[u8], normal: u32, next_packet_size: u32) {
         Ok(sum) => {
             assert_eq!(out.len(), normal as usize);
             assert_eq!(buf.len(), 4 * out.len());
-            assert!(out.iter().all(|&z| (1..=PAGE_SIZE).contains(&z)), "zlen out of range");
+            assert!(
+                out.iter().all(|&z| (1..=PAGE_SIZE).contains(&z)),
+                "zlen out of range"
+            );
             assert_eq!(sum, out.iter().map(|&z| u64::from(z)).sum::<u64>());
             assert_eq!(4 * u64::from(normal) + sum, u64::from(next_packet_size));
             let mut enc = vec![0u8; 4 * out.len()];

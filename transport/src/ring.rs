@@ -100,6 +100,16 @@ impl Ring {
         self.features
     }
 
+    /// Register buffers for READ_FIXED (their pages are pinned; counts against RLIMIT_MEMLOCK
+    /// when not root).
+    ///
+    /// # Safety
+    /// Every buffer must stay valid (not freed, not moved) until the ring is dropped.
+    pub unsafe fn register_buffers(&mut self, bufs: &[libc::iovec]) -> io::Result<()> {
+        // SAFETY: forwarded to the caller.
+        unsafe { self.ring.submitter().register_buffers(bufs) }
+    }
+
     /// Queue one entry, submitting queued entries first if the submission queue is full.
     ///
     /// # Safety

@@ -42,6 +42,8 @@ pub struct RecvSettings {
     pub compression: Compression,
     pub blocks: Vec<BlockSpec>,
     pub idle_timeout: Duration,
+    /// Read headers, length arrays and all-compressed payloads with READ_FIXED.
+    pub registered_buffers: bool,
 }
 
 /// The receiving end of one channel.
@@ -61,6 +63,8 @@ pub struct RecvChannel {
     msg: Box<libc::msghdr>,
     decomp: Box<dyn PageDecompressor>,
     packets: u64,
+    /// Buffers registered with the ring (base, length), by registration index.
+    fixed: Vec<(usize, usize)>,
     stats: ChannelStats,
 }
 
@@ -112,6 +116,7 @@ impl RecvChannel {
             msg: Box::new(unsafe { std::mem::zeroed() }),
             decomp,
             packets: 0,
+            fixed: Vec::new(),
             stats: ChannelStats {
                 channel: id,
                 wire_bytes: wire::INIT_PACKET_LEN as u64,
@@ -136,7 +141,40 @@ impl RecvChannel {
     /// left open) or an error.
     pub fn run(&mut self, gate: &dyn RoundGate, progress: &Progress) -> Result<(), ChannelError> {
         if self.ring.is_none() {
-            self.ring = Some(Ring::new(8).map_err(|e| self.err(Place::Init, e.into()))?);
+            let mut ring = Ring::new(8).map_err(|e| self.err(Place::Init, e.into()))?;
+            if self.set.registered_buffers {
+                let bufs = [
+                    libc::iovec {
+                        iov_base: self.header_buf.as_mut_ptr().cast(),
+                        iov_len: self.header_buf.len(),
+                    },
+                    libc::iovec {
+                        iov_base: self.zlen_buf.as_mut_ptr().cast(),
+                        iov_len: self.zlen_buf.len(),
+                    },
+                    libc::iovec {
+                        iov_base: self.zbuf.as_mut_ptr().cast(),
+                        iov_len: self.zbuf.len(),
+                    },
+                ];
+                // SAFETY: the three buffers are owned by this channel, never resized after
+                // construction, and outlive the ring (dropped with the channel, the ring first:
+                // `ring` is declared before the buffers; see also Drop for leaks on errors).
+                match unsafe { ring.register_buffers(&bufs) } {
+                    Ok(()) => {
+                        self.fixed = bufs
+                            .iter()
+                            .map(|b| (b.iov_base as usize, b.iov_len))
+                            .collect()
+                    }
+                    Err(e) => tracing::warn!(
+                        channel = self.id,
+                        error = %e,
+                        "cannot register receive buffers with io_uring (RLIMIT_MEMLOCK?); using unregistered reads"
+                    ),
+                }
+            }
+            self.ring = Some(ring);
         }
         let mut round = 0u64;
         // Packets applied since this channel's last SYNC.
@@ -309,12 +347,37 @@ impl RecvChannel {
         let timeout = self.set.idle_timeout;
         while got < need {
             let rest = &mut self.iov[first..];
-            self.msg.msg_iov = rest.as_mut_ptr();
-            self.msg.msg_iovlen = rest.len();
-            let sqe = opcode::RecvMsg::new(types::Fd(fd), &mut *self.msg)
-                .flags(libc::MSG_WAITALL as u32)
-                .build()
-                .user_data(1);
+            // One destination inside a registered buffer: READ_FIXED; anything else (guest
+            // pages among the destinations): RECVMSG.
+            let fixed = match rest {
+                [one] => self.fixed.iter().position(|&(base, len)| {
+                    let p = one.iov_base as usize;
+                    p >= base && p + one.iov_len <= base + len
+                }),
+                _ => None,
+            };
+            let sqe = match (fixed, rest.first()) {
+                (Some(index), Some(one)) => {
+                    self.stats.reads_fixed += 1;
+                    opcode::ReadFixed::new(
+                        types::Fd(fd),
+                        one.iov_base.cast(),
+                        one.iov_len as u32,
+                        index as u16,
+                    )
+                    .offset(u64::MAX)
+                    .build()
+                    .user_data(1)
+                }
+                _ => {
+                    self.msg.msg_iov = rest.as_mut_ptr();
+                    self.msg.msg_iovlen = rest.len();
+                    opcode::RecvMsg::new(types::Fd(fd), &mut *self.msg)
+                        .flags(libc::MSG_WAITALL as u32)
+                        .build()
+                        .user_data(1)
+                }
+            };
             let Some(ring) = self.ring.as_mut() else {
                 return Err(self.err(place, ChannelErrorKind::Aborted));
             };

@@ -185,6 +185,7 @@ impl Receiver {
             compression: hello.compression,
             blocks,
             idle_timeout: self.cfg.idle_timeout,
+            registered_buffers: self.cfg.registered_buffers,
         };
         let gate = Gate::new(hello.channels, &streams, &control);
         let started = Instant::now();

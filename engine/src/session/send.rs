@@ -530,6 +530,7 @@ fn diff(now: &ChannelStats, prev: &ChannelStats) -> ChannelStats {
         busy_fallbacks: now.busy_fallbacks - prev.busy_fallbacks,
         jobs_failed: now.jobs_failed - prev.jobs_failed,
         zc_sends: now.zc_sends - prev.zc_sends,
+        reads_fixed: now.reads_fixed - prev.reads_fixed,
         zc_notifications: now.zc_notifications - prev.zc_notifications,
         zc_copied: now.zc_copied - prev.zc_copied,
         cpu_seconds: now.cpu_seconds - prev.cpu_seconds,
