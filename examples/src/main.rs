@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use pagewire::accel::qpl::{Huffman, QplPath, QplSettings};
-use pagewire::config::Decoder;
+use pagewire::config::{Decoder, ZeroCopy};
 use pagewire::decode::{decode_streams, DecodeStats};
 use pagewire::pin::Pinning;
 use pagewire::session::auth::Secret;
@@ -112,6 +112,12 @@ struct Tuning {
     /// Packets prepared ahead per channel.
     #[arg(long, default_value_t = 4)]
     depth: usize,
+    /// SENDMSG_ZC: auto (non-loopback peers, sends of 64 KiB or more), on, or off.
+    #[arg(long, default_value = "auto")]
+    zero_copy: String,
+    /// Receiver: READ_FIXED into registered buffers (on) or plain receives (off).
+    #[arg(long, default_value = "on")]
+    registered_buffers: String,
 }
 
 #[derive(Args, Debug)]
@@ -184,6 +190,9 @@ struct RecvArgs {
     /// Without --secret-file, also accept senders that are not on loopback.
     #[arg(long)]
     insecure: bool,
+    /// READ_FIXED into registered buffers (on) or plain receives (off).
+    #[arg(long, default_value = "on")]
+    registered_buffers: String,
     #[command(flatten)]
     common: Common,
 }
@@ -256,6 +265,17 @@ fn config(t: &Tuning, c: &Common, channels: u16) -> Res<Config> {
         ));
     }
     let (codec, _) = resolve_codec(&t.codec)?;
+    let zero_copy = match t.zero_copy.as_str() {
+        "auto" => ZeroCopy::Auto,
+        "on" => ZeroCopy::On,
+        "off" => ZeroCopy::Off,
+        o => return Err(format!("--zero-copy '{o}': expected auto, on or off")),
+    };
+    let registered_buffers = match t.registered_buffers.as_str() {
+        "on" => true,
+        "off" => false,
+        o => return Err(format!("--registered-buffers '{o}': expected on or off")),
+    };
     let huffman = t.huffman.parse::<Huffman>()?;
     let path = match t.qpl_path.as_str() {
         "auto" => QplPath::Auto,
@@ -279,6 +299,8 @@ fn config(t: &Tuning, c: &Common, channels: u16) -> Res<Config> {
         t.level
     };
     Ok(Config {
+        zero_copy,
+        registered_buffers,
         secret: secret(c)?,
         codec,
         level,
@@ -342,6 +364,12 @@ fn stats_json(s: &SessionStats) -> serde_json::Value {
             "compressed": s.total.pages_compressed,
         },
         "packets": s.total.packets,
+        "zero_copy": {
+            "sends": s.total.zc_sends,
+            "notifications": s.total.zc_notifications,
+            "copied_by_kernel": s.total.zc_copied,
+        },
+        "reads_fixed": s.total.reads_fixed,
         "jobs": {
             "hardware": s.total.jobs_hardware,
             "software": s.total.jobs_software,
@@ -659,6 +687,11 @@ fn recv(a: RecvArgs) -> Res<()> {
         secret: secret(&a.common)?,
         insecure: a.insecure,
         pinning: pinning(&a.common, Pinning::AutoFromLast)?,
+        registered_buffers: match a.registered_buffers.as_str() {
+            "on" => true,
+            "off" => false,
+            o => return Err(format!("--registered-buffers '{o}': expected on or off")),
+        },
         ..Config::default()
     };
     if let Some(m) = &a.max_memory {
