@@ -404,3 +404,44 @@ mod tests {
             .is_none());
     }
 }
+
+/// One loopback session's figures, as the engine benchmarks report them.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SessionRun {
+    /// Wall seconds of the round (first page to the receiver's round-done).
+    pub seconds: f64,
+    /// CPU seconds of the sender's channel threads.
+    pub send_cpu: f64,
+    /// CPU seconds of the receiver's channel threads.
+    pub recv_cpu: f64,
+    /// Bytes on the wire.
+    pub wire: u64,
+}
+
+/// Move `src` into `dst` (same layout) with one pagewire session over loopback configured by
+/// `cfg` (the same configuration on both ends), one round of every page.
+pub fn loopback_session(
+    src: &std::sync::Arc<pagewire::GuestMemory>,
+    dst: &std::sync::Arc<pagewire::GuestMemory>,
+    cfg: &pagewire::Config,
+) -> SessionRun {
+    use pagewire::{ReceiveInto, Receiver, RoundPages, Sender};
+    let mut r = Receiver::bind("127.0.0.1:0".parse().expect("addr"), cfg.clone()).expect("bind");
+    r.set_accept_timeout(Some(Duration::from_secs(30)));
+    let addr = r.local_addr().expect("addr");
+    let d = dst.clone();
+    let rt = std::thread::spawn(move || r.serve(ReceiveInto::Memory(d)));
+    let sizes: Vec<u64> = src.blocks().iter().map(|b| b.len() as u64).collect();
+    let mut s = Sender::connect(addr, cfg.clone(), src.clone()).expect("connect");
+    let round = s
+        .send_round(RoundPages::all(&sizes, cfg.page_size, cfg.pages_per_packet))
+        .expect("round");
+    s.finish().expect("finish");
+    let got = rt.join().expect("join").expect("serve");
+    SessionRun {
+        seconds: round.seconds,
+        send_cpu: round.total.cpu_seconds,
+        recv_cpu: got.stats.total.cpu_seconds,
+        wire: round.total.wire_bytes,
+    }
+}

@@ -20,6 +20,8 @@
 
 #![no_main]
 
+use std::cell::RefCell;
+
 use libfuzzer_sys::fuzz_target;
 use pagewire::codec::{DeflateCompressor, PageCompressor};
 use pagewire::decode::decode_streams;
@@ -118,6 +120,15 @@ struct Gen<'c> {
     syncs: u64,
 }
 
+/// What the checks need from a finished recipe.
+struct Summary {
+    valid: bool,
+    model: Vec<Vec<u8>>,
+    pages_normal: u64,
+    pages_zero: u64,
+    syncs: u64,
+}
+
 /// A packet before serialisation, so hostile variants can edit it.
 struct Packet {
     header: Vec<u8>,
@@ -133,6 +144,16 @@ impl Packet {
 }
 
 impl Gen<'_> {
+    fn summary(self) -> Summary {
+        Summary {
+            valid: self.valid,
+            model: self.model,
+            pages_normal: self.pages_normal,
+            pages_zero: self.pages_zero,
+            syncs: self.syncs,
+        }
+    }
+
     fn compress(&mut self, data: &[u8]) -> Option<Vec<u8>> {
         let mut out = vec![0u8; PS - 1];
         let n = self.comp.compress(data, &mut out)?;
@@ -446,9 +467,16 @@ fuzz_target!(|data: &[u8]| {
         }
         return;
     }
-    let mut comp = DeflateCompressor::default();
-    let mut src = Src(rest);
-    let (streams, g) = recipe(cfg, &mut src, &mut comp);
+    // libdeflate's compressor keeps no state between pages: one per thread, reused.
+    thread_local! {
+        static COMP: RefCell<DeflateCompressor> = RefCell::new(DeflateCompressor::default());
+    }
+    let (streams, g) = COMP.with(|c| {
+        let mut comp = c.borrow_mut();
+        let mut src = Src(rest);
+        let (streams, g) = recipe(cfg, &mut src, &mut comp);
+        (streams, g.summary())
+    });
     let total_len: u64 = streams.iter().map(|s| s.len() as u64).sum();
     let single = streams.len() == 1;
     let captures: Vec<(String, &[u8])> = streams

@@ -1,0 +1,328 @@
+//! The VM: guest memory in one KVM memory slot, one vCPU, and a thread that runs the vCPU
+//! until the VMM pauses it.
+//!
+//! Pausing: the VMM sets a stop flag and sends the vCPU thread a real-time signal (a no-op
+//! handler installed without SA_RESTART), which makes a KVM_RUN in progress return EINTR. A
+//! signal that lands between the thread's check of the flag and its next KVM_RUN would be
+//! lost, so the VMM repeats it every [`KICK_INTERVAL`] until the thread has stopped: the
+//! worst-case pause latency is one interval, the usual one a single signal. Once stopped, the
+//! thread enters KVM_RUN once more with `immediate_exit` set, which completes any
+//! half-finished I/O exit without running guest code, so the registers read afterwards are
+//! those of an instruction boundary.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
+use pagewire::{Block, GuestMemory};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use super::guest::{self, Layout, CHECKPOINT_PORT};
+use super::mono_ns;
+
+/// How often a pause request re-sends its signal until the vCPU thread has stopped.
+pub const KICK_INTERVAL: Duration = Duration::from_micros(200);
+/// Where KVM puts the 3-page TSS region it needs on Intel hosts (above guest memory, as
+/// Firecracker does).
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+fn kvm_err(what: &str) -> impl Fn(kvm_ioctls::Error) -> String + '_ {
+    move |e| format!("{what}: {e}")
+}
+
+/// A VM with its guest memory registered as memory slot 0 at guest physical address 0.
+#[derive(Debug)]
+pub struct Vm {
+    // Field order matters: the VM fd closes before the memory it maps is unmapped.
+    vm: VmFd,
+    kvm: Kvm,
+    mem: Arc<GuestMemory>,
+    layout: Layout,
+    dirty_log: bool,
+}
+
+impl Vm {
+    /// Open /dev/kvm, create the VM and its memory (zeroed), and register the memory with KVM,
+    /// with dirty logging if `dirty_log`.
+    pub fn new(layout: Layout, dirty_log: bool) -> Result<Vm, String> {
+        let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
+        for (cap, name) in [
+            (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+            (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+            (Cap::VcpuEvents, "KVM_CAP_VCPU_EVENTS"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(format!("KVM lacks {name}"));
+            }
+        }
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        if kvm.check_extension(Cap::SetTssAddr) {
+            vm.set_tss_address(KVM_TSS_ADDRESS)
+                .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        }
+        let block = Block::anonymous("pc.ram", layout.size()?).map_err(|e| e.to_string())?;
+        let mem = Arc::new(GuestMemory::new(vec![block]).map_err(|e| e.to_string())?);
+        let host = mem.block(0).ok_or("no memory block")?.as_ptr();
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: if dirty_log { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+            guest_phys_addr: 0,
+            memory_size: layout.mem_size,
+            userspace_addr: host as u64,
+        };
+        // SAFETY: `host..host + mem_size` is one anonymous mapping owned by `mem`. The Vm and
+        // every Vcpu hold an Arc of it and declare it after their fds, so it is unmapped only
+        // after every fd through which KVM could reach it has been closed.
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        Ok(Vm {
+            vm,
+            kvm,
+            mem,
+            layout,
+            dirty_log,
+        })
+    }
+
+    /// The guest memory (what pagewire sends or receives into).
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.mem
+    }
+
+    /// The KVM system fd.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// The layout the VM was built with.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Write the boot image. Only before any vCPU runs and while no receiver writes.
+    pub fn write_boot_image(&self) -> Result<(), String> {
+        let block = self.mem.block(0).ok_or("no memory block")?;
+        // SAFETY: called before the vCPU exists and with no session using the memory, so
+        // nothing else reads or writes it while this slice lives.
+        let bytes = unsafe { block.as_mut_slice() };
+        guest::write_boot_image(bytes, &self.layout)
+    }
+
+    /// KVM_GET_DIRTY_LOG of the slot: the pages written since the last call (which it
+    /// clears), one bit per page, as pagewire's `BlockPages::Bitmap` takes them.
+    pub fn dirty_log(&self) -> Result<Vec<u64>, String> {
+        if !self.dirty_log {
+            return Err("dirty logging is off for this VM".into());
+        }
+        self.vm
+            .get_dirty_log(0, self.mem.total_len() as usize)
+            .map_err(kvm_err("KVM_GET_DIRTY_LOG"))
+    }
+
+    /// Create vCPU 0 with the host's supported CPUID (which includes long mode).
+    pub fn create_vcpu(&self) -> Result<Vcpu, String> {
+        let fd = self.vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        let cpuid = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        Ok(Vcpu {
+            fd,
+            mem: self.mem.clone(),
+        })
+    }
+}
+
+/// One vCPU and (kept alive with it) the memory its VM maps.
+#[derive(Debug)]
+pub struct Vcpu {
+    // Field order: the fd closes before the memory is unmapped (see Vm).
+    fd: VcpuFd,
+    mem: Arc<GuestMemory>,
+}
+
+impl Vcpu {
+    /// The vCPU fd (for reading and writing its state while it is not running).
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// Put the vCPU at the guest program's entry, in ring 3 of long mode.
+    pub fn boot(&self, layout: &Layout) -> Result<(), String> {
+        let sregs = self.fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        self.fd
+            .set_sregs(&guest::boot_sregs(sregs))
+            .map_err(kvm_err("KVM_SET_SREGS"))?;
+        self.fd
+            .set_regs(&guest::boot_regs(layout))
+            .map_err(kvm_err("KVM_SET_REGS"))
+    }
+}
+
+/// When a running vCPU thread stops by itself.
+#[derive(Clone, Copy, Debug)]
+pub enum StopAt {
+    /// Only when paused.
+    Pause,
+    /// At the first checkpoint exit whose status counter is above this value (or when paused).
+    CheckpointAbove(u64),
+}
+
+/// What a vCPU thread did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunStats {
+    /// CLOCK_MONOTONIC (ns) just before its first KVM_RUN.
+    pub entered_mono_ns: u64,
+    /// When its first KVM_RUN was about to start.
+    pub entered: Option<Instant>,
+    /// Checkpoint exits (one per pass over the working set).
+    pub checkpoints: u64,
+    /// KVM_RUN calls that returned EINTR (pause signals).
+    pub interrupted: u64,
+    /// Stopped at a checkpoint (as `StopAt::CheckpointAbove` asked) rather than paused.
+    pub at_checkpoint: bool,
+}
+
+/// A vCPU running on its own thread.
+#[derive(Debug)]
+pub struct Running {
+    handle: JoinHandle<Result<(Vcpu, RunStats), String>>,
+    stop: Arc<AtomicBool>,
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// The signal that interrupts KVM_RUN, with its no-op handler installed (once per process).
+fn kick_signal() -> Result<libc::c_int, String> {
+    static SIGNAL: OnceLock<Result<libc::c_int, String>> = OnceLock::new();
+    SIGNAL
+        .get_or_init(|| {
+            let sig = SIGRTMIN();
+            register_signal_handler(sig, kick_handler)
+                .map(|()| sig)
+                .map_err(|e| format!("installing the vCPU kick signal handler: {e}"))
+        })
+        .clone()
+}
+
+impl Running {
+    /// Run `vcpu` on a new thread until paused (or as `stop_at` says).
+    pub fn spawn(vcpu: Vcpu, stop_at: StopAt) -> Result<Running, String> {
+        kick_signal()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("vcpu0".into())
+            .spawn(move || run_loop(vcpu, stop_at, &flag))
+            .map_err(|e| format!("spawning the vCPU thread: {e}"))?;
+        Ok(Running { handle, stop })
+    }
+
+    /// Stop the vCPU (see the module docs) and take it back. Returns once the thread has
+    /// stopped, or an error after `timeout`.
+    pub fn pause(self, timeout: Duration) -> Result<(Vcpu, RunStats), String> {
+        let sig = kick_signal()?;
+        self.stop.store(true, Ordering::SeqCst);
+        let t0 = Instant::now();
+        while !self.handle.is_finished() {
+            if t0.elapsed() > timeout {
+                return Err(format!(
+                    "the vCPU thread did not stop within {timeout:?} of being paused"
+                ));
+            }
+            self.handle
+                .kill(sig)
+                .map_err(|e| format!("signalling the vCPU thread: {e}"))?;
+            let kicked = Instant::now();
+            while !self.handle.is_finished() && kicked.elapsed() < KICK_INTERVAL {
+                std::hint::spin_loop();
+            }
+        }
+        self.join()
+    }
+
+    /// Wait up to `timeout` for the thread to stop by itself (`StopAt::CheckpointAbove`),
+    /// then pause it; an error if it had to be paused.
+    pub fn wait(self, timeout: Duration) -> Result<(Vcpu, RunStats), String> {
+        let t0 = Instant::now();
+        while !self.handle.is_finished() && t0.elapsed() < timeout {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        if self.handle.is_finished() {
+            return self.join();
+        }
+        let (_, stats) = self.pause(Duration::from_secs(5))?;
+        Err(format!(
+            "the guest reached no checkpoint within {timeout:?} ({} checkpoints seen)",
+            stats.checkpoints
+        ))
+    }
+
+    fn join(self) -> Result<(Vcpu, RunStats), String> {
+        self.handle
+            .join()
+            .map_err(|_| "the vCPU thread panicked".to_string())?
+    }
+}
+
+fn run_loop(
+    mut vcpu: Vcpu,
+    stop_at: StopAt,
+    stop: &AtomicBool,
+) -> Result<(Vcpu, RunStats), String> {
+    let mut stats = RunStats {
+        entered_mono_ns: mono_ns(),
+        entered: Some(Instant::now()),
+        ..RunStats::default()
+    };
+    while !stop.load(Ordering::SeqCst) {
+        let checkpoint = match vcpu.fd.run() {
+            Ok(VcpuExit::IoOut(CHECKPOINT_PORT, _)) => true,
+            Err(e) if e.errno() == libc::EINTR => {
+                stats.interrupted += 1;
+                false
+            }
+            Ok(exit) => {
+                let what = format!("{exit:?}");
+                return Err(unexpected_exit(&vcpu, &what));
+            }
+            Err(e) => return Err(format!("KVM_RUN: {e}")),
+        };
+        if checkpoint {
+            stats.checkpoints += 1;
+            if let StopAt::CheckpointAbove(min) = stop_at {
+                // SAFETY: this thread's KVM_RUN has returned, so the guest (one vCPU) is
+                // stopped; nothing else writes guest memory while the vCPU runs.
+                let (counter, _) = unsafe { guest::status(&vcpu.mem)? };
+                if counter > min {
+                    stats.at_checkpoint = true;
+                    break;
+                }
+            }
+        }
+    }
+    // Complete any half-done exit (e.g. the checkpoint's port I/O) without running guest
+    // code, so the state read next is that of an instruction boundary.
+    vcpu.fd.set_kvm_immediate_exit(1);
+    let done = match vcpu.fd.run() {
+        Err(e) if e.errno() == libc::EINTR => Ok(()),
+        Ok(exit) => Err(format!("KVM_RUN with immediate_exit returned {exit:?}")),
+        Err(e) => Err(format!("KVM_RUN with immediate_exit: {e}")),
+    };
+    vcpu.fd.set_kvm_immediate_exit(0);
+    done?;
+    Ok((vcpu, stats))
+}
+
+fn unexpected_exit(vcpu: &Vcpu, what: &str) -> String {
+    let at = vcpu
+        .fd
+        .get_regs()
+        .map(|r| format!("rip {:#x} r8 {} r13 {}", r.rip, r.r8, r.r13))
+        .unwrap_or_else(|e| format!("registers unreadable: {e}"));
+    format!("the guest stopped unexpectedly: {what} ({at})")
+}
