@@ -63,26 +63,29 @@ fn main() {
         ..Config::default()
     };
     let mut variants: Vec<(String, Config)> = Vec::new();
+    // Each group: its baseline first, then the variants compared with it.
+    let mut groups = Vec::new();
     for codec in [CodecKind::None, CodecKind::Deflate] {
         let n = codec.name();
+        let start = variants.len();
         variants.push((
             format!("{n} baseline (depth 4, registered, copy)"),
             base(codec),
         ));
-        variants.push((
-            format!("{n} depth 1"),
-            Config {
-                depth: 1,
-                ..base(codec)
-            },
-        ));
-        variants.push((
-            format!("{n} unregistered"),
-            Config {
-                registered_buffers: false,
-                ..base(codec)
-            },
-        ));
+        for depth in [1, 2, 8] {
+            variants.push((
+                format!("{n} depth {depth}"),
+                Config {
+                    depth,
+                    ..base(codec)
+                },
+            ));
+        }
+        let unregistered = Config {
+            registered_buffers: false,
+            ..base(codec)
+        };
+        variants.push((format!("{n} unregistered"), unregistered));
         variants.push((
             format!("{n} zero-copy"),
             Config {
@@ -90,6 +93,7 @@ fn main() {
                 ..base(codec)
             },
         ));
+        groups.push(start..variants.len());
     }
     let mut results: Vec<Vec<SessionRun>> = vec![Vec::new(); variants.len()];
     for run in 0..runs {
