@@ -116,6 +116,13 @@ pub enum SessionError {
         expected: &'static str,
         got: &'static str,
     },
+    /// No session came before the accept timeout, and connections were refused meanwhile.
+    #[error("no session within {waited:.1} s: {refused} connection(s) refused, the last because: {last}")]
+    NoSession {
+        waited: f64,
+        refused: u64,
+        last: String,
+    },
     /// A peer did not do what the protocol requires in time.
     #[error("timed out: {0}")]
     Timeout(String),

@@ -72,7 +72,7 @@ pub use config::Config;
 pub use error::{ChannelError, SessionError};
 pub use memory::{Block, GuestMemory, MemoryError};
 pub use pages::{BlockPages, RoundPages};
-pub use session::{AbortHandle, ReceiveInto, Received, Receiver, Sender};
+pub use session::{AbortHandle, ReceiveInto, Received, Receiver, Rejection, Sender};
 pub use stats::{ChannelStats, Progress, SessionStats};
 
 /// The README's examples compile as doctests.

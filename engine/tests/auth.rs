@@ -52,24 +52,32 @@ fn untouched(m: &GuestMemory) -> bool {
         .all(|&b| b == 0xAB)
 }
 
-fn serve(
-    c: Config,
-    into: ReceiveInto,
-) -> (
+type Serving = (
     std::net::SocketAddr,
+    std::sync::mpsc::Receiver<pagewire::Rejection>,
     std::thread::JoinHandle<Result<pagewire::Received, SessionError>>,
-) {
+);
+
+fn serve(c: Config, into: ReceiveInto) -> Serving {
     let mut r = Receiver::bind("127.0.0.1:0".parse().expect("addr"), c).expect("bind");
     r.set_accept_timeout(Some(Duration::from_secs(10)));
     let addr = r.local_addr().expect("addr");
-    (addr, std::thread::spawn(move || r.serve(into)))
+    let rejections = r.watch_rejections();
+    (addr, rejections, std::thread::spawn(move || r.serve(into)))
+}
+
+/// The receiver refuses the connection (a logged line) and keeps serving.
+fn refused(rx: &std::sync::mpsc::Receiver<pagewire::Rejection>) -> SessionError {
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("the receiver reports a refused connection")
+        .error
 }
 
 #[test]
 fn same_secret_round_trips() {
     let src = source();
     let dst = patterned();
-    let (addr, rt) = serve(
+    let (addr, _rej, rt) = serve(
         cfg(Some(secret("correct horse battery staple"))),
         ReceiveInto::Memory(dst.clone()),
     );
@@ -90,7 +98,7 @@ fn same_secret_round_trips() {
 #[test]
 fn wrong_secret_refused_on_both_sides_and_nothing_written() {
     let dst = patterned();
-    let (addr, rt) = serve(
+    let (addr, rej, rt) = serve(
         cfg(Some(secret("correct horse battery staple"))),
         ReceiveInto::Memory(dst.clone()),
     );
@@ -105,7 +113,7 @@ fn wrong_secret_refused_on_both_sides_and_nothing_written() {
         msg.contains("authentication failed") && msg.contains("does not match"),
         "{msg}"
     );
-    let rerr = rt.join().expect("join").expect_err("receiver refuses");
+    let rerr = refused(&rej);
     assert!(matches!(rerr, SessionError::Auth(_)), "{rerr:?}");
     assert!(
         rerr.to_string()
@@ -113,12 +121,22 @@ fn wrong_secret_refused_on_both_sides_and_nothing_written() {
         "{rerr}"
     );
     assert!(untouched(&dst));
+    // The refused sender did not cost the session: the right one still migrates.
+    let src = source();
+    let good = cfg(Some(secret("correct horse battery staple")));
+    let mut s = Sender::connect(addr, good, src.clone()).expect("connect");
+    s.send_round(RoundPages::all(&[SIZE as u64], 4096, 128))
+        .expect("round");
+    s.finish().expect("finish");
+    rt.join().expect("join").expect("serve");
+    // SAFETY: sessions over.
+    assert!(unsafe { src.block(0).expect("b").as_slice() == dst.block(0).expect("b").as_slice() });
 }
 
 #[test]
 fn missing_secret_on_sender_refused_on_both_sides() {
     let dst = patterned();
-    let (addr, rt) = serve(
+    let (addr, rej, _rt) = serve(
         cfg(Some(secret("correct horse battery staple"))),
         ReceiveInto::Memory(dst.clone()),
     );
@@ -128,7 +146,7 @@ fn missing_secret_on_sender_refused_on_both_sides() {
         err.to_string().contains("requires a shared secret"),
         "{err}"
     );
-    let rerr = rt.join().expect("join").expect_err("receiver refuses");
+    let rerr = refused(&rej);
     assert!(rerr.to_string().contains("no shared secret"), "{rerr}");
     assert!(untouched(&dst));
 }
@@ -136,7 +154,7 @@ fn missing_secret_on_sender_refused_on_both_sides() {
 #[test]
 fn secret_on_sender_only_is_refused() {
     let dst = patterned();
-    let (addr, rt) = serve(cfg(None), ReceiveInto::Memory(dst.clone()));
+    let (addr, rej, _rt) = serve(cfg(None), ReceiveInto::Memory(dst.clone()));
     let err = Sender::connect(
         addr,
         cfg(Some(secret("correct horse battery staple"))),
@@ -144,7 +162,7 @@ fn secret_on_sender_only_is_refused() {
     )
     .expect_err("refused");
     assert!(err.to_string().contains("does not authenticate"), "{err}");
-    let rerr = rt.join().expect("join").expect_err("receiver hears why");
+    let rerr = refused(&rej);
     assert!(
         rerr.to_string().contains("requires a shared secret"),
         "{rerr}"
@@ -157,7 +175,7 @@ fn secret_on_sender_only_is_refused() {
 fn channel_with_wrong_token_refused() {
     let sec = secret("correct horse battery staple");
     let dst = patterned();
-    let (addr, rt) = serve(cfg(Some(sec.clone())), ReceiveInto::Memory(dst.clone()));
+    let (addr, rej, _rt) = serve(cfg(Some(sec.clone())), ReceiveInto::Memory(dst.clone()));
     let mut ctl = TcpStream::connect(addr).expect("connect");
     let Message::Challenge {
         nonce: nonce_r,
@@ -202,7 +220,7 @@ fn channel_with_wrong_token_refused() {
         .encode(),
     )
     .expect("init");
-    let rerr = rt.join().expect("join").expect_err("refused");
+    let rerr = refused(&rej);
     assert!(matches!(rerr, SessionError::Auth(_)), "{rerr:?}");
     assert!(rerr.to_string().contains("token does not match"), "{rerr}");
     assert!(untouched(&dst));

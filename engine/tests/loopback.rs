@@ -347,15 +347,28 @@ fn sender_fails_fast_when_receiver_rejects_layout() {
     let dst = Arc::new(
         GuestMemory::new(vec![Block::anonymous("pc.ram", 2 << 20).expect("map")]).expect("layout"),
     );
-    let (r, addr) = receiver(&c);
+    let (mut r, addr) = receiver(&c);
+    r.set_accept_timeout(Some(Duration::from_secs(1)));
+    let refusals = r.watch_rejections();
     let rt = std::thread::spawn(move || r.serve(ReceiveInto::Memory(dst)));
     let err = Sender::connect(addr, c, src).expect_err("layout mismatch must be refused");
     let msg = err.to_string();
     assert!(msg.contains("pc.ram") && msg.contains("bytes"), "{msg}");
-    let rerr = rt
-        .join()
-        .expect("join")
-        .expect_err("receiver must fail too");
+    // The receiver refuses that hello (one logged line) and keeps waiting for a sender that
+    // fits; when none comes, it says why the last one was refused.
+    let refused = refusals
+        .recv_timeout(Duration::from_secs(5))
+        .expect("refusal reported");
+    assert!(
+        refused.error.to_string().contains("pc.ram"),
+        "{}",
+        refused.error
+    );
+    let rerr = rt.join().expect("join").expect_err("no session came");
+    assert!(
+        matches!(rerr, pagewire::SessionError::NoSession { refused: 1, .. }),
+        "{rerr:?}"
+    );
     assert!(rerr.to_string().contains("pc.ram"), "{rerr}");
 }
 

@@ -569,59 +569,50 @@ fn wrong_secret_refused_with_one_line_on_both_sides() {
             good.to_str().expect("utf8"),
         ],
     );
-    let send = Command::new(BIN)
-        .args([
-            "send",
-            "--connect",
-            &format!("127.0.0.1:{port}"),
-            "--image",
-            img.to_str().expect("utf8"),
-        ])
-        .args(["--secret-file", bad.to_str().expect("utf8")])
-        .output()
-        .expect("run send");
-    let r = wait_output(recv, Duration::from_secs(20));
-    for (who, o) in [("send", &send), ("recv", &r)] {
-        assert!(!o.status.success(), "{who} must fail");
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(
-            err.trim_end().lines().count(),
-            1,
-            "{who}: one line expected: {err}"
-        );
-        assert!(err.contains("authentication failed"), "{who}: {err}");
-    }
-    // Nothing was received: the output file is empty.
-    assert_eq!(std::fs::metadata(&out).expect("out").len(), 0);
-    // The same secret on both sides works.
-    let port = free_port();
-    let recv = spawn_recv(
-        port,
-        &[
-            "--out",
-            out.to_str().expect("utf8"),
-            "--secret-file",
-            good.to_str().expect("utf8"),
-        ],
-    );
-    let send = Command::new(BIN)
-        .args([
-            "send",
-            "--connect",
-            &format!("127.0.0.1:{port}"),
-            "--image",
-            img.to_str().expect("utf8"),
-        ])
-        .args(["--secret-file", good.to_str().expect("utf8")])
-        .output()
-        .expect("run send");
+    let send_with = |key: &Path| {
+        Command::new(BIN)
+            .args([
+                "send",
+                "--connect",
+                &format!("127.0.0.1:{port}"),
+                "--image",
+                img.to_str().expect("utf8"),
+            ])
+            .args(["--secret-file", key.to_str().expect("utf8")])
+            .output()
+            .expect("run send")
+    };
+    let refused = send_with(&bad);
     assert!(
-        send.status.success(),
+        !refused.status.success(),
+        "a sender with the wrong secret must fail"
+    );
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "sender: one line expected: {err}"
+    );
+    assert!(err.contains("authentication failed"), "{err}");
+    // The refusal cost the receiver one logged line, not its session: the right sender works.
+    let ok = send_with(&good);
+    assert!(
+        ok.status.success(),
         "{}",
-        String::from_utf8_lossy(&send.stderr)
+        String::from_utf8_lossy(&ok.stderr)
     );
     let r = wait_output(recv, Duration::from_secs(20));
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let rlog = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(
+        rlog.trim_end().lines().count(),
+        1,
+        "receiver: one line for the refusal: {rlog}"
+    );
+    assert!(
+        rlog.contains("refused") && rlog.contains("does not match"),
+        "{rlog}"
+    );
     assert!(std::fs::read(&img).expect("img") == std::fs::read(&out).expect("out"));
 }
 

@@ -2,8 +2,10 @@
 //! rounds of dirty pages ending with a SYNC on every channel.
 
 pub mod auth;
+pub mod handshake;
 pub mod recv;
 pub mod send;
 
+pub use handshake::Rejection;
 pub use recv::{ReceiveInto, Received, Receiver};
 pub use send::{AbortHandle, Sender};

@@ -3,13 +3,13 @@
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use pagewire_transport::control::{self, Hello, Message};
 use pagewire_transport::net;
-use pagewire_transport::wire::{BlockSpec, Compression, InitPacket, INIT_PACKET_LEN};
-use tracing::{debug, info, info_span, warn};
+use pagewire_transport::wire::{BlockSpec, Compression};
+use tracing::{debug, info, info_span};
 
 use crate::accel::qpl::{QplDecompressor, QplSetupError};
 use crate::channel::recv::{RecvChannel, RecvSettings, RoundGate};
@@ -17,7 +17,7 @@ use crate::codec::{DeflateDecompressor, PageDecompressor};
 use crate::config::{Config, Decoder};
 use crate::error::{ChannelErrorKind, SessionError};
 use crate::memory::GuestMemory;
-use crate::session::auth;
+use crate::session::handshake::{self, Door, Expect, Rejection};
 use crate::stats::{thread_cpu_seconds, Progress, SessionStats};
 
 /// Most device-state bytes one session may carry.
@@ -61,6 +61,7 @@ pub struct Receiver {
     cfg: Config,
     progress: Arc<Progress>,
     accept_timeout: Option<Duration>,
+    watch: Arc<Mutex<Option<mpsc::Sender<Rejection>>>>,
 }
 
 impl Receiver {
@@ -72,6 +73,7 @@ impl Receiver {
             cfg,
             progress: Arc::new(Progress::default()),
             accept_timeout: None,
+            watch: Arc::new(Mutex::new(None)),
         })
     }
 
@@ -90,6 +92,16 @@ impl Receiver {
         self.accept_timeout = t;
     }
 
+    /// Connections refused before they joined a session (bad handshake, wrong secret, a hello
+    /// that does not fit, strangers on the channel phase), as they happen. Each is also logged.
+    pub fn watch_rejections(&self) -> mpsc::Receiver<Rejection> {
+        let (tx, rx) = mpsc::channel();
+        if let Ok(mut w) = self.watch.lock() {
+            *w = Some(tx);
+        }
+        rx
+    }
+
     /// Live counters of the session being served.
     pub fn progress(&self) -> Arc<Progress> {
         self.progress.clone()
@@ -101,63 +113,42 @@ impl Receiver {
     pub fn serve(&self, into: ReceiveInto) -> Result<Received, SessionError> {
         let span = info_span!("recv");
         let _g = span.enter();
-        let opts = &self.cfg.socket;
         let wait = self
             .accept_timeout
             .unwrap_or(Duration::from_secs(365 * 24 * 3600));
-        let (mut control, peer) = net::accept(&self.listener, wait, opts)?;
+        let deadline = Instant::now() + wait;
+        let local = self
+            .listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        self.listener.set_nonblocking(true).map_err(|source| {
+            SessionError::Net(net::NetError::Accept {
+                addr: local,
+                source,
+            })
+        })?;
+        let mut door = Door::new(&self.listener, &self.cfg, self.watch.clone());
+        // 1. A control connection that authenticated and whose hello fits this receiver.
+        //    Anything else is refused (one logged line) and the receiver keeps waiting.
+        let (mut control, peer, nonce_r, hello, memory) = loop {
+            let c = match door.next_control(deadline) {
+                Ok(c) => c,
+                Err(e) => return Err(no_session(e, wait, &door)),
+            };
+            let mut stream = c.stream;
+            match self.check_hello(&c.hello, &into) {
+                Ok(m) => break (stream, c.peer, c.nonce_r, c.hello, m),
+                Err(e) => door.refuse(c.peer, &mut stream, e),
+            }
+        };
         info!(%peer, "control connection");
+        let proof = match (&self.cfg.secret, &hello.auth) {
+            (Some(sec), Some(a)) => Some(sec.receiver_proof(&nonce_r, &a.nonce, &hello.uuid)),
+            _ => None,
+        };
         control
             .set_read_timeout(Some(self.cfg.idle_timeout))
             .map_err(control::ControlError::from)?;
-        if let Err(e) = self.check_peer(&peer) {
-            return Err(reject(&mut control, e));
-        }
-        let nonce_r = auth::nonce()?;
-        let secret = self.cfg.secret.clone();
-        control::write_message(
-            &mut control,
-            &Message::Challenge {
-                nonce: nonce_r,
-                secret_required: secret.is_some(),
-            },
-        )?;
-        let hello = match control::read_message(&mut control) {
-            Ok(Message::Hello(h)) => h,
-            Ok(Message::Error { message }) => return Err(SessionError::Peer(message)),
-            Ok(other) => {
-                let e = SessionError::Unexpected {
-                    expected: "hello",
-                    got: other.name(),
-                };
-                return Err(reject(&mut control, e));
-            }
-            Err(e) => return Err(reject(&mut control, e.into())),
-        };
-        // Authenticate before anything else of the hello is acted on (no memory is mapped or
-        // written for a peer that has not proved it knows the secret).
-        let proof = match (&secret, &hello.auth) {
-            (None, _) => None,
-            (Some(_), None) => {
-                let e = SessionError::Auth(format!(
-                    "control connection from {peer}: the sender sent no proof of the shared secret"
-                ));
-                return Err(reject(&mut control, e));
-            }
-            (Some(sec), Some(a)) => {
-                if !sec.check_sender(&nonce_r, &a.nonce, &hello.uuid, &a.mac) {
-                    let e = SessionError::Auth(format!(
-                        "control connection from {peer}: the sender's proof does not match this receiver's shared secret"
-                    ));
-                    return Err(reject(&mut control, e));
-                }
-                Some(sec.receiver_proof(&nonce_r, &a.nonce, &hello.uuid))
-            }
-        };
-        let memory = match self.check_hello(&hello, into) {
-            Ok(m) => m,
-            Err(e) => return Err(reject(&mut control, e)),
-        };
         control::write_message(&mut control, &Message::HelloOk { proof })?;
         info!(
             channels = hello.channels,
@@ -167,7 +158,9 @@ impl Receiver {
             "hello accepted"
         );
 
-        let streams = match self.accept_channels(&hello, peer, &nonce_r) {
+        // 2. Its channels. Strangers are refused as above; a connection that knows the
+        //    session (uuid, token) but breaks a rule ends the session.
+        let streams = match self.accept_channels(&mut door, &hello, &nonce_r) {
             Ok(s) => s,
             Err(e) => return Err(reject(&mut control, e)),
         };
@@ -264,7 +257,7 @@ impl Receiver {
     fn check_hello(
         &self,
         hello: &Hello,
-        into: ReceiveInto,
+        into: &ReceiveInto,
     ) -> Result<Arc<GuestMemory>, SessionError> {
         if !matches!(hello.compression, Compression::None | Compression::Qpl) {
             return Err(SessionError::Handshake(format!(
@@ -315,70 +308,48 @@ impl Receiver {
                         mem.blocks().len()
                     )));
                 }
-                Ok(mem)
+                Ok(mem.clone())
             }
         }
     }
 
     /// Accept `hello.channels` connections, read and check each init packet; return the
     /// streams ordered by channel id.
-    fn check_peer(&self, peer: &SocketAddr) -> Result<(), SessionError> {
-        peer_allowed(&self.cfg, peer)
-    }
-
+    /// Accept `hello.channels` channel connections; return the streams ordered by channel id.
     fn accept_channels(
         &self,
+        door: &mut Door<'_>,
         hello: &Hello,
-        control_peer: SocketAddr,
         nonce_r: &[u8; control::NONCE_LEN],
     ) -> Result<Vec<TcpStream>, SessionError> {
         let n = hello.channels as usize;
         let mut slots: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
         let deadline = Instant::now() + self.cfg.idle_timeout;
-        for _ in 0..n {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let (mut stream, peer) = net::accept(&self.listener, left, &self.cfg.socket)?;
-            if peer.ip() != control_peer.ip() {
-                warn!(%peer, %control_peer, "channel connection from another address than the control connection");
-            }
-            self.check_peer(&peer)?;
-            stream
-                .set_read_timeout(Some(self.cfg.idle_timeout))
-                .map_err(control::ControlError::from)?;
-            let mut token = [0u8; control::MAC_LEN];
-            if self.cfg.secret.is_some() {
-                std::io::Read::read_exact(&mut stream, &mut token).map_err(|e| {
-                    SessionError::Auth(format!(
-                        "channel connection from {peer}: reading its token: {e}"
+        let expect = Expect::Channel {
+            uuid: hello.uuid,
+            nonce_r: *nonce_r,
+        };
+        for got in 0..n {
+            let c = door.next_channel(deadline, &expect).map_err(|e| match e {
+                SessionError::Net(net::NetError::AcceptTimeout { .. }) => {
+                    SessionError::Timeout(format!(
+                        "only {got} of {n} channels connected within {:.1} s",
+                        self.cfg.idle_timeout.as_secs_f64()
                     ))
-                })?;
-            }
-            let mut buf = [0u8; INIT_PACKET_LEN];
-            std::io::Read::read_exact(&mut stream, &mut buf).map_err(|e| {
-                SessionError::Handshake(format!(
-                    "channel connection from {peer}: reading init packet: {e}"
-                ))
-            })?;
-            let init = InitPacket::parse(&buf).map_err(|source| SessionError::Init {
-                peer: peer.to_string(),
-                source,
-            })?;
-            if let Some(secret) = &self.cfg.secret {
-                if !secret.check_channel(nonce_r, &hello.uuid, init.channel_id, &token) {
-                    return Err(SessionError::Auth(format!(
-                        "channel connection from {peer}: its token does not match this receiver's shared secret"
-                    )));
                 }
-            }
-            init.check(&hello.uuid, n as u32)
+                other => other,
+            })?;
+            let peer = c.peer;
+            c.init
+                .check(&hello.uuid, n as u32)
                 .map_err(|source| SessionError::Init {
                     peer: peer.to_string(),
                     source,
                 })?;
-            let slot = slots.get_mut(init.channel_id as usize).ok_or_else(|| {
+            let slot = slots.get_mut(c.init.channel_id as usize).ok_or_else(|| {
                 SessionError::Handshake(format!(
                     "channel connection from {peer}: channel id {} out of range",
-                    init.channel_id
+                    c.init.channel_id
                 ))
             })?;
             if slot.is_some() {
@@ -386,15 +357,12 @@ impl Receiver {
                     peer: peer.to_string(),
                     source: pagewire_transport::wire::WireError::Invalid {
                         field: pagewire_transport::wire::Field::ChannelId,
-                        detail: format!("channel {} connected twice", init.channel_id),
+                        detail: format!("channel {} connected twice", c.init.channel_id),
                     },
                 });
             }
-            stream
-                .set_read_timeout(None)
-                .map_err(control::ControlError::from)?;
-            debug!(channel = init.channel_id, %peer, "channel connected");
-            *slot = Some(stream);
+            debug!(channel = c.init.channel_id, %peer, "channel connected");
+            *slot = Some(c.stream);
         }
         Ok(slots.into_iter().flatten().collect())
     }
@@ -489,13 +457,7 @@ impl Receiver {
 
 /// Without a shared secret, a receiver accepts only loopback peers unless `insecure` is set.
 pub fn peer_allowed(cfg: &Config, peer: &SocketAddr) -> Result<(), SessionError> {
-    if cfg.secret.is_none() && !cfg.insecure && !net::is_loopback(peer) {
-        return Err(SessionError::Auth(format!(
-            "refusing {peer}: it is not on loopback and no shared secret is configured \
-             (use --secret-file on both sides, or --insecure on a trusted network)"
-        )));
-    }
-    Ok(())
+    handshake::peer_allowed_with(cfg.secret.is_some(), cfg.insecure, peer)
 }
 
 /// The page decoder `d` asks for.
@@ -509,6 +471,19 @@ pub fn decoder_for(d: Decoder) -> Result<Box<dyn PageDecompressor>, SessionError
         Decoder::Qpl => qpl(false),
         Decoder::Auto if crate::accel::qpl::hardware_available() => qpl(false),
         Decoder::Auto => Ok(Box::new(DeflateDecompressor::new())),
+    }
+}
+
+/// The error for "no session came": the wait's own error, or, when connections were refused
+/// meanwhile, how many and why the last one was.
+fn no_session(e: SessionError, waited: Duration, door: &Door<'_>) -> SessionError {
+    match door.refused() {
+        (0, _) | (_, None) => e,
+        (refused, Some(last)) => SessionError::NoSession {
+            waited: waited.as_secs_f64(),
+            refused,
+            last,
+        },
     }
 }
 
