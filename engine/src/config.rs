@@ -65,6 +65,9 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// Socket options for every connection.
     pub socket: SocketOptions,
+    /// Sender: send pages that a 256-byte sample shows incompressible raw, without a
+    /// compression attempt (`codec::entropy`).
+    pub skip_incompressible: bool,
     /// SENDMSG_ZC use (sender).
     pub zero_copy: ZeroCopy,
     /// Receiver: read headers, length arrays and all-compressed payloads into buffers
@@ -95,6 +98,7 @@ impl Default for Config {
             idle_timeout: Duration::from_secs(30),
             socket: SocketOptions::default(),
             max_memory: default_max_memory(),
+            skip_incompressible: true,
             zero_copy: ZeroCopy::Auto,
             registered_buffers: true,
             pinning: Pinning::Off,

@@ -25,6 +25,8 @@ pub struct ChannelStats {
     pub memory_bytes: u64,
     /// Bytes on the wire: init packet, headers, length arrays, payloads.
     pub wire_bytes: u64,
+    /// Pages sent raw without a compression attempt (a sample showed them incompressible).
+    pub pages_skipped: u64,
     /// Page jobs completed on an accelerator (IAA).
     pub jobs_hardware: u64,
     /// Page jobs run on the CPU (software DEFLATE, QPL's software path, busy fallbacks).
@@ -58,6 +60,7 @@ impl ChannelStats {
         self.pages_compressed += other.pages_compressed;
         self.memory_bytes += other.memory_bytes;
         self.wire_bytes += other.wire_bytes;
+        self.pages_skipped += other.pages_skipped;
         self.jobs_hardware += other.jobs_hardware;
         self.jobs_software += other.jobs_software;
         self.busy_retries += other.busy_retries;

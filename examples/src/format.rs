@@ -74,6 +74,9 @@ fn rows(out: &mut String, s: &SessionStats, r: Option<&SessionStats>) {
         s.total.pages_compressed.to_string()
     });
     add("pages: raw", &|s| s.total.pages_raw.to_string());
+    add("  of which not tried", &|s| {
+        s.total.pages_skipped.to_string()
+    });
     add("packets", &|s| s.total.packets.to_string());
     if s.total.jobs_hardware + s.total.jobs_software > 0 {
         add("jobs: hardware", &|s| s.total.jobs_hardware.to_string());

@@ -8,6 +8,7 @@
 use thiserror::Error;
 
 pub mod deflate;
+pub mod entropy;
 pub mod zero;
 
 pub use deflate::{DeflateCompressor, DeflateDecompressor};

@@ -291,6 +291,7 @@ impl Sender {
             };
             let set = SendSettings {
                 zero_copy_min,
+                skip_incompressible: cfg.skip_incompressible,
                 page_size: cfg.page_size,
                 pages_per_packet: cfg.pages_per_packet,
                 compression,
@@ -524,6 +525,7 @@ fn diff(now: &ChannelStats, prev: &ChannelStats) -> ChannelStats {
         pages_compressed: now.pages_compressed - prev.pages_compressed,
         memory_bytes: now.memory_bytes - prev.memory_bytes,
         wire_bytes: now.wire_bytes.saturating_sub(prev.wire_bytes),
+        pages_skipped: now.pages_skipped - prev.pages_skipped,
         jobs_hardware: now.jobs_hardware - prev.jobs_hardware,
         jobs_software: now.jobs_software - prev.jobs_software,
         busy_retries: now.busy_retries - prev.busy_retries,
