@@ -10,11 +10,18 @@
 //! | kind | share of pages | looks like |
 //! |---|---|---|
 //! | zero | 32 % | free memory |
-//! | text | 22 % | English prose, source code, log files with timestamps |
-//! | code | 14 % | x86-64 machine code: prologues, common opcodes, small immediates, rel32 |
-//! | heap | 14 % | malloc chunks: 0x00007f.. pointers, small integers, short strings, zero runs |
-//! | random | 10 % | already-compressed files |
-//! | sparse | 8 % | mostly zero pages holding a few small structures |
+//! | text | 25.5 % | English prose, source code, log files with timestamps |
+//! | code | 11 % | x86-64 machine code: prologues, common opcodes, small immediates, rel32 |
+//! | heap | 17 % | malloc chunks: 0x00007f.. pointers, small integers, short strings, zero runs |
+//! | random | 2 % | already-compressed files |
+//! | sparse | 12.5 % | mostly zero pages holding a few small structures |
+//!
+//! Calibration: the only measurement of a real guest available is QEMU 10.0.13's (DESIGN.md
+//! §9): 32 % zero pages and wire/RAM 0.289 with its multifd-qpl settings (QPL, fixed Huffman,
+//! level 1). The shares above were chosen so that the same compressor with the same settings
+//! gives the same ratio on this mix (0.286 before packet headers, measured with QPL 1.6.0's
+//! software path; ≈ 0.289 on the wire). Nothing else was tuned; the first version of the mix
+//! (22/14/14/10/8 %) compressed 1.24 × worse than the real guest.
 //!
 //! Generation is table driven (fixed-size stores into a scratch page with some slack, field
 //! values taken from masked random words) so that filling runs at more than 1 GB/s on one core
@@ -322,7 +329,7 @@ const KINDS: [Kind; 6] = [
 ];
 
 /// Target share of pages, per mille, in `KINDS` order.
-const SHARE: [u64; 6] = [320, 220, 140, 140, 100, 80];
+const SHARE: [u64; 6] = [320, 255, 110, 170, 20, 125];
 
 /// Longest run of each kind, in pages (runs are 1..=max, uniform).
 const MAX_RUN: [u32; 6] = [96, 24, 48, 48, 32, 8];
@@ -1292,8 +1299,8 @@ mod tests {
             raw += usize::from(c.compress(p, &mut z).is_none());
             text += usize::from(p.iter().all(|&b| b == b'\n' || (0x20..0x7F).contains(&b)));
         }
-        assert!((300..=500).contains(&raw), "random pages {raw}");
-        assert!((700..=1100).contains(&text), "text pages {text}");
+        assert!((40..=150).contains(&raw), "random pages {raw}");
+        assert!((800..=1300).contains(&text), "text pages {text}");
         // Zero pages come in runs, not one by one.
         assert!(
             changes < zero / 4,

@@ -330,13 +330,14 @@ fn truncated_capture_is_an_error_naming_channel_and_packet() {
     s.finish().expect("finish");
     let mut streams = rec.join().expect("recorder");
     let v = streams.remove(0);
-    let cut = &v[..64 + 1344 + 100];
+    // Cut in the middle of the stream: inside some packet's header, length array or payload.
+    let cut = &v[..v.len() / 2];
     let out =
         GuestMemory::new(vec![Block::anonymous("pc.ram", 1 << 20).expect("map")]).expect("layout");
     let err = decode_streams(&out, vec![("cap".to_string(), cut)], PS).expect_err("truncated");
     let msg = err.to_string();
     assert!(msg.contains("channel 0"), "{msg}");
-    assert!(msg.contains("packet #0"), "{msg}");
+    assert!(msg.contains("packet #"), "{msg}");
     assert!(msg.contains("mid-"), "{msg}");
 }
 
