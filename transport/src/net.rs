@@ -95,15 +95,27 @@ pub fn connect(addr: SocketAddr, opts: &SocketOptions) -> Result<TcpStream, NetE
 /// Wait until `fd` is readable (data, EOF or error pending) or `timeout` passes; `Ok(false)`
 /// on timeout. Signals restart the wait.
 pub fn wait_readable(fd: std::os::fd::RawFd, timeout: Duration) -> io::Result<bool> {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
+    Ok(wait_readable_any(&[fd], timeout)?.is_some())
+}
+
+/// Wait until one of `fds` is readable or `timeout` passes; returns the index of a readable
+/// one, `None` on timeout. Signals restart the wait.
+pub fn wait_readable_any(
+    fds: &[std::os::fd::RawFd],
+    timeout: Duration,
+) -> io::Result<Option<usize>> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
     let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
     loop {
-        // SAFETY: `pfd` is a valid pollfd for the duration of the call and nfds is 1.
-        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        // SAFETY: `pfds` is a valid array of `pfds.len()` pollfds for the duration of the call.
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -111,7 +123,7 @@ pub fn wait_readable(fd: std::os::fd::RawFd, timeout: Duration) -> io::Result<bo
             }
             return Err(e);
         }
-        return Ok(n > 0);
+        return Ok(pfds.iter().position(|p| p.revents != 0));
     }
 }
 

@@ -1,25 +1,40 @@
-//! Engine benchmark: one channel over loopback, pagewire (codecs none and deflate) beside
-//! baselines run in the same process on the same pages, interleaved run by run:
+//! Engine benchmark: pagewire over loopback beside baselines run in the same process on the
+//! same pages, interleaved run by run.
 //!
-//! * `tcp-large-writes`: 4 MiB writes from one buffer, the loopback's raw TCP limit here;
+//! Baselines:
+//! * `tcp-large-writes`: 4 MiB writes from one buffer: the loopback's raw TCP limit here;
 //! * `writev-readv`: a plain blocking loop, writev of 128-page packets straight from guest
-//!   memory, readv straight into the destination (no headers, no zero detection, no codec).
+//!   memory, readv straight into the destination (no header, no zero detection, no codec);
+//! * `copy-then-write`: how a naive implementation does it: copy 128 pages into a buffer, write
+//!   it; read into a buffer, copy the pages out;
+//! * `deflate-codec-only`: the sender's compression work alone, in one thread, no I/O: zero
+//!   detection, the incompressible-page sample, libdeflate level 1 (what the engine's deflate
+//!   sender must keep up with).
 //!
-//! Figures: GB/s of guest memory (10^9 B/s), CPU-seconds per GiB on each side (thread CPU
-//! time), wire bytes / memory bytes. Each the median of `--runs` runs.
+//! pagewire variants: codecs none, deflate (with and without the incompressible-page skip), and
+//! qpl fixed / dynamic Huffman on QPL's software path (when libqpl.so.1 loads).
 //!
-//! `cargo run --release -p pagewire-benches --bin engine -- [--size 256MiB] [--runs 5] [--json]`
-//! (QPL variants run when libqpl.so.1 loads, e.g. with `LD_LIBRARY_PATH=/opt/qpl/lib`.)
+//! Figures: GB/s of guest memory (10^9 B/s), wire GB/s, CPU-seconds per GiB on each side
+//! (thread CPU time), wire/RAM, and the heap the engine held at its peak per channel (glibc
+//! `mallinfo2`, sampled every millisecond during the session, minus the heap before it; guest
+//! memory is mapped, not allocated, so it is not counted). Medians of `--runs` runs.
+//!
+//! `cargo run --release -p pagewire-benches --bin engine -- [--size 256MiB] [--runs 5]
+//!  [--set realistic|text|random|zero] [--channels N] [--json]`
 
 use std::io::{IoSlice, IoSliceMut, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pagewire::accel::qpl::{Huffman, QplSettings};
+use pagewire::codec::entropy::likely_incompressible;
+use pagewire::codec::{is_zero_page, DeflateCompressor, PageCompressor};
 use pagewire::stats::thread_cpu_seconds;
 use pagewire::synth::{self, PageSet};
-use pagewire::{Block, CodecKind, Config, GuestMemory, ReceiveInto, Receiver, RoundPages, Sender};
+use pagewire::{Block, CodecKind, Config, GuestMemory};
+use pagewire_benches::loopback_session;
 
 const PS: usize = 4096;
 const PPP: usize = 128;
@@ -30,14 +45,12 @@ struct Run {
     send_cpu: f64,
     recv_cpu: f64,
     wire: u64,
+    heap_peak: usize,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        return 0.0;
-    }
-    v[v.len() / 2]
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 fn pair() -> (TcpStream, TcpStream) {
@@ -47,6 +60,40 @@ fn pair() -> (TcpStream, TcpStream) {
     c.set_nodelay(true).expect("nodelay");
     s.set_nodelay(true).expect("nodelay");
     (c, s)
+}
+
+/// Resident bytes of this process (/proc/self/statm; cheap, takes no allocator lock). Guest
+/// memory is resident before a session starts (both sides are filled beforehand), so what a
+/// session adds is the engine's own memory.
+fn heap_in_use() -> usize {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<usize>().ok())
+        })
+        .map_or(0, |pages| pages * 4096)
+}
+
+/// Run `f` while a thread samples the heap every millisecond; returns f's result and the peak
+/// heap above the level before `f`.
+fn with_heap_peak<T>(f: impl FnOnce() -> T) -> (T, usize) {
+    let base = heap_in_use();
+    let peak = Arc::new(AtomicUsize::new(base));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (p, s) = (peak.clone(), stop.clone());
+    let sampler = std::thread::spawn(move || {
+        while !s.load(Ordering::Relaxed) {
+            p.fetch_max(heap_in_use(), Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    });
+    let out = f();
+    peak.fetch_max(heap_in_use(), Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    let _ = sampler.join();
+    (out, peak.load(Ordering::Relaxed).saturating_sub(base))
 }
 
 fn tcp_large_writes(bytes: usize) -> Run {
@@ -78,10 +125,11 @@ fn tcp_large_writes(bytes: usize) -> Run {
         send_cpu,
         recv_cpu,
         wire: bytes as u64,
+        heap_peak: 0,
     }
 }
 
-fn writev_readv(src: &[u8], dst: &mut [u8]) -> Run {
+fn writev_readv(src: &[u8], dst: &mut [u8], copy: bool) -> Run {
     let (mut tx, mut rx) = pair();
     let len = src.len();
     let dst_addr = dst.as_mut_ptr() as usize;
@@ -90,7 +138,14 @@ fn writev_readv(src: &[u8], dst: &mut [u8]) -> Run {
         let c0 = thread_cpu_seconds();
         // SAFETY: `dst` outlives this thread (joined below) and nothing else touches it meanwhile.
         let dst = unsafe { std::slice::from_raw_parts_mut(dst_addr as *mut u8, len) };
+        let mut buf = vec![0u8; PPP * PS];
         for packet in dst.chunks_mut(PPP * PS) {
+            if copy {
+                // Naive: read into a buffer, then copy the pages out.
+                rx.read_exact(&mut buf[..packet.len()]).expect("read");
+                packet.copy_from_slice(&buf[..packet.len()]);
+                continue;
+            }
             let mut pages: Vec<IoSliceMut<'_>> =
                 packet.chunks_mut(PS).map(IoSliceMut::new).collect();
             let mut bufs = &mut pages[..];
@@ -103,7 +158,14 @@ fn writev_readv(src: &[u8], dst: &mut [u8]) -> Run {
         thread_cpu_seconds() - c0
     });
     let c0 = thread_cpu_seconds();
+    let mut buf = vec![0u8; PPP * PS];
     for packet in src.chunks(PPP * PS) {
+        if copy {
+            // Naive: copy the pages into a buffer, then write it.
+            buf[..packet.len()].copy_from_slice(packet);
+            tx.write_all(&buf[..packet.len()]).expect("write");
+            continue;
+        }
         let mut pages: Vec<IoSlice<'_>> = packet.chunks(PS).map(IoSlice::new).collect();
         let mut bufs = &mut pages[..];
         while !bufs.is_empty() {
@@ -118,43 +180,33 @@ fn writev_readv(src: &[u8], dst: &mut [u8]) -> Run {
         send_cpu,
         recv_cpu,
         wire: len as u64,
+        heap_peak: 0,
     }
 }
 
-fn pagewire_run(
-    src: &Arc<GuestMemory>,
-    dst: &Arc<GuestMemory>,
-    codec: CodecKind,
-    huffman: Huffman,
-) -> Run {
-    let qpl = QplSettings {
-        huffman,
-        ..QplSettings::default()
-    };
-    let cfg = Config {
-        codec,
-        qpl,
-        channels: 1,
-        idle_timeout: Duration::from_secs(30),
-        ..Config::default()
-    };
-    let mut r = Receiver::bind("127.0.0.1:0".parse().expect("addr"), cfg.clone()).expect("bind");
-    r.set_accept_timeout(Some(Duration::from_secs(30)));
-    let addr = r.local_addr().expect("addr");
-    let d = dst.clone();
-    let rt = std::thread::spawn(move || r.serve(ReceiveInto::Memory(d)));
-    let sizes: Vec<u64> = src.blocks().iter().map(|b| b.len() as u64).collect();
-    let mut s = Sender::connect(addr, cfg.clone(), src.clone()).expect("connect");
-    let round = s
-        .send_round(RoundPages::all(&sizes, cfg.page_size, cfg.pages_per_packet))
-        .expect("round");
-    s.finish().expect("finish");
-    let got = rt.join().expect("join").expect("serve");
+/// The sender's compression work alone (one thread, no I/O).
+fn deflate_codec_only(src: &[u8]) -> Run {
+    let mut c = DeflateCompressor::new(1).expect("deflate");
+    let mut out = vec![0u8; PS - 1];
+    let t0 = Instant::now();
+    let c0 = thread_cpu_seconds();
+    let mut wire = 0u64;
+    for page in src.chunks(PS) {
+        if is_zero_page(page) {
+            continue;
+        }
+        wire += if likely_incompressible(page) {
+            PS as u64
+        } else {
+            c.compress(page, &mut out).map_or(PS as u64, |n| n as u64)
+        };
+    }
     Run {
-        seconds: round.seconds,
-        send_cpu: round.total.cpu_seconds,
-        recv_cpu: got.stats.total.cpu_seconds,
-        wire: round.total.wire_bytes,
+        seconds: t0.elapsed().as_secs_f64(),
+        send_cpu: thread_cpu_seconds() - c0,
+        recv_cpu: 0.0,
+        wire,
+        heap_peak: 0,
     }
 }
 
@@ -180,16 +232,20 @@ fn main() {
     };
     let size = parse_size(&get("--size").unwrap_or_else(|| "256MiB".into()));
     let runs: usize = get("--runs").map_or(5, |r| r.parse().expect("runs"));
+    let channels: u16 = get("--channels").map_or(1, |r| r.parse().expect("channels"));
+    let set_name = get("--set").unwrap_or_else(|| "realistic".into());
+    let set = match set_name.as_str() {
+        "realistic" => PageSet::Realistic,
+        "text" => PageSet::Text,
+        "random" => PageSet::Random,
+        "zero" => PageSet::Zero,
+        o => panic!("unknown --set {o}"),
+    };
     let json = args.iter().any(|a| a == "--json");
 
     let src_block = Block::anonymous("pc.ram", size).expect("map");
     // SAFETY: fresh block, not shared.
-    synth::fill(
-        PageSet::Realistic,
-        unsafe { src_block.as_mut_slice() },
-        PS,
-        1,
-    );
+    synth::fill(set, unsafe { src_block.as_mut_slice() }, PS, 1);
     let src = Arc::new(GuestMemory::new(vec![src_block]).expect("mem"));
     let dst = Arc::new(
         GuestMemory::new(vec![Block::anonymous("pc.ram", size).expect("map")]).expect("mem"),
@@ -198,11 +254,20 @@ fn main() {
     // SAFETY: no session runs yet.
     unsafe { dst.block(0).expect("block").as_mut_slice() }.fill(1);
 
-    let mut names = vec![
+    let base = |codec| Config {
+        codec,
+        channels,
+        idle_timeout: Duration::from_secs(60),
+        ..Config::default()
+    };
+    let mut names: Vec<&str> = vec![
         "tcp-large-writes",
         "writev-readv",
+        "copy-then-write",
+        "deflate-codec-only",
         "pagewire-none",
         "pagewire-deflate",
+        "pagewire-deflate-noskip",
     ];
     match qpl_sys::Qpl::load() {
         Ok(_) => names.extend(["pagewire-qpl-fixed", "pagewire-qpl-dynamic"]),
@@ -211,24 +276,48 @@ fn main() {
     let mut results: Vec<Vec<Run>> = vec![Vec::new(); names.len()];
     for run in 0..runs {
         for (i, name) in names.iter().enumerate() {
+            // SAFETY: no session runs now; the baselines only read src and only write dst.
+            let (s, d) = unsafe {
+                (
+                    src.block(0).expect("b").as_slice(),
+                    dst.block(0).expect("b").as_mut_slice(),
+                )
+            };
+            let session = |cfg: Config| {
+                let (r, heap) = with_heap_peak(|| loopback_session(&src, &dst, &cfg));
+                Run {
+                    seconds: r.seconds,
+                    send_cpu: r.send_cpu,
+                    recv_cpu: r.recv_cpu,
+                    wire: r.wire,
+                    heap_peak: heap,
+                }
+            };
             let r = match *name {
                 "tcp-large-writes" => tcp_large_writes(size),
-                "writev-readv" => {
-                    // SAFETY: no session runs; src is only read, dst only written here.
-                    let (s, d) = unsafe {
-                        (
-                            src.block(0).expect("b").as_slice(),
-                            dst.block(0).expect("b").as_mut_slice(),
-                        )
-                    };
-                    let r = writev_readv(s, d);
-                    assert!(s == d, "writev-readv baseline corrupted data");
-                    r
-                }
-                "pagewire-none" => pagewire_run(&src, &dst, CodecKind::None, Huffman::Fixed),
-                "pagewire-deflate" => pagewire_run(&src, &dst, CodecKind::Deflate, Huffman::Fixed),
-                "pagewire-qpl-fixed" => pagewire_run(&src, &dst, CodecKind::Qpl, Huffman::Fixed),
-                _ => pagewire_run(&src, &dst, CodecKind::Qpl, Huffman::Dynamic),
+                "writev-readv" => writev_readv(s, d, false),
+                "copy-then-write" => writev_readv(s, d, true),
+                "deflate-codec-only" => deflate_codec_only(s),
+                "pagewire-none" => session(base(CodecKind::None)),
+                "pagewire-deflate" => session(base(CodecKind::Deflate)),
+                "pagewire-deflate-noskip" => session(Config {
+                    skip_incompressible: false,
+                    ..base(CodecKind::Deflate)
+                }),
+                "pagewire-qpl-fixed" => session(Config {
+                    qpl: QplSettings {
+                        huffman: Huffman::Fixed,
+                        ..QplSettings::default()
+                    },
+                    ..base(CodecKind::Qpl)
+                }),
+                _ => session(Config {
+                    qpl: QplSettings {
+                        huffman: Huffman::Dynamic,
+                        ..QplSettings::default()
+                    },
+                    ..base(CodecKind::Qpl)
+                }),
             };
             eprintln!("run {run} {name}: {:.3} s", r.seconds);
             results[i].push(r);
@@ -251,36 +340,45 @@ fn main() {
                 "send_cpu_s_per_gib": median(rs.iter().map(|r| r.send_cpu / gib).collect()),
                 "recv_cpu_s_per_gib": median(rs.iter().map(|r| r.recv_cpu / gib).collect()),
                 "wire_ratio": median(rs.iter().map(|r| r.wire as f64 / size as f64).collect()),
+                "memory_peak_mib_per_channel": median(rs.iter().map(|r| r.heap_peak as f64 / f64::from(channels) / (1u64 << 20) as f64).collect()),
             })
         })
         .collect();
-    let base = rows[1]["gbps_memory"].as_f64().unwrap_or(1.0);
+    let base_gbps = rows[1]["gbps_memory"].as_f64().unwrap_or(1.0);
     if json {
         println!(
             "{}",
-            serde_json::json!({"size": size, "runs": runs, "results": rows})
+            serde_json::json!({"size": size, "runs": runs, "set": set_name, "channels": channels, "results": rows})
         );
         return;
     }
     println!(
-        "engine, one channel, loopback, {} MiB realistic mix, median of {runs} runs",
+        "engine, {channels} channel(s), loopback, {} MiB {set_name} set, median of {runs} runs",
         size >> 20
     );
     println!(
-        "{:<18} {:>10} {:>10} {:>12} {:>12} {:>10} {:>12}",
-        "variant", "GB/s mem", "GB/s wire", "send CPU/GiB", "recv CPU/GiB", "wire/RAM", "vs writev"
+        "{:<24} {:>9} {:>9} {:>12} {:>12} {:>9} {:>11} {:>10}",
+        "variant",
+        "GB/s mem",
+        "GB/s wire",
+        "send CPU/GiB",
+        "recv CPU/GiB",
+        "wire/RAM",
+        "mem MiB/ch",
+        "vs writev"
     );
     for r in &rows {
         let g = r["gbps_memory"].as_f64().unwrap_or(0.0);
         println!(
-            "{:<18} {:>10.2} {:>10.2} {:>12.2} {:>12.2} {:>10.3} {:>11.2}x",
+            "{:<24} {:>9.2} {:>9.2} {:>12.2} {:>12.2} {:>9.3} {:>11.1} {:>9.2}x",
             r["variant"].as_str().unwrap_or(""),
             g,
             r["gbps_wire"].as_f64().unwrap_or(0.0),
             r["send_cpu_s_per_gib"].as_f64().unwrap_or(0.0),
             r["recv_cpu_s_per_gib"].as_f64().unwrap_or(0.0),
             r["wire_ratio"].as_f64().unwrap_or(0.0),
-            g / base
+            r["memory_peak_mib_per_channel"].as_f64().unwrap_or(0.0),
+            g / base_gbps
         );
     }
 }

@@ -9,9 +9,10 @@
 //! Memory per pending connection is bounded by the largest control frame, whatever the peer
 //! claims, and arrives only as the peer's bytes do.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -82,6 +83,10 @@ pub(crate) struct Door<'a> {
     done_ids: Arc<Mutex<Vec<u64>>>,
     tx: mpsc::Sender<Outcome>,
     rx: mpsc::Receiver<Outcome>,
+    /// Handshake threads write a byte here after sending an outcome, so the serving thread's
+    /// poll wakes at once (it also polls the listener).
+    wake_rx: UnixStream,
+    wake_tx: UnixStream,
     watch: Arc<Mutex<Option<mpsc::Sender<Rejection>>>>,
     refused: u64,
     last_refusal: Option<String>,
@@ -93,9 +98,14 @@ impl<'a> Door<'a> {
         listener: &'a TcpListener,
         cfg: &'a Config,
         watch: Arc<Mutex<Option<mpsc::Sender<Rejection>>>>,
-    ) -> Door<'a> {
+    ) -> Result<Door<'a>, SessionError> {
         let (tx, rx) = mpsc::channel();
-        Door {
+        let (wake_rx, wake_tx) =
+            UnixStream::pair().map_err(|e| SessionError::Internal(format!("wake-up pipe: {e}")))?;
+        wake_rx
+            .set_nonblocking(true)
+            .map_err(|e| SessionError::Internal(format!("wake-up pipe: {e}")))?;
+        Ok(Door {
             listener,
             cfg,
             pending: Arc::new(AtomicUsize::new(0)),
@@ -108,7 +118,9 @@ impl<'a> Door<'a> {
             refused: 0,
             last_refusal: None,
             last_refusal_error: Arc::new(Mutex::new(None)),
-        }
+            wake_rx,
+            wake_tx,
+        })
     }
 
     /// Connections refused so far, and the last reason.
@@ -184,15 +196,20 @@ impl<'a> Door<'a> {
                     secs: self.cfg.idle_timeout.as_secs_f64(),
                 }));
             }
-            let slice = left.min(Duration::from_millis(50));
-            let readable =
-                net::wait_readable(self.listener.as_raw_fd(), slice).map_err(|source| {
-                    SessionError::Net(net::NetError::Accept {
-                        addr: local,
-                        source,
-                    })
-                })?;
-            if !readable {
+            let fds = [self.listener.as_raw_fd(), self.wake_rx.as_raw_fd()];
+            let ready = net::wait_readable_any(&fds, left).map_err(|source| {
+                SessionError::Net(net::NetError::Accept {
+                    addr: local,
+                    source,
+                })
+            })?;
+            if ready == Some(1) {
+                // A handshake finished: drain the wake-ups; its outcome is in the channel.
+                let mut sink = [0u8; 64];
+                while matches!((&self.wake_rx).read(&mut sink), Ok(n) if n > 0) {}
+                continue;
+            }
+            if ready.is_none() {
                 continue;
             }
             let (stream, peer) = match self.listener.accept() {
@@ -250,6 +267,7 @@ impl<'a> Door<'a> {
         let pending = self.pending.clone();
         pending.fetch_add(1, Ordering::SeqCst);
         let tx = self.tx.clone();
+        let wake = self.wake_tx.try_clone().ok();
         let watch = self.watch.clone();
         let last = self.last_refusal_error.clone();
         let secret = self.cfg.secret.clone();
@@ -272,6 +290,9 @@ impl<'a> Door<'a> {
                 match res {
                     Ok(o) => {
                         let _ = tx.send(o);
+                        if let Some(mut w) = wake {
+                            let _ = w.write_all(&[1]);
+                        }
                     }
                     Err(e) => report(&watch, &last, peer, e),
                 }

@@ -127,7 +127,7 @@ impl Receiver {
                 source,
             })
         })?;
-        let mut door = Door::new(&self.listener, &self.cfg, self.watch.clone());
+        let mut door = Door::new(&self.listener, &self.cfg, self.watch.clone())?;
         // 1. A control connection that authenticated and whose hello fits this receiver.
         //    Anything else is refused (one logged line) and the receiver keeps waiting.
         let (mut control, peer, nonce_r, hello, memory) = loop {
