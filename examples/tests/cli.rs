@@ -82,6 +82,11 @@ fn spawn_recv(port: u16, extra: &[&str]) -> std::process::Child {
 }
 
 fn send_recv_identical(codec: &str) -> serde_json::Value {
+    send_recv_identical_on(codec, 1)
+}
+
+/// Send a 256 MiB image through `send`/`recv` with `channels` channels; OUT must equal IMG.
+fn send_recv_identical_on(codec: &str, channels: u16) -> serde_json::Value {
     let dir = tempfile::tempdir().expect("tmp");
     let img = dir.path().join("guest.img");
     let out = dir.path().join("out.img");
@@ -96,7 +101,13 @@ fn send_recv_identical(codec: &str) -> serde_json::Value {
             "--image",
             img.to_str().expect("utf8"),
         ])
-        .args(["--codec", codec, "--channels", "1", "--json"])
+        .args([
+            "--codec",
+            codec,
+            "--channels",
+            &channels.to_string(),
+            "--json",
+        ])
         .output()
         .expect("run send");
     assert!(
@@ -442,39 +453,7 @@ fn codec_auto_without_iaa_uses_deflate_and_says_why() {
 
 #[test]
 fn send_recv_256mib_two_channels_is_byte_identical() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let img = dir.path().join("guest.img");
-    let out = dir.path().join("out.img");
-    make_image(&img, 256 << 20, 43);
-    let port = free_port();
-    let recv = spawn_recv(port, &["--out", out.to_str().expect("utf8")]);
-    let send = Command::new(BIN)
-        .args([
-            "send",
-            "--connect",
-            &format!("127.0.0.1:{port}"),
-            "--image",
-            img.to_str().expect("utf8"),
-        ])
-        .args(["--codec", "deflate", "--channels", "2", "--json"])
-        .output()
-        .expect("run send");
-    assert!(
-        send.status.success(),
-        "send failed: {}",
-        String::from_utf8_lossy(&send.stderr)
-    );
-    let r = wait_output(recv, Duration::from_secs(60));
-    assert!(
-        r.status.success(),
-        "recv failed: {}",
-        String::from_utf8_lossy(&r.stderr)
-    );
-    assert!(
-        std::fs::read(&img).expect("img") == std::fs::read(&out).expect("out"),
-        "OUT differs from IMG"
-    );
-    let sj: serde_json::Value = serde_json::from_slice(&send.stdout).expect("json");
+    let sj = send_recv_identical_on("deflate", 2);
     let chans = sj["channels"].as_array().expect("channels");
     assert_eq!(chans.len(), 2);
     assert!(
