@@ -449,3 +449,52 @@ fn unregistered_receive_buffers_round_trip() {
     assert!(same(&src, &got.memory));
     assert_eq!(got.stats.total.reads_fixed, 0);
 }
+
+/// A guest that keeps rewriting its pages while a round compresses them: every page may be
+/// read torn, but the stream must stay valid (the sender compresses a private copy, never the
+/// page in place), and a final round with the guest stopped makes the destination identical.
+#[test]
+fn pages_rewritten_during_compression_never_break_the_stream() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let c = Config {
+        pages_per_packet: 16,
+        ..cfg(CodecKind::Deflate, 1)
+    };
+    // A small, hot memory: the guest rewrites all of it all the time.
+    let src = memory(&[("pc.ram", 64 * 4096)], 41);
+    let (r, addr) = receiver(&c);
+    let rt = std::thread::spawn(move || r.serve(ReceiveInto::Allocate));
+    let mut s = Sender::connect(addr, c.clone(), src.clone()).expect("connect");
+    let stop = Arc::new(AtomicBool::new(false));
+    let base = src.block(0).expect("block").as_ptr() as usize;
+    let len = src.block(0).expect("block").len();
+    let guest = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut v = 1u64;
+            while !stop.load(Ordering::Relaxed) {
+                // Rewrite every word with small values (compressible bytes that keep changing).
+                for off in (0..len).step_by(8) {
+                    v = v
+                        .wrapping_mul(6_364_136_223_846_793_005)
+                        .wrapping_add(1_442_695_040_888_963_407);
+                    // SAFETY: `off + 8 <= len` inside the block, which outlives this thread
+                    // (joined below); a concurrent write is what a running guest does.
+                    unsafe { std::ptr::write_volatile((base + off) as *mut u64, v >> 40) };
+                }
+            }
+        })
+    };
+    for _ in 0..300 {
+        s.send_round(RoundPages::all(&sizes(&src), PS, c.pages_per_packet))
+            .expect("a round while the guest writes");
+    }
+    stop.store(true, Ordering::Relaxed);
+    guest.join().expect("guest");
+    // The last round, guest stopped: every page again.
+    s.send_round(RoundPages::all(&sizes(&src), PS, c.pages_per_packet))
+        .expect("final round");
+    s.finish().expect("finish");
+    let got = rt.join().expect("join").expect("serve");
+    assert!(same(&src, &got.memory));
+}

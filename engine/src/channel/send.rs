@@ -96,6 +96,9 @@ struct Slot {
     zlens: Vec<u32>,
     /// Page i's compressed bytes go to `zbuf[i * page_size ..][.. page_size - 1]`.
     zbuf: Vec<u8>,
+    /// Page i is copied to `copies[i * page_size ..]` before it is compressed (never compress
+    /// guest memory in place: see `feed`).
+    copies: Vec<u8>,
     batch: Vec<u64>,
     /// Normal offsets, then zero offsets (header order).
     offsets: Vec<u64>,
@@ -124,6 +127,7 @@ impl Slot {
             zlen_bytes: vec![0; 4 * ppp],
             zlens: Vec::with_capacity(ppp),
             zbuf: vec![0; ppp * page_size],
+            copies: vec![0; ppp * page_size],
             batch: Vec::with_capacity(ppp),
             offsets: Vec::with_capacity(ppp),
             zero: Vec::with_capacity(ppp),
@@ -427,31 +431,38 @@ impl SendChannel {
         let slot: &mut Slot = slot;
         while slot.next < slot.pages.len() && accel.in_flight() < accel.capacity() {
             let i = slot.next;
-            if self.set.skip_incompressible {
-                // SAFETY: as for the jobs below: guest memory, readable for the round; a torn
-                // read only misjudges this page's compressibility.
-                let page = unsafe { std::slice::from_raw_parts(slot.pages[i], ps) };
-                if likely_incompressible(page) {
-                    if let Some(z) = slot.zlens.get_mut(i) {
-                        *z = ps as u32;
-                    }
-                    self.stats.pages_skipped += 1;
-                    slot.next += 1;
-                    continue;
+            // Compress a private copy, never the guest page in place: the guest may rewrite the
+            // page meanwhile, and a compressor reading its input twice would then emit a stream
+            // that does not inflate to one page (the receiver would fail the session). The copy
+            // is one 4 KiB memcpy next to a ~10 µs compression; a torn *copy* is harmless (the
+            // change dirtied the page and the next round resends it).
+            let Some(copy) = slot.copies.get_mut(i * ps..(i + 1) * ps) else {
+                break;
+            };
+            // SAFETY: `slot.pages[i]` is `ps` bytes of guest memory, mapped readable for the
+            // round; the guest may change it concurrently, which only makes the copy torn.
+            unsafe { std::ptr::copy_nonoverlapping(slot.pages[i], copy.as_mut_ptr(), ps) };
+            if self.set.skip_incompressible && likely_incompressible(copy) {
+                if let Some(z) = slot.zlens.get_mut(i) {
+                    *z = ps as u32;
                 }
+                self.stats.pages_skipped += 1;
+                slot.next += 1;
+                continue;
             }
+            let input = copy.as_ptr();
             let out = slot.zbuf[i * ps..].as_mut_ptr();
             let job = JobDesc {
                 tag: ((key as u64) << TAG_SHIFT) | i as u64,
-                input: slot.pages[i],
+                input,
                 in_len: ps,
                 output: out,
                 out_cap: ps - 1,
             };
             let mut busy = 0u32;
             loop {
-                // SAFETY: the page is guest memory that outlives the round and the output is
-                // this slot's zbuf region for page i, untouched until the job's completion is
+                // SAFETY: the input is this slot's private copy of page i and the output its
+                // zbuf region for page i; neither is touched until the job's completion is
                 // polled (the slot stays Compressing until every job of it has completed).
                 match unsafe { accel.submit(job) } {
                     Submit::Accepted => {
