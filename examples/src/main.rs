@@ -23,6 +23,8 @@ use serde_json::json;
 
 mod format;
 use format::{parse_size, summary_table};
+#[cfg(target_arch = "x86_64")]
+mod kvm;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -48,6 +50,9 @@ enum Cmd {
     Recv(RecvArgs),
     /// Decode recorded multifd channel streams into a memory image.
     Decode(DecodeArgs),
+    /// Live-migrate a running KVM guest between two processes (docs/kvm.md).
+    #[cfg(target_arch = "x86_64")]
+    KvmDemo(kvm::KvmArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -118,6 +123,10 @@ struct Tuning {
     /// Receiver: READ_FIXED into registered buffers (on) or plain receives (off).
     #[arg(long, default_value = "on")]
     registered_buffers: String,
+    /// Send pages a cheap sample shows incompressible raw, without trying (on), or try
+    /// every page (off).
+    #[arg(long, default_value = "on")]
+    skip_incompressible: String,
 }
 
 #[derive(Args, Debug)]
@@ -232,6 +241,8 @@ fn main() -> ExitCode {
         Cmd::Send(a) => send(a),
         Cmd::Recv(a) => recv(a),
         Cmd::Decode(a) => decode(a),
+        #[cfg(target_arch = "x86_64")]
+        Cmd::KvmDemo(a) => kvm::run(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -298,7 +309,13 @@ fn config(t: &Tuning, c: &Common, channels: u16) -> Res<Config> {
     } else {
         t.level
     };
+    let skip_incompressible = match t.skip_incompressible.as_str() {
+        "on" => true,
+        "off" => false,
+        o => return Err(format!("--skip-incompressible '{o}': expected on or off")),
+    };
     Ok(Config {
+        skip_incompressible,
         zero_copy,
         registered_buffers,
         secret: secret(c)?,
@@ -362,6 +379,7 @@ fn stats_json(s: &SessionStats) -> serde_json::Value {
             "zero": s.total.pages_zero,
             "raw": s.total.pages_raw,
             "compressed": s.total.pages_compressed,
+            "skipped": s.total.pages_skipped,
         },
         "packets": s.total.packets,
         "zero_copy": {

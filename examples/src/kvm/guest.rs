@@ -6,8 +6,8 @@
 //! virtualisation KVM emulates ring-0 guest code instruction by instruction, while ring-3 code
 //! of a long-mode guest runs natively. Its program (`guest.asm`) rewrites a working set of
 //! pages one page per iteration, keeping a counter and a running checksum of the working set,
-//! and exits to the VMM once per pass over the working set (`out 0x10, al`), the only VM exit
-//! it makes. At that exit memory is consistent with the counter: the destination checks every
+//! and exits to the VMM once per pass over the working set (a store to [`CHECKPOINT_MMIO`],
+//! where there is no memory), the only VM exit it makes. At that exit memory is consistent with the counter: the destination checks every
 //! working-set page and the checksum there.
 
 use kvm_bindings::{kvm_dtable, kvm_regs, kvm_segment, kvm_sregs};
@@ -23,20 +23,24 @@ pub const TSS: u64 = 0x2000;
 pub const PML4: u64 = 0x3000;
 /// Page-directory-pointer table (one entry per GiB).
 pub const PDPT: u64 = 0x4000;
+/// Page directory of the GiB holding the checkpoint page ([`CHECKPOINT_MMIO`]).
+pub const PD_MMIO: u64 = 0x5000;
 /// Status page: `[0]` counter, `[1]` checksum, as the guest last stored them.
 pub const STATUS: u64 = 0x6000;
 /// Top of the (unused) stack.
-pub const STACK_TOP: u64 = 0x8000;
+pub const STACK_TOP: u64 = 0x9000;
 /// Guest program.
 pub const CODE: u64 = 0x10000;
 /// Page directories, one per GiB of guest memory, 2 MiB pages.
 pub const PDS: u64 = 0x20000;
-/// Most guest memory the page tables here map (the page directories end below `WS_BASE`).
-pub const MAX_MEMORY: u64 = 64 << 30;
+/// Most guest memory: below the checkpoint page.
+pub const MAX_MEMORY: u64 = 3 << 30;
 /// First working-set page.
 pub const WS_BASE: u64 = 16 << 20;
-/// I/O port of the once-per-pass checkpoint exit.
-pub const CHECKPOINT_PORT: u16 = 0x10;
+/// Guest physical address of the once-per-pass checkpoint store: mapped by the guest's page
+/// tables, backed by no memory slot, so the store exits to the VMM as MMIO (with the counter
+/// as its data).
+pub const CHECKPOINT_MMIO: u64 = 0xC000_0000;
 
 const SEL_USER_DATA: u16 = 0x18 | 3;
 const SEL_USER_CODE: u16 = 0x20 | 3;
@@ -51,15 +55,15 @@ const LCG_C: u64 = 1442695040888963407;
 pub const WORDS: usize = (PAGE / 8) as usize;
 
 /// `guest.asm`, assembled (`nasm -f bin`), loaded at [`CODE`].
-pub const GUEST_CODE: [u8; 115] = [
-    0x4c, 0x89, 0xef, 0x48, 0xc1, 0xe7, 0x0c, 0x4c, 0x01, 0xd7, 0x49, 0x8d, 0x40, 0x01, 0x48,
-    0xbb, 0x15, 0x7c, 0x4a, 0x7f, 0xb9, 0x79, 0x37, 0x9e, 0x48, 0x0f, 0xaf, 0xc3, 0x48, 0xbb,
-    0x2d, 0x7f, 0x95, 0x4c, 0x2d, 0xf4, 0x51, 0x58, 0x48, 0xba, 0x4f, 0x81, 0x67, 0xf7, 0x7e,
-    0x7b, 0x05, 0x14, 0x31, 0xf6, 0x45, 0x31, 0xf6, 0xb9, 0x00, 0x02, 0x00, 0x00, 0x4c, 0x03,
-    0x37, 0x48, 0x0f, 0xaf, 0xc3, 0x48, 0x01, 0xd0, 0x48, 0x89, 0x07, 0x48, 0x01, 0xc6, 0x48,
-    0x83, 0xc7, 0x08, 0xff, 0xc9, 0x75, 0xe8, 0x4d, 0x29, 0xf1, 0x49, 0x01, 0xf1, 0x49, 0xff,
-    0xc0, 0x4d, 0x89, 0x04, 0x24, 0x4d, 0x89, 0x4c, 0x24, 0x08, 0x49, 0xff, 0xc5, 0x4d, 0x39,
-    0xdd, 0x72, 0x94, 0x45, 0x31, 0xed, 0xe6, 0x10, 0xeb, 0x8d,
+pub const GUEST_CODE: [u8; 128] = [
+    0x4c, 0x89, 0xef, 0x48, 0xc1, 0xe7, 0x0c, 0x4c, 0x01, 0xd7, 0x49, 0x8d, 0x40, 0x01, 0x48, 0xbb,
+    0x15, 0x7c, 0x4a, 0x7f, 0xb9, 0x79, 0x37, 0x9e, 0x48, 0x0f, 0xaf, 0xc3, 0x48, 0xbb, 0x2d, 0x7f,
+    0x95, 0x4c, 0x2d, 0xf4, 0x51, 0x58, 0x48, 0xba, 0x4f, 0x81, 0x67, 0xf7, 0x7e, 0x7b, 0x05, 0x14,
+    0x31, 0xf6, 0x45, 0x31, 0xf6, 0xb9, 0x00, 0x02, 0x00, 0x00, 0x4c, 0x03, 0x37, 0x48, 0x0f, 0xaf,
+    0xc3, 0x48, 0x01, 0xd0, 0x49, 0x89, 0xc7, 0x49, 0xc1, 0xef, 0x28, 0x4c, 0x89, 0x3f, 0x4c, 0x01,
+    0xfe, 0x48, 0x83, 0xc7, 0x08, 0xff, 0xc9, 0x75, 0xe1, 0x4d, 0x29, 0xf1, 0x49, 0x01, 0xf1, 0x49,
+    0xff, 0xc0, 0x4d, 0x89, 0x04, 0x24, 0x4d, 0x89, 0x4c, 0x24, 0x08, 0x49, 0xff, 0xc5, 0x4d, 0x39,
+    0xdd, 0x72, 0x8d, 0x45, 0x31, 0xed, 0xbf, 0x00, 0x00, 0x00, 0xc0, 0x4c, 0x89, 0x07, 0xeb, 0x80,
 ];
 
 /// Guest memory size and working set.
@@ -76,7 +80,7 @@ impl Layout {
     pub fn new(mem_size: u64, ws_pages: u64) -> Result<Layout, String> {
         if mem_size == 0 || mem_size % (2 << 20) != 0 || mem_size > MAX_MEMORY {
             return Err(format!(
-                "guest memory of {mem_size} bytes: must be a non-zero multiple of 2 MiB, at most 64 GiB"
+                "guest memory of {mem_size} bytes: must be a non-zero multiple of 2 MiB, at most 3 GiB"
             ));
         }
         let end = ws_pages
@@ -133,6 +137,9 @@ pub fn write_boot_image(mem: &mut [u8], layout: &Layout) -> Result<(), String> {
     for i in 0..layout.mem_size / (2 << 20) {
         put(PDS + i * 8, (i * (2 << 20)) | PTE | LARGE)?;
     }
+    // The checkpoint page, in its own GiB.
+    put(PDPT + (CHECKPOINT_MMIO >> 30) * 8, PD_MMIO | PTE)?;
+    put(PD_MMIO, CHECKPOINT_MMIO | PTE | LARGE)?;
     let code = usize::try_from(CODE).map_err(|_| "address overflow".to_string())?;
     mem.get_mut(code..code + GUEST_CODE.len())
         .ok_or("guest program outside guest memory")?
@@ -233,7 +240,7 @@ pub fn page_words(c: u64, out: &mut [u64; WORDS]) {
     let mut v = c.wrapping_add(1).wrapping_mul(SEED_K);
     for w in out.iter_mut() {
         v = v.wrapping_mul(LCG_A).wrapping_add(LCG_C);
-        *w = v;
+        *w = v >> 40;
     }
 }
 
@@ -322,7 +329,7 @@ pub unsafe fn check_working_set(
     Ok(out)
 }
 
-/// The full check at a checkpoint exit (the guest stopped at its `out` after a pass): every
+/// The full check at a checkpoint exit (the guest stopped at its MMIO store after a pass): every
 /// page matches the counter, the checksum the guest kept (in memory and in r9) equals the sum
 /// of the working set, and the registers agree with the status page. Returns the counter.
 ///

@@ -1,0 +1,480 @@
+//! `pagewire kvm-demo`: live migration of a running KVM guest between two VMM processes,
+//! with pagewire moving the memory. An example of embedding pagewire in a VMM; nothing in the
+//! library knows about KVM (docs/kvm.md).
+//!
+//! - `kvm-demo source --connect ADDR`: boot the guest with dirty logging, send round 1 (every
+//!   page) while it runs, then a round per KVM dirty bitmap until the dirty set is small, then
+//!   pause the vCPU, send the last dirty pages and the vCPU state, and end the session.
+//! - `kvm-demo dest --listen ADDR`: receive into the VM's own memory, restore the vCPU,
+//!   resume the guest and check that it continued from where it was paused.
+//! - `kvm-demo`: both, the destination as a child process of this one, over loopback.
+
+mod dest;
+mod guest;
+mod source;
+mod state;
+mod vm;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use pagewire::session::auth::Secret;
+use pagewire::{CodecKind, Config};
+use serde_json::{json, Value};
+
+use crate::format::{human_bytes, parse_size};
+use guest::Layout;
+
+type Res<T> = Result<T, String>;
+
+/// `pagewire kvm-demo` arguments.
+#[derive(Args, Debug)]
+pub struct KvmArgs {
+    #[command(subcommand)]
+    role: Option<Role>,
+    #[command(flatten)]
+    opts: Opts,
+}
+
+#[derive(Subcommand, Debug)]
+enum Role {
+    /// The source VMM: boot the guest and migrate it, running, to a destination.
+    Source {
+        /// Destination address, host:port.
+        #[arg(long)]
+        connect: String,
+    },
+    /// The destination VMM: receive a guest, resume it and check that it continued.
+    Dest {
+        /// Address to listen on, host:port (port 0: any; the address is printed).
+        #[arg(long)]
+        listen: String,
+        /// Give up if no source connects within this many seconds (default: wait).
+        #[arg(long)]
+        accept_timeout: Option<f64>,
+        /// Without --secret-file, also accept sources that are not on loopback.
+        #[arg(long)]
+        insecure: bool,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+struct Opts {
+    /// Guest memory (a multiple of 2 MiB; the same on both sides).
+    #[arg(long, global = true, default_value = "64MiB")]
+    memory: String,
+    /// Pages the guest keeps rewriting (from 16 MiB into its memory).
+    #[arg(long, global = true, default_value_t = 4096)]
+    working_set: u64,
+    /// Channel connections (source).
+    #[arg(long, global = true, default_value_t = 2)]
+    channels: u16,
+    /// Codec (source): none (raw pages: the fastest on loopback), deflate, or auto
+    /// (deflate).
+    #[arg(long, global = true, default_value = "none")]
+    codec: String,
+    /// Most live rounds before the final one (source).
+    #[arg(long, global = true, default_value_t = 10)]
+    max_rounds: u32,
+    /// Pause the guest once a round leaves at most this many dirty pages (source).
+    #[arg(long, global = true, default_value_t = 64)]
+    threshold: u64,
+    /// Seconds the guest runs before the migration starts (source).
+    #[arg(long, global = true, default_value_t = 0.2)]
+    warmup: f64,
+    /// Never throttle the guest (source). By default a round in which the guest dirtied more
+    /// than half of what the round sent raises a throttle (20 %, 40 %, ... 99 % of the time
+    /// held back), as QEMU's auto-converge does.
+    #[arg(long, global = true)]
+    no_auto_converge: bool,
+    /// Seconds a silent peer is tolerated.
+    #[arg(long, global = true, default_value_t = 10.0)]
+    idle_timeout: f64,
+    /// File holding the shared secret (both sides; at least 16 bytes).
+    #[arg(long, global = true)]
+    secret_file: Option<PathBuf>,
+    /// Print one JSON object with the figures (dest: a `listening` line first).
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+/// CLOCK_MONOTONIC in ns (one clock for every process on a host).
+pub(crate) fn mono_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+/// CLOCK_REALTIME in ns.
+pub(crate) fn real_ns() -> u64 {
+    clock_ns(libc::CLOCK_REALTIME)
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; clock_gettime writes only it.
+    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
+/// This host's boot id (empty if unreadable: the destination then uses CLOCK_REALTIME).
+pub(crate) fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn secs(v: f64, what: &str) -> Res<Duration> {
+    if (0.0..1e6).contains(&v) {
+        Ok(Duration::from_secs_f64(v))
+    } else {
+        Err(format!("--{what} {v}: expected a number of seconds"))
+    }
+}
+
+fn addr(s: &str, what: &str) -> Res<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    s.to_socket_addrs()
+        .map_err(|e| format!("--{what} '{s}': {e}"))?
+        .next()
+        .ok_or_else(|| format!("--{what} '{s}': no address"))
+}
+
+fn base_config(o: &Opts) -> Res<Config> {
+    let idle = secs(o.idle_timeout, "idle-timeout")?;
+    if idle.is_zero() {
+        return Err("--idle-timeout must be positive".into());
+    }
+    let secret = o
+        .secret_file
+        .as_deref()
+        .map(|p| Secret::from_file(p).map_err(|e| e.to_string()))
+        .transpose()?;
+    Ok(Config {
+        idle_timeout: idle,
+        secret,
+        ..Config::default()
+    })
+}
+
+fn source_opts(o: &Opts, connect: SocketAddr) -> Res<source::SourceOpts> {
+    let layout = Layout::new(parse_size(&o.memory)?, o.working_set)?;
+    // The engine compresses a private copy of each page, so every codec is safe on a
+    // running guest.
+    let codec = match o.codec.as_str() {
+        "auto" | "deflate" => CodecKind::Deflate,
+        "none" => CodecKind::None,
+        "qpl" => CodecKind::Qpl,
+        c => {
+            return Err(format!(
+                "--codec {c}: kvm-demo takes deflate, none, qpl or auto (deflate)"
+            ))
+        }
+    };
+    if o.channels == 0 {
+        return Err("--channels must be at least 1".into());
+    }
+    if o.max_rounds == 0 {
+        return Err("--max-rounds must be at least 1".into());
+    }
+    Ok(source::SourceOpts {
+        connect,
+        layout,
+        cfg: Config {
+            codec,
+            channels: o.channels,
+            ..base_config(o)?
+        },
+        max_rounds: o.max_rounds,
+        threshold: o.threshold,
+        warmup: secs(o.warmup, "warmup")?,
+        auto_converge: !o.no_auto_converge,
+    })
+}
+
+/// Run `pagewire kvm-demo`.
+pub fn run(a: KvmArgs) -> Res<()> {
+    match a.role {
+        None => both(&a.opts),
+        Some(Role::Source { connect }) => {
+            let o = source_opts(&a.opts, addr(&connect, "connect")?)?;
+            let json = a.opts.json;
+            if !json {
+                println!("{}", banner(&o));
+                println!("{}", ROUND_HEADER);
+            }
+            let r = source::run(&o, |row| {
+                if !json {
+                    println!("{}", round_line(row));
+                }
+            })?;
+            if json {
+                println!("{}", json!({ "role": "source", "source": r }));
+            } else {
+                print!("{}", source_summary(&r));
+            }
+            Ok(())
+        }
+        Some(Role::Dest {
+            listen,
+            accept_timeout,
+            insecure,
+        }) => {
+            let o = dest::DestOpts {
+                listen: addr(&listen, "listen")?,
+                mem_size: parse_size(&a.opts.memory)?,
+                cfg: Config {
+                    insecure,
+                    ..base_config(&a.opts)?
+                },
+                accept_timeout: accept_timeout
+                    .map(|t| secs(t, "accept-timeout"))
+                    .transpose()?,
+                check_timeout: Duration::from_secs(10),
+            };
+            let json = a.opts.json;
+            let r = dest::run(&o, |addr| {
+                if json {
+                    println!("{}", json!({ "listening": addr.to_string() }));
+                } else {
+                    println!("kvm-demo dest: listening on {addr}");
+                }
+            })?;
+            if json {
+                println!("{}", json!({ "role": "dest", "dest": r }));
+            } else {
+                print!("{}", dest_summary(&r));
+            }
+            Ok(())
+        }
+    }
+}
+
+const ROUND_HEADER: &str =
+    "round      pages   zero pages   on the wire       time   dirtied meanwhile   throttle";
+
+fn banner(o: &source::SourceOpts) -> String {
+    format!(
+        "kvm-demo: guest of {} with a working set of {} pages ({}), {} channel(s), codec {}",
+        human_bytes(o.layout.mem_size),
+        o.layout.ws_pages,
+        human_bytes(o.layout.ws_pages * guest::PAGE),
+        o.cfg.channels,
+        o.cfg.codec.name()
+    )
+}
+
+fn round_line(r: &source::RoundRow) -> String {
+    format!(
+        "{:>5} {:>10} {:>12} {:>13} {:>8.1} ms {:>19} {:>9} %",
+        r.round,
+        r.pages,
+        r.zero_pages,
+        human_bytes(r.wire_bytes),
+        r.seconds * 1e3,
+        r.dirtied,
+        r.throttle_pct
+    )
+}
+
+fn source_summary(r: &source::SourceReport) -> String {
+    let f = &r.final_phase;
+    format!(
+        "final {:>10} {:>12} {:>13} {:>8.1} ms   (guest paused)\n\
+         paused at counter {}: vCPU stopped in {:.3} ms, state ({} bytes) read in {:.3} ms, \
+         final round {:.2} ms, state sent in {:.2} ms, session finished in {:.2} ms \
+         ({:.2} ms after the pause)\n\
+         total {:.3} s, {} pages, {} on the wire\n",
+        f.pages,
+        "",
+        human_bytes(f.wire_bytes),
+        f.round_ms,
+        r.counter_at_pause,
+        f.stop_ms,
+        f.state_bytes,
+        f.capture_ms,
+        f.round_ms,
+        f.state_ms,
+        f.finish_ms,
+        f.pause_to_finish_ms,
+        r.total_seconds,
+        r.total_pages,
+        human_bytes(r.total_wire_bytes),
+    )
+}
+
+fn dest_summary(r: &dest::DestReport) -> String {
+    format!(
+        "destination: {} rounds, {} received ({} on the wire); guest resumed at counter {} \
+         and reached {} ({:.1} ms later), where all {} working-set pages and its checksum {} \
+         checked: verified\n\
+         session ended {:.2} ms after the pause; restore (session end → guest running): \
+         {:.3} ms\n\
+         downtime (source pause → destination guest running, {}): {:.2} ms\n",
+        r.rounds,
+        human_bytes(r.received_memory_bytes),
+        human_bytes(r.received_wire_bytes),
+        r.counter_at_pause,
+        r.counter_at_check,
+        r.resume_to_check_ms,
+        r.pages_checked,
+        r.checksum,
+        r.pause_to_session_end_ms,
+        r.restore_ms,
+        clock_name(r.downtime_clock),
+        r.downtime_ms,
+    )
+}
+
+fn clock_name(c: dest::DowntimeClock) -> &'static str {
+    match c {
+        dest::DowntimeClock::Monotonic => "one host, CLOCK_MONOTONIC",
+        dest::DowntimeClock::Realtime => "two hosts, CLOCK_REALTIME",
+    }
+}
+
+/// A child process that is killed if dropped before it is waited for.
+struct ChildGuard(Option<Child>);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Both roles: the destination in a child process (this binary, `kvm-demo dest`), the
+/// source here, over loopback.
+fn both(o: &Opts) -> Res<()> {
+    // Validate before starting anything.
+    let probe = source_opts(o, SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    let exe = std::env::current_exe().map_err(|e| format!("finding this program: {e}"))?;
+    let mut cmd = Command::new(exe);
+    cmd.args([
+        "kvm-demo",
+        "dest",
+        "--listen",
+        "127.0.0.1:0",
+        "--accept-timeout",
+        "30",
+        "--json",
+        "--memory",
+        &o.memory,
+        "--idle-timeout",
+        &o.idle_timeout.to_string(),
+    ]);
+    if let Some(s) = &o.secret_file {
+        cmd.arg("--secret-file").arg(s);
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("starting the destination process: {e}"))?;
+    let stdout = child.stdout.take().ok_or("destination stdout not piped")?;
+    let pid = child.id();
+    let mut guard = ChildGuard(Some(child));
+    let mut lines = BufReader::new(stdout).lines();
+    let mut next_json = |what: &str| -> Res<Value> {
+        match lines.next() {
+            Some(Ok(l)) => serde_json::from_str(&l)
+                .map_err(|e| format!("destination printed '{l}' ({e}), expected {what}")),
+            Some(Err(e)) => Err(format!("reading the destination's output: {e}")),
+            None => Err(format!("the destination exited before printing {what}")),
+        }
+    };
+    let listening = next_json("its address")?;
+    let dest_addr = listening["listening"]
+        .as_str()
+        .ok_or("the destination printed no address")
+        .and_then(|s| {
+            s.parse::<SocketAddr>()
+                .map_err(|_| "bad destination address")
+        })?;
+    let so = source::SourceOpts {
+        connect: dest_addr,
+        ..probe
+    };
+    if !o.json {
+        println!("{}", banner(&so));
+        println!("destination: process {pid} listening on {dest_addr}");
+        println!("{ROUND_HEADER}");
+    }
+    let src = source::run(&so, |row| {
+        if !o.json {
+            println!("{}", round_line(row));
+        }
+    })?;
+    if !o.json {
+        print!("{}", source_summary(&src));
+    }
+    let d = next_json("its report")?;
+    let status = guard
+        .0
+        .take()
+        .ok_or("destination process lost")?
+        .wait()
+        .map_err(|e| format!("waiting for the destination: {e}"))?;
+    if !status.success() {
+        return Err(format!("the destination failed ({status})"));
+    }
+    let dest = d
+        .get("dest")
+        .cloned()
+        .ok_or("the destination's report has no 'dest'")?;
+    if dest["verified"] != Value::Bool(true) {
+        return Err("the destination did not verify the guest".into());
+    }
+    if o.json {
+        println!(
+            "{}",
+            json!({
+                "memory_bytes": so.layout.mem_size,
+                "working_set_pages": so.layout.ws_pages,
+                "channels": so.cfg.channels,
+                "codec": so.cfg.codec.name(),
+                "downtime_ms": dest["downtime_ms"],
+                "downtime_clock": dest["downtime_clock"],
+                "verified": true,
+                "source": src,
+                "dest": dest,
+            })
+        );
+    } else {
+        let num = |k: &str| dest[k].as_f64().unwrap_or(f64::NAN);
+        let int = |k: &str| dest[k].as_u64().unwrap_or(0);
+        println!(
+            "destination: guest resumed at counter {} and reached {} ({:.1} ms later); all {} \
+             working-set pages and the guest's checksum {} checked: verified",
+            int("counter_at_pause"),
+            int("counter_at_check"),
+            num("resume_to_check_ms"),
+            int("pages_checked"),
+            dest["checksum"].as_str().unwrap_or("?"),
+        );
+        println!(
+            "destination session ended {:.2} ms after the pause; restore (session end → guest \
+             running) {:.3} ms",
+            num("pause_to_session_end_ms"),
+            num("restore_ms")
+        );
+        println!(
+            "downtime (source pause → destination guest running, same host, CLOCK_MONOTONIC): {:.2} ms",
+            num("downtime_ms")
+        );
+    }
+    Ok(())
+}

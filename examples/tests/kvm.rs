@@ -1,0 +1,264 @@
+//! `pagewire kvm-demo`: a running KVM guest migrated between two processes over loopback,
+//! checked on the destination. Skips (with a SKIP line) where KVM is unavailable.
+#![cfg(target_arch = "x86_64")]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_pagewire");
+
+/// Why KVM cannot run a guest here, if it cannot.
+fn kvm_missing() -> Option<String> {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        return Some("/dev/kvm is absent".into());
+    }
+    let kvm = match kvm_ioctls::Kvm::new() {
+        Ok(k) => k,
+        Err(e) => return Some(format!("cannot open /dev/kvm: {e}")),
+    };
+    match kvm.create_vm() {
+        Ok(_) => None,
+        Err(e) => Some(format!("KVM_CREATE_VM fails: {e}")),
+    }
+}
+
+macro_rules! require_kvm {
+    ($name:expr) => {
+        if let Some(why) = kvm_missing() {
+            eprintln!("SKIP {}: {why}", $name);
+            return;
+        }
+    };
+}
+
+fn wait_output(mut child: Child, limit: Duration) -> Output {
+    let t = Instant::now();
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        if t.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "process did not exit within {limit:?}; stdout: {} stderr: {}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn last_json(out: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or("");
+    serde_json::from_str(line).unwrap_or_else(|e| {
+        panic!(
+            "last stdout line is not JSON ({e}): {stdout}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// The destination's checks passed and say the guest continued from its paused counter.
+fn assert_continued(dest: &Value, source: &Value, ws_pages: u64) {
+    assert_eq!(dest["verified"], Value::Bool(true), "{dest}");
+    let paused = source["counter_at_pause"]
+        .as_u64()
+        .expect("counter at pause");
+    assert_eq!(dest["counter_at_pause"].as_u64(), Some(paused), "{dest}");
+    let checked = dest["counter_at_check"].as_u64().expect("counter at check");
+    assert!(
+        checked > paused,
+        "counter {checked} after resuming, {paused} at the pause"
+    );
+    assert_eq!(checked % ws_pages, 0, "a checkpoint is at a whole pass");
+    assert_eq!(dest["pages_checked"].as_u64(), Some(ws_pages), "{dest}");
+    let downtime = dest["downtime_ms"].as_f64().expect("downtime");
+    assert!(
+        downtime > 0.0 && downtime < 10_000.0,
+        "downtime {downtime} ms"
+    );
+    assert_eq!(dest["downtime_clock"], "monotonic", "{dest}");
+}
+
+/// `pagewire kvm-demo`: the destination is a child process of the source; raw pages.
+#[test]
+fn migrates_a_running_guest_between_two_processes() {
+    require_kvm!("migrates_a_running_guest_between_two_processes");
+    let child = Command::new(BIN)
+        .args([
+            "kvm-demo",
+            "--json",
+            "--codec",
+            "none",
+            "--memory",
+            "64MiB",
+            "--working-set",
+            "2048",
+            "--max-rounds",
+            "15",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kvm-demo");
+    let out = wait_output(child, Duration::from_secs(60));
+    assert!(
+        out.status.success(),
+        "kvm-demo failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = last_json(&out);
+    assert_eq!(v["verified"], Value::Bool(true), "{v}");
+    let source = &v["source"];
+    let rounds = source["rounds"].as_array().expect("rounds");
+    assert!(!rounds.is_empty() && rounds.len() <= 15, "{source}");
+    // Round 1 sends every page of the 64 MiB; the others what the dirty log reported.
+    assert_eq!(rounds[0]["pages"].as_u64(), Some(16384), "{source}");
+    for w in rounds.windows(2) {
+        assert_eq!(w[1]["pages"], w[0]["dirtied"], "{source}");
+    }
+    // The final round carries the last dirty set (plus what the guest wrote before it
+    // stopped).
+    let last_dirty = rounds[rounds.len() - 1]["dirtied"]
+        .as_u64()
+        .expect("dirtied");
+    let final_pages = source["final"]["pages"].as_u64().expect("final pages");
+    assert!(final_pages >= last_dirty, "{source}");
+    assert_continued(&v["dest"], source, 2048);
+}
+
+/// `kvm-demo dest` and `kvm-demo source` as two processes started here, with DEFLATE (pages
+/// compressed while the guest writes them) and a round limit.
+#[test]
+fn source_and_dest_roles_with_deflate() {
+    require_kvm!("source_and_dest_roles_with_deflate");
+    let mut dest = Command::new(BIN)
+        .args([
+            "kvm-demo",
+            "dest",
+            "--listen",
+            "127.0.0.1:0",
+            "--accept-timeout",
+            "30",
+            "--json",
+            "--memory",
+            "32MiB",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn dest");
+    let mut lines = BufReader::new(dest.stdout.take().expect("stdout")).lines();
+    let first = lines.next().expect("a listening line").expect("read");
+    let first: Value = serde_json::from_str(&first).expect("listening JSON");
+    let addr = first["listening"].as_str().expect("address").to_string();
+    let source = Command::new(BIN)
+        .args([
+            "kvm-demo",
+            "source",
+            "--connect",
+            &addr,
+            "--json",
+            "--codec",
+            "deflate",
+            "--memory",
+            "32MiB",
+            "--working-set",
+            "1024",
+            "--max-rounds",
+            "4",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn source");
+    let src_out = wait_output(source, Duration::from_secs(60));
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let dest_out = wait_output(dest, Duration::from_secs(30));
+    assert!(
+        src_out.status.success(),
+        "source failed: {}",
+        String::from_utf8_lossy(&src_out.stderr)
+    );
+    assert!(
+        dest_out.status.success(),
+        "dest failed: {}",
+        String::from_utf8_lossy(&dest_out.stderr)
+    );
+    let s = last_json(&src_out);
+    let d: Value = serde_json::from_str(rest.last().expect("dest report")).expect("dest JSON");
+    assert_eq!(s["role"], "source");
+    assert_eq!(d["role"], "dest");
+    let rounds = s["source"]["rounds"].as_array().expect("rounds");
+    assert!(!rounds.is_empty() && rounds.len() <= 4);
+    // Compressed: well under a raw page per page sent.
+    let wire = s["source"]["total_wire_bytes"].as_u64().expect("wire");
+    let pages = s["source"]["total_pages"].as_u64().expect("pages");
+    assert!(
+        wire < pages * 4096 * 3 / 4,
+        "{wire} wire bytes for {pages} pages"
+    );
+    assert_continued(&d["dest"], &s["source"], 1024);
+}
+
+/// A destination whose VM memory differs from the source's refuses the session (and keeps
+/// waiting for a fitting source until its accept timeout), and both sides say why.
+#[test]
+fn memory_size_mismatch_is_refused() {
+    require_kvm!("memory_size_mismatch_is_refused");
+    let mut dest = Command::new(BIN)
+        .args([
+            "kvm-demo",
+            "dest",
+            "--listen",
+            "127.0.0.1:0",
+            "--accept-timeout",
+            "2",
+            "--json",
+            "--memory",
+            "32MiB",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn dest");
+    let mut lines = BufReader::new(dest.stdout.take().expect("stdout")).lines();
+    let first: Value =
+        serde_json::from_str(&lines.next().expect("line").expect("read")).expect("JSON");
+    let addr = first["listening"].as_str().expect("address").to_string();
+    let source = Command::new(BIN)
+        .args([
+            "kvm-demo",
+            "source",
+            "--connect",
+            &addr,
+            "--memory",
+            "64MiB",
+            "--codec",
+            "none",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn source");
+    let src_out = wait_output(source, Duration::from_secs(60));
+    let dest_out = wait_output(dest, Duration::from_secs(30));
+    assert!(!src_out.status.success());
+    assert!(!dest_out.status.success());
+    let src_err = String::from_utf8_lossy(&src_out.stderr);
+    let dest_err = String::from_utf8_lossy(&dest_out.stderr);
+    for err in [&src_err, &dest_err] {
+        assert!(err.contains("pagewire: error:"), "{err}");
+        assert!(
+            err.contains("67108864 bytes on the sender but 33554432 here"),
+            "{err}"
+        );
+    }
+    assert_eq!(src_err.lines().count(), 1, "{src_err}");
+}
