@@ -24,7 +24,6 @@
 
 use std::io::{IoSlice, IoSliceMut, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -45,7 +44,6 @@ struct Run {
     send_cpu: f64,
     recv_cpu: f64,
     wire: u64,
-    heap_peak: usize,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -60,40 +58,6 @@ fn pair() -> (TcpStream, TcpStream) {
     c.set_nodelay(true).expect("nodelay");
     s.set_nodelay(true).expect("nodelay");
     (c, s)
-}
-
-/// Resident bytes of this process (/proc/self/statm; cheap, takes no allocator lock). Guest
-/// memory is resident before a session starts (both sides are filled beforehand), so what a
-/// session adds is the engine's own memory.
-fn heap_in_use() -> usize {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| {
-            s.split_whitespace()
-                .nth(1)
-                .and_then(|v| v.parse::<usize>().ok())
-        })
-        .map_or(0, |pages| pages * 4096)
-}
-
-/// Run `f` while a thread samples the heap every millisecond; returns f's result and the peak
-/// heap above the level before `f`.
-fn with_heap_peak<T>(f: impl FnOnce() -> T) -> (T, usize) {
-    let base = heap_in_use();
-    let peak = Arc::new(AtomicUsize::new(base));
-    let stop = Arc::new(AtomicBool::new(false));
-    let (p, s) = (peak.clone(), stop.clone());
-    let sampler = std::thread::spawn(move || {
-        while !s.load(Ordering::Relaxed) {
-            p.fetch_max(heap_in_use(), Ordering::Relaxed);
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    });
-    let out = f();
-    peak.fetch_max(heap_in_use(), Ordering::Relaxed);
-    stop.store(true, Ordering::Relaxed);
-    let _ = sampler.join();
-    (out, peak.load(Ordering::Relaxed).saturating_sub(base))
 }
 
 fn tcp_large_writes(bytes: usize) -> Run {
@@ -125,7 +89,6 @@ fn tcp_large_writes(bytes: usize) -> Run {
         send_cpu,
         recv_cpu,
         wire: bytes as u64,
-        heap_peak: 0,
     }
 }
 
@@ -180,7 +143,6 @@ fn writev_readv(src: &[u8], dst: &mut [u8], copy: bool) -> Run {
         send_cpu,
         recv_cpu,
         wire: len as u64,
-        heap_peak: 0,
     }
 }
 
@@ -206,8 +168,71 @@ fn deflate_codec_only(src: &[u8]) -> Run {
         send_cpu: thread_cpu_seconds() - c0,
         recv_cpu: 0.0,
         wire,
-        heap_peak: 0,
     }
+}
+
+/// VmRSS and VmHWM of this process, in bytes (/proc/self/status).
+fn rss_and_hwm() -> (usize, usize) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// `--memory-probe CODEC`: in this fresh process, fill both memories (so they are resident),
+/// then run one session and report how far the peak resident set rose above that level: the
+/// engine's own memory (buffers, rings, codec state, thread stacks), both ends, per channel.
+fn memory_probe(codec: &str, channels: u16, size: usize) {
+    let src_block = Block::anonymous("pc.ram", size).expect("map");
+    // SAFETY: fresh block, not shared.
+    synth::fill(
+        PageSet::Realistic,
+        unsafe { src_block.as_mut_slice() },
+        PS,
+        1,
+    );
+    let src = Arc::new(GuestMemory::new(vec![src_block]).expect("mem"));
+    let dst = Arc::new(
+        GuestMemory::new(vec![Block::anonymous("pc.ram", size).expect("map")]).expect("mem"),
+    );
+    // SAFETY: no session runs yet.
+    unsafe { dst.block(0).expect("block").as_mut_slice() }.fill(1);
+    let kind = match codec {
+        "none" => CodecKind::None,
+        "qpl" => CodecKind::Qpl,
+        _ => CodecKind::Deflate,
+    };
+    let cfg = Config {
+        codec: kind,
+        channels,
+        idle_timeout: Duration::from_secs(60),
+        ..Config::default()
+    };
+    let (before, _) = rss_and_hwm();
+    loopback_session(&src, &dst, &cfg);
+    let (_, peak) = rss_and_hwm();
+    let per_channel =
+        peak.saturating_sub(before) as f64 / f64::from(channels) / (1u64 << 20) as f64;
+    println!(
+        "{}",
+        serde_json::json!({"codec": codec, "channels": channels, "peak_mib_per_channel": per_channel})
+    );
+}
+
+/// Run the memory probe for `codec` in a child process.
+fn probe(codec: &str, channels: u16) -> Option<f64> {
+    let me = std::env::current_exe().ok()?;
+    let out = std::process::Command::new(me)
+        .args(["--memory-probe", codec, "--channels", &channels.to_string()])
+        .output()
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["peak_mib_per_channel"].as_f64()
 }
 
 fn parse_size(s: &str) -> usize {
@@ -242,6 +267,10 @@ fn main() {
         o => panic!("unknown --set {o}"),
     };
     let json = args.iter().any(|a| a == "--json");
+    if let Some(codec) = get("--memory-probe") {
+        memory_probe(&codec, channels, 64 << 20);
+        return;
+    }
 
     let src_block = Block::anonymous("pc.ram", size).expect("map");
     // SAFETY: fresh block, not shared.
@@ -284,13 +313,12 @@ fn main() {
                 )
             };
             let session = |cfg: Config| {
-                let (r, heap) = with_heap_peak(|| loopback_session(&src, &dst, &cfg));
+                let r = loopback_session(&src, &dst, &cfg);
                 Run {
                     seconds: r.seconds,
                     send_cpu: r.send_cpu,
                     recv_cpu: r.recv_cpu,
                     wire: r.wire,
-                    heap_peak: heap,
                 }
             };
             let r = match *name {
@@ -325,12 +353,23 @@ fn main() {
     }
     // SAFETY: sessions are over.
     assert!(unsafe { src.block(0).expect("b").as_slice() == dst.block(0).expect("b").as_slice() });
+    // Memory per channel, each codec measured once in a fresh process.
+    let mem_of = |variant: &str| -> Option<f64> {
+        match variant {
+            "pagewire-none" => probe("none", channels),
+            "pagewire-deflate" => probe("deflate", channels),
+            "pagewire-qpl-fixed" => probe("qpl", channels),
+            _ => None,
+        }
+    };
+    let memory: Vec<Option<f64>> = names.iter().map(|n| mem_of(n)).collect();
 
     let gib = size as f64 / (1u64 << 30) as f64;
     let rows: Vec<serde_json::Value> = names
         .iter()
         .zip(&results)
-        .map(|(name, rs)| {
+        .zip(&memory)
+        .map(|((name, rs), mem)| {
             let secs = median(rs.iter().map(|r| r.seconds).collect());
             serde_json::json!({
                 "variant": name,
@@ -340,7 +379,7 @@ fn main() {
                 "send_cpu_s_per_gib": median(rs.iter().map(|r| r.send_cpu / gib).collect()),
                 "recv_cpu_s_per_gib": median(rs.iter().map(|r| r.recv_cpu / gib).collect()),
                 "wire_ratio": median(rs.iter().map(|r| r.wire as f64 / size as f64).collect()),
-                "memory_peak_mib_per_channel": median(rs.iter().map(|r| r.heap_peak as f64 / f64::from(channels) / (1u64 << 20) as f64).collect()),
+                "memory_peak_mib_per_channel": mem,
             })
         })
         .collect();
