@@ -20,7 +20,7 @@
 //! memory is mapped, not allocated, so it is not counted). Medians of `--runs` runs.
 //!
 //! `cargo run --release -p pagewire-benches --bin engine -- [--size 256MiB] [--runs 5]
-//!  [--set realistic|text|random|zero] [--channels N] [--json]`
+//!  [--set realistic|text|random|zero] [--channels N] [--only VARIANT] [--json]`
 
 use std::io::{IoSlice, IoSliceMut, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -301,6 +301,11 @@ fn main() {
     match qpl_sys::Qpl::load() {
         Ok(_) => names.extend(["pagewire-qpl-fixed", "pagewire-qpl-dynamic"]),
         Err(e) => eprintln!("SKIP pagewire-qpl-*: {e}"),
+    }
+    // `--only NAME` runs one variant (for profiling).
+    if let Some(only) = get("--only") {
+        names.retain(|n| *n == only);
+        assert!(!names.is_empty(), "--only {only}: no such variant");
     }
     let mut results: Vec<Vec<Run>> = vec![Vec::new(); names.len()];
     for run in 0..runs {
