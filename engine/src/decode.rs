@@ -73,6 +73,18 @@ pub fn decode_streams<R: Read>(
     captures: Vec<(String, R)>,
     page_size: u32,
 ) -> Result<DecodeStats, DecodeError> {
+    decode_streams_with(mem, captures, page_size, None)
+}
+
+/// [`decode_streams`] with the streams' pages per packet given (`None`: learned from the first
+/// header that names it; a QEMU SYNC, which names none, before any other header is taken to be
+/// QEMU's 512 KiB packet size).
+pub fn decode_streams_with<R: Read>(
+    mem: &GuestMemory,
+    captures: Vec<(String, R)>,
+    page_size: u32,
+    pages_per_packet: Option<u32>,
+) -> Result<DecodeStats, DecodeError> {
     let mut streams = Vec::with_capacity(captures.len());
     let mut uuid: Option<[u8; 16]> = None;
     for (name, mut reader) in captures {
@@ -135,7 +147,7 @@ pub fn decode_streams<R: Read>(
         .collect();
     let mut st = State {
         page_size,
-        ppp: None,
+        ppp: pages_per_packet,
         compression: None,
         blocks,
         header: PacketHeader::default(),
@@ -165,6 +177,9 @@ pub fn decode_streams<R: Read>(
     }
     Ok(out)
 }
+
+/// QEMU's multifd packet size (MULTIFD_PACKET_SIZE): pages per packet = this / page size.
+const QEMU_PACKET_BYTES: u32 = 512 * 1024;
 
 struct State {
     page_size: u32,
@@ -214,10 +229,17 @@ impl State {
                 s.done = true;
                 return Ok(());
             }
-            // The header's length depends on pages_alloc: learn it from the first header and
-            // hold every later one to it.
+            // The header's length depends on pages per packet: learn it from the first header
+            // that names it and hold every later one to it. QEMU (>= 9.2) sends SYNC packets at
+            // full length with pages_alloc = 0; one before any other header is taken to be
+            // QEMU's size (its 512 KiB packets), which the next header then confirms or not.
             let pages_alloc = be32(&fixed, 12);
-            let ppp = *self.ppp.get_or_insert(pages_alloc);
+            let qemu_sync = pages_alloc == 0 && be32(&fixed, 8) & wire::FLAG_SYNC != 0;
+            let ppp = match self.ppp {
+                Some(p) => p,
+                None if qemu_sync => (QEMU_PACKET_BYTES / self.page_size.max(1)).max(1),
+                None => *self.ppp.insert(pages_alloc),
+            };
             if ppp == 0 || ppp > MAX_PAGES_PER_PACKET {
                 return Err(cerr(
                     s,
@@ -232,7 +254,7 @@ impl State {
             let hlen = wire::header_len(ppp);
             self.hbuf.resize(hlen, 0);
             self.hbuf[..HEADER_FIXED_LEN].copy_from_slice(&fixed);
-            if pages_alloc == ppp
+            if (pages_alloc == ppp || qemu_sync)
                 && !read_full(
                     &mut s.reader,
                     &mut self.hbuf[HEADER_FIXED_LEN..],
@@ -424,4 +446,61 @@ fn read_full<R: Read>(
         }
     }
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::Block;
+    use pagewire_transport::wire::{encode_header, HeaderFields, FLAG_SYNC, MAGIC, VERSION};
+
+    /// QEMU >= 9.2's SYNC: full length, every field zero but magic, version, flags, packet_num.
+    fn qemu_sync(packet_num: u64) -> Vec<u8> {
+        let mut h = vec![0u8; wire::header_len(128)];
+        h[0..4].copy_from_slice(&MAGIC.to_be_bytes());
+        h[4..8].copy_from_slice(&VERSION.to_be_bytes());
+        h[8..12].copy_from_slice(&FLAG_SYNC.to_be_bytes());
+        h[24..32].copy_from_slice(&packet_num.to_be_bytes());
+        h
+    }
+
+    fn raw_packet(packet_num: u64, offset: u64, fill: u8) -> Vec<u8> {
+        let mut h = vec![0u8; wire::header_len(128)];
+        let f = HeaderFields {
+            flags: 0,
+            pages_alloc: 128,
+            normal_pages: 1,
+            next_packet_size: 4096,
+            packet_num,
+            zero_pages: 0,
+        };
+        encode_header(&mut h, &f, "pc.ram", &[offset]);
+        h.extend_from_slice(&[fill; 4096]);
+        h
+    }
+
+    /// QEMU-style SYNC packets (pages_alloc = 0) first, in the middle and last.
+    #[test]
+    fn qemu_sync_packets_anywhere_in_a_stream() {
+        let mut stream = InitPacket {
+            uuid: [1; 16],
+            channel_id: 0,
+        }
+        .encode()
+        .to_vec();
+        stream.extend(qemu_sync(0));
+        stream.extend(raw_packet(1, 4096, 0xAA));
+        stream.extend(qemu_sync(2));
+        stream.extend(raw_packet(3, 8192, 0xBB));
+        stream.extend(qemu_sync(4));
+        let mem = GuestMemory::new(vec![Block::anonymous("pc.ram", 16 * 4096).expect("map")])
+            .expect("mem");
+        let st =
+            decode_streams(&mem, vec![("qemu".to_string(), &stream[..])], 4096).expect("decodes");
+        assert_eq!(st.rounds, 3);
+        assert_eq!(st.pages_per_packet, 128);
+        let b = mem.block(0).expect("block").to_vec();
+        assert!(b[4096..8192].iter().all(|&x| x == 0xAA));
+        assert!(b[8192..12288].iter().all(|&x| x == 0xBB));
+    }
 }

@@ -468,7 +468,19 @@ fn pages_rewritten_during_compression_never_break_the_stream() {
     let stop = Arc::new(AtomicBool::new(false));
     let base = src.block(0).expect("block").as_ptr() as usize;
     let len = src.block(0).expect("block").len();
-    let guest = {
+    /// Stops and joins the guest thread when dropped, also when a round fails and the test
+    /// unwinds: the memory it writes must not be unmapped under it.
+    struct Guest(Arc<AtomicBool>, Option<std::thread::JoinHandle<()>>);
+    impl Drop for Guest {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+            if let Some(h) = self.1.take() {
+                let _ = h.join();
+            }
+        }
+    }
+    let mut guest = Guest(stop.clone(), None);
+    guest.1 = Some({
         let stop = stop.clone();
         std::thread::spawn(move || {
             let mut v = 1u64;
@@ -479,18 +491,18 @@ fn pages_rewritten_during_compression_never_break_the_stream() {
                         .wrapping_mul(6_364_136_223_846_793_005)
                         .wrapping_add(1_442_695_040_888_963_407);
                     // SAFETY: `off + 8 <= len` inside the block, which outlives this thread
-                    // (joined below); a concurrent write is what a running guest does.
+                    // (joined by `Guest`'s drop, before `src` can go); a concurrent write is
+                    // what a running guest does.
                     unsafe { std::ptr::write_volatile((base + off) as *mut u64, v >> 40) };
                 }
             }
         })
-    };
+    });
     for _ in 0..300 {
         s.send_round(RoundPages::all(&sizes(&src), PS, c.pages_per_packet))
             .expect("a round while the guest writes");
     }
-    stop.store(true, Ordering::Relaxed);
-    guest.join().expect("guest");
+    drop(guest);
     // The last round, guest stopped: every page again.
     s.send_round(RoundPages::all(&sizes(&src), PS, c.pages_per_packet))
         .expect("final round");

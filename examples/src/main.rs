@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use pagewire::accel::qpl::{Huffman, QplPath, QplSettings};
 use pagewire::config::{Decoder, ZeroCopy};
-use pagewire::decode::{decode_streams, DecodeStats};
+use pagewire::decode::{decode_streams_with, DecodeStats};
 use pagewire::pin::Pinning;
 use pagewire::session::auth::Secret;
 use pagewire::synth::{self, PageSet};
@@ -217,6 +217,10 @@ struct DecodeArgs {
     /// Page size of the streams.
     #[arg(long, default_value_t = 4096)]
     page_size: u32,
+    /// Pages per packet of the streams (default: learned from the first header; a stream
+    /// opening with a QEMU SYNC is taken to use QEMU's 512 KiB packets).
+    #[arg(long)]
+    pages_per_packet: Option<u32>,
     /// Recorded channel streams, each starting with its init packet.
     #[arg(required = true)]
     captures: Vec<PathBuf>,
@@ -793,8 +797,8 @@ fn decode(a: DecodeArgs) -> Res<()> {
         ));
     }
     let t = Instant::now();
-    let stats: DecodeStats =
-        decode_streams(&mem, captures, a.page_size).map_err(|e| e.to_string())?;
+    let stats: DecodeStats = decode_streams_with(&mem, captures, a.page_size, a.pages_per_packet)
+        .map_err(|e| e.to_string())?;
     let secs = t.elapsed().as_secs_f64();
     let file = File::create(&a.out).map_err(|e| format!("{}: {e}", a.out.display()))?;
     write_memory(&mem, file).map_err(|e| format!("{}: {e}", a.out.display()))?;

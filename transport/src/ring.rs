@@ -223,6 +223,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "io_uring_setup/io_uring_enter are not supported by Miri"
+    )]
     fn ring_sets_up_and_times_out() {
         let mut ring = match Ring::new(8) {
             Ok(r) => r,
