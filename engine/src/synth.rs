@@ -25,8 +25,7 @@
 //!
 //! Generation is table driven (fixed-size stores into a scratch page with some slack, field
 //! values taken from masked random words) so that filling runs at more than 1 GB/s on one core
-//! (`cargo test --release -p pagewire --lib -- --ignored --nocapture print_kind_ratios` prints
-//! the figures and the DEFLATE ratio of each kind).
+//! (the `codecs` benchmark reports the ratio each codec reaches on these pages).
 
 /// A family of pages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -1360,81 +1359,5 @@ mod tests {
                 assert!(a == b, "{set:?} {len} {ps}");
             }
         }
-    }
-
-    /// Per-kind DEFLATE level-1 ratios and fill speed, for tuning
-    /// (`cargo test --release -- --ignored --nocapture print_kind_ratios`).
-    #[test]
-    #[ignore]
-    fn print_kind_ratios() {
-        let mut rng = Rng::new(99);
-        let pages = 4096;
-        let mut buf = vec![0u8; pages * PAGE];
-        let mut scratch = vec![0u8; PAGE + SLACK];
-        let styles = [
-            ("prose", Some(TextStyle::Prose)),
-            ("source", Some(TextStyle::Source)),
-            ("log", Some(TextStyle::Log)),
-            ("text", None),
-        ];
-        for (name, style) in styles {
-            let t = std::time::Instant::now();
-            for run in buf.chunks_mut(16 * PAGE) {
-                let mut text = TextCtx::new(&mut rng);
-                text.style = style.unwrap_or(text.style);
-                for p in run.chunks_mut(PAGE) {
-                    let mut w = Writer::new(&mut scratch, PAGE);
-                    text.page(&mut rng, &mut w);
-                    p.copy_from_slice(&scratch[..PAGE]);
-                }
-            }
-            let gbs = buf.len() as f64 / t.elapsed().as_secs_f64() / 1e9;
-            println!("{name:>8}: ratio {:.3}, {gbs:.2} GB/s", ratio(&buf).0);
-        }
-        let t = std::time::Instant::now();
-        for run in buf.chunks_mut(16 * PAGE) {
-            let code = CodeCtx::new(&mut rng);
-            for p in run.chunks_mut(PAGE) {
-                let mut w = Writer::new(&mut scratch, PAGE);
-                code.page(&mut rng, &mut w);
-                p.copy_from_slice(&scratch[..PAGE]);
-            }
-        }
-        let gbs = buf.len() as f64 / t.elapsed().as_secs_f64() / 1e9;
-        println!("    code: ratio {:.3}, {gbs:.2} GB/s", ratio(&buf).0);
-        for sparse in [false, true] {
-            let t = std::time::Instant::now();
-            for run in buf.chunks_mut(16 * PAGE) {
-                let heap = HeapCtx::new(&mut rng);
-                for p in run.chunks_mut(PAGE) {
-                    if sparse {
-                        heap.sparse_page(&mut rng, p);
-                    } else {
-                        let mut w = Writer::new(&mut scratch, PAGE);
-                        heap.page(&mut rng, &mut w);
-                        p.copy_from_slice(&scratch[..PAGE]);
-                    }
-                }
-            }
-            let gbs = buf.len() as f64 / t.elapsed().as_secs_f64() / 1e9;
-            let name = if sparse { "sparse" } else { "heap" };
-            println!("{name:>8}: ratio {:.3}, {gbs:.2} GB/s", ratio(&buf).0);
-        }
-        let mut buf = vec![0u8; 64 << 20];
-        let t = std::time::Instant::now();
-        fill(PageSet::Realistic, &mut buf, PAGE, 1); // faults the pages in too
-        let fresh = buf.len() as f64 / t.elapsed().as_secs_f64() / 1e9;
-        println!("realistic: {fresh:.2} GB/s fill into fresh memory (page faults included)");
-        let t = std::time::Instant::now();
-        fill(PageSet::Realistic, &mut buf, PAGE, 1);
-        let dt = t.elapsed().as_secs_f64();
-        let (r, nz) = ratio(&buf);
-        println!(
-            "realistic: {:.2} GB/s fill, non-zero ratio {r:.3}, non-zero pages {nz} of {}, \
-             wire/RAM {:.3}",
-            buf.len() as f64 / dt / 1e9,
-            buf.len() / PAGE,
-            r * (nz * PAGE) as f64 / buf.len() as f64
-        );
     }
 }
