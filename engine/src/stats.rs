@@ -49,28 +49,51 @@ pub struct ChannelStats {
     pub cpu_seconds: f64,
 }
 
+/// Every u64 counter of [`ChannelStats`], listed once for the arithmetic below.
+macro_rules! u64_counters {
+    ($m:ident) => {
+        $m!(
+            packets,
+            sync_packets,
+            pages_normal,
+            pages_zero,
+            pages_raw,
+            pages_compressed,
+            memory_bytes,
+            wire_bytes,
+            pages_skipped,
+            jobs_hardware,
+            jobs_software,
+            busy_retries,
+            busy_fallbacks,
+            jobs_failed,
+            zc_sends,
+            reads_fixed,
+            zc_notifications,
+            zc_copied
+        )
+    };
+}
+
 impl ChannelStats {
     /// Add `other`'s counters into `self` (channel id kept).
     pub fn add(&mut self, other: &ChannelStats) {
-        self.packets += other.packets;
-        self.sync_packets += other.sync_packets;
-        self.pages_normal += other.pages_normal;
-        self.pages_zero += other.pages_zero;
-        self.pages_raw += other.pages_raw;
-        self.pages_compressed += other.pages_compressed;
-        self.memory_bytes += other.memory_bytes;
-        self.wire_bytes += other.wire_bytes;
-        self.pages_skipped += other.pages_skipped;
-        self.jobs_hardware += other.jobs_hardware;
-        self.jobs_software += other.jobs_software;
-        self.busy_retries += other.busy_retries;
-        self.busy_fallbacks += other.busy_fallbacks;
-        self.jobs_failed += other.jobs_failed;
-        self.zc_sends += other.zc_sends;
-        self.reads_fixed += other.reads_fixed;
-        self.zc_notifications += other.zc_notifications;
-        self.zc_copied += other.zc_copied;
+        macro_rules! add {
+            ($($f:ident),*) => { $(self.$f += other.$f;)* };
+        }
+        u64_counters!(add);
         self.cpu_seconds += other.cpu_seconds;
+    }
+
+    /// What was counted since `earlier`, a snapshot of the same (monotonic) counters.
+    pub fn since(&self, earlier: &ChannelStats) -> ChannelStats {
+        let mut d = self.clone();
+        macro_rules! sub {
+            ($($f:ident),*) => { $(d.$f = self.$f.saturating_sub(earlier.$f);)* };
+        }
+        u64_counters!(sub);
+        d.cpu_seconds = self.cpu_seconds - earlier.cpu_seconds;
+        d
     }
 }
 
@@ -153,4 +176,46 @@ pub fn thread_cpu_seconds() -> f64 {
         return 0.0;
     }
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn add_and_since_cover_every_counter() {
+        let one = ChannelStats {
+            channel: 3,
+            packets: 1,
+            sync_packets: 2,
+            pages_normal: 3,
+            pages_zero: 4,
+            pages_raw: 5,
+            pages_compressed: 6,
+            memory_bytes: 7,
+            wire_bytes: 8,
+            pages_skipped: 9,
+            jobs_hardware: 10,
+            jobs_software: 11,
+            busy_retries: 12,
+            busy_fallbacks: 13,
+            jobs_failed: 14,
+            zc_sends: 15,
+            reads_fixed: 16,
+            zc_notifications: 17,
+            zc_copied: 18,
+            cpu_seconds: 0.5,
+        };
+        let mut two = one.clone();
+        two.add(&one);
+        assert_eq!(two.packets, 2);
+        assert_eq!(two.zc_copied, 36);
+        assert_eq!(two.cpu_seconds, 1.0);
+        assert_eq!(
+            two.since(&one),
+            one,
+            "since() undoes add() on every counter"
+        );
+        assert_eq!(two.since(&one).channel, 3);
+    }
 }

@@ -408,7 +408,7 @@ impl Sender {
             .enumerate()
             .map(|(i, s)| {
                 let prev = self.totals.get(i).cloned().unwrap_or_default();
-                diff(s, &prev)
+                s.since(&prev)
             })
             .collect();
         self.totals = per_channel;
@@ -511,31 +511,6 @@ impl Drop for Sender {
                 let _ = w.handle.join();
             }
         }
-    }
-}
-
-fn diff(now: &ChannelStats, prev: &ChannelStats) -> ChannelStats {
-    ChannelStats {
-        channel: now.channel,
-        packets: now.packets - prev.packets,
-        sync_packets: now.sync_packets - prev.sync_packets,
-        pages_normal: now.pages_normal - prev.pages_normal,
-        pages_zero: now.pages_zero - prev.pages_zero,
-        pages_raw: now.pages_raw - prev.pages_raw,
-        pages_compressed: now.pages_compressed - prev.pages_compressed,
-        memory_bytes: now.memory_bytes - prev.memory_bytes,
-        wire_bytes: now.wire_bytes.saturating_sub(prev.wire_bytes),
-        pages_skipped: now.pages_skipped - prev.pages_skipped,
-        jobs_hardware: now.jobs_hardware - prev.jobs_hardware,
-        jobs_software: now.jobs_software - prev.jobs_software,
-        busy_retries: now.busy_retries - prev.busy_retries,
-        busy_fallbacks: now.busy_fallbacks - prev.busy_fallbacks,
-        jobs_failed: now.jobs_failed - prev.jobs_failed,
-        zc_sends: now.zc_sends - prev.zc_sends,
-        reads_fixed: now.reads_fixed - prev.reads_fixed,
-        zc_notifications: now.zc_notifications - prev.zc_notifications,
-        zc_copied: now.zc_copied - prev.zc_copied,
-        cpu_seconds: now.cpu_seconds - prev.cpu_seconds,
     }
 }
 
