@@ -89,7 +89,6 @@ pub(crate) struct Door<'a> {
     wake_tx: UnixStream,
     watch: Arc<Mutex<Option<mpsc::Sender<Rejection>>>>,
     refused: u64,
-    last_refusal: Option<String>,
     last_refusal_error: Arc<Mutex<Option<String>>>,
 }
 
@@ -116,7 +115,6 @@ impl<'a> Door<'a> {
             rx,
             watch,
             refused: 0,
-            last_refusal: None,
             last_refusal_error: Arc::new(Mutex::new(None)),
             wake_rx,
             wake_tx,
@@ -125,25 +123,14 @@ impl<'a> Door<'a> {
 
     /// Connections refused so far, and the last reason.
     pub fn refused(&self) -> (u64, Option<String>) {
-        let last = self
-            .last_refusal_error
-            .lock()
-            .ok()
-            .and_then(|g| g.clone())
-            .or_else(|| self.last_refusal.clone());
+        let last = self.last_refusal_error.lock().ok().and_then(|g| g.clone());
         (self.refused, last)
     }
 
     /// Report a refusal decided by the session (e.g. a hello that does not fit this memory).
     pub fn refuse(&mut self, peer: SocketAddr, stream: &mut TcpStream, error: SessionError) {
-        let _ = control::write_message(
-            stream,
-            &Message::Error {
-                message: error.to_string(),
-            },
-        );
+        let error = tell_peer(stream, error);
         self.refused += 1;
-        self.last_refusal = Some(error.to_string());
         report(&self.watch, &self.last_refusal_error, peer, error);
     }
 
@@ -323,6 +310,17 @@ pub(crate) fn peer_allowed_with(
     Ok(())
 }
 
+/// Tell the peer why (an `error` message, best effort) and hand the error back.
+pub(crate) fn tell_peer(stream: &mut TcpStream, e: SessionError) -> SessionError {
+    let _ = control::write_message(
+        stream,
+        &Message::Error {
+            message: e.to_string(),
+        },
+    );
+    e
+}
+
 /// Log a refusal (one line) and tell a watcher, if any.
 fn report(
     watch: &Mutex<Option<mpsc::Sender<Rejection>>>,
@@ -351,17 +349,8 @@ fn handshake(
     timeout: Duration,
     socket: &SocketOptions,
 ) -> Result<Outcome, SessionError> {
-    let refuse = |stream: &mut TcpStream, e: SessionError| {
-        let _ = control::write_message(
-            stream,
-            &Message::Error {
-                message: e.to_string(),
-            },
-        );
-        e
-    };
     if let Err(e) = peer_allowed_with(secret.is_some(), insecure, &peer) {
-        return Err(refuse(&mut stream, e));
+        return Err(tell_peer(&mut stream, e));
     }
     net::configure(&stream, socket)?;
     stream
@@ -384,7 +373,7 @@ fn handshake(
                 Ok(Message::Hello(h)) => h,
                 Ok(Message::Error { message }) => return Err(SessionError::Peer(message)),
                 Ok(other) => {
-                    return Err(refuse(
+                    return Err(tell_peer(
                         &mut stream,
                         SessionError::Unexpected {
                             expected: "hello",
@@ -392,7 +381,7 @@ fn handshake(
                         },
                     ))
                 }
-                Err(e) => return Err(refuse(&mut stream, e.into())),
+                Err(e) => return Err(tell_peer(&mut stream, e.into())),
             };
             match (secret, &hello.auth) {
                 (None, _) => {}
@@ -400,14 +389,14 @@ fn handshake(
                     let e = SessionError::Auth(format!(
                         "control connection from {peer}: the sender sent no proof of the shared secret"
                     ));
-                    return Err(refuse(&mut stream, e));
+                    return Err(tell_peer(&mut stream, e));
                 }
                 (Some(sec), Some(a)) => {
                     if !sec.check_sender(&nonce_r, &a.nonce, &hello.uuid, &a.mac) {
                         let e = SessionError::Auth(format!(
                             "control connection from {peer}: the sender's proof does not match this receiver's shared secret"
                         ));
-                        return Err(refuse(&mut stream, e));
+                        return Err(tell_peer(&mut stream, e));
                     }
                 }
             }

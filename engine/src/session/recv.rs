@@ -490,13 +490,7 @@ fn no_session(e: SessionError, waited: Duration, door: &Door<'_>) -> SessionErro
 /// Send an error to the sender (best effort) and return it.
 fn reject(control: &mut TcpStream, e: SessionError) -> SessionError {
     debug!(error = %e, "rejecting session");
-    let _ = control::write_message(
-        control,
-        &Message::Error {
-            message: e.to_string(),
-        },
-    );
-    e
+    handshake::tell_peer(control, e)
 }
 
 #[derive(Debug, Default)]
