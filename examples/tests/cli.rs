@@ -3,14 +3,14 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pagewire::synth::{self, PageSet};
 use pagewire_transport::control::{self, Hello, Message};
 use pagewire_transport::wire::{self, BlockSpec, Compression, HeaderFields, InitPacket};
 
-const BIN: &str = env!("CARGO_BIN_EXE_pagewire");
+mod common;
+use common::{make_image, wait_output, BIN};
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -18,30 +18,6 @@ fn free_port() -> u16 {
         .local_addr()
         .expect("addr")
         .port()
-}
-
-fn make_image(path: &Path, size: usize, seed: u64) {
-    let mut v = vec![0u8; size];
-    synth::fill(PageSet::Realistic, &mut v, 4096, seed);
-    std::fs::write(path, &v).expect("write image");
-}
-
-fn wait_output(mut child: std::process::Child, limit: Duration) -> Output {
-    let t = Instant::now();
-    loop {
-        if let Some(_status) = child.try_wait().expect("wait") {
-            return child.wait_with_output().expect("output");
-        }
-        if t.elapsed() > limit {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            panic!(
-                "process did not exit within {limit:?}; stderr: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Whether something listens on 127.0.0.1:`port` (read from /proc, without connecting: a

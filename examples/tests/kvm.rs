@@ -3,12 +3,13 @@
 #![cfg(target_arch = "x86_64")]
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_pagewire");
+mod common;
+use common::{wait_output, BIN};
 
 /// Why KVM cannot run a guest here, if it cannot.
 fn kvm_missing() -> Option<String> {
@@ -32,25 +33,6 @@ macro_rules! require_kvm {
             return;
         }
     };
-}
-
-fn wait_output(mut child: Child, limit: Duration) -> Output {
-    let t = Instant::now();
-    loop {
-        if child.try_wait().expect("wait").is_some() {
-            return child.wait_with_output().expect("output");
-        }
-        if t.elapsed() > limit {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            panic!(
-                "process did not exit within {limit:?}; stdout: {} stderr: {}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn last_json(out: &Output) -> Value {

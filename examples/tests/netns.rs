@@ -2,13 +2,11 @@
 //! zero-copy sends round-trip byte-identically off loopback. Skips, saying so, where network
 //! namespaces cannot be made (not root, no `ip`). Traffic stays between the two namespaces.
 
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pagewire::synth::{self, PageSet};
-
-const BIN: &str = env!("CARGO_BIN_EXE_pagewire");
+mod common;
+use common::{make_image, wait_output, BIN};
 
 /// Two namespaces joined by a veth pair; removed on drop.
 struct Pair {
@@ -69,30 +67,6 @@ fn in_ns(ns: &str, args: &[&str]) -> Command {
     c
 }
 
-fn wait_output(mut child: std::process::Child, limit: Duration) -> Output {
-    let t = Instant::now();
-    loop {
-        if child.try_wait().expect("wait").is_some() {
-            return child.wait_with_output().expect("output");
-        }
-        if t.elapsed() > limit {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            panic!(
-                "no exit within {limit:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn make_image(path: &Path, size: usize) {
-    let mut v = vec![0u8; size];
-    synth::fill(PageSet::Realistic, &mut v, 4096, 77);
-    std::fs::write(path, &v).expect("image");
-}
-
 fn zero_copy_across_veth(codec: &str) {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -111,7 +85,7 @@ fn zero_copy_across_veth(codec: &str) {
     let dir = tempfile::tempdir().expect("tmp");
     let img = dir.path().join("guest.img");
     let out = dir.path().join("out.img");
-    make_image(&img, 64 << 20);
+    make_image(&img, 64 << 20, 77);
     let recv = in_ns(
         &pair.b,
         &[
