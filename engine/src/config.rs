@@ -48,8 +48,11 @@ pub struct Config {
     pub page_size: u32,
     /// Pages per multifd packet.
     pub pages_per_packet: u32,
-    /// Codec (sender).
+    /// Codec (sender). The default, `Auto`, compresses only what the link cannot carry raw.
     pub codec: CodecKind,
+    /// Sender: cap on the session's wire rate across all channels, bytes per second
+    /// (`None`: no cap). `Auto` treats the cap as the link.
+    pub max_bandwidth: Option<u64>,
     /// DEFLATE level for the deflate codec.
     pub level: i32,
     /// Settings of the qpl codec (Huffman mode, level, path).
@@ -89,10 +92,11 @@ impl Default for Config {
         Config {
             page_size: DEFAULT_PAGE_SIZE,
             pages_per_packet: DEFAULT_PAGES_PER_PACKET,
-            codec: CodecKind::Deflate,
+            codec: CodecKind::Auto,
             level: crate::codec::deflate::DEFAULT_LEVEL,
             qpl: QplSettings::default(),
             decoder: Decoder::Auto,
+            max_bandwidth: None,
             channels: 1,
             depth: 4,
             idle_timeout: Duration::from_secs(30),

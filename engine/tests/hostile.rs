@@ -70,6 +70,7 @@ fn cfg() -> Config {
 
 /// What the receiver did: finished `serve`, or refused a connection before any session
 /// (it then goes on serving).
+#[allow(clippy::large_enum_variant)] // a test's channel message; size does not matter
 enum Event {
     Done(Result<Received, SessionError>),
     Refused(SessionError),

@@ -91,6 +91,8 @@ fn round_trip(codec: CodecKind, channels: u16) {
     );
     match codec {
         CodecKind::None => assert_eq!(total.total.pages_compressed, 0),
+        // What auto compresses depends on the link (tests/adaptive.rs).
+        CodecKind::Auto => {}
         CodecKind::Deflate | CodecKind::Qpl => {
             assert!(total.total.pages_compressed > 0);
             assert!(

@@ -99,9 +99,14 @@ fn secret(c: &Common) -> Res<Option<Secret>> {
 
 #[derive(Args, Debug, Clone)]
 struct Tuning {
-    /// Codec: none, deflate, qpl, or auto (qpl on IAA hardware if present, else deflate).
+    /// Codec: none, deflate, qpl, or auto (follows the link: each page compressed, with qpl
+    /// on IAA hardware if present, else deflate, only while the link is busy; else raw).
     #[arg(long, default_value = "auto")]
     codec: String,
+    /// Cap on the session's wire rate over all channels, e.g. 2.5gbit, 800mbit, 300MB/s,
+    /// 1GiB/s, or bytes per second (default: no cap). Codec auto treats the cap as the link.
+    #[arg(long)]
+    max_bandwidth: Option<String>,
     /// Compression level: deflate 1..=12; qpl 1 (default) or 3 (high, QPL software path).
     #[arg(long, default_value_t = pagewire::codec::deflate::DEFAULT_LEVEL)]
     level: i32,
@@ -257,18 +262,17 @@ fn main() -> ExitCode {
     }
 }
 
-/// The codec a name asks for; `auto` is resolved by the library (and the reason logged).
+/// The codec a name asks for; for `auto`, the compressor behind it is logged with the reason.
 fn resolve_codec(name: &str) -> Res<(CodecKind, String)> {
     match name {
         "auto" => {
-            let (codec, why) = pagewire::codec::resolve_auto();
-            tracing::info!(codec = codec.name(), "codec auto: {why}");
-            Ok((codec, why))
+            let (compressor, why) = pagewire::codec::resolve_auto();
+            tracing::info!(compressor = compressor.name(), "codec auto: {why}");
+            Ok((CodecKind::Auto, why))
         }
         other => other
             .parse::<CodecKind>()
-            .map(|c| (c, "chosen on the command line".to_string()))
-            .map_err(|e| format!("{e} (or auto)")),
+            .map(|c| (c, "chosen on the command line".to_string())),
     }
 }
 
@@ -318,7 +322,13 @@ fn config(t: &Tuning, c: &Common, channels: u16) -> Res<Config> {
         "off" => false,
         o => return Err(format!("--skip-incompressible '{o}': expected on or off")),
     };
+    let max_bandwidth = t
+        .max_bandwidth
+        .as_deref()
+        .map(format::parse_rate)
+        .transpose()?;
     Ok(Config {
+        max_bandwidth,
         skip_incompressible,
         zero_copy,
         registered_buffers,
@@ -378,12 +388,11 @@ fn stats_json(s: &SessionStats) -> serde_json::Value {
         "wire_ratio": s.wire_ratio(),
         "rounds": s.rounds,
         "cpu_seconds": s.total.cpu_seconds,
-        "pages": {
-            "normal": s.total.pages_normal,
-            "zero": s.total.pages_zero,
-            "raw": s.total.pages_raw,
-            "compressed": s.total.pages_compressed,
-            "skipped": s.total.pages_skipped,
+        "wire_gbps": s.wire_rate() / 1e9,
+        "pages": pages_json(&s.total),
+        "auto": {
+            "link_gbps": s.total.link_rate / 1e9,
+            "compress_gbps": s.total.compress_rate / 1e9,
         },
         "packets": s.total.packets,
         "zero_copy": {
@@ -400,6 +409,19 @@ fn stats_json(s: &SessionStats) -> serde_json::Value {
             "failed": s.total.jobs_failed,
         },
         "channels": s.channels,
+    })
+}
+
+fn pages_json(t: &pagewire::ChannelStats) -> serde_json::Value {
+    json!({
+        "normal": t.pages_normal,
+        "zero": t.pages_zero,
+        "raw": t.pages_raw,
+        "compressed": t.pages_compressed,
+        "skipped": t.pages_skipped,
+        "raw_chosen": t.pages_raw_chosen,
+        "raw_link_fast": t.pages_raw_link_fast,
+        "incompressible": t.pages_incompressible,
     })
 }
 
@@ -474,6 +496,9 @@ fn demo(a: DemoArgs) -> Res<()> {
         let out = json!({
             "command": "demo",
             "codec": cfg.codec.name(),
+            "compressor": compressor(cfg.codec),
+            "auto_choice": auto_line(cfg.codec, &sstats),
+            "max_bandwidth": cfg.max_bandwidth,
             "channels": cfg.channels,
             "verified": verified,
             "generate_seconds": gen_secs,
@@ -490,6 +515,9 @@ fn demo(a: DemoArgs) -> Res<()> {
             cfg.channels
         );
         print!("{}", summary_table(&sstats, &received.stats));
+        if let Some(line) = auto_line(cfg.codec, &sstats) {
+            println!("{line}");
+        }
         println!(
             "verified: {}",
             if verified {
@@ -582,6 +610,9 @@ fn send(a: SendArgs) -> Res<()> {
         let mut v = stats_json(&stats);
         v["command"] = json!("send");
         v["codec"] = json!(cfg.codec.name());
+        v["compressor"] = json!(compressor(cfg.codec));
+        v["auto_choice"] = json!(auto_line(cfg.codec, &stats));
+        v["max_bandwidth"] = json!(cfg.max_bandwidth);
         v["per_round"] = json!(per_round
             .iter()
             .enumerate()
@@ -601,8 +632,55 @@ fn send(a: SendArgs) -> Res<()> {
             print!("{}", format::rounds_table(&per_round));
         }
         print!("{}", format::side_table("sender", &stats));
+        if let Some(line) = auto_line(cfg.codec, &stats) {
+            println!("{line}");
+        }
     }
     Ok(())
+}
+
+/// The compressor a codec uses on this host (auto: qpl on IAA hardware, else deflate).
+fn compressor(codec: CodecKind) -> &'static str {
+    match codec {
+        CodecKind::Auto => pagewire::codec::resolve_auto().0.name(),
+        CodecKind::None => "none",
+        c => c.name(),
+    }
+}
+
+/// Codec auto, in one line: what it chose and why.
+fn auto_line(codec: CodecKind, s: &SessionStats) -> Option<String> {
+    if codec != CodecKind::Auto {
+        return None;
+    }
+    let t = &s.total;
+    let normal = t.pages_normal.max(1) as f64;
+    let pct = |n: u64| 100.0 * n as f64 / normal;
+    let idle = t.pages_raw_chosen - t.pages_raw_link_fast.min(t.pages_raw_chosen);
+    let why = if t.pages_raw_chosen == 0 {
+        "the link stayed busy, so compression cost no time".to_string()
+    } else if t.pages_raw_link_fast >= idle {
+        format!(
+            "the link carries raw pages faster than compressing them pays \
+             (link {:.2} GB/s, compressor {:.2} GB/s of pages)",
+            t.link_rate / 1e9,
+            t.compress_rate / 1e9
+        )
+    } else {
+        format!(
+            "raw whenever the link would have waited for compressed pages \
+             (link {:.2} GB/s, compressor {:.2} GB/s of pages)",
+            t.link_rate / 1e9,
+            t.compress_rate / 1e9
+        )
+    };
+    Some(format!(
+        "auto: {:.0} % of the data pages compressed, {:.0} % raw by choice, {:.0} % raw as \
+         incompressible: {why}",
+        pct(t.pages_compressed),
+        pct(t.pages_raw_chosen),
+        pct(t.pages_incompressible)
+    ))
 }
 
 fn round_json(round: u64, r: &SessionStats) -> serde_json::Value {
@@ -611,11 +689,11 @@ fn round_json(round: u64, r: &SessionStats) -> serde_json::Value {
         "memory_bytes": r.total.memory_bytes,
         "wire_bytes": r.total.wire_bytes,
         "seconds": r.seconds,
-        "pages": {
-            "normal": r.total.pages_normal,
-            "zero": r.total.pages_zero,
-            "raw": r.total.pages_raw,
-            "compressed": r.total.pages_compressed,
+        "wire_gbps": r.wire_rate() / 1e9,
+        "pages": pages_json(&r.total),
+        "auto": {
+            "link_gbps": r.total.link_rate / 1e9,
+            "compress_gbps": r.total.compress_rate / 1e9,
         },
     })
 }

@@ -419,12 +419,26 @@ fn codec_auto_without_iaa_uses_deflate_and_says_why() {
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(v["codec"].as_str(), Some("auto"));
     if pagewire::accel::qpl::hardware_available() {
-        assert_eq!(v["codec"].as_str(), Some("qpl"));
+        assert_eq!(v["compressor"].as_str(), Some("qpl"));
     } else {
-        assert_eq!(v["codec"].as_str(), Some("deflate"));
+        assert_eq!(v["compressor"].as_str(), Some("deflate"));
         assert!(log.contains("codec auto: using deflate"), "{log}");
     }
+    // The one line saying what auto chose and why.
+    let line = v["auto_choice"].as_str().expect("auto_choice");
+    assert!(
+        line.starts_with("auto: ") && line.contains("raw by choice"),
+        "{line}"
+    );
+    let p = &v["sender"]["pages"];
+    let n = |k: &str| p[k].as_u64().expect(k);
+    assert_eq!(
+        n("compressed") + n("raw_chosen") + n("incompressible"),
+        n("normal"),
+        "every data page accounted for: {p}"
+    );
 }
 
 #[test]

@@ -13,10 +13,10 @@
 
 use std::collections::VecDeque;
 use std::net::TcpStream;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types};
 use pagewire_transport::ring::{advance_iovecs, Ring};
@@ -24,6 +24,8 @@ use pagewire_transport::wire::{self, Compression, HeaderFields};
 use slab::Slab;
 use tracing::trace;
 
+use super::limit::RateLimit;
+use super::pace::{Choice, Observation, Pacer};
 use crate::accel::{Accelerator, Completion, JobDesc, Outcome, Path, Submit};
 use crate::codec::entropy::likely_incompressible;
 use crate::codec::is_zero_page;
@@ -157,6 +159,10 @@ pub struct SendSettings {
     pub zero_copy_min: Option<usize>,
     /// Send pages a cheap sample deems incompressible raw, without a compression attempt.
     pub skip_incompressible: bool,
+    /// Codec auto: decide page by page whether to compress or send raw ([`Pacer`]).
+    pub adaptive: bool,
+    /// The session's bandwidth cap, shared by its channels.
+    pub limit: Option<Arc<RateLimit>>,
 }
 
 /// The sending end of one channel.
@@ -182,6 +188,14 @@ pub struct SendChannel {
     /// SENDMSG_ZC in use (cleared when the ring or the socket refuses it).
     zc_on: bool,
     stats: ChannelStats,
+    /// Codec auto's decisions (with `SendSettings::adaptive`).
+    pacer: Option<Pacer>,
+    /// Origin of the pacer's clock.
+    epoch: Instant,
+    /// Bytes the kernel has accepted from this channel's sends.
+    handed: u64,
+    /// The bandwidth cap is in debt until this instant: the next packet waits.
+    limited_until: Option<Instant>,
 }
 
 // SAFETY: the raw pointers inside a SendChannel (msghdr, iovecs and page addresses in its
@@ -234,7 +248,6 @@ impl SendChannel {
             id,
             stream,
             ring: None,
-            set,
             accel,
             slots,
             free,
@@ -248,6 +261,11 @@ impl SendChannel {
             block_names: Vec::new(),
             zc_on: false,
             stats,
+            pacer: set.adaptive.then(|| Pacer::new(set.page_size)),
+            epoch: Instant::now(),
+            handed: 0,
+            limited_until: None,
+            set,
         })
     }
 
@@ -296,16 +314,13 @@ impl SendChannel {
             self.reap(false, progress)?;
             self.poll_engine();
             self.feed();
-            if self.in_flight.is_none() {
-                if let Some(key) = self.ready.pop_front() {
-                    self.submit(key)?;
-                }
-            }
+            self.send_next()?;
             let engine_has_room = self
                 .accel
                 .as_ref()
                 .is_none_or(|a| a.in_flight() < a.capacity());
-            if !exhausted && engine_has_room {
+            // One slot is fed at a time (codec auto returns to this loop between pages).
+            if !exhausted && engine_has_room && self.feeding.is_none() {
                 if let Some(key) = self.free.pop() {
                     match self.start_packet(key, mem, round) {
                         Ok(true) => continue,
@@ -331,6 +346,10 @@ impl SendChannel {
             }
             if sync_queued && self.in_flight.is_none() && self.ready.is_empty() {
                 if self.notifying() == 0 {
+                    if let Some(p) = &self.pacer {
+                        self.stats.link_rate = p.link_rate().unwrap_or(0.0);
+                        self.stats.compress_rate = p.compress_rate();
+                    }
                     return Ok(());
                 }
                 // The round's packets are all sent; their zero-copy notifications are not
@@ -348,8 +367,51 @@ impl SendChannel {
             }
             if self.in_flight.is_some() || self.notifying() > 0 {
                 self.reap(true, progress)?;
+            } else if let Some(until) = self.limited_until {
+                // Only the bandwidth cap holds the next packet back.
+                let wait = until.saturating_duration_since(Instant::now());
+                std::thread::sleep(wait.min(Duration::from_millis(2)));
             }
         }
+    }
+
+    /// Hand the next ready packet to the kernel if none is in flight and the bandwidth cap
+    /// allows it.
+    fn send_next(&mut self) -> Result<(), ChannelError> {
+        if self.in_flight.is_some() {
+            return Ok(());
+        }
+        let Some(&key) = self.ready.front() else {
+            self.limited_until = None;
+            return Ok(());
+        };
+        if let Some(limit) = &self.set.limit {
+            let bytes = self.slots.get(key).map_or(0, |s| iov_bytes(&s.iov));
+            let now = Instant::now();
+            if let Err(wait) = limit.take(bytes, now) {
+                self.limited_until = Some(now + wait);
+                return Ok(());
+            }
+        }
+        self.limited_until = None;
+        self.ready.pop_front();
+        self.submit(key)
+    }
+
+    /// What the pacer sees now, apart from the socket's unsent bytes: the bytes of the send
+    /// in flight not yet accepted by the kernel plus the ready packets behind it.
+    fn backlog_outside_socket(&self) -> u64 {
+        let in_flight = self
+            .in_flight
+            .and_then(|k| self.slots.get(k))
+            .map_or(0, |s| s.remaining as u64);
+        let ready: u64 = self
+            .ready
+            .iter()
+            .filter_map(|&k| self.slots.get(k))
+            .map(|s| iov_bytes(&s.iov))
+            .sum();
+        in_flight + ready
     }
 
     /// Start slot `key` on the next batch of `round`: zero pages listed, the others handed
@@ -424,13 +486,51 @@ impl SendChannel {
     fn feed(&mut self) {
         let Some(key) = self.feeding else { return };
         let ps = self.set.page_size as usize;
+        // Codec auto: what the link holds besides the socket's unsent bytes. Nothing is
+        // submitted to the ring during this call, so it can only shrink meanwhile.
+        let outside = if self.pacer.is_some() {
+            self.backlog_outside_socket()
+        } else {
+            0
+        };
+        let handed = self.handed;
+        let epoch = self.epoch;
+        let fd = self.stream.as_fd();
         let (Some(accel), Some(slot)) = (self.accel.as_mut(), self.slots.get_mut(key)) else {
             self.feeding = None;
             return;
         };
         let slot: &mut Slot = slot;
+        let started = Instant::now();
+        // Once a page goes raw in this call, so do the rest: the backlog only shrinks until
+        // the loop hands this packet to the kernel.
+        let mut latched: Option<Choice> = None;
         while slot.next < slot.pages.len() && accel.in_flight() < accel.capacity() {
             let i = slot.next;
+            if let Some(pacer) = self.pacer.as_mut() {
+                let choice = latched.unwrap_or_else(|| {
+                    // An ioctl failure reads as an empty socket: raw, the safe side.
+                    let unsent = pagewire_transport::net::unsent_bytes(fd).unwrap_or(0);
+                    pacer.decide(&Observation {
+                        at: epoch.elapsed().as_secs_f64(),
+                        queued: unsent + outside,
+                        drained: handed.saturating_sub(unsent),
+                    })
+                });
+                if choice != Choice::Compress {
+                    latched = Some(choice);
+                    // zlens[i] is 0 while pending: page_size marks it raw.
+                    if let Some(z) = slot.zlens.get_mut(i) {
+                        *z = ps as u32;
+                    }
+                    self.stats.pages_raw_chosen += 1;
+                    if choice == Choice::RawLinkFast {
+                        self.stats.pages_raw_link_fast += 1;
+                    }
+                    slot.next += 1;
+                    continue;
+                }
+            }
             // Compress a private copy, never the guest page in place: the guest may rewrite the
             // page meanwhile, and a compressor reading its input twice would then emit a stream
             // that does not inflate to one page (the receiver would fail the session). The copy
@@ -447,6 +547,7 @@ impl SendChannel {
                     *z = ps as u32;
                 }
                 self.stats.pages_skipped += 1;
+                self.stats.pages_incompressible += 1;
                 slot.next += 1;
                 continue;
             }
@@ -460,6 +561,7 @@ impl SendChannel {
                 out_cap: ps - 1,
             };
             let mut busy = 0u32;
+            let t_job = Instant::now();
             loop {
                 // SAFETY: the input is this slot's private copy of page i and the output its
                 // zbuf region for page i; neither is touched until the job's completion is
@@ -486,12 +588,24 @@ impl SendChannel {
                         let o = accel.fallback(page, out);
                         if let Some(z) = slot.zlens.get_mut(i) {
                             record(&mut self.stats, z, o, Path::Software, ps);
+                            if let Some(p) = self.pacer.as_mut() {
+                                p.yielded(*z as usize);
+                            }
                         }
                         break;
                     }
                 }
             }
             slot.next += 1;
+            if let Some(pacer) = self.pacer.as_mut() {
+                // Submission time is the CPU a page costs this thread (all of a software
+                // compression; next to nothing for an accelerator's job).
+                pacer.cost(t_job.elapsed().as_secs_f64());
+                if started.elapsed() > Duration::from_micros(10) {
+                    // Back to the loop: reap sends so the next decision sees the link as is.
+                    break;
+                }
+            }
         }
         if slot.next >= slot.pages.len() {
             self.feeding = None;
@@ -521,6 +635,9 @@ impl SendChannel {
                 continue;
             };
             record(&mut self.stats, z, c.outcome, c.path, ps);
+            if let Some(p) = self.pacer.as_mut() {
+                p.yielded(*z as usize);
+            }
             slot.jobs_left = slot.jobs_left.saturating_sub(1);
             if slot.jobs_left == 0 && slot.next >= slot.pages.len() {
                 self.finish_packet(key);
@@ -771,6 +888,7 @@ impl SendChannel {
                 continue;
             };
             let slot: &mut Slot = slot;
+            self.handed += res as u64;
             let left = advance_iovecs(&mut slot.iov, &mut slot.first, res as usize);
             slot.remaining = left;
             slot.zc.on_result(more, left == 0);
@@ -791,9 +909,7 @@ impl SendChannel {
                 // Zero-copy: the kernel may still read these buffers; free on the notification.
                 slot.state = State::Notifying;
             }
-            if let Some(next) = self.ready.pop_front() {
-                self.submit(next)?;
-            }
+            self.send_next()?;
         }
         Ok(())
     }
@@ -817,6 +933,11 @@ impl SendChannel {
     }
 }
 
+/// Bytes an iovec list covers.
+fn iov_bytes(iov: &[libc::iovec]) -> u64 {
+    iov.iter().map(|v| v.iov_len as u64).sum()
+}
+
 /// Count a settled page job and set its length-array entry.
 fn record(stats: &mut ChannelStats, zlen: &mut u32, o: Outcome, path: Path, ps: usize) {
     match path {
@@ -825,7 +946,10 @@ fn record(stats: &mut ChannelStats, zlen: &mut u32, o: Outcome, path: Path, ps: 
     }
     *zlen = match o {
         Outcome::Compressed(n) if n > 0 && n < ps => n as u32,
-        Outcome::Compressed(_) | Outcome::DidNotFit => ps as u32,
+        Outcome::Compressed(_) | Outcome::DidNotFit => {
+            stats.pages_incompressible += 1;
+            ps as u32
+        }
         Outcome::Failed(_) => {
             stats.jobs_failed += 1;
             ps as u32

@@ -15,6 +15,7 @@ use tracing::{debug, info, info_span, warn};
 use crate::accel::qpl::QplCompressor;
 use crate::accel::software::SoftwareDeflate;
 use crate::accel::Accelerator;
+use crate::channel::limit::RateLimit;
 use crate::channel::send::{SendChannel, SendSettings};
 use crate::codec::CodecKind;
 use crate::config::{Config, ZeroCopy, ZERO_COPY_AUTO_MIN};
@@ -155,7 +156,7 @@ impl Sender {
         let mut engines = engines.into_iter();
         let compression = match cfg.codec {
             CodecKind::None => Compression::None,
-            CodecKind::Deflate | CodecKind::Qpl => Compression::Qpl,
+            CodecKind::Deflate | CodecKind::Qpl | CodecKind::Auto => Compression::Qpl,
         };
         let mut uuid = [0u8; 16];
         getrandom::fill(&mut uuid)
@@ -256,6 +257,9 @@ impl Sender {
         }
         let packet_num = Arc::new(AtomicU64::new(0));
         let progress = Arc::new(Progress::default());
+        let limit = cfg
+            .max_bandwidth
+            .map(|rate| Arc::new(RateLimit::new(rate, Instant::now())));
         let (reply_tx, replies) = mpsc::channel::<Reply>();
         let mut workers = Vec::new();
         for id in 0..cfg.channels {
@@ -292,6 +296,8 @@ impl Sender {
             let set = SendSettings {
                 zero_copy_min,
                 skip_incompressible: cfg.skip_incompressible,
+                adaptive: cfg.codec == CodecKind::Auto,
+                limit: limit.clone(),
                 page_size: cfg.page_size,
                 pages_per_packet: cfg.pages_per_packet,
                 compression,
@@ -550,6 +556,16 @@ pub fn engine_for(cfg: &Config) -> Result<Option<Box<dyn Accelerator>>, SessionE
             s.hw_jobs = cfg.pages_per_packet as usize;
             Some(Box::new(QplCompressor::new(s)?))
         }
+        // The compressor behind auto: qpl on IAA hardware, else deflate.
+        CodecKind::Auto => match crate::codec::resolve_auto().0 {
+            CodecKind::Qpl => {
+                let mut s = cfg.qpl;
+                s.hw_jobs = cfg.pages_per_packet as usize;
+                s.path = crate::accel::qpl::QplPath::Hardware;
+                Some(Box::new(QplCompressor::new(s)?))
+            }
+            _ => Some(Box::new(SoftwareDeflate::new(cfg.level)?)),
+        },
     })
 }
 
@@ -572,6 +588,11 @@ pub(crate) fn validate_config(cfg: &Config) -> Result<(), SessionError> {
             cfg.channels,
             control::MAX_CHANNELS
         )));
+    }
+    if cfg.max_bandwidth == Some(0) {
+        return Err(SessionError::Config(
+            "max bandwidth 0: give a positive rate, or no cap".into(),
+        ));
     }
     if cfg.depth == 0 || cfg.depth > 64 {
         return Err(SessionError::Config(format!(
