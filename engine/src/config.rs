@@ -82,6 +82,9 @@ pub struct Config {
     pub secret: Option<Secret>,
     /// Receiver without a secret: accept peers that are not on loopback.
     pub insecure: bool,
+    /// Receiver allocating the memory itself: populate it (every page faulted in) before the
+    /// first packet, as QEMU's destination prealloc does; off by default, like QEMU's.
+    pub prealloc: bool,
     /// Receiver: largest total guest memory a hello may ask for when the receiver allocates
     /// the memory itself.
     pub max_memory: u64,
@@ -97,6 +100,7 @@ impl Default for Config {
             qpl: QplSettings::default(),
             decoder: Decoder::Auto,
             max_bandwidth: None,
+            prealloc: false,
             channels: 1,
             depth: 4,
             idle_timeout: Duration::from_secs(30),

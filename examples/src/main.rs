@@ -204,6 +204,10 @@ struct RecvArgs {
     /// Without --secret-file, also accept senders that are not on loopback.
     #[arg(long)]
     insecure: bool,
+    /// Populate the destination memory (fault every page in) before the first packet, as
+    /// QEMU's destination prealloc does (default: off, like QEMU's).
+    #[arg(long)]
+    prealloc: bool,
     /// READ_FIXED into registered buffers (on) or plain receives (off).
     #[arg(long, default_value = "on")]
     registered_buffers: String,
@@ -786,6 +790,7 @@ fn recv(a: RecvArgs) -> Res<()> {
         idle_timeout: Duration::from_secs_f64(a.common.idle_timeout),
         secret: secret(&a.common)?,
         insecure: a.insecure,
+        prealloc: a.prealloc,
         pinning: pinning(&a.common, Pinning::AutoFromLast)?,
         registered_buffers: match a.registered_buffers.as_str() {
             "on" => true,
@@ -844,13 +849,53 @@ fn recv(a: RecvArgs) -> Res<()> {
     Ok(())
 }
 
+/// Write the memory's blocks, in order, to `file`. A regular file gets runs of non-zero
+/// pages written at their offsets and all-zero pages left as holes (a sparse image, as the
+/// one sent usually is), then is synced; anything else (`/dev/null`, a pipe) gets every byte
+/// in order and no sync (fsync on a character device fails with EINVAL).
 fn write_memory(mem: &GuestMemory, file: File) -> std::io::Result<()> {
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+    use std::os::unix::fs::FileExt;
+    let regular = file.metadata()?.file_type().is_file();
+    if !regular {
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+        for b in mem.blocks() {
+            // SAFETY: the session has ended; no thread writes the memory any more.
+            w.write_all(unsafe { b.as_slice() })?;
+        }
+        return w.flush();
+    }
+    const PAGE: usize = 4096;
+    const MAX_RUN: usize = 8 << 20;
+    file.set_len(0)?;
+    let mut base = 0u64;
     for b in mem.blocks() {
         // SAFETY: the session has ended; no thread writes the memory any more.
-        w.write_all(unsafe { b.as_slice() })?;
+        let bytes = unsafe { b.as_slice() };
+        let mut run: Option<usize> = None;
+        for (i, page) in bytes.chunks(PAGE).enumerate() {
+            let at = i * PAGE;
+            let zero = pagewire::codec::is_zero_page(page);
+            match (run, zero) {
+                (Some(start), true) => {
+                    file.write_all_at(&bytes[start..at], base + start as u64)?;
+                    run = None;
+                }
+                (Some(start), false) if at - start >= MAX_RUN => {
+                    file.write_all_at(&bytes[start..at], base + start as u64)?;
+                    run = Some(at);
+                }
+                (None, false) => run = Some(at),
+                _ => {}
+            }
+        }
+        if let Some(start) = run {
+            file.write_all_at(&bytes[start..], base + start as u64)?;
+        }
+        base += bytes.len() as u64;
     }
-    w.into_inner().map_err(|e| e.into_error())?.sync_all()
+    // The holes at the end, if any, count in the length.
+    file.set_len(base)?;
+    file.sync_all()
 }
 
 fn decode(a: DecodeArgs) -> Res<()> {

@@ -660,3 +660,46 @@ fn receiver_exits_when_sender_is_killed() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 }
+
+/// `recv --out /dev/null` works (a user measuring the link wants it), `--prealloc` populates
+/// the destination first, and a regular `--out` file keeps all-zero pages as holes.
+#[test]
+fn recv_out_dev_null_prealloc_and_sparse_out() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().expect("tmp");
+    let img = dir.path().join("guest.img");
+    make_image(&img, 32 << 20, 9);
+    let send = |port: u16| {
+        Command::new(BIN)
+            .args(["send", "--connect", &format!("127.0.0.1:{port}")])
+            .args(["--image", img.to_str().expect("utf8"), "--channels", "2"])
+            .output()
+            .expect("run send")
+    };
+    let port = free_port();
+    let recv = spawn_recv(port, &["--out", "/dev/null", "--prealloc", "--json"]);
+    let s = send(port);
+    assert!(s.status.success(), "{}", String::from_utf8_lossy(&s.stderr));
+    let r = wait_output(recv, Duration::from_secs(60));
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+
+    let out = dir.path().join("out.img");
+    let port = free_port();
+    let recv = spawn_recv(port, &["--out", out.to_str().expect("utf8")]);
+    let s = send(port);
+    assert!(s.status.success(), "{}", String::from_utf8_lossy(&s.stderr));
+    let r = wait_output(recv, Duration::from_secs(60));
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(
+        std::fs::read(&img).expect("img") == std::fs::read(&out).expect("out"),
+        "OUT differs from IMG"
+    );
+    let m = std::fs::metadata(&out).expect("stat");
+    assert_eq!(m.len(), 32 << 20);
+    assert!(
+        m.blocks() * 512 < m.len() * 9 / 10,
+        "zero pages written as holes: {} of {} bytes allocated",
+        m.blocks() * 512,
+        m.len()
+    );
+}

@@ -271,10 +271,27 @@ impl Receiver {
             .map(|b| (b.name.clone(), b.size))
             .collect();
         match into {
-            ReceiveInto::Allocate => Ok(Arc::new(GuestMemory::anonymous(
-                &layout,
-                self.cfg.max_memory,
-            )?)),
+            ReceiveInto::Allocate => {
+                let mem = GuestMemory::anonymous(&layout, self.cfg.max_memory)?;
+                if self.cfg.prealloc {
+                    let t = std::time::Instant::now();
+                    for b in mem.blocks() {
+                        b.populate().map_err(|e| {
+                            SessionError::Internal(format!(
+                                "prealloc: populating block '{}' ({} bytes): {e}",
+                                b.name(),
+                                b.len()
+                            ))
+                        })?;
+                    }
+                    tracing::info!(
+                        bytes = mem.total_len(),
+                        seconds = t.elapsed().as_secs_f64(),
+                        "destination memory populated (prealloc)"
+                    );
+                }
+                Ok(Arc::new(mem))
+            }
             ReceiveInto::Memory(mem) => {
                 for b in &hello.blocks {
                     match mem.find(&b.name).and_then(|i| mem.block(i)) {
