@@ -355,8 +355,11 @@ fn main() {
                             &["--max-bandwidth", cap],
                         ) {
                             Ok((s, _)) => {
-                                let r = s["wire_bytes"].as_f64().unwrap_or(0.0)
-                                    / s["seconds"].as_f64().unwrap_or(f64::NAN);
+                                // The round's own figures: from its first packet to the
+                                // receiver's acknowledgement (no connection set-up).
+                                let round = &s["per_round"][0];
+                                let r = round["wire_bytes"].as_f64().unwrap_or(0.0)
+                                    / round["seconds"].as_f64().unwrap_or(f64::NAN);
                                 eprintln!("  cap {cap} {codec}: {:.1} MB/s", r / 1e6);
                                 rates.push(r);
                             }

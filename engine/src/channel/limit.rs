@@ -7,8 +7,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Most tokens the bucket holds, in seconds of the rate: a link idle for a while may then
-/// send this much at once, no more.
-const BURST_SECS: f64 = 0.005;
+/// send this much at once, no more. Large enough that a channel thread woken late (a loaded
+/// host oversleeps by milliseconds) loses no tokens; QEMU's own cap works in 100 ms windows.
+const BURST_SECS: f64 = 0.05;
 
 #[derive(Debug)]
 struct Bucket {

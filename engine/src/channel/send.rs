@@ -32,7 +32,7 @@ use crate::codec::is_zero_page;
 use crate::error::{ChannelError, ChannelErrorKind, Place};
 use crate::memory::GuestMemory;
 use crate::pages::RoundPages;
-use crate::stats::{ChannelStats, Progress};
+use crate::stats::{thread_cpu_seconds, ChannelStats, Progress};
 
 /// A busy engine is asked this many more times before a page goes to the software fallback
 /// (QEMU's multifd-qpl does the same).
@@ -561,7 +561,9 @@ impl SendChannel {
                 out_cap: ps - 1,
             };
             let mut busy = 0u32;
-            let t_job = Instant::now();
+            // The CPU this thread spends on the page (not wall time: a preempted compression
+            // costs other threads' time, not ours).
+            let cpu0 = self.pacer.as_ref().map(|_| thread_cpu_seconds());
             loop {
                 // SAFETY: the input is this slot's private copy of page i and the output its
                 // zbuf region for page i; neither is touched until the job's completion is
@@ -598,9 +600,11 @@ impl SendChannel {
             }
             slot.next += 1;
             if let Some(pacer) = self.pacer.as_mut() {
-                // Submission time is the CPU a page costs this thread (all of a software
+                // Submission is the CPU a page costs this thread (all of a software
                 // compression; next to nothing for an accelerator's job).
-                pacer.cost(t_job.elapsed().as_secs_f64());
+                if let Some(c0) = cpu0 {
+                    pacer.cost(thread_cpu_seconds() - c0);
+                }
                 if started.elapsed() > Duration::from_micros(10) {
                     // Back to the loop: reap sends so the next decision sees the link as is.
                     break;
