@@ -50,7 +50,8 @@ pub struct ChannelStats {
     /// Codec auto: normal pages sent raw by choice (the link would have idled while they were
     /// compressed, or it carries raw pages faster than compressing them pays).
     pub pages_raw_chosen: u64,
-    /// Of `pages_raw_chosen`: because the link is fast (the rest: it would have idled).
+    /// Of `pages_raw_chosen`: because compressing would not pay (the link carries raw pages
+    /// faster, or the receiver is the bottleneck); the rest: the link would have idled.
     pub pages_raw_link_fast: u64,
     /// Normal pages sent raw because they are incompressible (a sample showed it, or the
     /// compressed output did not fit in a page).

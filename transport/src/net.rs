@@ -225,6 +225,50 @@ pub fn unsent_bytes(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<u64> {
     }
 }
 
+/// A TCP connection's chrono counters (TCP_INFO, Linux 4.10+), microseconds since it opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpChrono {
+    /// Time with data in flight or queued to send.
+    pub busy_us: u64,
+    /// Of which: limited by the receiver's window (the peer does not take data as fast as
+    /// the link could carry it).
+    pub rwnd_limited_us: u64,
+    /// Of which: limited by our send buffer.
+    pub sndbuf_limited_us: u64,
+}
+
+/// The chrono counters of TCP socket `fd`; `Ok(None)` where the kernel does not report them.
+pub fn tcp_chrono(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<Option<TcpChrono>> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: tcp_info is a plain C struct for which all-zero is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `info`, which has that size, and
+    // stores the length written in `len`; the fd is borrowed, so it is open.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // The counters are reported only by kernels whose struct reaches past them.
+    let end = std::mem::offset_of!(libc::tcp_info, tcpi_sndbuf_limited) + 8;
+    if (len as usize) < end {
+        return Ok(None);
+    }
+    Ok(Some(TcpChrono {
+        busy_us: info.tcpi_busy_time,
+        rwnd_limited_us: info.tcpi_rwnd_limited,
+        sndbuf_limited_us: info.tcpi_sndbuf_limited,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,6 +298,12 @@ mod tests {
             unsent > 0 && unsent <= written,
             "unsent {unsent} of {written} written"
         );
+        // The peer's window is full: the connection has been receiver-limited.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        if let Some(ch) = tcp_chrono(c.as_fd()).expect("TCP_INFO") {
+            assert!(ch.busy_us > 0, "{ch:?}");
+            assert!(ch.rwnd_limited_us > 0, "{ch:?}");
+        }
         drop(s);
     }
 }
