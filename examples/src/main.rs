@@ -665,7 +665,8 @@ fn auto_line(codec: CodecKind, s: &SessionStats) -> Option<String> {
         "the link stayed busy, so compression cost no time".to_string()
     } else if t.pages_raw_link_fast >= idle {
         format!(
-            "the link carries raw pages faster than compressing them pays \
+            "mostly raw because compressing would not pay: the link time a page saves was \
+             under a third of its compression time, or the receiver was the bottleneck \
              (link {:.2} GB/s, compressor {:.2} GB/s of pages)",
             t.link_rate / 1e9,
             t.compress_rate / 1e9

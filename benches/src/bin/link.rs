@@ -261,6 +261,9 @@ fn main() {
                             s["wire_ratio"].as_f64().unwrap_or(f64::NAN),
                             100.0 * c / normal
                         );
+                        if let Some(why) = s["auto_choice"].as_str() {
+                            eprintln!("    {why}");
+                        }
                         secs.entry((li, ci)).or_default().push(t);
                         wire.entry((li, ci))
                             .or_default()
