@@ -113,22 +113,22 @@ fn migrate(
     channels: u16,
     codec: &str,
     extra: &[&str],
+    recv_extra: &[&str],
 ) -> Result<(Value, Value), String> {
     let addr = format!("127.0.0.1:{port}");
+    let mut rargs = vec![
+        "recv",
+        "--listen",
+        &addr,
+        "--out",
+        "/dev/null",
+        "--accept-timeout",
+        "30",
+        "--json",
+    ];
+    rargs.extend_from_slice(recv_extra);
     let recv = link
-        .cmd(
-            bin,
-            &[
-                "recv",
-                "--listen",
-                &addr,
-                "--out",
-                "/dev/null",
-                "--accept-timeout",
-                "30",
-                "--json",
-            ],
-        )
+        .cmd(bin, &rargs)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -249,7 +249,7 @@ fn main() {
         for run in 0..runs {
             for (ci, codec) in codecs.iter().enumerate() {
                 port += 1;
-                match migrate(&bin, &link, port, &image, channels, codec, &[]) {
+                match migrate(&bin, &link, port, &image, channels, codec, &[], &[]) {
                     Ok((s, _)) => {
                         let t = s["seconds"].as_f64().unwrap_or(f64::NAN);
                         let normal = s["pages"]["normal"].as_f64().unwrap_or(0.0).max(1.0);
@@ -356,6 +356,7 @@ fn main() {
                             channels,
                             codec,
                             &["--max-bandwidth", cap],
+                            &[],
                         ) {
                             Ok((s, _)) => {
                                 // The round's own figures: from its first packet to the
@@ -381,6 +382,45 @@ fn main() {
                         "median_wire_bytes_per_s": r, "ratio": r / cap_bps, "samples": rates}),
                     );
                 }
+            }
+        }
+    }
+
+    // The receiver's destination memory: fresh (faulted in by the first write of each page,
+    // the default, like QEMU's) against populated before the first packet (recv --prealloc).
+    // Codec none on unshaped loopback, where page faults weigh most.
+    let mut prealloc_rows = Vec::new();
+    let mut prealloc_table = Table::new(["recv", "median s", "GB/s of RAM", "recv CPU s"]);
+    if !args.iter().any(|a| a == "--no-prealloc") {
+        if let Ok(link) = Link::new("lo", 98) {
+            let mut t: BTreeMap<&str, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+            for _ in 0..runs {
+                for (label, rx) in [("fresh memory", vec![]), ("--prealloc", vec!["--prealloc"])] {
+                    port += 1;
+                    match migrate(&bin, &link, port, &image, channels, "none", &[], &rx) {
+                        Ok((s, r)) => {
+                            let secs = s["seconds"].as_f64().unwrap_or(f64::NAN);
+                            let cpu = r["cpu_seconds"].as_f64().unwrap_or(f64::NAN);
+                            eprintln!("  recv {label}: {secs:.3} s, receiver CPU {cpu:.3} s");
+                            let e = t.entry(label).or_default();
+                            e.0.push(secs);
+                            e.1.push(cpu);
+                        }
+                        Err(e) => eprintln!("  recv {label}: FAILED: {e}"),
+                    }
+                }
+            }
+            for (label, (mut v, mut c)) in t {
+                let m = median(&mut v);
+                let cpu = median(&mut c);
+                prealloc_table.row([
+                    label.to_string(),
+                    format!("{m:.3}"),
+                    fmt_sig(bytes as f64 / m / 1e9, 3),
+                    format!("{cpu:.3}"),
+                ]);
+                prealloc_rows.push(json!({"variant": label, "median_s": m, "samples_s": v,
+                    "recv_cpu_seconds": cpu}));
             }
         }
     }
@@ -431,7 +471,7 @@ fn main() {
             json!({
                 "bench": "link", "size_bytes": bytes, "channels": channels, "runs": runs,
                 "load": load.trim(), "results": results, "verdicts": verdicts,
-                "max_bandwidth": cap_rows, "demo": demo_rows,
+                "max_bandwidth": cap_rows, "demo": demo_rows, "prealloc": prealloc_rows,
             })
         );
     } else {
@@ -445,6 +485,10 @@ fn main() {
         if !cap_rows.is_empty() {
             println!("--max-bandwidth on unshaped loopback:");
             print!("{}", cap_table.render());
+        }
+        if !prealloc_rows.is_empty() {
+            println!("receiver memory, codec none, unshaped loopback (populate time not counted):");
+            print!("{}", prealloc_table.render());
         }
         if !demo_rows.is_empty() {
             println!("pagewire demo --size {size}:");
