@@ -104,7 +104,8 @@ fn wait_child(mut child: std::process::Child, limit: Duration) -> Result<Output,
     }
 }
 
-/// One migration through `link`: returns the sender's and receiver's JSON.
+/// One migration through `link`, with extra arguments for `send` and for `recv`: returns the
+/// sender's and receiver's JSON.
 fn migrate(
     bin: &Path,
     link: &Link,
@@ -112,8 +113,7 @@ fn migrate(
     image: &Path,
     channels: u16,
     codec: &str,
-    extra: &[&str],
-    recv_extra: &[&str],
+    (extra, recv_extra): (&[&str], &[&str]),
 ) -> Result<(Value, Value), String> {
     let addr = format!("127.0.0.1:{port}");
     let mut rargs = vec![
@@ -249,7 +249,7 @@ fn main() {
         for run in 0..runs {
             for (ci, codec) in codecs.iter().enumerate() {
                 port += 1;
-                match migrate(&bin, &link, port, &image, channels, codec, &[], &[]) {
+                match migrate(&bin, &link, port, &image, channels, codec, (&[], &[])) {
                     Ok((s, _)) => {
                         let t = s["seconds"].as_f64().unwrap_or(f64::NAN);
                         let normal = s["pages"]["normal"].as_f64().unwrap_or(0.0).max(1.0);
@@ -355,8 +355,7 @@ fn main() {
                             &image,
                             channels,
                             codec,
-                            &["--max-bandwidth", cap],
-                            &[],
+                            (&["--max-bandwidth", cap], &[]),
                         ) {
                             Ok((s, _)) => {
                                 // The round's own figures: from its first packet to the
@@ -397,7 +396,7 @@ fn main() {
             for _ in 0..runs {
                 for (label, rx) in [("fresh memory", vec![]), ("--prealloc", vec!["--prealloc"])] {
                     port += 1;
-                    match migrate(&bin, &link, port, &image, channels, "none", &[], &rx) {
+                    match migrate(&bin, &link, port, &image, channels, "none", (&[], &rx)) {
                         Ok((s, r)) => {
                             let secs = s["seconds"].as_f64().unwrap_or(f64::NAN);
                             let cpu = r["cpu_seconds"].as_f64().unwrap_or(f64::NAN);
