@@ -70,6 +70,10 @@ pub struct Config {
     pub skip_incompressible: bool,
     /// SENDMSG_ZC use (sender).
     pub zero_copy: ZeroCopy,
+    /// Sender: before reading a batch of pages, ask the kernel which of them hold data
+    /// (SEEK_DATA/SEEK_HOLE on a file-backed block, /proc/self/pagemap on anonymous memory,
+    /// see `datamap`); pages never written go as zero pages without being read.
+    pub find_holes: bool,
     /// Receiver: read headers, length arrays and all-compressed payloads into buffers
     /// registered with the ring (READ_FIXED); falls back with a warning when registration fails.
     pub registered_buffers: bool,
@@ -100,6 +104,7 @@ impl Default for Config {
             max_memory: default_max_memory(),
             skip_incompressible: true,
             zero_copy: ZeroCopy::Auto,
+            find_holes: true,
             registered_buffers: true,
             pinning: Pinning::Off,
             secret: None,

@@ -391,6 +391,7 @@ impl State {
                 &self.zbuf,
                 &mut self.decomp,
                 &mut s.stats,
+                None,
             )
             .map_err(|e| {
                 cerr(

@@ -45,6 +45,9 @@ pub struct ChannelStats {
     pub zc_notifications: u64,
     /// Notifications reporting that the kernel copied the data anyway (always, on loopback).
     pub zc_copied: u64,
+    /// Zero pages handled without reading the page: on the sender, pages the kernel (or the
+    /// VMM) reported never written; on the receiver, zero pages on fresh memory, left untouched.
+    pub pages_zero_unread: u64,
     /// CPU time of the channel's thread.
     pub cpu_seconds: f64,
 }
@@ -70,7 +73,8 @@ macro_rules! u64_counters {
             zc_sends,
             reads_fixed,
             zc_notifications,
-            zc_copied
+            zc_copied,
+            pages_zero_unread
         )
     };
 }
@@ -204,6 +208,7 @@ mod tests {
             reads_fixed: 16,
             zc_notifications: 17,
             zc_copied: 18,
+            pages_zero_unread: 19,
             cpu_seconds: 0.5,
         };
         let mut two = one.clone();

@@ -127,6 +127,11 @@ struct Tuning {
     /// every page (off).
     #[arg(long, default_value = "on")]
     skip_incompressible: String,
+    /// Ask the kernel which pages hold data (SEEK_DATA on image files, pagemap on anonymous
+    /// memory) and send the others as zero pages without reading them (on), or read every
+    /// page (off).
+    #[arg(long, default_value = "on")]
+    find_holes: String,
 }
 
 #[derive(Args, Debug)]
@@ -318,7 +323,13 @@ fn config(t: &Tuning, c: &Common, channels: u16) -> Res<Config> {
         "off" => false,
         o => return Err(format!("--skip-incompressible '{o}': expected on or off")),
     };
+    let find_holes = match t.find_holes.as_str() {
+        "on" => true,
+        "off" => false,
+        o => return Err(format!("--find-holes '{o}': expected on or off")),
+    };
     Ok(Config {
+        find_holes,
         skip_incompressible,
         zero_copy,
         registered_buffers,
@@ -384,6 +395,7 @@ fn stats_json(s: &SessionStats) -> serde_json::Value {
             "raw": s.total.pages_raw,
             "compressed": s.total.pages_compressed,
             "skipped": s.total.pages_skipped,
+            "zero_unread": s.total.pages_zero_unread,
         },
         "packets": s.total.packets,
         "zero_copy": {
@@ -530,6 +542,13 @@ fn send(a: SendArgs) -> Res<()> {
     let cow = a.rounds > 1;
     let block = Block::from_file(&a.block_name, &file, false, cow)
         .map_err(|e| format!("{}: {e}", a.image.display()))?;
+    // A read-only mapping loses nothing by dropping sent pages: resident memory stays bounded
+    // by the packets in flight, not the image's size.
+    let block = if cow {
+        block
+    } else {
+        block.release_after_send()
+    };
     let mem = Arc::new(GuestMemory::new(vec![block]).map_err(|e| e.to_string())?);
     mem.check_page_size(cfg.page_size)
         .map_err(|e| format!("{}: {e}", a.image.display()))?;

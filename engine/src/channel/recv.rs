@@ -19,6 +19,7 @@ use pagewire_transport::wire::{self, BlockSpec, Compression, HeaderRules, Packet
 use crate::channel::apply::{finish_packet, payload_iovecs};
 use crate::codec::PageDecompressor;
 use crate::error::{ChannelError, ChannelErrorKind, Place};
+use crate::fresh::FreshMap;
 use crate::memory::GuestMemory;
 use crate::stats::{ChannelStats, Progress};
 
@@ -44,6 +45,9 @@ pub struct RecvSettings {
     pub idle_timeout: Duration,
     /// Read headers, length arrays and all-compressed payloads with READ_FIXED.
     pub registered_buffers: bool,
+    /// Pages written so far, when the memory was all zero at the start (receiver-allocated):
+    /// zero pages on fresh pages are left untouched. `None`: every zero page is checked.
+    pub fresh: Option<Arc<FreshMap>>,
 }
 
 /// The receiving end of one channel.
@@ -292,6 +296,7 @@ impl RecvChannel {
                 &self.zbuf,
                 &mut *self.decomp,
                 &mut self.stats,
+                self.set.fresh.as_deref(),
             )
             .map_err(|e| {
                 self.err(

@@ -13,6 +13,7 @@
 
 use std::collections::VecDeque;
 use std::net::TcpStream;
+use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -27,6 +28,7 @@ use tracing::trace;
 use crate::accel::{Accelerator, Completion, JobDesc, Outcome, Path, Submit};
 use crate::codec::entropy::likely_incompressible;
 use crate::codec::is_zero_page;
+use crate::datamap::{covered, overlaps, DataProbe};
 use crate::error::{ChannelError, ChannelErrorKind, Place};
 use crate::memory::GuestMemory;
 use crate::pages::RoundPages;
@@ -116,6 +118,9 @@ struct Slot {
     msg: libc::msghdr,
     /// Counters applied to the channel's stats when the send completes.
     pending: ChannelStats,
+    /// The block drops sent pages: release this slot's normal pages once the kernel is done
+    /// with them (when the slot is reused, or at the round's end).
+    release: bool,
 }
 
 impl Slot {
@@ -141,6 +146,7 @@ impl Slot {
             // SAFETY: msghdr is a plain C struct for which all-zero is a valid value.
             msg: unsafe { std::mem::zeroed() },
             pending: ChannelStats::default(),
+            release: false,
         })
     }
 }
@@ -157,6 +163,9 @@ pub struct SendSettings {
     pub zero_copy_min: Option<usize>,
     /// Send pages a cheap sample deems incompressible raw, without a compression attempt.
     pub skip_incompressible: bool,
+    /// Ask the kernel which pages of a batch hold data before reading them; the others go
+    /// as zero pages unread (`datamap`).
+    pub find_holes: bool,
 }
 
 /// The sending end of one channel.
@@ -181,6 +190,10 @@ pub struct SendChannel {
     block_names: Vec<String>,
     /// SENDMSG_ZC in use (cleared when the ring or the socket refuses it).
     zc_on: bool,
+    /// Asks the kernel which pages of a batch hold data.
+    probe: DataProbe,
+    /// The current batch's data ranges (block byte offsets).
+    data: Vec<Range<u64>>,
     stats: ChannelStats,
 }
 
@@ -247,6 +260,8 @@ impl SendChannel {
             done: Vec::new(),
             block_names: Vec::new(),
             zc_on: false,
+            probe: DataProbe::new(),
+            data: Vec::new(),
             stats,
         })
     }
@@ -331,6 +346,10 @@ impl SendChannel {
             }
             if sync_queued && self.in_flight.is_none() && self.ready.is_empty() {
                 if self.notifying() == 0 {
+                    let ps = self.set.page_size as u64;
+                    for (_, slot) in self.slots.iter_mut() {
+                        release_sent(slot, mem, ps);
+                    }
                     return Ok(());
                 }
                 // The round's packets are all sent; their zero-copy notifications are not
@@ -380,15 +399,38 @@ impl SendChannel {
                 )),
             });
         };
+        // The slot is free: the kernel no longer reads its previous packet's pages.
+        release_sent(slot, mem, ps as u64);
         slot.block = block_idx;
+        slot.release = block.releases_after_send();
         slot.offsets.clear();
         slot.zero.clear();
         slot.zlens.clear();
         slot.pages.clear();
+        // Which pages hold data, asked now, just before they are read: a page written after
+        // this answer was dirtied, and a later round sends it (a map is never kept across
+        // batches or rounds).
+        let known = self.set.find_holes
+            && self.probe.data_ranges(
+                block.contents(),
+                block.as_ptr() as usize,
+                block.len(),
+                &slot.batch,
+                ps as u64,
+                &mut self.data,
+            );
+        let hint = round.known_zero(block_idx);
         for &off in &slot.batch {
             let Some(ptr) = block.range_ptr(off, ps) else {
                 continue;
             };
+            if (known && !overlaps(&self.data, off, ps as u64)) || covered(hint, off, ps as u64) {
+                // Never written (the kernel says) or declared empty (the VMM says): a zero
+                // page, not read.
+                slot.zero.push(off);
+                self.stats.pages_zero_unread += 1;
+                continue;
+            }
             // SAFETY: ptr..ptr+ps is inside the block, mapped readable for `mem`'s lifetime.
             // The guest may change the page while we read it; a torn page is resent by the
             // next round (DESIGN.md §2), so this read-only view is the documented window.
@@ -814,6 +856,33 @@ impl SendChannel {
     /// Record this thread's CPU time in the stats (call from the channel's thread).
     pub fn set_cpu_seconds(&mut self, secs: f64) {
         self.stats.cpu_seconds = secs;
+    }
+}
+
+/// Drop a sent slot's normal pages from a block that releases sent pages, in runs of
+/// contiguous pages (one madvise per run).
+fn release_sent(slot: &mut Slot, mem: &GuestMemory, ps: u64) {
+    if !std::mem::take(&mut slot.release) {
+        return;
+    }
+    let Some(block) = mem.block(slot.block) else {
+        return;
+    };
+    let normal = slot.offsets.get(..slot.pages.len()).unwrap_or_default();
+    let mut run: Option<(u64, u64)> = None;
+    for &off in normal {
+        match run {
+            Some((s, e)) if e == off => run = Some((s, e + ps)),
+            _ => {
+                if let Some((s, e)) = run {
+                    block.release(s, (e - s) as usize);
+                }
+                run = Some((off, off + ps));
+            }
+        }
+    }
+    if let Some((s, e)) = run {
+        block.release(s, (e - s) as usize);
     }
 }
 

@@ -16,6 +16,7 @@ use crate::channel::recv::{RecvChannel, RecvSettings, RoundGate};
 use crate::codec::{DeflateDecompressor, PageDecompressor};
 use crate::config::{Config, Decoder};
 use crate::error::{ChannelErrorKind, SessionError};
+use crate::fresh::FreshMap;
 use crate::memory::GuestMemory;
 use crate::session::handshake::{self, Door, Expect, Rejection};
 use crate::stats::{thread_cpu_seconds, Progress, SessionStats};
@@ -179,6 +180,9 @@ impl Receiver {
             blocks,
             idle_timeout: self.cfg.idle_timeout,
             registered_buffers: self.cfg.registered_buffers,
+            // Memory this receiver mapped itself is all zero until a packet writes it.
+            fresh: matches!(into, ReceiveInto::Allocate)
+                .then(|| Arc::new(FreshMap::new(&memory, hello.page_size))),
         };
         let gate = Gate::new(hello.channels, &streams, &control);
         let started = Instant::now();

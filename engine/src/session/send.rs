@@ -292,6 +292,7 @@ impl Sender {
             let set = SendSettings {
                 zero_copy_min,
                 skip_incompressible: cfg.skip_incompressible,
+                find_holes: cfg.find_holes,
                 page_size: cfg.page_size,
                 pages_per_packet: cfg.pages_per_packet,
                 compression,
