@@ -70,12 +70,15 @@ pub fn host_page_size() -> u64 {
 
 /// Data ranges of `file` in `range` (file offsets), sorted and disjoint, appended to `out`.
 /// At most [`MAX_EXTENTS`] ranges are followed; the rest of `range` then counts as data.
+/// Returns where the hole that ends the range (if any) ends: everything from the end of the
+/// last data range (or `range.start`) up to the returned offset (>= `range.end`; `u64::MAX`:
+/// the end of the file) was a hole when asked.
 /// `Err` when the file system cannot answer (the caller then reads every page).
 pub fn file_data_ranges(
     file: &File,
     range: Range<u64>,
     out: &mut Vec<Range<u64>>,
-) -> io::Result<()> {
+) -> io::Result<u64> {
     let fd = file.as_raw_fd();
     let seek = |pos: u64, whence: libc::c_int| -> io::Result<Option<u64>> {
         let Ok(p) = libc::off_t::try_from(pos) else {
@@ -99,25 +102,27 @@ pub fn file_data_ranges(
     while pos < range.end {
         if n >= MAX_EXTENTS {
             out.push(pos..range.end);
-            break;
+            return Ok(range.end);
         }
         let Some(data) = seek(pos, libc::SEEK_DATA)? else {
-            break;
+            // No data from here to the end of the file.
+            return Ok(u64::MAX);
         };
         if data >= range.end {
-            break;
+            return Ok(data);
         }
         let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(range.end);
         // A file system that moves backwards would loop: treat the rest as data.
         if hole <= data {
             out.push(data..range.end);
-            break;
+            return Ok(range.end);
         }
         out.push(data.max(pos)..hole.min(range.end));
         pos = hole;
         n += 1;
     }
-    Ok(())
+    // The last data range ended at or after range.end.
+    Ok(range.end)
 }
 
 /// Reads `/proc/self/pagemap` for this process's page tables.
@@ -258,12 +263,21 @@ pub struct DataProbe {
     a: Vec<Range<u64>>,
     b: Vec<Range<u64>>,
     spans: Vec<Range<u64>>,
+    /// A hole found this round: (the file's identity, file offsets). Batches inside it need
+    /// no system call. Cleared by [`DataProbe::begin_round`]: an answer is only good for the
+    /// round it was asked in (a page written after it is in the next round's dirty set).
+    hole: Option<(usize, Range<u64>)>,
 }
 
 impl DataProbe {
     /// A probe (opens pagemap on first use).
     pub fn new() -> DataProbe {
         DataProbe::default()
+    }
+
+    /// A new round starts: forget every answer of the previous one.
+    pub fn begin_round(&mut self) {
+        self.hole = None;
     }
 
     fn pagemap(&mut self) -> Option<&mut Pagemap> {
@@ -335,15 +349,29 @@ impl DataProbe {
                 let mut b = std::mem::take(&mut self.b);
                 a.clear();
                 b.clear();
+                let id = Arc::as_ptr(file) as usize;
+                let mut hole = self.hole.take();
                 let seek_ok = spans.iter().all(|r| {
                     let (Some(s), Some(t)) =
                         (offset.checked_add(r.start), offset.checked_add(r.end))
                     else {
                         return false;
                     };
+                    if hole
+                        .as_ref()
+                        .is_some_and(|(f, h)| *f == id && h.start <= s && t <= h.end)
+                    {
+                        // Inside a hole this round already found: no data, no system call.
+                        return true;
+                    }
                     let from = a.len();
                     match file_data_ranges(file, s..t, &mut a) {
-                        Ok(()) => {
+                        Ok(hole_end) => {
+                            let hole_start =
+                                a.last().filter(|_| a.len() > from).map_or(s, |d| d.end);
+                            if hole_end > hole_start {
+                                hole = Some((id, hole_start..hole_end));
+                            }
                             for d in a.get_mut(from..).into_iter().flatten() {
                                 *d = d.start - offset..d.end - offset;
                             }
@@ -355,10 +383,10 @@ impl DataProbe {
                         }
                     }
                 });
+                self.hole = hole;
                 // Private mapping: pages written here are anonymous copies the file does not
-                // know about, so pagemap must answer too. Shared: the file holds every write;
-                // our own present pages are added as a safety net when pagemap answers.
-                let ok = seek_ok && (pagemap_into(self, &mut b) || *shared);
+                // know about, so pagemap must answer too. Shared: the file holds every write.
+                let ok = seek_ok && (*shared || pagemap_into(self, &mut b));
                 if ok {
                     union(&a, &b, out);
                 }
@@ -463,8 +491,41 @@ mod tests {
         assert!(data < 512 * ps, "most of the file is a hole: {out:?}");
         // A query inside a hole finds nothing.
         out.clear();
-        file_data_ranges(&f, 200 * ps..400 * ps, &mut out).expect("seek");
+        let hole_end = file_data_ranges(&f, 200 * ps..400 * ps, &mut out).expect("seek");
         assert!(out.is_empty(), "{out:?}");
+        // ... and says how far the hole goes: up to the next data, not beyond it.
+        assert!((400 * ps..=500 * ps).contains(&hole_end), "{hole_end}");
+        out.clear();
+        let tail = file_data_ranges(&f, 600 * ps..700 * ps, &mut out).expect("seek");
+        assert!(out.is_empty() && tail >= 700 * ps, "{out:?} {tail}");
+    }
+
+    #[test]
+    fn a_hole_found_is_reused_within_a_round_and_asked_again_next_round() {
+        let f = tempfile::tempfile().expect("tempfile");
+        let ps = 4096u64;
+        f.set_len(1024 * ps).expect("len");
+        f.write_all_at(&[1u8; 4096], 900 * ps).expect("write");
+        let contents = Contents::File {
+            file: Arc::new(f.try_clone().expect("clone")),
+            offset: 0,
+            shared: true,
+        };
+        let mut p = DataProbe::new();
+        let mut out = Vec::new();
+        let batch = |first: u64| (first..first + 128).map(|i| i * ps).collect::<Vec<_>>();
+        p.begin_round();
+        assert!(p.data_ranges(&contents, 0, 1024 * ps as usize, &batch(0), ps, &mut out));
+        assert!(out.is_empty());
+        // Written after the answer: within the round the hole stands (the write dirtied the
+        // page, the next round sends it) ...
+        f.write_all_at(&[2u8; 4096], 300 * ps).expect("write");
+        assert!(p.data_ranges(&contents, 0, 1024 * ps as usize, &batch(256), ps, &mut out));
+        assert!(out.is_empty(), "answered from this round's hole");
+        // ... and the next round asks the kernel again.
+        p.begin_round();
+        assert!(p.data_ranges(&contents, 0, 1024 * ps as usize, &batch(256), ps, &mut out));
+        assert!(covered(&out, 300 * ps, ps), "{out:?}");
     }
 
     #[test]

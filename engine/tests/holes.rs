@@ -181,21 +181,40 @@ fn sparse_file() -> std::fs::File {
 }
 
 #[test]
-fn sparse_image_shared_mapping_reads_only_its_data() {
+fn sparse_image_shared_mapping_reads_only_its_data_and_asks_again_each_round() {
     let f = sparse_file();
     let block = Block::from_file("pc.ram", &f, false, false).expect("map");
     let src = Arc::new(GuestMemory::new(vec![block]).expect("mem"));
+    // Between rounds the file's owner writes into a hole (seen through the shared mapping):
+    // round 2 asks again and sends it, although round 1 found a hole there (the last page of
+    // the last hole before data: what each channel's last answer of round 1 covered).
+    let hole_written = (15 * MIB2 - PS) as u64;
+    let w = f.try_clone().expect("clone");
+    // One channel: its last answer of round 1 (the hole up to the last piece) is the one a
+    // stale map would reuse for round 2's page.
+    let one = Config {
+        channels: 1,
+        ..cfg(CodecKind::None)
+    };
     let (per, rstats, got) = session(
         &src,
-        cfg(CodecKind::None),
+        one,
         ReceiveInto::Allocate,
-        vec![all(SIZE)],
-        |_| {},
+        vec![all(SIZE), offsets(SIZE, vec![hole_written])],
+        move |_| {
+            w.write_all_at(&[0x42u8; PS], hole_written).expect("write");
+        },
     );
     identical(&src, &got);
     let t = &per[0].total;
     assert_eq!(t.pages_zero_unread, hole_pages() as u64);
+    assert_eq!(per[1].total.pages_normal, 1, "the written hole");
+    assert_eq!(per[1].total.pages_zero_unread, 0);
+    // Receiver: every zero page of round 1.
     assert_eq!(rstats.total.pages_zero_unread, t.pages_zero);
+    // SAFETY: the session is over.
+    let page = unsafe { &got.block(0).expect("block").as_slice()[hole_written as usize..][..PS] };
+    assert!(page.iter().all(|&b| b == 0x42));
 }
 
 #[test]

@@ -301,6 +301,8 @@ impl SendChannel {
         if self.block_names.len() != mem.blocks().len() {
             self.block_names = mem.blocks().iter().map(|b| b.name().to_string()).collect();
         }
+        // Answers about holes are good for one round only.
+        self.probe.begin_round();
         let mut exhausted = false;
         let mut sync_queued = false;
         loop {
