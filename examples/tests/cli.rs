@@ -646,3 +646,68 @@ fn receiver_exits_when_sender_is_killed() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 }
+
+/// A sparse image (holes between data), sent in one round and in several rounds (whose
+/// simulated guest also writes into holes): the receiver's `--out` equals the sender's memory,
+/// and the holes are counted as pages the sender did not read.
+#[test]
+fn sparse_image_holes_unread_and_identical_in_one_and_several_rounds() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().expect("tmp");
+    let img = dir.path().join("sparse.img");
+    let size: u64 = 64 << 20;
+    let piece = 4usize << 20;
+    let data = dir.path().join("data.img");
+    make_image(&data, 2 * piece, 46);
+    let bytes = std::fs::read(&data).expect("data");
+    let f = std::fs::File::create(&img).expect("create");
+    f.set_len(size).expect("len");
+    // Two 4 MiB pieces at 8 MiB and 40 MiB (2 MiB-aligned: exact at any file-system block size).
+    f.write_all_at(&bytes[..piece], 8 << 20).expect("write");
+    f.write_all_at(&bytes[piece..], 40 << 20).expect("write");
+    drop(f);
+    let image = std::fs::read(&img).expect("img");
+    let hole_pages = (size as usize - 2 * piece) / 4096;
+    for rounds in ["1", "3"] {
+        let out = dir.path().join(format!("out{rounds}.img"));
+        let fin = dir.path().join(format!("final{rounds}.img"));
+        let port = free_port();
+        let recv = spawn_recv(port, &["--out", out.to_str().expect("utf8"), "--json"]);
+        let send = Command::new(BIN)
+            .args(["send", "--connect", &format!("127.0.0.1:{port}")])
+            .args(["--image", img.to_str().expect("utf8")])
+            .args(["--codec", "none", "--channels", "2", "--rounds", rounds])
+            .args(["--final-image", fin.to_str().expect("utf8"), "--json"])
+            .output()
+            .expect("run send");
+        assert!(
+            send.status.success(),
+            "send failed: {}",
+            String::from_utf8_lossy(&send.stderr)
+        );
+        let r = wait_output(recv, Duration::from_secs(60));
+        assert!(
+            r.status.success(),
+            "recv failed: {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+        let final_mem = std::fs::read(&fin).expect("final");
+        assert!(
+            std::fs::read(&out).expect("out") == final_mem,
+            "receiver's memory differs from the sender's ({rounds} rounds)"
+        );
+        let sj: serde_json::Value = serde_json::from_slice(&send.stdout).expect("json");
+        let rounds_json = sj["per_round"].as_array().expect("per_round");
+        assert!(rounds_json[0]["pages"]["zero"].as_u64().unwrap_or(0) as usize >= hole_pages);
+        let unread = sj["pages"]["zero_unread"].as_u64().expect("zero_unread") as usize;
+        if rounds == "1" {
+            assert!(final_mem == image, "one round: the image as it is");
+            assert_eq!(unread, hole_pages, "every hole page, and only they, unread");
+        } else {
+            assert!(final_mem != image, "the simulated guest wrote");
+            assert!(unread >= hole_pages, "round 1 alone skips every hole");
+        }
+        let rj: serde_json::Value = serde_json::from_slice(&r.stdout).expect("json");
+        assert!(rj["pages"]["zero_unread"].as_u64().unwrap_or(0) as usize >= hole_pages);
+    }
+}
