@@ -267,7 +267,17 @@ pub struct DataProbe {
     /// no system call. Cleared by [`DataProbe::begin_round`]: an answer is only good for the
     /// round it was asked in (a page written after it is in the next round's dirty set).
     hole: Option<(usize, Range<u64>)>,
+    /// Pagemap read ahead this round: (the block's address, the block range it covers, the
+    /// present ranges in it). One read of [`PAGEMAP_AHEAD`] bytes of memory answers the next
+    /// batches too. Cleared by [`DataProbe::begin_round`], as `hole`.
+    ahead: Option<ReadAhead>,
 }
+
+/// A pagemap read ahead: (the block's address, the block range it covers, the present ranges).
+type ReadAhead = (usize, Range<u64>, Vec<Range<u64>>);
+
+/// Bytes of memory one pagemap read covers (4096 entries, 32 KiB of pagemap, for 4 KiB pages).
+pub const PAGEMAP_AHEAD: u64 = 16 << 20;
 
 impl DataProbe {
     /// A probe (opens pagemap on first use).
@@ -278,6 +288,7 @@ impl DataProbe {
     /// A new round starts: forget every answer of the previous one.
     pub fn begin_round(&mut self) {
         self.hole = None;
+        self.ahead = None;
     }
 
     fn pagemap(&mut self) -> Option<&mut Pagemap> {
@@ -315,27 +326,68 @@ impl DataProbe {
         }
         let mut spans = std::mem::take(&mut self.spans);
         let ok = spans_of(offsets, page, len as u64, &mut spans) && !spans.is_empty();
-        let ok = ok && self.query(contents, addr, &spans, out);
+        let ok = ok && self.query(contents, addr, len as u64, &spans, out);
         self.spans = spans;
         ok
+    }
+
+    /// Present ranges of `span` (block offsets; the block is at `addr`, `len` bytes) appended
+    /// to `v`, from this round's read-ahead when it covers the span, else from a new read of
+    /// up to [`PAGEMAP_AHEAD`] bytes starting at the span.
+    fn present(
+        &mut self,
+        addr: usize,
+        len: u64,
+        span: &Range<u64>,
+        v: &mut Vec<Range<u64>>,
+    ) -> bool {
+        let covered = |a: &Option<ReadAhead>| {
+            a.as_ref()
+                .is_some_and(|(at, c, _)| *at == addr && c.start <= span.start && span.end <= c.end)
+        };
+        if !covered(&self.ahead) {
+            let end = span
+                .start
+                .saturating_add(PAGEMAP_AHEAD)
+                .min(len)
+                .max(span.end);
+            let mut ranges = self.ahead.take().map(|(_, _, r)| r).unwrap_or_default();
+            ranges.clear();
+            let Some(pm) = self.pagemap() else {
+                return false;
+            };
+            let a = addr.wrapping_add(span.start as usize);
+            if pm
+                .present_ranges(a, (end - span.start) as usize, span.start, &mut ranges)
+                .is_err()
+            {
+                return false;
+            }
+            self.ahead = Some((addr, span.start..end, ranges));
+        }
+        let Some((_, _, ranges)) = self.ahead.as_ref() else {
+            return false;
+        };
+        let i = ranges.partition_point(|r| r.end <= span.start);
+        for r in ranges.get(i..).into_iter().flatten() {
+            if r.start >= span.end {
+                break;
+            }
+            v.push(r.start.max(span.start)..r.end.min(span.end));
+        }
+        true
     }
 
     fn query(
         &mut self,
         contents: &Contents,
         addr: usize,
+        len: u64,
         spans: &[Range<u64>],
         out: &mut Vec<Range<u64>>,
     ) -> bool {
         let pagemap_into = |probe: &mut DataProbe, v: &mut Vec<Range<u64>>| -> bool {
-            let Some(pm) = probe.pagemap() else {
-                return false;
-            };
-            spans.iter().all(|r| {
-                let a = addr.wrapping_add(r.start as usize);
-                pm.present_ranges(a, (r.end - r.start) as usize, r.start, v)
-                    .is_ok()
-            })
+            spans.iter().all(|r| probe.present(addr, len, r, v))
         };
         match contents {
             Contents::Unknown => false,
@@ -526,6 +578,51 @@ mod tests {
         p.begin_round();
         assert!(p.data_ranges(&contents, 0, 1024 * ps as usize, &batch(256), ps, &mut out));
         assert!(covered(&out, 300 * ps, ps), "{out:?}");
+    }
+
+    #[test]
+    fn pagemap_read_ahead_answers_later_batches_of_the_round_only() {
+        if Pagemap::open().is_err() {
+            eprintln!("SKIP: /proc/self/pagemap not readable here");
+            return;
+        }
+        let ps = host_page_size();
+        let len = 8 * PAGEMAP_AHEAD as usize;
+        let block = crate::memory::Block::anonymous("t", len).expect("map");
+        let touch = |off: u64| {
+            // SAFETY: the block is only used by this test, and nothing else holds a view.
+            let bytes = unsafe { block.as_mut_slice() };
+            bytes[off as usize] = 1;
+        };
+        let at = PAGEMAP_AHEAD + 5 * ps;
+        touch(at);
+        let mut p = DataProbe::new();
+        let mut out = Vec::new();
+        let batch = |first: u64| (0..128).map(|i| first + i * ps).collect::<Vec<_>>();
+        let ask = |p: &mut DataProbe, first: u64, out: &mut Vec<Range<u64>>| {
+            assert!(p.data_ranges(
+                &Contents::Anonymous,
+                block.as_ptr() as usize,
+                len,
+                &batch(first),
+                ps,
+                out
+            ));
+        };
+        p.begin_round();
+        ask(&mut p, 0, &mut out);
+        assert!(out.is_empty());
+        // Written after the read-ahead: this round's answer stands ...
+        touch(200 * ps);
+        ask(&mut p, 128 * ps, &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        // ... beyond the read-ahead, a new read sees what is there ...
+        ask(&mut p, PAGEMAP_AHEAD, &mut out);
+        assert_eq!(out, vec![at..at + ps]);
+        // ... and the next round asks again.
+        p.begin_round();
+        ask(&mut p, 128 * ps, &mut out);
+        assert_eq!(out, vec![200 * ps..201 * ps]);
     }
 
     #[test]
