@@ -271,7 +271,14 @@ pub struct DataProbe {
     /// present ranges in it). One read of [`PAGEMAP_AHEAD`] bytes of memory answers the next
     /// batches too. Cleared by [`DataProbe::begin_round`], as `hole`.
     ahead: Option<ReadAhead>,
+    /// After a read-ahead found every page present: (block address, block range) not asked
+    /// about, and the current window length.
+    skip: Option<(usize, Range<u64>)>,
+    skip_len: u64,
 }
+
+/// Largest window of memory not asked about after all-present answers.
+pub const PAGEMAP_SKIP_MAX: u64 = 64 << 20;
 
 /// A pagemap read ahead: (the block's address, the block range it covers, the present ranges).
 type ReadAhead = (usize, Range<u64>, Vec<Range<u64>>);
@@ -289,6 +296,8 @@ impl DataProbe {
     pub fn begin_round(&mut self) {
         self.hole = None;
         self.ahead = None;
+        self.skip = None;
+        self.skip_len = 0;
     }
 
     fn pagemap(&mut self) -> Option<&mut Pagemap> {
@@ -346,6 +355,16 @@ impl DataProbe {
                 .is_some_and(|(at, c, _)| *at == addr && c.start <= span.start && span.end <= c.end)
         };
         if !covered(&self.ahead) {
+            // Memory that was all present in the last reads is likely more of the same: skip
+            // asking (pagemap costs ~80 ns a page even where every page is present) over a
+            // window that doubles up to PAGEMAP_SKIP_MAX, and read those pages as before.
+            if self
+                .skip
+                .as_ref()
+                .is_some_and(|(at, w)| *at == addr && w.start <= span.start && span.end <= w.end)
+            {
+                return false;
+            }
             let end = span
                 .start
                 .saturating_add(PAGEMAP_AHEAD)
@@ -362,6 +381,14 @@ impl DataProbe {
                 .is_err()
             {
                 return false;
+            }
+            let full = matches!(ranges.as_slice(), [r] if r.start <= span.start && r.end >= end);
+            if full {
+                self.skip_len = (self.skip_len * 2).clamp(PAGEMAP_AHEAD, PAGEMAP_SKIP_MAX);
+                self.skip = Some((addr, end..end.saturating_add(self.skip_len)));
+            } else {
+                self.skip_len = 0;
+                self.skip = None;
             }
             self.ahead = Some((addr, span.start..end, ranges));
         }
@@ -623,6 +650,40 @@ mod tests {
         p.begin_round();
         ask(&mut p, 128 * ps, &mut out);
         assert_eq!(out, vec![200 * ps..201 * ps]);
+    }
+
+    #[test]
+    fn all_present_memory_backs_off_asking_then_asks_again() {
+        if Pagemap::open().is_err() {
+            eprintln!("SKIP: /proc/self/pagemap not readable here");
+            return;
+        }
+        let ps = host_page_size();
+        let len = 8 * PAGEMAP_AHEAD as usize;
+        let block = crate::memory::Block::anonymous("t", len).expect("map");
+        // SAFETY: the block is only used by this test.
+        let bytes = unsafe { block.as_mut_slice() };
+        bytes[..PAGEMAP_AHEAD as usize].fill(1);
+        let mut p = DataProbe::new();
+        let mut out = Vec::new();
+        let batch = |first: u64| (0..128).map(|i| first + i * ps).collect::<Vec<_>>();
+        let addr = block.as_ptr() as usize;
+        p.begin_round();
+        assert!(p.data_ranges(&Contents::Anonymous, addr, len, &batch(0), ps, &mut out));
+        assert_eq!(out, vec![0..128 * ps]);
+        // The next 16 MiB are not asked about (read page by page, as without a map) ...
+        assert!(!p.data_ranges(
+            &Contents::Anonymous,
+            addr,
+            len,
+            &batch(PAGEMAP_AHEAD),
+            ps,
+            &mut out
+        ));
+        // ... beyond the window the kernel is asked again.
+        let far = 2 * PAGEMAP_AHEAD;
+        assert!(p.data_ranges(&Contents::Anonymous, addr, len, &batch(far), ps, &mut out));
+        assert!(out.is_empty());
     }
 
     #[test]
