@@ -356,7 +356,7 @@ impl DataProbe {
         };
         if !covered(&self.ahead) {
             // Memory that was all present in the last reads is likely more of the same: skip
-            // asking (pagemap costs ~80 ns a page even where every page is present) over a
+            // asking (pagemap costs ~90 ns a page even where every page is present) over a
             // window that doubles up to PAGEMAP_SKIP_MAX, and read those pages as before.
             if self
                 .skip
