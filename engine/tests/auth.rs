@@ -200,6 +200,7 @@ fn channel_with_wrong_token_refused() {
             nonce: nonce_s,
             mac: sec.sender_proof(&nonce_r, &nonce_s, &uuid),
         }),
+        opening_sync: false,
     };
     write_message(&mut ctl, &Message::Hello(hello)).expect("hello");
     match read_message(&mut ctl).expect("hello-ok") {

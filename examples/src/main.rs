@@ -810,6 +810,7 @@ fn decode(a: DecodeArgs) -> Res<()> {
             "seconds": secs,
             "gbps": if secs > 0.0 { stats.total.memory_bytes as f64 / secs / 1e9 } else { 0.0 },
             "rounds": stats.rounds,
+            "opening_sync": stats.opening_sync,
             "compression": stats.compression,
             "pages_per_packet": stats.pages_per_packet,
             "pages": {
@@ -823,9 +824,10 @@ fn decode(a: DecodeArgs) -> Res<()> {
         println!("{v}");
     } else {
         println!(
-            "pagewire decode: {} capture(s), {} round(s), compression {}, {} pages applied ({} zero) -> {}",
+            "pagewire decode: {} capture(s), {} round(s){}, compression {}, {} pages applied ({} zero) -> {}",
             a.captures.len(),
             stats.rounds,
+            if stats.opening_sync { " after an opening SYNC" } else { "" },
             stats.compression,
             stats.total.pages_normal + stats.total.pages_zero,
             stats.total.pages_zero,

@@ -203,6 +203,7 @@ fn recv_rejects_a_bad_offset_with_one_line() {
             size: 1 << 20,
         }],
         auth: None,
+        opening_sync: false,
     };
     control::write_message(&mut ctl, &Message::Hello(hello)).expect("hello");
     assert_eq!(
@@ -342,7 +343,28 @@ fn decode_rebuilds_image_from_recorded_send() {
     );
     let v: serde_json::Value = serde_json::from_slice(&dec.stdout).expect("json");
     assert_eq!(v["compression"].as_str(), Some("qpl"));
+    // QEMU's cadence: each channel opens with a SYNC right after its init packet, and carries
+    // rounds + 1 SYNCs; decode recognises the opening one.
     assert_eq!(v["rounds"].as_u64(), Some(1));
+    assert_eq!(v["opening_sync"].as_bool(), Some(true));
+    for (i, ch) in v["channels"]
+        .as_array()
+        .expect("channels")
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(ch["sync_packets"].as_u64(), Some(2), "channel {i}");
+    }
+    for p in &caps {
+        let bytes = std::fs::read(p).expect("capture");
+        // Init packet (64 bytes), then the first packet header: flags at offset 8.
+        assert_eq!(
+            &bytes[64 + 8..64 + 12],
+            &[0, 0, 0, 1],
+            "{}: first packet is a SYNC",
+            p.display()
+        );
+    }
 }
 
 fn qpl_installed() -> Result<String, String> {

@@ -179,6 +179,7 @@ impl Receiver {
             blocks,
             idle_timeout: self.cfg.idle_timeout,
             registered_buffers: self.cfg.registered_buffers,
+            opening_sync: hello.opening_sync,
         };
         let gate = Gate::new(hello.channels, &streams, &control);
         let started = Instant::now();

@@ -218,6 +218,8 @@ impl Sender {
                 nonce: *nonce_s,
                 mac: secret.sender_proof(&nonce_r, nonce_s, &uuid),
             }),
+            // Every channel opens with a SYNC (SendChannel::new queues it), as QEMU's does.
+            opening_sync: true,
         };
         hello.validate()?;
         control::write_message(&mut control, &Message::Hello(hello))?;
