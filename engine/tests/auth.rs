@@ -211,7 +211,7 @@ fn channel_with_wrong_token_refused() {
     }
     let mut ch = TcpStream::connect(addr).expect("channel");
     // A token for another channel id: valid HMAC, wrong binding.
-    ch.write_all(&sec.channel_token(&nonce_r, &uuid, 1))
+    ch.write_all(&sec.channel_token(&nonce_r, &nonce_s, &uuid, 1))
         .expect("token");
     ch.write_all(
         &InitPacket {

@@ -71,6 +71,20 @@ struct Common {
     /// (default: auto for send and recv, off for demo).
     #[arg(long)]
     cpus: Option<String>,
+    /// The VM's uuid (8-4-4-4-12 hex, QEMU's -uuid): send puts it in the hello and every
+    /// channel's init packet (default: random per session); recv refuses another VM's.
+    #[arg(long)]
+    vm_uuid: Option<String>,
+}
+
+fn vm_uuid(c: &Common) -> Res<Option<[u8; 16]>> {
+    c.vm_uuid
+        .as_deref()
+        .map(|s| {
+            pagewire::config::parse_uuid(s)
+                .ok_or_else(|| format!("--vm-uuid '{s}': expected 8-4-4-4-12 hex digits"))
+        })
+        .transpose()
 }
 
 fn pinning(c: &Common, default: Pinning) -> Res<Pinning> {
@@ -323,6 +337,7 @@ fn config(t: &Tuning, c: &Common, channels: u16) -> Res<Config> {
         zero_copy,
         registered_buffers,
         secret: secret(c)?,
+        vm_uuid: vm_uuid(c)?,
         codec,
         level,
         qpl,
@@ -707,6 +722,7 @@ fn recv(a: RecvArgs) -> Res<()> {
     let mut cfg = Config {
         idle_timeout: Duration::from_secs_f64(a.common.idle_timeout),
         secret: secret(&a.common)?,
+        vm_uuid: vm_uuid(&a.common)?,
         insecure: a.insecure,
         pinning: pinning(&a.common, Pinning::AutoFromLast)?,
         registered_buffers: match a.registered_buffers.as_str() {

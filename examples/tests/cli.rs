@@ -597,6 +597,58 @@ fn wrong_secret_refused_with_one_line_on_both_sides() {
     assert!(std::fs::read(&img).expect("img") == std::fs::read(&out).expect("out"));
 }
 
+/// `--vm-uuid`: recv with a VM's uuid refuses a sender of another VM (one line on each side)
+/// and serves the sender of its own VM; a malformed uuid is a one-line error.
+#[test]
+fn vm_uuid_selects_the_session() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let img = dir.path().join("guest.img");
+    let out = dir.path().join("out.img");
+    make_image(&img, 4 << 20, 46);
+    const MINE: &str = "0f0e0d0c-0b0a-4908-8706-050403020100";
+    let port = free_port();
+    let recv = spawn_recv(
+        port,
+        &["--out", out.to_str().expect("utf8"), "--vm-uuid", MINE],
+    );
+    let send_as = |uuid: &str| {
+        Command::new(BIN)
+            .args([
+                "send",
+                "--connect",
+                &format!("127.0.0.1:{port}"),
+                "--image",
+                img.to_str().expect("utf8"),
+                "--vm-uuid",
+                uuid,
+            ])
+            .output()
+            .expect("run send")
+    };
+    let bad = send_as("not-a-uuid");
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("--vm-uuid 'not-a-uuid'"), "{err}");
+    let other = send_as("00000000-0000-4000-8000-000000000002");
+    assert!(!other.status.success(), "another VM's sender must fail");
+    let err = String::from_utf8_lossy(&other.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains(MINE), "{err}");
+    let ok = send_as(&MINE.to_uppercase());
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let r = wait_output(recv, Duration::from_secs(20));
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let rlog = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(rlog.trim_end().lines().count(), 1, "{rlog}");
+    assert!(rlog.contains("expects VM"), "{rlog}");
+    assert!(std::fs::read(&img).expect("img") == std::fs::read(&out).expect("out"));
+}
+
 /// A long session: many rounds of a deflate send.
 fn long_send(port: u16, img: &Path) -> std::process::Child {
     Command::new(BIN)

@@ -260,6 +260,15 @@ impl Receiver {
         hello: &Hello,
         into: &ReceiveInto,
     ) -> Result<Arc<GuestMemory>, SessionError> {
+        if let Some(mine) = &self.cfg.vm_uuid {
+            if *mine != hello.uuid {
+                return Err(SessionError::Handshake(format!(
+                    "the sender migrates VM {} but this receiver expects VM {}",
+                    crate::config::format_uuid(&hello.uuid),
+                    crate::config::format_uuid(mine)
+                )));
+            }
+        }
         if !matches!(hello.compression, Compression::None | Compression::Qpl) {
             return Err(SessionError::Handshake(format!(
                 "compression {} is not supported (pagewire decodes none and qpl framing)",
@@ -329,6 +338,10 @@ impl Receiver {
         let expect = Expect::Channel {
             uuid: hello.uuid,
             nonce_r: *nonce_r,
+            nonce_s: hello
+                .auth
+                .as_ref()
+                .map_or([0; control::NONCE_LEN], |a| a.nonce),
         };
         for got in 0..n {
             let c = door.next_channel(deadline, &expect).map_err(|e| match e {
