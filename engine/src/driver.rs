@@ -86,6 +86,12 @@ pub trait Vmm {
     fn supports_postcopy(&self) -> bool {
         false
     }
+
+    /// Called after each live round with what the driver saw and decided (for progress
+    /// output; the default does nothing).
+    fn round_done(&mut self, record: &RoundRecord) {
+        let _ = record;
+    }
 }
 
 /// The session side of the driver: one round at a time, then the device state, then the end.
@@ -525,7 +531,7 @@ impl Driver {
                     false => {
                         conv.throttle_unavailable();
                         report.decisions.throttle_unavailable += 1;
-                        warn!(target: "pagewire::driver", "the VMM cannot throttle; continuing without");
+                        info!(target: "pagewire::driver", "the VMM cannot throttle; continuing without");
                         decision = Decision::Continue;
                     }
                 }
@@ -538,6 +544,9 @@ impl Driver {
                 predicted_ms: predicted.map(|p| p.as_secs_f64() * 1e3),
                 decision: decision.clone(),
             });
+            if let Some(r) = report.rounds.last() {
+                vmm.round_done(r);
+            }
             report.bandwidth = conv.bandwidth();
             report.throttle = conv.throttle();
             match decision {
@@ -550,7 +559,8 @@ impl Driver {
                 }
                 Decision::GiveUp { reason } => {
                     report.decisions.gave_up += 1;
-                    warn!(target: "pagewire::driver", %reason, "giving up; the guest keeps running here");
+                    // The caller gets the error; this is the log's record of it.
+                    info!(target: "pagewire::driver", %reason, "giving up; the guest keeps running here");
                     if conv.throttle() > 0 {
                         // Best effort: the migration is over either way.
                         if let Err(e) = vmm.throttle(0) {
