@@ -10,6 +10,7 @@
 //! | [`Decision::Throttle`] | the rounds stopped shrinking (the guest dirties pages about as fast as they are sent): hold the guest back, 20 %, 30 %, ... 99 % of the time, as QEMU's auto-converge does |
 //! | [`Decision::GiveUp`] | the round or time limit passed without convergence: the guest keeps running here, unthrottled, and the session is dropped |
 //! | [`Decision::PostCopy`] | instead of giving up, when the policy allows it and the VMM supports it: the driver hands back the transport and the remaining dirty set; the VMM pauses, sends its state and switches to post-copy |
+//! | [`Decision::Probe`] | the prediction fits but the fixed cost of a round is not known yet: an empty round measures it, then the driver decides again |
 //! | [`Decision::Continue`] | otherwise: another live round |
 //!
 //! Every decision is logged (`tracing`, target `pagewire::driver`) and counted
@@ -27,8 +28,9 @@
 //! and the dirty set the VMM reported. The achieved bandwidth *B* is the wire bytes per second
 //! of the last round that moved at least 1 MiB (small rounds are dominated by round-trip
 //! latency); the wire bytes per page *w* come from the same round; the fixed cost *c* of a
-//! round (its SYNC round trip, the receiver's barrier) is the smallest `seconds - wire/B` of
-//! the rounds that moved less than that (0 until such a round). Stopping now would take `dirty × w / B + c`, plus the policy's `reserve` for
+//! round (its SYNC round trip, the receiver's barrier) is the largest `seconds - wire/B` of
+//! the last three rounds that moved less than that. When the prediction would fit before any
+//! such round, the driver first sends an empty round ([`Decision::Probe`]) to measure *c*. Stopping now would take `dirty × w / B + c`, plus the policy's `reserve` for
 //! pausing and the device state; the driver stops when that fits `headroom × limit` (the
 //! guest keeps dirtying pages between the last collection and the pause, so the final round
 //! is a little larger than the prediction).
@@ -179,6 +181,9 @@ pub enum Decision {
     Throttle { percent: u8 },
     /// Pause and send the rest: the predicted downtime fits.
     Stop { predicted_ms: f64 },
+    /// The prediction fits but no round has measured the fixed cost yet: send an empty round
+    /// (SYNC and the destination's acknowledgement only) to measure it, then decide again.
+    Probe,
     /// Give up: the guest keeps running here.
     GiveUp { reason: String },
     /// Switch to post-copy.
@@ -191,6 +196,7 @@ impl Decision {
             Decision::Continue => "continue",
             Decision::Throttle { .. } => "throttle",
             Decision::Stop { .. } => "stop",
+            Decision::Probe => "probe",
             Decision::GiveUp { .. } => "give-up",
             Decision::PostCopy { .. } => "post-copy",
         }
@@ -219,6 +225,8 @@ pub struct DecisionCounts {
     pub throttled: u64,
     /// Throttle raises the VMM could not apply.
     pub throttle_unavailable: u64,
+    /// Empty rounds sent to measure the fixed cost of a round.
+    pub probes: u64,
     /// Stops (0 or 1).
     pub stopped: u64,
     /// Give-ups (0 or 1).
@@ -235,7 +243,9 @@ pub struct Convergence {
     live_seconds: f64,
     bandwidth: Option<f64>,
     wire_per_page: Option<f64>,
-    fixed_cost: Option<f64>,
+    /// The last few fixed-cost samples (seconds); the prediction uses their maximum.
+    latency: std::collections::VecDeque<f64>,
+    probed: bool,
     stalled: u32,
     throttle: u8,
     can_throttle: bool,
@@ -243,6 +253,9 @@ pub struct Convergence {
 
 /// Rounds that move at least this much measure bandwidth (smaller ones measure latency).
 const BANDWIDTH_MIN_BYTES: u64 = 1 << 20;
+/// Fixed-cost samples kept (the prediction takes the largest: on a loaded host the round trip
+/// varies, and underestimating it costs downtime).
+const LATENCY_SAMPLES: usize = 3;
 
 impl Convergence {
     /// A fresh state machine.
@@ -253,7 +266,8 @@ impl Convergence {
             live_seconds: 0.0,
             bandwidth: None,
             wire_per_page: None,
-            fixed_cost: None,
+            latency: std::collections::VecDeque::new(),
+            probed: false,
             stalled: 0,
             throttle: 0,
             can_throttle: true,
@@ -286,9 +300,15 @@ impl Convergence {
         let bw = self.bandwidth.filter(|b| *b > 0.0)?;
         let per_page = self.wire_per_page?;
         let secs = dirty_pages as f64 * per_page / bw
-            + self.fixed_cost.unwrap_or(0.0)
+            + self.fixed_cost().unwrap_or(0.0)
             + self.policy.reserve.as_secs_f64();
         Some(Duration::from_secs_f64(secs.clamp(0.0, 1e9)))
+    }
+
+    /// The fixed cost of a round (its SYNC round trip and the destination's barrier), seconds:
+    /// the largest of the last few samples, or `None` before any.
+    pub fn fixed_cost(&self) -> Option<f64> {
+        self.latency.iter().copied().reduce(f64::max)
     }
 
     /// The VMM cannot throttle: never ask again.
@@ -315,10 +335,19 @@ impl Convergence {
             .filter(|b| *b > 0.0 && r.wire_bytes < BANDWIDTH_MIN_BYTES)
         {
             let cost = (r.seconds - r.wire_bytes as f64 / bw).max(0.0);
-            self.fixed_cost = Some(self.fixed_cost.map_or(cost, |c: f64| c.min(cost)));
+            if self.latency.len() == LATENCY_SAMPLES {
+                self.latency.pop_front();
+            }
+            self.latency.push_back(cost);
         }
         let limit = self.policy.downtime_limit.as_secs_f64() * self.policy.headroom;
         if let Some(p) = self.predict(r.dirty_pages) {
+            if p.as_secs_f64() <= limit && self.latency.is_empty() && !self.probed {
+                // Only large rounds so far: their time hides the fixed cost, which may be
+                // most of a short final round. Measure it with an empty round first.
+                self.probed = true;
+                return Decision::Probe;
+            }
             if p.as_secs_f64() <= limit {
                 return Decision::Stop {
                     predicted_ms: p.as_secs_f64() * 1e3,
@@ -343,7 +372,9 @@ impl Convergence {
             };
         }
         let shrinking = (r.dirty_pages as f64) < self.policy.stall_ratio * r.pages as f64;
-        if shrinking {
+        if r.pages == 0 {
+            // A probe sends no pages: it says nothing about convergence.
+        } else if shrinking {
             self.stalled = 0;
         } else {
             self.stalled += 1;
@@ -497,8 +528,14 @@ impl Driver {
         let mut log = DirtyLog::new(mem, self.page_size);
         vmm_call(vmm.collect_dirty(&mut log), "collect dirty log", &report)?;
         log.mark_all();
+        let sizes: Vec<u64> = mem.blocks().iter().map(|b| b.len() as u64).collect();
+        let mut probe = false;
         loop {
-            let pages = log.take_round(self.pages_per_packet);
+            let pages = if probe {
+                RoundPages::new(Vec::new(), &sizes, self.page_size, self.pages_per_packet)
+            } else {
+                log.take_round(self.pages_per_packet)
+            };
             let n = pages.pages();
             let stats = session_call(transport.send_round(pages), &report)?;
             vmm_call(vmm.collect_dirty(&mut log), "collect dirty log", &report)?;
@@ -549,8 +586,10 @@ impl Driver {
             }
             report.bandwidth = conv.bandwidth();
             report.throttle = conv.throttle();
+            probe = decision == Decision::Probe;
             match decision {
                 Decision::Continue => report.decisions.continued += 1,
+                Decision::Probe => report.decisions.probes += 1,
                 Decision::Throttle { .. } => {}
                 Decision::Stop { .. } => {
                     report.decisions.stopped += 1;
@@ -822,6 +861,10 @@ mod tests {
         );
         assert_eq!(r.decisions.stopped, 1);
         assert_eq!(r.decisions.throttled, 0);
+        // Every live round moved more than 1 MiB: the round trip was measured by a probe.
+        assert_eq!(r.decisions.probes, 1);
+        assert_eq!(r.rounds[r.rounds.len() - 2].decision, Decision::Probe);
+        assert_eq!(r.rounds[r.rounds.len() - 1].observed.pages, 0);
         assert!(vmm.throttles.is_empty());
         assert_eq!(
             r.rounds[0].observed.pages, PAGES,
@@ -962,5 +1005,38 @@ mod tests {
         let p = c.predict(1000).expect("prediction").as_secs_f64();
         let expect = 1000.0 * (100e6 / 12_207.0) / bw + (0.002 - 81_920.0 / bw);
         assert!((p - expect).abs() < 1e-6, "{p} vs {expect}");
+    }
+
+    #[test]
+    fn a_fitting_prediction_without_a_latency_sample_probes_first() {
+        let mut c = Convergence::new(Policy::new(Duration::from_millis(10)));
+        // 1 GB/s, and only 10 pages left: 0.04 ms of transfer, but the round trip is unknown.
+        let big = RoundObservation {
+            pages: 100_000,
+            wire_bytes: 409_600_000,
+            seconds: 0.4096,
+            dirty_pages: 10,
+        };
+        assert_eq!(c.observe(&big, false), Decision::Probe);
+        // The empty round took 9 ms: stopping would too, which is over 0.8 × 10 ms.
+        let probe = RoundObservation {
+            pages: 0,
+            wire_bytes: 2 * 1344,
+            seconds: 0.009,
+            dirty_pages: 10,
+        };
+        assert!(matches!(c.observe(&probe, false), Decision::Continue));
+        assert!(c.fixed_cost().expect("sampled") > 0.0089);
+        // Never probes twice; a faster round trip later lets it stop (the largest of the last
+        // three samples counts, so it takes three fast ones).
+        let small = RoundObservation {
+            pages: 10,
+            wire_bytes: 10 * 4096 + 1344,
+            seconds: 0.001,
+            dirty_pages: 2,
+        };
+        assert_eq!(c.observe(&small, false), Decision::Continue);
+        assert_eq!(c.observe(&small, false), Decision::Continue);
+        assert!(matches!(c.observe(&small, false), Decision::Stop { .. }));
     }
 }

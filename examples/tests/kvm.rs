@@ -85,7 +85,7 @@ fn migrates_a_running_guest_between_two_processes() {
             "--max-rounds",
             "15",
             "--downtime-limit",
-            "50",
+            "100",
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -102,10 +102,14 @@ fn migrates_a_running_guest_between_two_processes() {
     let source = &v["source"];
     let rounds = source["rounds"].as_array().expect("rounds");
     assert!(!rounds.is_empty() && rounds.len() <= 15, "{source}");
-    // Round 1 sends every page of the 64 MiB; the others what the dirty log reported.
+    // Round 1 sends every page of the 64 MiB; the others what the dirty log reported (a
+    // probe, an empty round measuring the round trip, sends none and leaves the dirty set
+    // to the next round).
     assert_eq!(rounds[0]["pages"].as_u64(), Some(16384), "{source}");
     for w in rounds.windows(2) {
-        assert_eq!(w[1]["pages"], w[0]["dirtied"], "{source}");
+        if w[1]["pages"].as_u64() != Some(0) {
+            assert_eq!(w[1]["pages"], w[0]["dirtied"], "{source}");
+        }
     }
     // The final round carries the last dirty set (plus what the guest wrote before it
     // stopped).
@@ -118,11 +122,11 @@ fn migrates_a_running_guest_between_two_processes() {
     // The driver stopped on its prediction, and the downtime the destination measured (source
     // pause → guest running there) stayed under the limit.
     assert_eq!(source["decisions"]["stopped"].as_u64(), Some(1), "{source}");
-    assert_eq!(v["downtime_limit_ms"].as_f64(), Some(50.0), "{v}");
+    assert_eq!(v["downtime_limit_ms"].as_f64(), Some(100.0), "{v}");
     let downtime = v["downtime_ms"].as_f64().expect("downtime");
     assert!(
-        downtime < 50.0,
-        "downtime {downtime} ms over the 50 ms limit"
+        downtime < 100.0,
+        "downtime {downtime} ms over the 100 ms limit"
     );
 }
 

@@ -307,6 +307,7 @@ fn decision_text(d: &pagewire::driver::Decision) -> String {
         Decision::Continue => "continue".into(),
         Decision::Throttle { percent } => format!("throttle to {percent} %"),
         Decision::Stop { .. } => "stop: the prediction fits".into(),
+        Decision::Probe => "probe: an empty round measures the round trip".into(),
         Decision::GiveUp { reason } => format!("give up: {reason}"),
         Decision::PostCopy { reason } => format!("post-copy: {reason}"),
     }
