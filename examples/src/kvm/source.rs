@@ -193,7 +193,7 @@ impl<F: FnMut(&RoundRow)> Vmm for KvmVmm<'_, F> {
         let row = RoundRow {
             round: r.round,
             pages: r.observed.pages,
-            zero_pages: r.zero_pages,
+            zero_pages: r.observed.zero_pages,
             wire_bytes: r.observed.wire_bytes,
             seconds: r.observed.seconds,
             dirtied: r.observed.dirty_pages,
