@@ -70,6 +70,48 @@
 //! # fn main() {}
 //! ```
 //!
+//! # Letting pagewire drive the migration
+//!
+//! The loop above, grown up, is [`Driver::migrate`]: it sends round after round until the
+//! predicted downtime fits a limit, throttles a guest that dirties memory faster than the link
+//! drains it, gives up (or hands over to post-copy) after a round or time limit, and logs and
+//! counts each decision ([`driver`]). The VMM implements [`Vmm`], a handful of methods:
+//!
+//! ```no_run
+//! # #[cfg(feature = "vm-memory")]
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::{sync::Arc, time::Duration};
+//! use pagewire::driver::{Outcome, VmmError};
+//! use pagewire::{vmm, Config, DirtyLog, Driver, Policy, Sender, Vmm};
+//! use vm_memory::{bitmap::AtomicBitmap, GuestMemoryMmap};
+//!
+//! struct MyVmm { mem: GuestMemoryMmap<AtomicBitmap> /* , vm_fd, vcpus, devices ... */ }
+//!
+//! impl Vmm for MyVmm {
+//!     fn collect_dirty(&mut self, log: &mut DirtyLog) -> Result<(), VmmError> {
+//!         vmm::collect_dirty(&self.mem, log)?; // the VMM's own writes
+//!         // for each KVM slot: log.add_bitmap(slot, &vm_fd.get_dirty_log(slot, len)?)?;
+//!         Ok(())
+//!     }
+//!     fn pause(&mut self) -> Result<(), VmmError> { /* stop the vCPUs */ Ok(()) }
+//!     fn save_state(&mut self) -> Result<Vec<u8>, VmmError> { Ok(b"vcpus+devices".to_vec()) }
+//!     fn throttle(&mut self, percent: u8) -> Result<bool, VmmError> { /* ... */ Ok(true) }
+//! }
+//!
+//! # let mut my_vmm = MyVmm { mem: GuestMemoryMmap::from_ranges(&[])? };
+//! let src = Arc::new(vmm::guest_memory(&my_vmm.mem)?);
+//! let cfg = Config { channels: 4, ..Config::default() };
+//! let sender = Sender::connect("10.0.0.2:4444".parse()?, cfg.clone(), src.clone())?;
+//! let driver = Driver::new(Policy::new(Duration::from_millis(300)), &cfg);
+//! match driver.migrate(sender, &mut my_vmm, &src)? {
+//!     Outcome::Completed { report, .. } => println!("downtime {:?}", report.downtime),
+//!     Outcome::PostCopy { .. } => unreachable!("post-copy is off by default"),
+//! }
+//! # Ok(()) }
+//! # #[cfg(not(feature = "vm-memory"))]
+//! # fn main() {}
+//! ```
+//!
 //! # Without vm-memory
 //!
 //! Any VMM can describe its RAM as [`Block`]s ([`Block::from_raw`] for memory it owns) and
@@ -119,9 +161,19 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Layers: [`codec`] (per-page compression), [`channel`] (one io_uring loop per channel),
-//! [`session`] (control connection, channels, rounds), [`decode`] (offline decoding of
-//! recorded channel streams).
+//! # Identity and access
+//!
+//! [`Config::vm_uuid`] is the VM's identity on the wire (QEMU's `-uuid`): it travels in the
+//! hello and every channel's init packet, and a receiver that has one refuses another VM's
+//! session; unset, each session gets a random one. A shared secret
+//! ([`session::auth::Secret`] in [`Config::secret`]) makes every connection prove it knows it.
+//!
+//! # Layers
+//!
+//! [`driver`] (the convergence loop), [`vmm`] and [`dirty`] (guest memory and dirty pages
+//! from a VMM), [`session`] (control connection, channels, rounds), [`channel`] (one io_uring
+//! loop per channel), [`codec`] and [`accel`] (per-page compression), [`decode`] (offline
+//! decoding of recorded channel streams).
 
 pub mod accel;
 pub mod channel;
