@@ -39,6 +39,9 @@ pub enum DirtyError {
         len: u64,
         size: u64,
     },
+    /// A guest memory with another number of regions than the log has blocks.
+    #[error("dirty log: the memory has {regions} regions but the log {blocks} blocks")]
+    Layout { regions: usize, blocks: usize },
     /// A bitmap whose pages are not this log's pages.
     #[error("dirty log: block {block}: the bitmap tracks pages of {got} bytes, this log {want}")]
     PageSize { block: usize, got: u64, want: u64 },

@@ -136,8 +136,8 @@ where
 {
     let ps = u64::from(log.page_size().max(1));
     if mem.num_regions() != log.blocks() {
-        return Err(DirtyError::NoBlock {
-            block: mem.num_regions().saturating_sub(1),
+        return Err(DirtyError::Layout {
+            regions: mem.num_regions(),
             blocks: log.blocks(),
         });
     }
@@ -226,5 +226,14 @@ mod tests {
             Err(DirtyError::PageSize { .. })
         ));
         assert_eq!(collect_dirty(&vm, &mut log).expect("collect"), 1);
+        // A log of another layout (one block) is refused.
+        let one = GuestMemory::new(vec![Block::anonymous("x", 4096).expect("map")]).expect("mem");
+        assert_eq!(
+            collect_dirty(&vm, &mut DirtyLog::new(&one, 4096)),
+            Err(DirtyError::Layout {
+                regions: 2,
+                blocks: 1
+            })
+        );
     }
 }
