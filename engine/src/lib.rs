@@ -173,7 +173,8 @@
 //! [`driver`] (the convergence loop), [`vmm`] and [`dirty`] (guest memory and dirty pages
 //! from a VMM), [`session`] (control connection, channels, rounds), [`channel`] (one io_uring
 //! loop per channel), [`codec`] and [`accel`] (per-page compression), [`decode`] (offline
-//! decoding of recorded channel streams).
+//! decoding of recorded channel streams). The demo's generated pages live outside the library,
+//! in the `pagewire-synth` dev crate.
 
 pub mod accel;
 pub mod channel;
@@ -188,7 +189,6 @@ pub mod pages;
 pub mod pin;
 pub mod session;
 pub mod stats;
-pub mod synth;
 #[cfg(feature = "vm-memory")]
 pub mod vmm;
 

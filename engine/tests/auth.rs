@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pagewire::session::auth::Secret;
-use pagewire::synth::{self, PageSet};
 use pagewire::{
     Block, CodecKind, Config, GuestMemory, ReceiveInto, Receiver, RoundPages, Sender, SessionError,
 };
+use pagewire_synth::{self as synth, PageSet};
 use pagewire_transport::control::{read_message, write_message, Hello, HelloAuth, Message};
 use pagewire_transport::wire::{BlockSpec, Compression, InitPacket};
 

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pagewire::decode::decode_streams;
-use pagewire::synth::{self, PageSet};
 use pagewire::{
     Block, BlockPages, CodecKind, Config, GuestMemory, ReceiveInto, Receiver, RoundPages, Sender,
 };
+use pagewire_synth::{self as synth, PageSet};
 use pagewire_transport::control::{self, Message};
 
 const PS: u32 = 4096;

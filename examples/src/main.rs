@@ -14,11 +14,11 @@ use pagewire::config::{Decoder, ZeroCopy};
 use pagewire::decode::{decode_streams_with, DecodeStats};
 use pagewire::pin::Pinning;
 use pagewire::session::auth::Secret;
-use pagewire::synth::{self, PageSet};
 use pagewire::{
     Block, BlockPages, CodecKind, Config, GuestMemory, Progress, ReceiveInto, Receiver, RoundPages,
     Sender, SessionStats,
 };
+use pagewire_synth::{self as synth, PageSet};
 use serde_json::json;
 
 mod format;
