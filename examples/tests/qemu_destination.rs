@@ -236,7 +236,7 @@ fn cadence(stream: &[u8]) -> String {
 }
 
 /// `pagewire send` of `image` as `pc.ram` into a recorder that speaks the control protocol;
-/// returns the channel streams with QEMU's `-uuid` in their init packets.
+/// returns the channel streams (QEMU's `-uuid` in their init packets, by `--vm-uuid`).
 fn record_pagewire(image: &Path, rounds: u32) -> Vec<Vec<u8>> {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
@@ -285,6 +285,8 @@ fn record_pagewire(image: &Path, rounds: u32) -> Vec<Vec<u8>> {
         ])
         .args(["--channels", "2", "--codec", "none", "--cpus", "off"])
         .args(["--rounds", &rounds.to_string(), "--dirty-fraction", "0"])
+        // QEMU's destination refuses a channel whose uuid is not its own -uuid.
+        .args(["--vm-uuid", UUID])
         .output()
         .expect("pagewire send");
     assert!(
@@ -292,16 +294,15 @@ fn record_pagewire(image: &Path, rounds: u32) -> Vec<Vec<u8>> {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let uuid: Vec<u8> = (0..16)
+    let want: Vec<u8> = (0..16)
         .map(|i| {
             let hex = UUID.replace('-', "");
             u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("hex")
         })
         .collect();
-    let mut streams = rec.join().expect("recorder");
-    for s in &mut streams {
-        // QEMU's destination refuses a channel whose uuid is not its own -uuid.
-        s[8..24].copy_from_slice(&uuid);
+    let streams = rec.join().expect("recorder");
+    for s in &streams {
+        assert_eq!(&s[8..24], &want[..], "--vm-uuid in the init packet");
     }
     streams
 }
