@@ -54,6 +54,8 @@ enum Backing {
     File(#[allow(dead_code)] MmapRaw),
     /// Memory owned by the embedding VMM.
     External,
+    /// Memory owned by an object the block keeps alive (e.g. a vm-memory `MmapRegion`).
+    Kept(#[allow(dead_code)] Box<dyn std::any::Any + Send + Sync>),
 }
 
 /// One named, contiguous block of guest memory.
@@ -212,6 +214,34 @@ impl Block {
             contents: Contents::Unknown,
             release_sent: false,
             _backing: Backing::External,
+        })
+    }
+
+    /// Memory owned by `owner`, which the block keeps alive (and drops with the last user of
+    /// the block): the way to hand pagewire a mapping an `Arc` owns, such as vm-memory's
+    /// `MmapRegion` (see `vmm::guest_memory`).
+    ///
+    /// # Safety
+    /// - `ptr..ptr + len` must be one mapping that stays valid for as long as `owner` lives
+    ///   (owner's drop may unmap it; nothing else may);
+    /// - the access rules of [`Block::from_raw`] apply: the destination's guest does not run
+    ///   while a receiver writes; on the source the guest may run (torn pages are resent).
+    pub unsafe fn from_raw_owned(
+        name: &str,
+        ptr: NonNull<u8>,
+        len: usize,
+        writable: bool,
+        owner: Box<dyn std::any::Any + Send + Sync>,
+    ) -> Result<Block, MemoryError> {
+        check_name(name)?;
+        Ok(Block {
+            name: name.into(),
+            ptr,
+            len,
+            writable,
+            contents: Contents::Unknown,
+            release_sent: false,
+            _backing: Backing::Kept(owner),
         })
     }
 

@@ -9,11 +9,11 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pagewire::synth::{self, PageSet};
 use pagewire::{
     Block, BlockPages, CodecKind, Config, GuestMemory, ReceiveInto, Receiver, RoundPages, Sender,
     SessionStats,
 };
+use pagewire_synth::{self as synth, PageSet};
 
 const PS: usize = 4096;
 const MIB2: usize = 2 << 20;

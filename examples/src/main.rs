@@ -14,11 +14,11 @@ use pagewire::config::{Decoder, ZeroCopy};
 use pagewire::decode::{decode_streams_with, DecodeStats};
 use pagewire::pin::Pinning;
 use pagewire::session::auth::Secret;
-use pagewire::synth::{self, PageSet};
 use pagewire::{
     Block, BlockPages, CodecKind, Config, GuestMemory, Progress, ReceiveInto, Receiver, RoundPages,
     Sender, SessionStats,
 };
+use pagewire_synth::{self as synth, PageSet};
 use serde_json::json;
 
 mod format;
@@ -71,6 +71,20 @@ struct Common {
     /// (default: auto for send and recv, off for demo).
     #[arg(long)]
     cpus: Option<String>,
+    /// The VM's uuid (8-4-4-4-12 hex, QEMU's -uuid): send puts it in the hello and every
+    /// channel's init packet (default: random per session); recv refuses another VM's.
+    #[arg(long)]
+    vm_uuid: Option<String>,
+}
+
+fn vm_uuid(c: &Common) -> Res<Option<[u8; 16]>> {
+    c.vm_uuid
+        .as_deref()
+        .map(|s| {
+            pagewire::config::parse_uuid(s)
+                .ok_or_else(|| format!("--vm-uuid '{s}': expected 8-4-4-4-12 hex digits"))
+        })
+        .transpose()
 }
 
 fn pinning(c: &Common, default: Pinning) -> Res<Pinning> {
@@ -334,6 +348,7 @@ fn config(t: &Tuning, c: &Common, channels: u16) -> Res<Config> {
         zero_copy,
         registered_buffers,
         secret: secret(c)?,
+        vm_uuid: vm_uuid(c)?,
         codec,
         level,
         qpl,
@@ -726,6 +741,7 @@ fn recv(a: RecvArgs) -> Res<()> {
     let mut cfg = Config {
         idle_timeout: Duration::from_secs_f64(a.common.idle_timeout),
         secret: secret(&a.common)?,
+        vm_uuid: vm_uuid(&a.common)?,
         insecure: a.insecure,
         pinning: pinning(&a.common, Pinning::AutoFromLast)?,
         registered_buffers: match a.registered_buffers.as_str() {
@@ -829,6 +845,7 @@ fn decode(a: DecodeArgs) -> Res<()> {
             "seconds": secs,
             "gbps": if secs > 0.0 { stats.total.memory_bytes as f64 / secs / 1e9 } else { 0.0 },
             "rounds": stats.rounds,
+            "opening_sync": stats.opening_sync,
             "compression": stats.compression,
             "pages_per_packet": stats.pages_per_packet,
             "pages": {
@@ -842,9 +859,10 @@ fn decode(a: DecodeArgs) -> Res<()> {
         println!("{v}");
     } else {
         println!(
-            "pagewire decode: {} capture(s), {} round(s), compression {}, {} pages applied ({} zero) -> {}",
+            "pagewire decode: {} capture(s), {} round(s){}, compression {}, {} pages applied ({} zero) -> {}",
             a.captures.len(),
             stats.rounds,
+            if stats.opening_sync { " after an opening SYNC" } else { "" },
             stats.compression,
             stats.total.pages_normal + stats.total.pages_zero,
             stats.total.pages_zero,

@@ -203,6 +203,7 @@ fn recv_rejects_a_bad_offset_with_one_line() {
             size: 1 << 20,
         }],
         auth: None,
+        opening_sync: false,
     };
     control::write_message(&mut ctl, &Message::Hello(hello)).expect("hello");
     assert_eq!(
@@ -342,7 +343,28 @@ fn decode_rebuilds_image_from_recorded_send() {
     );
     let v: serde_json::Value = serde_json::from_slice(&dec.stdout).expect("json");
     assert_eq!(v["compression"].as_str(), Some("qpl"));
+    // QEMU's cadence: each channel opens with a SYNC right after its init packet, and carries
+    // rounds + 1 SYNCs; decode recognises the opening one.
     assert_eq!(v["rounds"].as_u64(), Some(1));
+    assert_eq!(v["opening_sync"].as_bool(), Some(true));
+    for (i, ch) in v["channels"]
+        .as_array()
+        .expect("channels")
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(ch["sync_packets"].as_u64(), Some(2), "channel {i}");
+    }
+    for p in &caps {
+        let bytes = std::fs::read(p).expect("capture");
+        // Init packet (64 bytes), then the first packet header: flags at offset 8.
+        assert_eq!(
+            &bytes[64 + 8..64 + 12],
+            &[0, 0, 0, 1],
+            "{}: first packet is a SYNC",
+            p.display()
+        );
+    }
 }
 
 fn qpl_installed() -> Result<String, String> {
@@ -572,6 +594,58 @@ fn wrong_secret_refused_with_one_line_on_both_sides() {
         rlog.contains("refused") && rlog.contains("does not match"),
         "{rlog}"
     );
+    assert!(std::fs::read(&img).expect("img") == std::fs::read(&out).expect("out"));
+}
+
+/// `--vm-uuid`: recv with a VM's uuid refuses a sender of another VM (one line on each side)
+/// and serves the sender of its own VM; a malformed uuid is a one-line error.
+#[test]
+fn vm_uuid_selects_the_session() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let img = dir.path().join("guest.img");
+    let out = dir.path().join("out.img");
+    make_image(&img, 4 << 20, 46);
+    const MINE: &str = "0f0e0d0c-0b0a-4908-8706-050403020100";
+    let port = free_port();
+    let recv = spawn_recv(
+        port,
+        &["--out", out.to_str().expect("utf8"), "--vm-uuid", MINE],
+    );
+    let send_as = |uuid: &str| {
+        Command::new(BIN)
+            .args([
+                "send",
+                "--connect",
+                &format!("127.0.0.1:{port}"),
+                "--image",
+                img.to_str().expect("utf8"),
+                "--vm-uuid",
+                uuid,
+            ])
+            .output()
+            .expect("run send")
+    };
+    let bad = send_as("not-a-uuid");
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("--vm-uuid 'not-a-uuid'"), "{err}");
+    let other = send_as("00000000-0000-4000-8000-000000000002");
+    assert!(!other.status.success(), "another VM's sender must fail");
+    let err = String::from_utf8_lossy(&other.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains(MINE), "{err}");
+    let ok = send_as(&MINE.to_uppercase());
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let r = wait_output(recv, Duration::from_secs(20));
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let rlog = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(rlog.trim_end().lines().count(), 1, "{rlog}");
+    assert!(rlog.contains("expects VM"), "{rlog}");
     assert!(std::fs::read(&img).expect("img") == std::fs::read(&out).expect("out"));
 }
 

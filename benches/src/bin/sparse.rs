@@ -2,7 +2,7 @@
 //! dense, each moved by two `pagewire` processes (`recv` on fresh memory, `send --image`) over
 //! loopback with `--codec none --channels 2`.
 //!
-//! Images: the realistic synthetic page mix (`pagewire::synth`, `PageSet::Realistic`), `--data`
+//! Images: the realistic synthetic page mix (`pagewire_synth`, `PageSet::Realistic`), `--data`
 //! bytes of it; "sparse" is a `--size` file whose data sits in four equal pieces spread over it
 //! (the rest holes), "dense" a file of just that data. Per run and case: wall time from
 //! starting `send` to both processes' exit, the sender's own session seconds (`--json`), user +
@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pagewire::synth::{fill, PageSet};
+use pagewire_synth::{fill, PageSet};
 use serde_json::{json, Value};
 
 fn arg(args: &[String], name: &str) -> Option<String> {

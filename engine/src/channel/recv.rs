@@ -48,6 +48,9 @@ pub struct RecvSettings {
     /// Pages written so far, when the memory was all zero at the start (receiver-allocated):
     /// zero pages on fresh pages are left untouched. `None`: every zero page is checked.
     pub fresh: Option<Arc<FreshMap>>,
+    /// The stream opens with a SYNC right after its init packet (the hello's
+    /// `FEATURE_OPENING_SYNC`): the first packet must be that SYNC, and it ends no round.
+    pub opening_sync: bool,
 }
 
 /// The receiving end of one channel.
@@ -225,13 +228,21 @@ impl RecvChannel {
             };
             self.packets += 1;
             self.stats.wire_bytes += hlen as u64 + self.header.next_packet_size as u64;
+            let opening = self.set.opening_sync && index == 0;
             if self.header.is_sync() {
                 self.stats.sync_packets += 1;
+                if opening {
+                    // QEMU's setup SYNC: nothing came before it, so no round ends.
+                    continue;
+                }
                 round += 1;
                 open = 0;
                 gate.synced(self.id, round)
                     .map_err(|k| self.err(place, k))?;
                 continue;
+            }
+            if opening {
+                return Err(self.err(place, ChannelErrorKind::NoOpeningSync));
             }
             let normal = self.header.normal_pages;
             let qpl = self.set.compression == Compression::Qpl;

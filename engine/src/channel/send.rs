@@ -6,7 +6,9 @@
 //! *ready* (every job completed; iovecs and header built) → *sending* → free. Exactly one
 //! SENDMSG is in flight on the socket at a time, so the byte stream keeps packet order even
 //! when the kernel completes a send in pieces; the other slots compress meanwhile, so
-//! compression overlaps sending. The loop polls the engine's completions and the ring's
+//! compression overlaps sending. The stream follows QEMU's cadence: the init packet (written
+//! by the session), an opening SYNC queued at construction, then each round's packets closed
+//! by a SYNC (docs/wire-format.md, "Cadence"). The loop polls the engine's completions and the ring's
 //! completions in the same turn and blocks only when neither can make progress. A slot (its
 //! zbuf and the guest pages its iovecs point at) is reused only after its send's last
 //! completion.
@@ -243,7 +245,7 @@ impl SendChannel {
             wire_bytes: wire::INIT_PACKET_LEN as u64,
             ..Default::default()
         };
-        Ok(SendChannel {
+        let mut chan = SendChannel {
             id,
             stream,
             ring: None,
@@ -263,7 +265,16 @@ impl SendChannel {
             probe: DataProbe::new(),
             data: Vec::new(),
             stats,
-        })
+        };
+        // The opening SYNC, as QEMU's source sends on every channel at setup
+        // (`ram_save_setup` flushes and syncs multifd before the first page): a QEMU
+        // destination's channel thread then waits for its main thread's matching flush, which
+        // comes after RAM loading is set up. Queued first, it goes out ahead of any data.
+        if let Some(key) = chan.free.pop() {
+            chan.prepare_sync(key);
+            chan.ready.push_back(key);
+        }
+        Ok(chan)
     }
 
     /// Counters so far.

@@ -183,6 +183,7 @@ impl Receiver {
             // Memory this receiver mapped itself is all zero until a packet writes it.
             fresh: matches!(into, ReceiveInto::Allocate)
                 .then(|| Arc::new(FreshMap::new(&memory, hello.page_size))),
+            opening_sync: hello.opening_sync,
         };
         let gate = Gate::new(hello.channels, &streams, &control);
         let started = Instant::now();
@@ -263,6 +264,15 @@ impl Receiver {
         hello: &Hello,
         into: &ReceiveInto,
     ) -> Result<Arc<GuestMemory>, SessionError> {
+        if let Some(mine) = &self.cfg.vm_uuid {
+            if *mine != hello.uuid {
+                return Err(SessionError::Handshake(format!(
+                    "the sender migrates VM {} but this receiver expects VM {}",
+                    crate::config::format_uuid(&hello.uuid),
+                    crate::config::format_uuid(mine)
+                )));
+            }
+        }
         if !matches!(hello.compression, Compression::None | Compression::Qpl) {
             return Err(SessionError::Handshake(format!(
                 "compression {} is not supported (pagewire decodes none and qpl framing)",
@@ -332,6 +342,10 @@ impl Receiver {
         let expect = Expect::Channel {
             uuid: hello.uuid,
             nonce_r: *nonce_r,
+            nonce_s: hello
+                .auth
+                .as_ref()
+                .map_or([0; control::NONCE_LEN], |a| a.nonce),
         };
         for got in 0..n {
             let c = door.next_channel(deadline, &expect).map_err(|e| match e {
