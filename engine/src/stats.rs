@@ -45,6 +45,9 @@ pub struct ChannelStats {
     pub zc_notifications: u64,
     /// Notifications reporting that the kernel copied the data anyway (always, on loopback).
     pub zc_copied: u64,
+    /// Zero pages handled without reading the page: on the sender, pages the kernel (or the
+    /// VMM) reported never written; on the receiver, zero pages on fresh memory, left untouched.
+    pub pages_zero_unread: u64,
     /// CPU time of the channel's thread.
     pub cpu_seconds: f64,
     /// Codec auto: normal pages sent raw by choice (the link would have idled while they were
@@ -87,7 +90,8 @@ macro_rules! u64_counters {
             zc_copied,
             pages_raw_chosen,
             pages_raw_link_fast,
-            pages_incompressible
+            pages_incompressible,
+            pages_zero_unread
         )
     };
 }
@@ -232,10 +236,11 @@ mod tests {
             reads_fixed: 16,
             zc_notifications: 17,
             zc_copied: 18,
+            pages_zero_unread: 19,
             cpu_seconds: 0.5,
-            pages_raw_chosen: 19,
-            pages_raw_link_fast: 20,
-            pages_incompressible: 21,
+            pages_raw_chosen: 20,
+            pages_raw_link_fast: 21,
+            pages_incompressible: 22,
             link_rate: 0.0,
             compress_rate: 0.0,
         };
@@ -243,7 +248,7 @@ mod tests {
         two.add(&one);
         assert_eq!(two.packets, 2);
         assert_eq!(two.zc_copied, 36);
-        assert_eq!(two.pages_incompressible, 42);
+        assert_eq!(two.pages_incompressible, 44);
         assert_eq!(two.cpu_seconds, 1.0);
         assert_eq!(
             two.since(&one),

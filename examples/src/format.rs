@@ -109,6 +109,9 @@ fn rows(out: &mut String, s: &SessionStats, r: Option<&SessionStats>) {
         }
     });
     add("pages: zero", &|s| s.total.pages_zero.to_string());
+    add("  of which not read", &|s| {
+        s.total.pages_zero_unread.to_string()
+    });
     add("pages: compressed", &|s| {
         s.total.pages_compressed.to_string()
     });

@@ -14,11 +14,11 @@ use pagewire::config::{Decoder, ZeroCopy};
 use pagewire::decode::{decode_streams_with, DecodeStats};
 use pagewire::pin::Pinning;
 use pagewire::session::auth::Secret;
-use pagewire::synth::{self, PageSet};
 use pagewire::{
     Block, BlockPages, CodecKind, Config, GuestMemory, Progress, ReceiveInto, Receiver, RoundPages,
     Sender, SessionStats,
 };
+use pagewire_synth::{self as synth, PageSet};
 use serde_json::json;
 
 mod format;
@@ -71,6 +71,20 @@ struct Common {
     /// (default: auto for send and recv, off for demo).
     #[arg(long)]
     cpus: Option<String>,
+    /// The VM's uuid (8-4-4-4-12 hex, QEMU's -uuid): send puts it in the hello and every
+    /// channel's init packet (default: random per session); recv refuses another VM's.
+    #[arg(long)]
+    vm_uuid: Option<String>,
+}
+
+fn vm_uuid(c: &Common) -> Res<Option<[u8; 16]>> {
+    c.vm_uuid
+        .as_deref()
+        .map(|s| {
+            pagewire::config::parse_uuid(s)
+                .ok_or_else(|| format!("--vm-uuid '{s}': expected 8-4-4-4-12 hex digits"))
+        })
+        .transpose()
 }
 
 fn pinning(c: &Common, default: Pinning) -> Res<Pinning> {
@@ -132,6 +146,11 @@ struct Tuning {
     /// every page (off).
     #[arg(long, default_value = "on")]
     skip_incompressible: String,
+    /// Ask the kernel which pages hold data (SEEK_DATA on image files, pagemap on anonymous
+    /// memory) and send the others as zero pages without reading them (on), or read every
+    /// page (off).
+    #[arg(long, default_value = "on")]
+    find_holes: String,
 }
 
 #[derive(Args, Debug)]
@@ -331,12 +350,19 @@ fn config(t: &Tuning, c: &Common, channels: u16) -> Res<Config> {
         .as_deref()
         .map(format::parse_rate)
         .transpose()?;
+    let find_holes = match t.find_holes.as_str() {
+        "on" => true,
+        "off" => false,
+        o => return Err(format!("--find-holes '{o}': expected on or off")),
+    };
     Ok(Config {
         max_bandwidth,
+        find_holes,
         skip_incompressible,
         zero_copy,
         registered_buffers,
         secret: secret(c)?,
+        vm_uuid: vm_uuid(c)?,
         codec,
         level,
         qpl,
@@ -426,6 +452,7 @@ fn pages_json(t: &pagewire::ChannelStats) -> serde_json::Value {
         "raw_chosen": t.pages_raw_chosen,
         "raw_link_fast": t.pages_raw_link_fast,
         "incompressible": t.pages_incompressible,
+        "zero_unread": t.pages_zero_unread,
     })
 }
 
@@ -562,6 +589,13 @@ fn send(a: SendArgs) -> Res<()> {
     let cow = a.rounds > 1;
     let block = Block::from_file(&a.block_name, &file, false, cow)
         .map_err(|e| format!("{}: {e}", a.image.display()))?;
+    // A read-only mapping loses nothing by dropping sent pages: resident memory stays bounded
+    // by the packets in flight, not the image's size.
+    let block = if cow {
+        block
+    } else {
+        block.release_after_send()
+    };
     let mem = Arc::new(GuestMemory::new(vec![block]).map_err(|e| e.to_string())?);
     mem.check_page_size(cfg.page_size)
         .map_err(|e| format!("{}: {e}", a.image.display()))?;
@@ -790,6 +824,7 @@ fn recv(a: RecvArgs) -> Res<()> {
     let mut cfg = Config {
         idle_timeout: Duration::from_secs_f64(a.common.idle_timeout),
         secret: secret(&a.common)?,
+        vm_uuid: vm_uuid(&a.common)?,
         insecure: a.insecure,
         prealloc: a.prealloc,
         pinning: pinning(&a.common, Pinning::AutoFromLast)?,
@@ -934,6 +969,7 @@ fn decode(a: DecodeArgs) -> Res<()> {
             "seconds": secs,
             "gbps": if secs > 0.0 { stats.total.memory_bytes as f64 / secs / 1e9 } else { 0.0 },
             "rounds": stats.rounds,
+            "opening_sync": stats.opening_sync,
             "compression": stats.compression,
             "pages_per_packet": stats.pages_per_packet,
             "pages": {
@@ -947,9 +983,10 @@ fn decode(a: DecodeArgs) -> Res<()> {
         println!("{v}");
     } else {
         println!(
-            "pagewire decode: {} capture(s), {} round(s), compression {}, {} pages applied ({} zero) -> {}",
+            "pagewire decode: {} capture(s), {} round(s){}, compression {}, {} pages applied ({} zero) -> {}",
             a.captures.len(),
             stats.rounds,
+            if stats.opening_sync { " after an opening SYNC" } else { "" },
             stats.compression,
             stats.total.pages_normal + stats.total.pages_zero,
             stats.total.pages_zero,

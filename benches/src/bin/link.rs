@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use pagewire::synth::{self, PageSet};
 use pagewire_benches::{fmt_sig, Table};
+use pagewire_synth::{self as synth, PageSet};
 use serde_json::{json, Value};
 
 fn sibling(name: &str) -> PathBuf {

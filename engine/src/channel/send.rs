@@ -6,13 +6,16 @@
 //! *ready* (every job completed; iovecs and header built) → *sending* → free. Exactly one
 //! SENDMSG is in flight on the socket at a time, so the byte stream keeps packet order even
 //! when the kernel completes a send in pieces; the other slots compress meanwhile, so
-//! compression overlaps sending. The loop polls the engine's completions and the ring's
+//! compression overlaps sending. The stream follows QEMU's cadence: the init packet (written
+//! by the session), an opening SYNC queued at construction, then each round's packets closed
+//! by a SYNC (docs/wire-format.md, "Cadence"). The loop polls the engine's completions and the ring's
 //! completions in the same turn and blocks only when neither can make progress. A slot (its
 //! zbuf and the guest pages its iovecs point at) is reused only after its send's last
 //! completion.
 
 use std::collections::VecDeque;
 use std::net::TcpStream;
+use std::ops::Range;
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -29,6 +32,7 @@ use super::pace::{Choice, Observation, Pacer};
 use crate::accel::{Accelerator, Completion, JobDesc, Outcome, Path, Submit};
 use crate::codec::entropy::likely_incompressible;
 use crate::codec::is_zero_page;
+use crate::datamap::{covered, overlaps, DataProbe};
 use crate::error::{ChannelError, ChannelErrorKind, Place};
 use crate::memory::GuestMemory;
 use crate::pages::RoundPages;
@@ -118,6 +122,9 @@ struct Slot {
     msg: libc::msghdr,
     /// Counters applied to the channel's stats when the send completes.
     pending: ChannelStats,
+    /// The block drops sent pages: release this slot's normal pages once the kernel is done
+    /// with them (when the slot is reused, or at the round's end).
+    release: bool,
 }
 
 impl Slot {
@@ -143,6 +150,7 @@ impl Slot {
             // SAFETY: msghdr is a plain C struct for which all-zero is a valid value.
             msg: unsafe { std::mem::zeroed() },
             pending: ChannelStats::default(),
+            release: false,
         })
     }
 }
@@ -163,6 +171,9 @@ pub struct SendSettings {
     pub adaptive: bool,
     /// The session's bandwidth cap, shared by its channels.
     pub limit: Option<Arc<RateLimit>>,
+    /// Ask the kernel which pages of a batch hold data before reading them; the others go
+    /// as zero pages unread (`datamap`).
+    pub find_holes: bool,
 }
 
 /// The sending end of one channel.
@@ -187,6 +198,10 @@ pub struct SendChannel {
     block_names: Vec<String>,
     /// SENDMSG_ZC in use (cleared when the ring or the socket refuses it).
     zc_on: bool,
+    /// Asks the kernel which pages of a batch hold data.
+    probe: DataProbe,
+    /// The current batch's data ranges (block byte offsets).
+    data: Vec<Range<u64>>,
     stats: ChannelStats,
     /// Codec auto's decisions (with `SendSettings::adaptive`).
     pacer: Option<Pacer>,
@@ -245,7 +260,7 @@ impl SendChannel {
             ..Default::default()
         };
         let pacer = set.adaptive.then(|| Pacer::new(set.page_size));
-        Ok(SendChannel {
+        let mut chan = SendChannel {
             id,
             stream,
             ring: None,
@@ -262,12 +277,23 @@ impl SendChannel {
             done: Vec::new(),
             block_names: Vec::new(),
             zc_on: false,
+            probe: DataProbe::new(),
+            data: Vec::new(),
             stats,
             pacer,
             epoch: Instant::now(),
             handed: 0,
             limited_until: None,
-        })
+        };
+        // The opening SYNC, as QEMU's source sends on every channel at setup
+        // (`ram_save_setup` flushes and syncs multifd before the first page): a QEMU
+        // destination's channel thread then waits for its main thread's matching flush, which
+        // comes after RAM loading is set up. Queued first, it goes out ahead of any data.
+        if let Some(key) = chan.free.pop() {
+            chan.prepare_sync(key);
+            chan.ready.push_back(key);
+        }
+        Ok(chan)
     }
 
     /// Counters so far.
@@ -305,6 +331,8 @@ impl SendChannel {
         if self.block_names.len() != mem.blocks().len() {
             self.block_names = mem.blocks().iter().map(|b| b.name().to_string()).collect();
         }
+        // Answers about holes are good for one round only.
+        self.probe.begin_round();
         let mut exhausted = false;
         let mut sync_queued = false;
         loop {
@@ -350,6 +378,10 @@ impl SendChannel {
                     if let Some(p) = &self.pacer {
                         self.stats.link_rate = p.link_rate().unwrap_or(0.0);
                         self.stats.compress_rate = p.compress_rate();
+                    }
+                    let ps = self.set.page_size as u64;
+                    for (_, slot) in self.slots.iter_mut() {
+                        release_sent(slot, mem, ps);
                     }
                     return Ok(());
                 }
@@ -443,15 +475,38 @@ impl SendChannel {
                 )),
             });
         };
+        // The slot is free: the kernel no longer reads its previous packet's pages.
+        release_sent(slot, mem, ps as u64);
         slot.block = block_idx;
+        slot.release = block.releases_after_send();
         slot.offsets.clear();
         slot.zero.clear();
         slot.zlens.clear();
         slot.pages.clear();
+        // Which pages hold data, asked now, just before they are read: a page written after
+        // this answer was dirtied, and a later round sends it (a map is never kept across
+        // batches or rounds).
+        let known = self.set.find_holes
+            && self.probe.data_ranges(
+                block.contents(),
+                block.as_ptr() as usize,
+                block.len(),
+                &slot.batch,
+                ps as u64,
+                &mut self.data,
+            );
+        let hint = round.known_zero(block_idx);
         for &off in &slot.batch {
             let Some(ptr) = block.range_ptr(off, ps) else {
                 continue;
             };
+            if (known && !overlaps(&self.data, off, ps as u64)) || covered(hint, off, ps as u64) {
+                // Never written (the kernel says) or declared empty (the VMM says): a zero
+                // page, not read.
+                slot.zero.push(off);
+                self.stats.pages_zero_unread += 1;
+                continue;
+            }
             // SAFETY: ptr..ptr+ps is inside the block, mapped readable for `mem`'s lifetime.
             // The guest may change the page while we read it; a torn page is resent by the
             // next round (DESIGN.md §2), so this read-only view is the documented window.
@@ -950,6 +1005,33 @@ impl SendChannel {
 /// Bytes an iovec list covers.
 fn iov_bytes(iov: &[libc::iovec]) -> u64 {
     iov.iter().map(|v| v.iov_len as u64).sum()
+}
+
+/// Drop a sent slot's normal pages from a block that releases sent pages, in runs of
+/// contiguous pages (one madvise per run).
+fn release_sent(slot: &mut Slot, mem: &GuestMemory, ps: u64) {
+    if !std::mem::take(&mut slot.release) {
+        return;
+    }
+    let Some(block) = mem.block(slot.block) else {
+        return;
+    };
+    let normal = slot.offsets.get(..slot.pages.len()).unwrap_or_default();
+    let mut run: Option<(u64, u64)> = None;
+    for &off in normal {
+        match run {
+            Some((s, e)) if e == off => run = Some((s, e + ps)),
+            _ => {
+                if let Some((s, e)) = run {
+                    block.release(s, (e - s) as usize);
+                }
+                run = Some((off, off + ps));
+            }
+        }
+    }
+    if let Some((s, e)) = run {
+        block.release(s, (e - s) as usize);
+    }
 }
 
 /// Count a settled page job and set its length-array entry.

@@ -64,6 +64,8 @@ pub(crate) enum Expect {
     Channel {
         uuid: [u8; 16],
         nonce_r: [u8; NONCE_LEN],
+        /// The sender's hello nonce (zero without authentication).
+        nonce_s: [u8; NONCE_LEN],
     },
 }
 
@@ -407,7 +409,11 @@ fn handshake(
                 hello,
             }))
         }
-        Expect::Channel { uuid, nonce_r } => {
+        Expect::Channel {
+            uuid,
+            nonce_r,
+            nonce_s,
+        } => {
             let mut token = [0u8; MAC_LEN];
             if secret.is_some() {
                 stream.read_exact(&mut token).map_err(|e| {
@@ -427,7 +433,7 @@ fn handshake(
                 source,
             })?;
             if let Some(sec) = secret {
-                if !sec.check_channel(nonce_r, uuid, init.channel_id, &token) {
+                if !sec.check_channel(nonce_r, nonce_s, uuid, init.channel_id, &token) {
                     return Err(SessionError::Auth(format!(
                         "channel connection from {peer}: its token does not match this receiver's shared secret"
                     )));

@@ -16,6 +16,7 @@ use crate::channel::recv::{RecvChannel, RecvSettings, RoundGate};
 use crate::codec::{DeflateDecompressor, PageDecompressor};
 use crate::config::{Config, Decoder};
 use crate::error::{ChannelErrorKind, SessionError};
+use crate::fresh::FreshMap;
 use crate::memory::GuestMemory;
 use crate::session::handshake::{self, Door, Expect, Rejection};
 use crate::stats::{thread_cpu_seconds, Progress, SessionStats};
@@ -179,6 +180,10 @@ impl Receiver {
             blocks,
             idle_timeout: self.cfg.idle_timeout,
             registered_buffers: self.cfg.registered_buffers,
+            // Memory this receiver mapped itself is all zero until a packet writes it.
+            fresh: matches!(into, ReceiveInto::Allocate)
+                .then(|| Arc::new(FreshMap::new(&memory, hello.page_size))),
+            opening_sync: hello.opening_sync,
         };
         let gate = Gate::new(hello.channels, &streams, &control);
         let started = Instant::now();
@@ -259,6 +264,15 @@ impl Receiver {
         hello: &Hello,
         into: &ReceiveInto,
     ) -> Result<Arc<GuestMemory>, SessionError> {
+        if let Some(mine) = &self.cfg.vm_uuid {
+            if *mine != hello.uuid {
+                return Err(SessionError::Handshake(format!(
+                    "the sender migrates VM {} but this receiver expects VM {}",
+                    crate::config::format_uuid(&hello.uuid),
+                    crate::config::format_uuid(mine)
+                )));
+            }
+        }
         if !matches!(hello.compression, Compression::None | Compression::Qpl) {
             return Err(SessionError::Handshake(format!(
                 "compression {} is not supported (pagewire decodes none and qpl framing)",
@@ -345,6 +359,10 @@ impl Receiver {
         let expect = Expect::Channel {
             uuid: hello.uuid,
             nonce_r: *nonce_r,
+            nonce_s: hello
+                .auth
+                .as_ref()
+                .map_or([0; control::NONCE_LEN], |a| a.nonce),
         };
         for got in 0..n {
             let c = door.next_channel(deadline, &expect).map_err(|e| match e {

@@ -158,9 +158,16 @@ impl Sender {
             CodecKind::None => Compression::None,
             CodecKind::Deflate | CodecKind::Qpl | CodecKind::Auto => Compression::Qpl,
         };
-        let mut uuid = [0u8; 16];
-        getrandom::fill(&mut uuid)
-            .map_err(|e| SessionError::Internal(format!("random uuid: {e}")))?;
+        // The VM's identity when the embedder gives one; otherwise a random one per session.
+        let uuid = match cfg.vm_uuid {
+            Some(u) => u,
+            None => {
+                let mut u = [0u8; 16];
+                getrandom::fill(&mut u)
+                    .map_err(|e| SessionError::Internal(format!("random uuid: {e}")))?;
+                u
+            }
+        };
         let mut control = net::connect(addr, &cfg.socket)?;
         control
             .set_read_timeout(Some(cfg.idle_timeout))
@@ -219,6 +226,8 @@ impl Sender {
                 nonce: *nonce_s,
                 mac: secret.sender_proof(&nonce_r, nonce_s, &uuid),
             }),
+            // Every channel opens with a SYNC (SendChannel::new queues it), as QEMU's does.
+            opening_sync: true,
         };
         hello.validate()?;
         control::write_message(&mut control, &Message::Hello(hello))?;
@@ -264,8 +273,8 @@ impl Sender {
         let mut workers = Vec::new();
         for id in 0..cfg.channels {
             let mut stream = net::connect(addr, &cfg.socket)?;
-            if let Some((secret, _)) = &auth {
-                let token = secret.channel_token(&nonce_r, &uuid, id as u8);
+            if let Some((secret, nonce_s)) = &auth {
+                let token = secret.channel_token(&nonce_r, nonce_s, &uuid, id as u8);
                 std::io::Write::write_all(&mut stream, &token).map_err(|e| {
                     SessionError::Handshake(format!(
                         "channel {id}: sending its authentication token: {e}"
@@ -298,6 +307,7 @@ impl Sender {
                 skip_incompressible: cfg.skip_incompressible,
                 adaptive: cfg.codec == CodecKind::Auto,
                 limit: limit.clone(),
+                find_holes: cfg.find_holes,
                 page_size: cfg.page_size,
                 pages_per_packet: cfg.pages_per_packet,
                 compression,
