@@ -66,6 +66,7 @@ pub mod pin;
 pub mod session;
 pub mod stats;
 pub mod synth;
+pub mod uffd;
 
 pub use codec::CodecKind;
 pub use config::Config;
