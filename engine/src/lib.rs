@@ -63,6 +63,7 @@ pub mod error;
 pub mod memory;
 pub mod pages;
 pub mod pin;
+pub mod postcopy;
 pub mod session;
 pub mod stats;
 pub mod synth;
@@ -73,6 +74,7 @@ pub use config::Config;
 pub use error::{ChannelError, SessionError};
 pub use memory::{Block, GuestMemory, MemoryError};
 pub use pages::{BlockPages, RoundPages};
+pub use postcopy::{PostcopySender, PostcopySourceStats, PostcopyStart, PostcopyStats};
 pub use session::{AbortHandle, ReceiveInto, Received, Receiver, Rejection, Sender};
 pub use stats::{ChannelStats, Progress, SessionStats};
 

@@ -107,6 +107,25 @@ pub struct Sender {
     rounds: u64,
     started: Instant,
     failed: bool,
+    /// What post-copy needs to open more connections of this session.
+    link: Link,
+}
+
+/// The session's identity, for connections opened after the handshake (post-copy).
+#[derive(Clone)]
+pub(crate) struct Link {
+    pub addr: SocketAddr,
+    pub uuid: [u8; 16],
+    pub nonce_r: [u8; control::NONCE_LEN],
+}
+
+/// A sender whose pre-copy channels have closed cleanly (see `Sender::close_precopy`).
+pub(crate) struct Precopied {
+    pub cfg: Config,
+    pub mem: Arc<GuestMemory>,
+    pub control: TcpStream,
+    pub link: Link,
+    pub stats: SessionStats,
 }
 
 impl std::fmt::Debug for Sender {
@@ -325,6 +344,42 @@ impl Sender {
             rounds: 0,
             started: Instant::now(),
             failed: false,
+            link: Link {
+                addr,
+                uuid,
+                nonce_r,
+            },
+        })
+    }
+
+    /// Close the pre-copy channels cleanly (every round was acknowledged) and hand over what
+    /// post-copy needs.
+    pub(crate) fn close_precopy(mut self) -> Result<Precopied, SessionError> {
+        if self.failed {
+            return Err(SessionError::Config("session already failed".into()));
+        }
+        if let Ok(socks) = self.abort.sockets.lock() {
+            for s in socks.iter().skip(1) {
+                let _ = s.shutdown(std::net::Shutdown::Write);
+            }
+        }
+        for w in std::mem::take(&mut self.workers) {
+            drop(w.tx);
+            if w.handle.join().is_err() {
+                warn!("a channel thread panicked while stopping");
+            }
+        }
+        let control = self
+            .control
+            .try_clone()
+            .map_err(|e| SessionError::Control(control::ControlError::Io(e)))?;
+        let totals = std::mem::take(&mut self.totals);
+        Ok(Precopied {
+            cfg: self.cfg.clone(),
+            mem: self.mem.clone(),
+            control,
+            link: self.link.clone(),
+            stats: SessionStats::sum(totals, self.rounds, self.started.elapsed().as_secs_f64()),
         })
     }
 

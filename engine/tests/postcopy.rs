@@ -1,0 +1,433 @@
+//! Post-copy over real loopback sockets: the destination's guest (a thread) reads pages that
+//! have not arrived yet and must see exactly the source's bytes; hostile page requests are
+//! refused by the source.
+//!
+//! The main test runs the sender in a second process (this test binary, re-executed with
+//! `PW_PC_ROLE=sender`).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::FromRawFd;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pagewire::postcopy::PageRequest;
+use pagewire::{
+    Block, BlockPages, CodecKind, Config, GuestMemory, ReceiveInto, Receiver, RoundPages, Sender,
+    SessionError,
+};
+use pagewire_transport::control::{self, Hello, Message};
+use pagewire_transport::wire::InitPacket;
+
+const PS: usize = 4096;
+
+/// The expected bytes of page `p` of block `b` (generation `g`): every 7th page zero, the
+/// others pseudo-random words.
+fn fill_page(out: &mut [u8], b: usize, p: u64, g: u64) {
+    if p % 7 == 3 && g == 0 {
+        out.fill(0);
+        return;
+    }
+    let mut x = (b as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (p + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9)
+        ^ g;
+    for w in out.chunks_exact_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        w.copy_from_slice(&x.to_le_bytes());
+    }
+}
+
+fn memfd_block(name: &str, size: usize) -> Block {
+    let c = std::ffi::CString::new(name).expect("name");
+    // SAFETY: a valid C string; returns a new fd or -1.
+    let fd = unsafe { libc::memfd_create(c.as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create");
+    // SAFETY: the fd is new and ours.
+    let f = unsafe { std::fs::File::from_raw_fd(fd) };
+    f.set_len(size as u64).expect("size");
+    Block::from_file(name, &f, true, false).expect("map")
+}
+
+const LAYOUT: [(&str, usize); 2] = [("pc.ram", 48 << 20), ("shm.ram", 4 << 20)];
+
+fn source_memory() -> Arc<GuestMemory> {
+    let blocks = LAYOUT
+        .iter()
+        .enumerate()
+        .map(|(b, (name, size))| {
+            let blk = Block::anonymous(name, *size).expect("map");
+            // SAFETY: fresh block, not shared yet.
+            let bytes = unsafe { blk.as_mut_slice() };
+            for (p, page) in bytes.chunks_exact_mut(PS).enumerate() {
+                fill_page(page, b, p as u64, 0);
+            }
+            blk
+        })
+        .collect();
+    Arc::new(GuestMemory::new(blocks).expect("layout"))
+}
+
+/// Destination memory: an anonymous block and a shared-memory block.
+fn dest_memory() -> Arc<GuestMemory> {
+    let (a, s) = (LAYOUT[0], LAYOUT[1]);
+    Arc::new(
+        GuestMemory::new(vec![
+            Block::anonymous(a.0, a.1).expect("map"),
+            memfd_block(s.0, s.1),
+        ])
+        .expect("layout"),
+    )
+}
+
+fn cfg() -> Config {
+    Config {
+        codec: CodecKind::None,
+        channels: 2,
+        idle_timeout: Duration::from_secs(20),
+        ..Config::default()
+    }
+}
+
+/// What the guest thread saw.
+#[derive(Debug, Default)]
+struct Seen {
+    pages: u64,
+    wrong: Vec<(usize, u64)>,
+}
+
+/// The guest: reads `n` random pages (every byte) of `mem` while they arrive, comparing with
+/// generation `gen_of(block, page)`.
+fn guest(
+    mem: Arc<GuestMemory>,
+    n: usize,
+    seed: u64,
+    gen_of: fn(usize, u64) -> u64,
+    seen: Arc<Mutex<Seen>>,
+) {
+    let mut x = seed | 1;
+    let mut want = vec![0u8; PS];
+    let mut got = vec![0u8; PS];
+    for _ in 0..n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let b = (x % mem.blocks().len() as u64) as usize;
+        let blk = mem.block(b).expect("block");
+        let p = (x >> 8) % (blk.len() / PS) as u64;
+        let ptr = blk.range_ptr(p * PS as u64, PS).expect("page");
+        for (i, v) in got.iter_mut().enumerate() {
+            // SAFETY: inside the block; the read blocks until post-copy has placed the page,
+            // and nothing writes it afterwards (only UFFDIO_COPY, once).
+            *v = unsafe { std::ptr::read_volatile(ptr.add(i)) };
+        }
+        fill_page(&mut want, b, p, gen_of(b, p));
+        let mut s = seen.lock().expect("lock");
+        s.pages += 1;
+        if got != want {
+            s.wrong.push((b, p));
+        }
+    }
+}
+
+fn check_all(mem: &GuestMemory, gen_of: fn(usize, u64) -> u64) {
+    let mut want = vec![0u8; PS];
+    for (b, blk) in mem.blocks().iter().enumerate() {
+        // SAFETY: the session is over; nothing writes the memory.
+        let bytes = unsafe { blk.as_slice() };
+        for (p, page) in bytes.chunks_exact(PS).enumerate() {
+            fill_page(&mut want, b, p as u64, gen_of(b, p as u64));
+            assert!(
+                page == &want[..],
+                "block {b} page {p} differs after post-copy"
+            );
+        }
+    }
+}
+
+fn gen0(_: usize, _: u64) -> u64 {
+    0
+}
+
+/// The sender process: pure post-copy (or after `PW_PC_ROUNDS` full pre-copy rounds).
+fn run_sender(addr: SocketAddr, rounds: u32) {
+    let src = source_memory();
+    let c = cfg();
+    let mut s = Sender::connect(addr, c.clone(), src.clone()).expect("connect");
+    let sizes: Vec<u64> = LAYOUT.iter().map(|l| l.1 as u64).collect();
+    for _ in 0..rounds {
+        s.send_round(RoundPages::all(&sizes, PS as u32, c.pages_per_packet))
+            .expect("round");
+    }
+    let pc = s
+        .switch_to_postcopy(vec![(0, BlockPages::All), (1, BlockPages::All)])
+        .expect("switch");
+    let st = pc.finish().expect("finish");
+    eprintln!(
+        "sender: {} pages, {} requests served",
+        st.pages, st.requests
+    );
+}
+
+#[test]
+fn pure_postcopy_two_processes_guest_reads_every_byte() {
+    if std::env::var("PW_PC_ROLE").as_deref() == Ok("sender") {
+        let addr = std::env::var("PW_PC_ADDR")
+            .expect("addr")
+            .parse()
+            .expect("addr");
+        run_sender(addr, 0);
+        return;
+    }
+    let dst = dest_memory();
+    let mut r = Receiver::bind("127.0.0.1:0".parse().expect("addr"), cfg()).expect("bind");
+    r.set_accept_timeout(Some(Duration::from_secs(20)));
+    let addr = r.local_addr().expect("addr");
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let guest_thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>> = Arc::default();
+    {
+        let (seen, gt) = (seen.clone(), guest_thread.clone());
+        r.on_postcopy(move |start| {
+            assert!(start.pages > 0);
+            let (seen, mem) = (seen.clone(), start.memory.clone());
+            let h = std::thread::spawn(move || guest(mem, 3000, 0x1234_5678, gen0, seen));
+            *gt.lock().expect("lock") = Some(h);
+        });
+    }
+    let child = std::process::Command::new(std::env::current_exe().expect("exe"))
+        .args([
+            "pure_postcopy_two_processes_guest_reads_every_byte",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("PW_PC_ROLE", "sender")
+        .env("PW_PC_ADDR", addr.to_string())
+        .spawn()
+        .expect("spawn sender process");
+    let got = r.serve(ReceiveInto::Memory(dst.clone()));
+    let out = child.wait_with_output().expect("sender process");
+    let got = got.expect("serve");
+    assert!(out.status.success(), "sender process failed");
+    let h = guest_thread
+        .lock()
+        .expect("lock")
+        .take()
+        .expect("guest started");
+    h.join().expect("guest thread");
+    let seen = seen.lock().expect("lock");
+    assert_eq!(seen.pages, 3000);
+    assert!(
+        seen.wrong.is_empty(),
+        "guest read wrong bytes on pages {:?}",
+        &seen.wrong[..seen.wrong.len().min(10)]
+    );
+    let pc = got.postcopy.expect("post-copy stats");
+    let total_pages: u64 = LAYOUT.iter().map(|l| (l.1 / PS) as u64).sum();
+    assert_eq!(pc.pages, total_pages);
+    assert_eq!(pc.pages_urgent + pc.pages_background, total_pages);
+    assert!(
+        pc.requests > 0,
+        "the guest's reads faulted and were requested"
+    );
+    assert!(!pc.latency.is_empty());
+    check_all(&dst, gen0);
+}
+
+fn gen_dirty(_: usize, p: u64) -> u64 {
+    if p % 5 == 0 {
+        1
+    } else {
+        0
+    }
+}
+
+/// Two pre-copy rounds, the guest dirties every 5th page, post-copy sends just those: the
+/// destination must not keep its stale copies (they are discarded, then fetched).
+#[test]
+fn precopy_rounds_then_postcopy_of_dirty_pages() {
+    let src = source_memory();
+    let dst = dest_memory();
+    let c = cfg();
+    let mut r = Receiver::bind("127.0.0.1:0".parse().expect("addr"), c.clone()).expect("bind");
+    r.set_accept_timeout(Some(Duration::from_secs(20)));
+    let addr = r.local_addr().expect("addr");
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let guest_thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>> = Arc::default();
+    {
+        let (seen, gt) = (seen.clone(), guest_thread.clone());
+        r.on_postcopy(move |start| {
+            let (seen, mem) = (seen.clone(), start.memory.clone());
+            let h = std::thread::spawn(move || guest(mem, 2000, 99, gen_dirty, seen));
+            *gt.lock().expect("lock") = Some(h);
+        });
+    }
+    let into = dst.clone();
+    let rt = std::thread::spawn(move || r.serve(ReceiveInto::Memory(into)));
+    let mut s = Sender::connect(addr, c.clone(), src.clone()).expect("connect");
+    let sizes: Vec<u64> = LAYOUT.iter().map(|l| l.1 as u64).collect();
+    for _ in 0..2 {
+        s.send_round(RoundPages::all(&sizes, PS as u32, c.pages_per_packet))
+            .expect("round");
+    }
+    let mut remaining = Vec::new();
+    for (b, blk) in src.blocks().iter().enumerate() {
+        // SAFETY: no round is running.
+        let bytes = unsafe { blk.as_mut_slice() };
+        let mut dirty = Vec::new();
+        for (p, page) in bytes.chunks_exact_mut(PS).enumerate() {
+            if gen_dirty(b, p as u64) == 1 {
+                fill_page(page, b, p as u64, 1);
+                dirty.push((p * PS) as u64);
+            }
+        }
+        remaining.push((b, BlockPages::Offsets(dirty)));
+    }
+    let pc = s.switch_to_postcopy(remaining).expect("switch");
+    let want_pages = pc.pages();
+    let st = pc.finish().expect("finish");
+    assert_eq!(st.precopy.rounds, 2);
+    let got = rt.join().expect("join").expect("serve");
+    guest_thread
+        .lock()
+        .expect("lock")
+        .take()
+        .expect("guest")
+        .join()
+        .expect("guest");
+    let seen = seen.lock().expect("lock");
+    assert!(
+        seen.wrong.is_empty(),
+        "stale or wrong pages read: {:?}",
+        &seen.wrong[..seen.wrong.len().min(10)]
+    );
+    assert_eq!(got.postcopy.expect("stats").pages, want_pages);
+    check_all(&dst, gen_dirty);
+}
+
+/// A hand-written destination: handshake, then post-copy connections; returns the urgent
+/// connection and the control connection.
+fn fake_destination(listener: &TcpListener) -> (TcpStream, TcpStream) {
+    let (mut control, _) = listener.accept().expect("control");
+    control::write_message(
+        &mut control,
+        &Message::Challenge {
+            nonce: [7; 32],
+            secret_required: false,
+        },
+    )
+    .expect("challenge");
+    let hello: Hello = match control::read_message(&mut control).expect("hello") {
+        Message::Hello(h) => h,
+        other => panic!("expected hello, got {}", other.name()),
+    };
+    control::write_message(&mut control, &Message::HelloOk { proof: None }).expect("ok");
+    let read_init = |s: &mut TcpStream| {
+        let mut b = [0u8; 64];
+        s.read_exact(&mut b).expect("init");
+        InitPacket::parse(&b).expect("init packet")
+    };
+    let mut chans = Vec::new();
+    for _ in 0..hello.channels {
+        let (mut s, _) = listener.accept().expect("channel");
+        read_init(&mut s);
+        chans.push(s);
+    }
+    let background = loop {
+        match control::read_message(&mut control).expect("control") {
+            Message::PostcopyPages { .. } => {}
+            Message::Postcopy { background } => break background,
+            other => panic!("unexpected {}", other.name()),
+        }
+    };
+    let mut urgent = None;
+    let mut bg = Vec::new();
+    for _ in 0..=background {
+        let (mut s, _) = listener.accept().expect("post-copy connection");
+        let init = read_init(&mut s);
+        if init.channel_id as u16 == hello.channels {
+            urgent = Some(s);
+        } else {
+            bg.push(s);
+        }
+    }
+    // Keep the background connections open (and drained) while the test runs.
+    for mut s in bg {
+        std::thread::spawn(move || {
+            let mut sink = [0u8; 65536];
+            while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+        });
+    }
+    control::write_message(&mut control, &Message::PostcopyReady).expect("ready");
+    (urgent.expect("urgent connection"), control)
+}
+
+#[test]
+fn hostile_page_requests_are_refused_with_a_clear_error() {
+    let cases: [([u8; 16], &str); 4] = [
+        (
+            PageRequest {
+                block: 9,
+                offset: 0,
+            }
+            .encode(),
+            "block 9 out of range (2 blocks)",
+        ),
+        (
+            PageRequest {
+                block: 0,
+                offset: 100,
+            }
+            .encode(),
+            "not a multiple of the page size",
+        ),
+        (
+            PageRequest {
+                block: 1,
+                offset: 4 << 20,
+            }
+            .encode(),
+            "outside block 1",
+        ),
+        (*b"GET / HTTP/1.1\r\n", "bad magic"),
+    ];
+    for (bytes, want) in cases {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let src = source_memory();
+        let dest = std::thread::spawn(move || {
+            let (mut urgent, mut control) = fake_destination(&listener);
+            urgent.write_all(&bytes).expect("request");
+            // The source reports the refusal on the control connection.
+            control
+                .set_read_timeout(Some(Duration::from_secs(20)))
+                .expect("timeout");
+            loop {
+                match control::read_message(&mut control) {
+                    Ok(Message::Error { message }) => return Some(message),
+                    Ok(_) => continue,
+                    Err(_) => return None,
+                }
+            }
+        });
+        let s = Sender::connect(addr, cfg(), src).expect("connect");
+        let pc = s
+            .switch_to_postcopy(vec![(0, BlockPages::All), (1, BlockPages::All)])
+            .expect("switch");
+        let err = pc
+            .finish()
+            .expect_err("a hostile request must fail the session");
+        let msg = err.to_string();
+        assert!(matches!(err, SessionError::Postcopy(_)), "{msg}");
+        assert!(
+            msg.contains("page request #0 refused") && msg.contains(want),
+            "{msg}"
+        );
+        let told = dest
+            .join()
+            .expect("fake destination")
+            .expect("error message");
+        assert!(told.contains(want), "destination was told: {told}");
+    }
+}
