@@ -341,6 +341,7 @@ fn fake_destination(listener: &TcpListener) -> (TcpStream, TcpStream) {
             other => panic!("unexpected {}", other.name()),
         }
     };
+    control::write_message(&mut control, &Message::PostcopyReady).expect("ready");
     let mut urgent = None;
     let mut bg = Vec::new();
     for _ in 0..=background {
@@ -359,7 +360,6 @@ fn fake_destination(listener: &TcpListener) -> (TcpStream, TcpStream) {
             while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
         });
     }
-    control::write_message(&mut control, &Message::PostcopyReady).expect("ready");
     (urgent.expect("urgent connection"), control)
 }
 

@@ -451,8 +451,8 @@ pub enum Message {
     /// Sender → receiver: switch to post-copy; one urgent connection and `background`
     /// background connections follow. Body: background u16.
     Postcopy { background: u16 },
-    /// Receiver → sender: memory registered, post-copy connections accepted; the guest may
-    /// run on the destination now. Body: empty.
+    /// Receiver → sender: pages discarded and memory registered; the sender now opens the
+    /// post-copy connections. Body: empty.
     PostcopyReady,
     /// Receiver → sender: every post-copy page is placed. Body: empty.
     PostcopyDone,

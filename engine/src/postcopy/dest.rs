@@ -469,7 +469,8 @@ pub(crate) fn run(
         // which this function places before it returns successfully.
         unsafe { uffd.register(b.as_ptr(), b.len()) }.map_err(PostcopyError::from)?;
     }
-    // 3. The urgent and background connections.
+    // 3. The urgent and background connections (the sender opens them after this).
+    control::write_message(control, &Message::PostcopyReady)?;
     let n = 1 + background as usize;
     let mut slots: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
     let deadline = Instant::now() + cfg.idle_timeout;
@@ -511,7 +512,6 @@ pub(crate) fn run(
             .map_err(|e| SessionError::Control(e.into()))?;
     }
     let requests_out = streams.first().map(clone).transpose()?;
-    control::write_message(control, &Message::PostcopyReady)?;
     info!(pages = to_place, background, "post-copy: guest may run");
 
     let placer = Placer {

@@ -208,13 +208,8 @@ impl Sender {
             }
         }
         control::write_message(&mut control, &Message::Postcopy { background })?;
-        // 2. The urgent connection, then the background connections.
-        let mut conns = Vec::new();
-        for i in 0..=background {
-            let id = cfg.channels + i;
-            conns.push(open(&link, &cfg, id)?);
-        }
-        // 3. The destination is ready (memory registered, connections accepted).
+        // 2. The destination is ready (pages discarded, memory registered): only now open the
+        //    post-copy connections, so that none can be taken for a pre-copy channel.
         match control::read_message(&mut control)? {
             Message::PostcopyReady => {}
             Message::Error { message } => return Err(SessionError::Peer(message)),
@@ -224,6 +219,12 @@ impl Sender {
                     got: other.name(),
                 })
             }
+        }
+        // 3. The urgent connection, then the background connections.
+        let mut conns = Vec::new();
+        for i in 0..=background {
+            let id = cfg.channels + i;
+            conns.push(open(&link, &cfg, id)?);
         }
         info!(pages, background, "post-copy: destination ready");
         let shared = Arc::new(Shared {
