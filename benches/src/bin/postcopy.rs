@@ -4,7 +4,8 @@
 //! Two processes on loopback: this one is the destination (fresh anonymous memory each run),
 //! a re-executed copy of this binary is the source (`--role sender`). Runs interleave
 //! pre-copy (one round of every page, codec none, 1 channel) and pure post-copy (1
-//! background connection + the urgent one, pages raw). In post-copy a guest thread reads
+//! background connection + the urgent one, pages raw), each run starting with a different
+//! variant. In post-copy a guest thread reads
 //! random pages from the moment the guest may run until every page is placed; each read
 //! of a page that `mincore` shows not yet resident is a fault, timed from the guest's side
 //! (the read blocks until the page is placed). The engine's own figure (fault event read →
@@ -80,13 +81,22 @@ fn resident(addr: *mut u8) -> bool {
 }
 
 /// The guest: random page reads until `stop`; times the reads of pages that were missing.
-fn guest(mem: Arc<GuestMemory>, stop: Arc<AtomicBool>, out: Arc<Mutex<Latencies>>) {
+/// `pause` between reads (zero: back to back, a guest doing nothing but touch memory).
+fn guest(
+    mem: Arc<GuestMemory>,
+    stop: Arc<AtomicBool>,
+    pause: Duration,
+    out: Arc<Mutex<Latencies>>,
+) {
     let Some(b) = mem.block(0) else { return };
     let pages = (b.len() / PS) as u64;
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
     let mut lat = Latencies::default();
     let mut sum = 0u64;
     while !stop.load(Ordering::Relaxed) {
+        if !pause.is_zero() {
+            std::thread::sleep(pause);
+        }
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
@@ -108,30 +118,28 @@ fn guest(mem: Arc<GuestMemory>, stop: Arc<AtomicBool>, out: Arc<Mutex<Latencies>
 }
 
 #[derive(Debug, Default)]
-struct PostRun {
+struct Run {
     secs: f64,
     guest: Latencies,
     engine: Latencies,
     requests: u64,
-    faults: u64,
 }
 
-fn destination(mode: &str, size: usize, touch: bool) -> PostRun {
+/// One session: this process receives into fresh memory, a child process sends. `guest`:
+/// post-copy with a guest thread reading with that pause (None: no guest thread).
+fn destination(mode: &str, size: usize, guest_pause: Option<Duration>) -> Run {
     let mut r = Receiver::bind("127.0.0.1:0".parse().expect("addr"), cfg()).expect("bind");
     r.set_accept_timeout(Some(Duration::from_secs(120)));
     let addr = r.local_addr().expect("addr");
     let stop = Arc::new(AtomicBool::new(false));
     let guest_lat = Arc::new(Mutex::new(Latencies::default()));
     let handle: Arc<Mutex<Option<std::thread::JoinHandle<()>>>> = Arc::default();
-    {
+    if let Some(pause) = guest_pause {
         let (stop, out, handle) = (stop.clone(), guest_lat.clone(), handle.clone());
         r.on_postcopy(move |start| {
-            if !touch {
-                return;
-            }
             let (stop, out, mem) = (stop.clone(), out.clone(), start.memory.clone());
             if let Ok(mut h) = handle.lock() {
-                *h = Some(std::thread::spawn(move || guest(mem, stop, out)));
+                *h = Some(std::thread::spawn(move || guest(mem, stop, pause, out)));
             }
         });
     }
@@ -163,17 +171,36 @@ fn destination(mode: &str, size: usize, touch: bool) -> PostRun {
         .trim()
         .parse()
         .expect("sender seconds");
-    let mut run = PostRun {
+    let mut run = Run {
         secs,
         ..Default::default()
     };
     if let Some(pc) = got.postcopy {
         run.engine = pc.latency.clone();
         run.requests = pc.requests;
-        run.faults = pc.faults;
         run.guest = guest_lat.lock().map(|l| l.clone()).unwrap_or_default();
     }
     run
+}
+
+#[derive(Serialize)]
+struct Variant {
+    name: &'static str,
+    /// Median seconds (pre-copy: the round; post-copy: switch → every page placed).
+    seconds: f64,
+    /// Median of per-run ratios against the pre-copy round of the same run.
+    over_precopy: f64,
+    requests: u64,
+    guest_faults: usize,
+    guest_p50_us: f64,
+    guest_p99_us: f64,
+    guest_max_us: f64,
+    engine_p50_us: f64,
+    engine_p99_us: f64,
+    engine_max_us: f64,
+    /// Guest-timed faults per power-of-two µs bucket: entry i counts [2^i, 2^(i+1)) µs.
+    guest_histogram: Vec<u64>,
+    engine_histogram: Vec<u64>,
 }
 
 #[derive(Serialize)]
@@ -181,23 +208,7 @@ struct Report {
     machine: String,
     size_mib: usize,
     runs: usize,
-    precopy_round_s: f64,
-    postcopy_total_s: f64,
-    postcopy_over_precopy: f64,
-    postcopy_idle_guest_s: f64,
-    postcopy_idle_guest_over_precopy: f64,
-    faults_timed_by_guest: usize,
-    guest_p50_us: f64,
-    guest_p99_us: f64,
-    guest_max_us: f64,
-    engine_faults: usize,
-    engine_p50_us: f64,
-    engine_p99_us: f64,
-    engine_max_us: f64,
-    requests: u64,
-    /// Guest-timed faults per power-of-two µs bucket: [2^i, 2^(i+1)).
-    guest_histogram: Vec<u64>,
-    engine_histogram: Vec<u64>,
+    variants: Vec<Variant>,
 }
 
 fn us(d: Option<Duration>) -> f64 {
@@ -223,118 +234,124 @@ fn main() {
     }
     let runs: usize = get("--runs").map_or(5, |r| r.parse().expect("runs"));
     let json = args.iter().any(|a| a == "--json");
-    let (mut pre, mut post, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut idle, mut idle_ratios) = (Vec::new(), Vec::new());
-    let (mut guest, mut engine) = (Latencies::default(), Latencies::default());
-    let mut requests = 0;
+    // (name, mode, guest pause)
+    let plan: [(&'static str, &str, Option<Duration>); 4] = [
+        ("pre-copy, one round", "precopy", None),
+        ("post-copy, no guest", "postcopy", None),
+        (
+            "post-copy, guest reads a page every 1 ms",
+            "postcopy",
+            Some(Duration::from_millis(1)),
+        ),
+        (
+            "post-copy, guest reads pages back to back",
+            "postcopy",
+            Some(Duration::ZERO),
+        ),
+    ];
+    let mut results: Vec<Vec<Run>> = plan.iter().map(|_| Vec::new()).collect();
     for i in 0..runs {
-        let a = destination("precopy", size, false);
-        let b = destination("postcopy", size, true);
-        let c = destination("postcopy", size, false);
-        if !json {
-            eprintln!(
-                "run {}: pre-copy round {:.3} s, post-copy {:.3} s (guest touching), {:.3} s (guest idle), {} faults timed, {} requests",
-                i + 1,
-                a.secs,
-                b.secs,
-                c.secs,
-                b.guest.len(),
-                b.requests
-            );
+        let mut line = format!("run {}:", i + 1);
+        // Each run starts with a different variant, so no variant always follows another.
+        for j in 0..plan.len() {
+            let k = (i + j) % plan.len();
+            let Some((name, mode, pause)) = plan.get(k) else {
+                continue;
+            };
+            let r = destination(mode, size, *pause);
+            line += &format!(" {name} {:.3} s;", r.secs);
+            if let Some(v) = results.get_mut(k) {
+                v.push(r);
+            }
         }
-        pre.push(a.secs);
-        post.push(b.secs);
-        ratios.push(b.secs / a.secs);
-        idle.push(c.secs);
-        idle_ratios.push(c.secs / a.secs);
-        guest.extend(&b.guest);
-        engine.extend(&b.engine);
-        requests += b.requests;
+        if !json {
+            eprintln!("{line}");
+        }
     }
+    let pre: Vec<f64> = results
+        .first()
+        .map(|v| v.iter().map(|r| r.secs).collect())
+        .unwrap_or_default();
+    let variants: Vec<Variant> = plan
+        .iter()
+        .zip(&results)
+        .map(|((name, _, _), rs)| {
+            let (mut g, mut e) = (Latencies::default(), Latencies::default());
+            for r in rs {
+                g.extend(&r.guest);
+                e.extend(&r.engine);
+            }
+            let ratios = rs.iter().zip(&pre).map(|(r, p)| r.secs / p).collect();
+            Variant {
+                name,
+                seconds: median(rs.iter().map(|r| r.secs).collect()),
+                over_precopy: median(ratios),
+                requests: rs.iter().map(|r| r.requests).sum(),
+                guest_faults: g.len(),
+                guest_p50_us: us(g.percentile(50.0)),
+                guest_p99_us: us(g.percentile(99.0)),
+                guest_max_us: us(g.max()),
+                engine_p50_us: us(e.percentile(50.0)),
+                engine_p99_us: us(e.percentile(99.0)),
+                engine_max_us: us(e.max()),
+                guest_histogram: g.histogram(),
+                engine_histogram: e.histogram(),
+            }
+        })
+        .collect();
     let report = Report {
         machine: Machine::detect().to_string(),
         size_mib: mib,
         runs,
-        precopy_round_s: median(pre),
-        postcopy_total_s: median(post),
-        postcopy_over_precopy: median(ratios),
-        postcopy_idle_guest_s: median(idle),
-        postcopy_idle_guest_over_precopy: median(idle_ratios),
-        faults_timed_by_guest: guest.len(),
-        guest_p50_us: us(guest.percentile(50.0)),
-        guest_p99_us: us(guest.percentile(99.0)),
-        guest_max_us: us(guest.max()),
-        engine_faults: engine.len(),
-        engine_p50_us: us(engine.percentile(50.0)),
-        engine_p99_us: us(engine.percentile(99.0)),
-        engine_max_us: us(engine.max()),
-        requests,
-        guest_histogram: guest.histogram(),
-        engine_histogram: engine.histogram(),
+        variants,
     };
     if json {
         println!("{}", serde_json::to_string(&report).expect("json"));
         return;
     }
     println!(
-        "{}; {} MiB, {} runs (medians; latencies over all runs)",
+        "{}; {} MiB, {} runs interleaved (seconds: medians; latencies: over all runs)",
         report.machine, mib, runs
     );
-    let mut t = Table::new(["figure", "value"]);
-    t.row([
-        "pre-copy round (s)".to_string(),
-        format!("{:.3}", report.precopy_round_s),
+    let mut t = Table::new([
+        "variant",
+        "s",
+        "/ pre-copy",
+        "requests",
+        "guest faults",
+        "guest p50/p99/max µs",
+        "engine p50/p99/max µs",
     ]);
-    t.row([
-        "post-copy total (s)".to_string(),
-        format!("{:.3}", report.postcopy_total_s),
-    ]);
-    t.row([
-        "post-copy / pre-copy (median of per-run ratios)".to_string(),
-        format!("{:.2}", report.postcopy_over_precopy),
-    ]);
-    t.row([
-        "faults timed by the guest".to_string(),
-        report.faults_timed_by_guest.to_string(),
-    ]);
-    t.row([
-        "guest fault latency p50 / p99 / max (µs)".to_string(),
-        format!(
-            "{:.0} / {:.0} / {:.0}",
-            report.guest_p50_us, report.guest_p99_us, report.guest_max_us
-        ),
-    ]);
-    t.row([
-        "engine fault→placed p50 / p99 / max (µs)".to_string(),
-        format!(
-            "{:.0} / {:.0} / {:.0}",
-            report.engine_p50_us, report.engine_p99_us, report.engine_max_us
-        ),
-    ]);
-    t.row(["page requests".to_string(), report.requests.to_string()]);
-    println!("{}", t.render());
-    let mut h = Table::new(["latency (µs)", "guest faults", "engine faults"]);
-    let n = report
-        .guest_histogram
-        .len()
-        .max(report.engine_histogram.len());
-    for i in 0..n {
-        let lo = 1u64 << i;
-        h.row([
-            format!("[{lo}, {})", lo * 2),
-            report
-                .guest_histogram
-                .get(i)
-                .copied()
-                .unwrap_or(0)
-                .to_string(),
-            report
-                .engine_histogram
-                .get(i)
-                .copied()
-                .unwrap_or(0)
-                .to_string(),
+    for v in &report.variants {
+        t.row([
+            v.name.to_string(),
+            format!("{:.3}", v.seconds),
+            format!("{:.2}", v.over_precopy),
+            v.requests.to_string(),
+            v.guest_faults.to_string(),
+            format!(
+                "{:.0} / {:.0} / {:.0}",
+                v.guest_p50_us, v.guest_p99_us, v.guest_max_us
+            ),
+            format!(
+                "{:.0} / {:.0} / {:.0}",
+                v.engine_p50_us, v.engine_p99_us, v.engine_max_us
+            ),
         ]);
     }
-    println!("{}", h.render());
+    println!("{}", t.render());
+    for v in report.variants.iter().filter(|v| v.guest_faults > 0) {
+        println!("\nfault latency histogram, {}", v.name);
+        let mut h = Table::new(["µs", "guest-timed", "engine-timed"]);
+        let n = v.guest_histogram.len().max(v.engine_histogram.len());
+        for i in 0..n {
+            let lo = 1u64 << i;
+            h.row([
+                format!("[{lo}, {})", lo * 2),
+                v.guest_histogram.get(i).copied().unwrap_or(0).to_string(),
+                v.engine_histogram.get(i).copied().unwrap_or(0).to_string(),
+            ]);
+        }
+        println!("{}", h.render());
+    }
 }

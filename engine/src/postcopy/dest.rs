@@ -303,6 +303,9 @@ fn receive(
     ppp: u32,
     urgent: bool,
 ) -> Result<(), PostcopyError> {
+    if urgent {
+        super::fault_path_priority();
+    }
     let what = if urgent {
         "urgent connection"
     } else {
@@ -356,6 +359,7 @@ fn receive(
 /// Read faults; request each missing page once on the urgent connection; wake threads
 /// whose page is already there.
 fn serve_faults(placer: &Placer<'_>, mut urgent: TcpStream) -> Result<(), PostcopyError> {
+    super::fault_path_priority();
     let mut addrs = Vec::new();
     let ps = placer.ps as u64;
     while !placer.stop.load(Ordering::SeqCst) && !placer.failed.load(Ordering::SeqCst) {

@@ -20,6 +20,54 @@
 //!
 //! Packets on post-copy connections use the multifd RAM packet format without compression
 //! (flags 0x00) and carry no SYNC. See docs/wire-format.md.
+//!
+//! One pre-copy round, then post-copy of the page dirtied since (runs as a doctest; zero
+//! rounds before the switch is pure post-copy):
+//!
+//! ```
+//! use std::sync::Arc;
+//! use pagewire::{Block, BlockPages, Config, GuestMemory, ReceiveInto, Receiver, RoundPages, Sender};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # if pagewire::uffd::Uffd::new().is_err() { return Ok(()); } // no userfaultfd on this host
+//! const SIZE: usize = 8 << 20;
+//! // Destination: the VMM starts the guest as soon as post-copy begins.
+//! let mut receiver = Receiver::bind("127.0.0.1:0".parse()?, Config::default())?;
+//! let addr = receiver.local_addr()?;
+//! let (start_guest, guest_may_run) = std::sync::mpsc::channel();
+//! receiver.on_postcopy(move |start| {
+//!     let _ = start_guest.send(start.memory);
+//! });
+//! let dst = Arc::new(GuestMemory::new(vec![Block::anonymous("pc.ram", SIZE)?])?);
+//! let into = dst.clone();
+//! let destination = std::thread::spawn(move || receiver.serve(ReceiveInto::Memory(into)));
+//!
+//! // Source: one pre-copy round of every page.
+//! let ram = Block::anonymous("pc.ram", SIZE)?;
+//! // SAFETY: the block is new and nothing else uses it yet.
+//! let bytes = unsafe { ram.as_mut_slice() };
+//! bytes.fill(1);
+//! let src = Arc::new(GuestMemory::new(vec![ram])?);
+//! let mut sender = Sender::connect(addr, Config::default(), src.clone())?;
+//! sender.send_round(RoundPages::all(&[SIZE as u64], 4096, 128))?;
+//! // The guest dirtied page 9 meanwhile; pause it and switch: post-copy delivers page 9.
+//! // SAFETY: no round is running.
+//! let bytes = unsafe { src.block(0).expect("block").as_mut_slice() };
+//! bytes[9 * 4096] = 42;
+//! let postcopy = sender.switch_to_postcopy(vec![(0, BlockPages::Offsets(vec![9 * 4096]))])?;
+//!
+//! // The guest runs on the destination now; reading page 9 fetches it first.
+//! let guest = guest_may_run.recv()?;
+//! let page9 = guest.block(0).expect("block").range_ptr(9 * 4096, 4096).expect("page");
+//! // SAFETY: inside guest memory; the read waits until page 9 is placed.
+//! assert_eq!(unsafe { std::ptr::read_volatile(page9) }, 42);
+//!
+//! let source = postcopy.finish()?;
+//! assert_eq!((source.precopy.rounds, source.pages), (1, 1));
+//! let done = destination.join().expect("receiver thread")?;
+//! assert_eq!(done.postcopy.expect("post-copy ran").pages, 1);
+//! # Ok(()) }
+//! ```
 
 pub mod dest;
 pub mod source;
@@ -41,6 +89,18 @@ pub const REQUEST_MAGIC: [u8; 4] = *b"PWPR";
 pub const REQUEST_LEN: usize = 16;
 /// Most background connections a post-copy session may open.
 pub const MAX_BACKGROUND: u16 = 64;
+
+/// Nice value of the threads on the fault path (both ends): a fault's round trip wakes three
+/// of them, and each must not wait for a background thread's time slice to end.
+pub const FAULT_PATH_NICE: i32 = -10;
+
+/// Raise the calling thread's priority for the fault path (best effort: unprivileged
+/// processes keep the default, logged once per thread at debug level).
+pub(crate) fn fault_path_priority() {
+    if let Err(e) = crate::pin::set_current_thread_nice(FAULT_PATH_NICE) {
+        tracing::debug!(error = %e, "cannot raise the fault path's priority; running at default");
+    }
+}
 
 /// Errors of post-copy.
 #[derive(Debug, Error)]

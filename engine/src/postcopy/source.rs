@@ -549,6 +549,7 @@ fn serve_requests(
     shared: &Shared,
     cfg: &Config,
 ) -> Result<(), PostcopyError> {
+    super::fault_path_priority();
     let ps = cfg.page_size as usize;
     let sizes: Vec<u64> = mem.blocks().iter().map(|b| b.len() as u64).collect();
     let mut hdr = vec![0u8; wire::header_len(cfg.pages_per_packet)];
