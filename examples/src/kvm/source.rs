@@ -29,6 +29,9 @@ pub struct SourceOpts {
     pub warmup: Duration,
     /// Throttle the guest when rounds do not converge (QEMU's auto-converge).
     pub auto_converge: bool,
+    /// Post-copy after this many live rounds (0: pure post-copy): the guest resumes on the
+    /// destination at once and its remaining pages follow.
+    pub postcopy: Option<u32>,
 }
 
 /// First throttle, and the step after each further round that does not converge.
@@ -81,6 +84,21 @@ pub struct FinalPhase {
     pub state_bytes: usize,
 }
 
+/// Post-copy, as the source saw it.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PostcopyPhase {
+    /// Pages post-copy delivered (dirty since the last live round, or all of them).
+    pub pages: u64,
+    /// Of which sent on the background connections.
+    pub pages_background: u64,
+    /// Page requests served on the urgent connection.
+    pub requests: u64,
+    /// Bytes on the post-copy connections.
+    pub wire_bytes: u64,
+    /// Switch → the destination reported every page placed, ms.
+    pub until_last_page_ms: f64,
+}
+
 /// What the source did.
 #[derive(Clone, Debug, Serialize)]
 pub struct SourceReport {
@@ -104,6 +122,8 @@ pub struct SourceReport {
     /// CLOCK_MONOTONIC ns when the pause began (the destination times the downtime from it
     /// on the same host).
     pub pause_mono_ns: u64,
+    /// Post-copy (instead of a final round), when asked for.
+    pub postcopy: Option<PostcopyPhase>,
 }
 
 fn count(bitmap: &[u64]) -> u64 {
@@ -170,9 +190,9 @@ fn migrate(
     }
     let mut rounds = Vec::new();
     let mut pages = RoundPages::all(&[size], ps, ppp);
-    let mut last_bitmap;
+    let mut last_bitmap = Vec::new();
     let mut throttle = 0;
-    loop {
+    while o.postcopy != Some(0) {
         let n = pages.pages();
         let stats: SessionStats = match sender.send_round(pages) {
             Ok(s) => s,
@@ -195,7 +215,10 @@ fn migrate(
             throttle_pct: throttle,
         };
         on_round(&row);
-        let done = row.dirtied <= o.threshold || row.round >= o.max_rounds;
+        let done = match o.postcopy {
+            Some(n) => row.round >= n,
+            None => row.dirtied <= o.threshold || row.round >= o.max_rounds,
+        };
         // Auto-converge: the guest dirtied more than half of what the round could send, so
         // the next round will not be much smaller. Hold the guest back, more each time.
         if !done && o.auto_converge && row.dirtied * 2 > row.pages {
@@ -230,8 +253,32 @@ fn migrate(
     let capture = t.elapsed();
     let t = Instant::now();
     let tail = vm.dirty_log().map_err(|e| (e, None))?;
+    if o.postcopy == Some(0) {
+        last_bitmap = tail.iter().map(|_| u64::MAX).collect();
+    }
     for (a, b) in last_bitmap.iter_mut().zip(&tail) {
         *a |= b;
+    }
+    if o.postcopy.is_some() {
+        return postcopy(
+            o,
+            sender,
+            PausedAt {
+                t0,
+                t_pause,
+                stopped,
+                capture,
+                counter,
+                pause_mono_ns,
+                pause_real_ns,
+                vstate,
+                bitmap: last_bitmap,
+                rounds,
+                checkpoints: run_stats.checkpoints,
+                throttled: run_stats.throttled,
+            },
+        )
+        .map_err(|e| (e, None));
     }
     let final_pages = count(&last_bitmap);
     let round = RoundPages::new(vec![(0, BlockPages::Bitmap(last_bitmap))], &[size], ps, ppp);
@@ -286,5 +333,84 @@ fn migrate(
         checkpoints: run_stats.checkpoints,
         throttled_seconds: run_stats.throttled.as_secs_f64(),
         pause_mono_ns,
+        postcopy: None,
+    })
+}
+
+/// The source at the pause, for the post-copy ending.
+struct PausedAt {
+    t0: Instant,
+    t_pause: Instant,
+    stopped: Duration,
+    capture: Duration,
+    counter: u64,
+    pause_mono_ns: u64,
+    pause_real_ns: u64,
+    vstate: VcpuState,
+    /// Pages the destination lacks: dirtied since the last live round (all without one).
+    bitmap: Vec<u64>,
+    rounds: Vec<RoundRow>,
+    checkpoints: u64,
+    throttled: Duration,
+}
+
+/// Post-copy ending: send the vCPU state, switch (the destination resumes the guest at once),
+/// and serve its page faults while the rest streams.
+fn postcopy(o: &SourceOpts, mut sender: Sender, p: PausedAt) -> Result<SourceReport, String> {
+    let layout = o.layout;
+    let t = Instant::now();
+    let snapshot = Snapshot {
+        demo: DemoInfo {
+            mem_size: layout.mem_size,
+            ws_pages: layout.ws_pages,
+            counter: p.counter,
+            boot_id: boot_id(),
+            pause_mono_ns: p.pause_mono_ns,
+            pause_real_ns: p.pause_real_ns,
+        },
+        vcpu: p.vstate,
+    };
+    let bytes = state::encode(&snapshot);
+    sender
+        .send_state(&bytes)
+        .map_err(session_err("sending the vCPU state"))?;
+    let state_time = t.elapsed();
+    let pages = count(&p.bitmap);
+    let t = Instant::now();
+    let pc = sender
+        .switch_to_postcopy(vec![(0, BlockPages::Bitmap(p.bitmap))])
+        .map_err(session_err("switching to post-copy"))?;
+    let switch_time = t.elapsed();
+    let st = pc.finish().map_err(session_err("post-copy"))?;
+    let pause_to_finish = p.t_pause.elapsed();
+    let live_pages: u64 = p.rounds.iter().map(|r| r.pages).sum();
+    let live_wire: u64 = p.rounds.iter().map(|r| r.wire_bytes).sum();
+    Ok(SourceReport {
+        total_seconds: p.t0.elapsed().as_secs_f64(),
+        total_wire_bytes: live_wire + st.wire_bytes,
+        total_pages: live_pages + pages,
+        rounds: p.rounds,
+        final_phase: FinalPhase {
+            pages,
+            wire_bytes: st.wire_bytes,
+            stop_ms: ms(p.stopped),
+            capture_ms: ms(p.capture),
+            round_ms: ms(switch_time),
+            state_ms: ms(state_time),
+            finish_ms: st.seconds * 1e3,
+            pause_to_finish_ms: ms(pause_to_finish),
+            state_bytes: bytes.len(),
+        },
+        counter_at_pause: p.counter,
+        checkpoints: p.checkpoints,
+        throttled_seconds: p.throttled.as_secs_f64(),
+        pause_mono_ns: p.pause_mono_ns,
+        postcopy: Some(PostcopyPhase {
+            pages: st.pages,
+            pages_background: st.pages_background,
+            requests: st.requests,
+            wire_bytes: st.wire_bytes,
+            until_last_page_ms: st.seconds * 1e3,
+        }),
     })
 }
