@@ -206,16 +206,29 @@ impl Uffd {
     }
 
     /// Wait up to `timeout` for page faults; appends the faulting addresses to `out` and
-    /// returns how many were read (0 on timeout). Never blocks longer than `timeout`.
-    pub fn read_faults(&self, timeout: Duration, out: &mut Vec<u64>) -> Result<usize, UffdError> {
-        let mut pfd = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
+    /// returns how many were read (0 on timeout). Never blocks longer than `timeout`; returns
+    /// at once (with what is there) when `wake` is signalled.
+    pub fn read_faults(
+        &self,
+        timeout: Duration,
+        out: &mut Vec<u64>,
+        wake: Option<&Wakeup>,
+    ) -> Result<usize, UffdError> {
+        let mut pfd = [
+            libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: wake.map_or(-1, |w| w.fd.as_raw_fd()),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
         let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-        // SAFETY: one valid pollfd for the duration of the call.
-        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+        // SAFETY: two valid pollfds for the duration of the call (a negative fd is ignored).
+        let r = unsafe { libc::poll(pfd.as_mut_ptr(), 2, ms) };
         if r < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -223,7 +236,7 @@ impl Uffd {
             }
             return Err(UffdError::Read(e));
         }
-        if r == 0 {
+        if r == 0 || pfd[0].revents & libc::POLLIN == 0 {
             return Ok(0);
         }
         let mut buf = [0u8; MSG_LEN * 32];
@@ -340,6 +353,35 @@ impl Uffd {
     }
 }
 
+/// A wake-up for a thread waiting in [`Uffd::read_faults`] (an eventfd): once signalled it
+/// stays readable, so every later wait returns at once too.
+#[derive(Debug)]
+pub struct Wakeup {
+    fd: OwnedFd,
+}
+
+impl Wakeup {
+    /// A new, unsignalled wake-up.
+    pub fn new() -> io::Result<Wakeup> {
+        // SAFETY: eventfd takes an initial value and flags and returns a new fd or -1.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by the kernel and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Wakeup { fd })
+    }
+
+    /// Signal it.
+    pub fn wake(&self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from our buffer to our eventfd (a full counter is harmless:
+        // it is readable either way).
+        let _ = unsafe { libc::write(self.fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    }
+}
+
 /// Drop the contents of `start..start + len` so the pages are missing again: shared memory
 /// has its backing removed (MADV_REMOVE), private anonymous memory is unmapped page by page
 /// (MADV_DONTNEED).
@@ -398,7 +440,7 @@ mod tests {
         });
         let mut faults = Vec::new();
         while faults.is_empty() {
-            uffd.read_faults(Duration::from_secs(5), &mut faults)
+            uffd.read_faults(Duration::from_secs(5), &mut faults, None)
                 .unwrap();
         }
         assert_eq!(faults[0] & !(ps as u64 - 1), addr as u64);
@@ -433,10 +475,20 @@ mod tests {
         // No fault is pending: read_faults times out rather than hanging.
         let mut more = Vec::new();
         assert_eq!(
-            uffd.read_faults(Duration::from_millis(20), &mut more)
+            uffd.read_faults(Duration::from_millis(20), &mut more, None)
                 .unwrap(),
             0
         );
+        // A wake-up ends a long wait at once.
+        let w = Wakeup::new().unwrap();
+        w.wake();
+        let t = std::time::Instant::now();
+        assert_eq!(
+            uffd.read_faults(Duration::from_secs(10), &mut more, Some(&w))
+                .unwrap(),
+            0
+        );
+        assert!(t.elapsed() < Duration::from_secs(5));
     }
 
     #[test]
@@ -473,7 +525,8 @@ mod tests {
             });
             let mut f = Vec::new();
             while f.is_empty() {
-                uffd.read_faults(Duration::from_secs(5), &mut f).unwrap();
+                uffd.read_faults(Duration::from_secs(5), &mut f, None)
+                    .unwrap();
             }
             assert!(
                 !touched.load(Ordering::SeqCst),

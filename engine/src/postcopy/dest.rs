@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::error::SessionError;
 use crate::memory::GuestMemory;
 use crate::session::handshake::{Door, Expect};
-use crate::uffd::{discard, Uffd};
+use crate::uffd::{discard, Uffd, Wakeup};
 
 /// What the embedder gets when post-copy starts on the destination: the memory to run the
 /// guest on (pages it touches that have not arrived are fetched first) and the device state
@@ -149,6 +149,8 @@ struct Placer<'a> {
     duplicates: AtomicU64,
     wire_bytes: AtomicU64,
     sockets: Vec<TcpStream>,
+    /// Ends the fault thread's wait at once when the session is over.
+    wakeup: Wakeup,
 }
 
 impl Placer<'_> {
@@ -366,7 +368,7 @@ fn serve_faults(placer: &Placer<'_>, mut urgent: TcpStream) -> Result<(), Postco
         addrs.clear();
         placer
             .uffd
-            .read_faults(Duration::from_millis(50), &mut addrs)?;
+            .read_faults(Duration::from_millis(50), &mut addrs, Some(&placer.wakeup))?;
         let t = Instant::now();
         for &a in &addrs {
             placer.faults.fetch_add(1, Ordering::Relaxed);
@@ -539,6 +541,7 @@ pub(crate) fn run(
         duplicates: AtomicU64::new(0),
         wire_bytes: AtomicU64::new(0),
         sockets,
+        wakeup: Wakeup::new().map_err(|e| SessionError::Internal(format!("eventfd: {e}")))?,
     };
     let blocks: Vec<BlockSpec> = memory
         .blocks()
@@ -584,6 +587,7 @@ pub(crate) fn run(
             });
         }
         let r = wait_placed(placer_ref, control, cfg.idle_timeout);
+        let placed_at = switched.elapsed();
         if r.is_ok() {
             // Tell the source first: it closes the post-copy connections, which ends the
             // receiving threads at a packet boundary.
@@ -595,6 +599,7 @@ pub(crate) fn run(
             }
         }
         placer_ref.stop.store(true, Ordering::SeqCst);
+        placer_ref.wakeup.wake();
         if r.is_err() {
             for s in &placer_ref.sockets {
                 let _ = s.shutdown(std::net::Shutdown::Both);
@@ -603,7 +608,7 @@ pub(crate) fn run(
         for h in handles.into_iter().flatten() {
             let _ = h.join();
         }
-        r
+        r.map(|()| placed_at)
     });
     let failed = result.is_err() || placer.failed.load(Ordering::SeqCst);
     let stats = PostcopyStats {
@@ -614,7 +619,10 @@ pub(crate) fn run(
         pages_background: placer.pages_background.load(Ordering::Relaxed),
         duplicates: placer.duplicates.load(Ordering::Relaxed),
         latency: placer.latency.lock().map(|l| l.clone()).unwrap_or_default(),
-        seconds: switched.elapsed().as_secs_f64(),
+        seconds: result
+            .as_ref()
+            .map_or(switched.elapsed(), |t| *t)
+            .as_secs_f64(),
         wire_bytes: placer.wire_bytes.load(Ordering::Relaxed),
         user_mode_only: uffd.user_mode_only(),
     };
@@ -627,8 +635,8 @@ pub(crate) fn run(
         std::mem::forget(uffd);
         return Err(match (result, err) {
             (Err(e), _) => e,
-            (Ok(()), Some(e)) => e.into(),
-            (Ok(()), None) => SessionError::Internal("post-copy failed".into()),
+            (Ok(_), Some(e)) => e.into(),
+            (Ok(_), None) => SessionError::Internal("post-copy failed".into()),
         });
     }
     info!(
