@@ -448,3 +448,32 @@ fn hostile_page_requests_are_refused_with_a_clear_error() {
         assert!(told.contains(want), "destination was told: {told}");
     }
 }
+
+/// The sender refuses pages that are not the guest's before anything changes on the wire.
+#[test]
+fn switch_refuses_pages_outside_the_guest() {
+    let src = source_memory();
+    let c = cfg();
+    for (sel, want) in [
+        (vec![(5, BlockPages::All)], "block 5 does not exist"),
+        (
+            vec![(1, BlockPages::Offsets(vec![4 << 20]))],
+            "offset 0x400000 not a page of block 1",
+        ),
+        (
+            vec![(0, BlockPages::Offsets(vec![100]))],
+            "offset 0x64 not a page of block 0",
+        ),
+    ] {
+        let mut r = Receiver::bind("127.0.0.1:0".parse().expect("addr"), c.clone()).expect("bind");
+        r.set_accept_timeout(Some(Duration::from_secs(20)));
+        let addr = r.local_addr().expect("addr");
+        let rt = std::thread::spawn(move || r.serve(ReceiveInto::Allocate));
+        let s = Sender::connect(addr, c.clone(), src.clone()).expect("connect");
+        let err = s.switch_to_postcopy(sel).expect_err("refused");
+        assert!(matches!(err, SessionError::Config(_)), "{err}");
+        assert!(err.to_string().contains(want), "{err}");
+        // The sender is gone without ending its session: the receiver reports that.
+        assert!(rt.join().expect("receiver thread").is_err());
+    }
+}

@@ -174,6 +174,17 @@ impl Sender {
     ) -> Result<PostcopySender, SessionError> {
         let span = info_span!("postcopy-send");
         let _g = span.enter();
+        // Check everything that can be refused before the pre-copy channels close.
+        let ps = self.config().page_size as u64;
+        let channels = self.config().channels;
+        let background = channels.min(MAX_BACKGROUND);
+        if channels as u32 + 1 + background as u32 > 256 {
+            return Err(SessionError::Config(format!(
+                "post-copy needs channel ids up to {}; at most 127 channels",
+                channels as u32 + background as u32
+            )));
+        }
+        let sched = build_sched(self.memory(), remaining, ps)?;
         let pre = self.close_precopy()?;
         let Precopied {
             cfg,
@@ -181,18 +192,8 @@ impl Sender {
             mut control,
             link,
             stats,
-            ..
         } = pre;
         let switched = Instant::now();
-        let ps = cfg.page_size as u64;
-        let background = cfg.channels.min(MAX_BACKGROUND);
-        if cfg.channels as u32 + 1 + background as u32 > 256 {
-            return Err(SessionError::Config(format!(
-                "post-copy needs channel ids up to {}; at most 127 channels",
-                cfg.channels as u32 + background as u32
-            )));
-        }
-        let sched = build_sched(&mem, remaining, ps)?;
         let pages = sched.left;
         // 1. Which pages will come, block by block, as runs.
         for (b, bits) in sched.todo.iter().enumerate() {

@@ -398,6 +398,11 @@ impl Sender {
         &self.mem
     }
 
+    /// The session's settings.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
     /// Send one round: the channels share `pages` (each takes packet-sized batches until none
     /// are left), each ends with a SYNC, and the call returns when the receiver reports every
     /// page of the round applied. Returns the round's counters.
