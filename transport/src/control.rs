@@ -1203,7 +1203,7 @@ mod tests {
 
     #[test]
     fn unknown_type_and_empty_frame() {
-        for t in [0u8, 10, 0xFF] {
+        for t in [0u8, 14, 0xFF] {
             assert!(matches!(
                 Message::decode(&[t, 1, 2]),
                 Err(ControlError::UnknownType(x)) if x == t

@@ -518,6 +518,11 @@ pub(crate) fn run(
             .map_err(|e| SessionError::Control(e.into()))?;
     }
     let requests_out = streams.first().map(clone).transpose()?;
+    if let Some(out) = &requests_out {
+        // A source that stops reading requests cannot block the fault thread forever.
+        out.set_write_timeout(Some(cfg.idle_timeout))
+            .map_err(|e| SessionError::Control(e.into()))?;
+    }
     info!(pages = to_place, background, "post-copy: guest may run");
 
     let placer = Placer {
