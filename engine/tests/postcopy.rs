@@ -477,3 +477,126 @@ fn switch_refuses_pages_outside_the_guest() {
         assert!(rt.join().expect("receiver thread").is_err());
     }
 }
+
+/// A TCP proxy in front of the receiver that cuts the first generation of post-copy
+/// connections (connection index `first_cut ..= last_cut`) once `after` bytes have passed on
+/// them towards the destination; every other connection is forwarded untouched.
+fn cutting_proxy(
+    target: SocketAddr,
+    first_cut: usize,
+    last_cut: usize,
+    after: u64,
+) -> (SocketAddr, Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let listener = TcpListener::bind("127.0.0.1:0").expect("proxy bind");
+    let addr = listener.local_addr().expect("proxy addr");
+    let cut = Arc::new(AtomicBool::new(false));
+    let cut_done = cut.clone();
+    std::thread::spawn(move || {
+        let passed = Arc::new(AtomicU64::new(0));
+        let victims: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        for (index, client) in listener.incoming().enumerate() {
+            let Ok(client) = client else { return };
+            let Ok(server) = TcpStream::connect(target) else {
+                return;
+            };
+            let doomed = (first_cut..=last_cut).contains(&index);
+            if doomed {
+                let mut v = victims.lock().expect("lock");
+                v.push(client.try_clone().expect("clone"));
+                v.push(server.try_clone().expect("clone"));
+            }
+            for (mut from, mut to, downstream) in [
+                (
+                    client.try_clone().expect("clone"),
+                    server.try_clone().expect("clone"),
+                    true,
+                ),
+                (server, client, false),
+            ] {
+                let (passed, victims, cut) = (passed.clone(), victims.clone(), cut_done.clone());
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 << 10];
+                    loop {
+                        let n = match from.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        if doomed && downstream {
+                            let total = passed.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
+                            if total >= after && !cut.swap(true, Ordering::SeqCst) {
+                                for s in victims.lock().expect("lock").iter() {
+                                    let _ = s.shutdown(std::net::Shutdown::Both);
+                                }
+                            }
+                        }
+                    }
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+    (addr, cut)
+}
+
+/// Post-copy survives broken connections: the proxy cuts every post-copy connection
+/// mid-transfer; the destination keeps its placed pages (the guest's reads wait), the source
+/// reconnects (new connections, authenticated like the first), the destination says which
+/// pages it still lacks and re-sends its outstanding requests, and every byte arrives.
+#[test]
+fn postcopy_resumes_after_the_connections_are_cut() {
+    if uffd_missing() {
+        return;
+    }
+    let src = source_memory();
+    let dst = dest_memory();
+    let c = cfg();
+    let mut r = Receiver::bind("127.0.0.1:0".parse().expect("addr"), c.clone()).expect("bind");
+    r.set_accept_timeout(Some(Duration::from_secs(20)));
+    let target = r.local_addr().expect("addr");
+    // Connections: 0 control, 1..=2 pre-copy channels, 3 urgent, 4..=5 background.
+    let (proxy, cut) = cutting_proxy(target, 3, 5, 8 << 20);
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let guest_thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>> = Arc::default();
+    {
+        let (seen, gt) = (seen.clone(), guest_thread.clone());
+        r.on_postcopy(move |start| {
+            let (seen, mem) = (seen.clone(), start.memory.clone());
+            let h = std::thread::spawn(move || guest(mem, 3000, 7, gen0, seen));
+            *gt.lock().expect("lock") = Some(h);
+        });
+    }
+    let into = dst.clone();
+    let rt = std::thread::spawn(move || r.serve(ReceiveInto::Memory(into)));
+    let s = Sender::connect(proxy, c.clone(), src.clone()).expect("connect");
+    let pc = s
+        .switch_to_postcopy(vec![(0, BlockPages::All), (1, BlockPages::All)])
+        .expect("switch");
+    let st = pc.finish().expect("post-copy finishes after the cut");
+    let got = rt.join().expect("join").expect("serve");
+    assert!(
+        cut.load(std::sync::atomic::Ordering::SeqCst),
+        "the proxy cut"
+    );
+    guest_thread
+        .lock()
+        .expect("lock")
+        .take()
+        .expect("guest")
+        .join()
+        .expect("guest");
+    let seen = seen.lock().expect("lock");
+    assert!(
+        seen.wrong.is_empty(),
+        "wrong bytes read: {:?}",
+        &seen.wrong[..seen.wrong.len().min(10)]
+    );
+    assert_eq!(seen.pages, 3000);
+    let pcs = got.postcopy.expect("stats");
+    assert_eq!(st.reconnects, 1, "{st:?}");
+    assert_eq!(pcs.reconnects, 1, "{pcs:?}");
+    check_all(&dst, gen0);
+}

@@ -58,6 +58,7 @@ pub mod msg_type {
     pub const POSTCOPY: u8 = 11;
     pub const POSTCOPY_READY: u8 = 12;
     pub const POSTCOPY_DONE: u8 = 13;
+    pub const POSTCOPY_RECONNECT: u8 = 14;
 }
 
 /// The sender's half of the handshake's authentication, carried at the end of a hello when
@@ -400,6 +401,7 @@ fn type_name(t: u8) -> &'static str {
         msg_type::POSTCOPY => "postcopy",
         msg_type::POSTCOPY_READY => "postcopy-ready",
         msg_type::POSTCOPY_DONE => "postcopy-done",
+        msg_type::POSTCOPY_RECONNECT => "postcopy-reconnect",
         _ => "frame",
     }
 }
@@ -456,6 +458,10 @@ pub enum Message {
     PostcopyReady,
     /// Receiver → sender: every post-copy page is placed. Body: empty.
     PostcopyDone,
+    /// Sender → receiver: the post-copy connections broke; new ones follow once the receiver
+    /// has answered with the pages it still lacks (`PostcopyPages`, receiver → sender) and
+    /// `PostcopyReady`. Body: empty.
+    PostcopyReconnect,
 }
 
 /// Most runs one `PostcopyPages` message carries (a frame stays below [`MAX_FRAME`]).
@@ -515,7 +521,11 @@ impl Message {
                 out.push(u8::from(*secret_required));
             }
             Message::State { data } => out.extend_from_slice(data),
-            Message::End | Message::EndOk | Message::PostcopyReady | Message::PostcopyDone => {}
+            Message::End
+            | Message::EndOk
+            | Message::PostcopyReady
+            | Message::PostcopyDone
+            | Message::PostcopyReconnect => {}
             Message::PostcopyPages { block, runs } => {
                 out.extend_from_slice(&block.to_be_bytes());
                 for (off, n) in runs {
@@ -550,6 +560,7 @@ impl Message {
             Message::Postcopy { .. } => msg_type::POSTCOPY,
             Message::PostcopyReady => msg_type::POSTCOPY_READY,
             Message::PostcopyDone => msg_type::POSTCOPY_DONE,
+            Message::PostcopyReconnect => msg_type::POSTCOPY_RECONNECT,
         }
     }
 
@@ -618,6 +629,7 @@ impl Message {
             msg_type::END_OK => empty(Message::EndOk),
             msg_type::POSTCOPY_READY => empty(Message::PostcopyReady),
             msg_type::POSTCOPY_DONE => empty(Message::PostcopyDone),
+            msg_type::POSTCOPY_RECONNECT => empty(Message::PostcopyReconnect),
             msg_type::POSTCOPY => {
                 let mut r = Cursor::new(body, name);
                 let background = r.u16()?;
@@ -757,6 +769,7 @@ mod tests {
             Message::Postcopy { background: 2 },
             Message::PostcopyReady,
             Message::PostcopyDone,
+            Message::PostcopyReconnect,
         ];
         for m in msgs {
             let enc = m.encode();
@@ -1203,7 +1216,7 @@ mod tests {
 
     #[test]
     fn unknown_type_and_empty_frame() {
-        for t in [0u8, 14, 0xFF] {
+        for t in [0u8, 15, 0xFF] {
             assert!(matches!(
                 Message::decode(&[t, 1, 2]),
                 Err(ControlError::UnknownType(x)) if x == t

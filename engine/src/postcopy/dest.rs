@@ -74,6 +74,8 @@ pub struct PostcopyStats {
     pub wire_bytes: u64,
     /// Only user-space faults are caught (unprivileged userfaultfd).
     pub user_mode_only: bool,
+    /// Times the post-copy connections broke and were replaced.
+    pub reconnects: u32,
 }
 
 /// What the receiver's control loop hands to [`run`].
@@ -148,7 +150,12 @@ struct Placer<'a> {
     pages_background: AtomicU64,
     duplicates: AtomicU64,
     wire_bytes: AtomicU64,
-    sockets: Vec<TcpStream>,
+    /// The current post-copy connections (to shut them down).
+    sockets: Mutex<Vec<TcpStream>>,
+    /// Where the fault thread writes requests (none while the connections are replaced).
+    requests_out: Mutex<Option<TcpStream>>,
+    /// A post-copy connection broke: the sender will replace them (`PostcopyReconnect`).
+    broken: AtomicBool,
     /// Ends the fault thread's wait at once when the session is over.
     wakeup: Wakeup,
 }
@@ -159,16 +166,35 @@ impl Placer<'_> {
             debug!(error = %e, "after the last page (ignored)");
             return;
         }
-        if let Ok(mut g) = self.error.lock() {
-            if g.is_none() {
-                *g = Some(e);
+        if matches!(e, PostcopyError::Io { .. }) {
+            // A broken connection: placed pages stay, faulting threads wait, and the sender
+            // replaces the connections.
+            if !self.broken.swap(true, Ordering::SeqCst) {
+                warn!(error = %e, "post-copy connection broken; waiting for the sender to reconnect");
+            }
+            self.shut_connections();
+        } else {
+            if let Ok(mut g) = self.error.lock() {
+                if g.is_none() {
+                    *g = Some(e);
+                }
+            }
+            self.failed.store(true, Ordering::SeqCst);
+            self.shut_connections();
+        }
+        let _g = self.done_lock.lock();
+        self.done.notify_all();
+    }
+
+    fn shut_connections(&self) {
+        if let Ok(mut out) = self.requests_out.lock() {
+            *out = None;
+        }
+        if let Ok(socks) = self.sockets.lock() {
+            for s in socks.iter() {
+                let _ = s.shutdown(std::net::Shutdown::Both);
             }
         }
-        self.failed.store(true, Ordering::SeqCst);
-        for s in &self.sockets {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
-        self.done.notify_all();
     }
 
     fn record_latency(&self, t: Instant) {
@@ -328,6 +354,10 @@ fn receive(
     let io = |source| PostcopyError::Io { what, source };
     loop {
         if !read_full(&mut stream, &mut hdr).map_err(io)? {
+            if urgent && !placer.stop.load(Ordering::SeqCst) {
+                // The source never closes the urgent connection before the last page.
+                return Err(io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
             return Ok(());
         }
         header
@@ -360,7 +390,7 @@ fn receive(
 
 /// Read faults; request each missing page once on the urgent connection; wake threads
 /// whose page is already there.
-fn serve_faults(placer: &Placer<'_>, mut urgent: TcpStream) -> Result<(), PostcopyError> {
+fn serve_faults(placer: &Placer<'_>) -> Result<(), PostcopyError> {
     super::fault_path_priority();
     let mut addrs = Vec::new();
     let ps = placer.ps as u64;
@@ -399,21 +429,139 @@ fn serve_faults(placer: &Placer<'_>, mut urgent: TcpStream) -> Result<(), Postco
                 continue;
             }
             if new {
-                let req = PageRequest {
-                    block: block as u32,
-                    offset: page * ps,
-                };
-                urgent
-                    .write_all(&req.encode())
-                    .map_err(|source| PostcopyError::Io {
-                        what: "urgent connection (requests)",
-                        source,
-                    })?;
-                placer.requests.fetch_add(1, Ordering::Relaxed);
+                // While the connections are being replaced the request stays outstanding
+                // and is sent on the new urgent connection.
+                placer.send_request(block, page);
             }
         }
     }
     Ok(())
+}
+
+impl Placer<'_> {
+    /// Write one page request on the urgent connection, if there is one; a failed write
+    /// marks the connections broken (the request stays outstanding).
+    fn send_request(&self, block: usize, page: u64) {
+        let req = PageRequest {
+            block: block as u32,
+            offset: page * self.ps as u64,
+        };
+        let r = match self.requests_out.lock() {
+            Ok(mut out) => match out.as_mut() {
+                Some(s) => s.write_all(&req.encode()),
+                None => return,
+            },
+            Err(_) => return,
+        };
+        match r {
+            Ok(()) => {
+                self.requests.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(source) => self.fail(PostcopyError::Io {
+                what: "urgent connection (requests)",
+                source,
+            }),
+        }
+    }
+}
+
+/// Accept the urgent and `background` background connections of this session (ids
+/// `first_id ..= first_id + background`); returns them urgent first.
+fn accept_connections(
+    door: &mut Door<'_>,
+    expect: &Expect,
+    first_id: u32,
+    background: u16,
+    idle: Duration,
+) -> Result<Vec<TcpStream>, SessionError> {
+    let n = 1 + background as usize;
+    let mut slots: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
+    let deadline = Instant::now() + idle;
+    for _ in 0..n {
+        let c = door.next_channel(deadline, expect)?;
+        let id = c.init.channel_id as u32;
+        let slot = id
+            .checked_sub(first_id)
+            .and_then(|i| slots.get_mut(i as usize))
+            .ok_or_else(|| {
+                SessionError::Handshake(format!(
+                    "post-copy connection from {}: id {id} not in {first_id}..={}",
+                    c.peer,
+                    first_id + background as u32
+                ))
+            })?;
+        if slot.is_some() {
+            return Err(SessionError::Handshake(format!(
+                "post-copy connection id {id} connected twice"
+            )));
+        }
+        *slot = Some(c.stream);
+    }
+    let streams: Vec<TcpStream> = slots.into_iter().flatten().collect();
+    for (i, s) in streams.iter().enumerate() {
+        // The urgent connection may be idle for as long as the guest does not fault; a
+        // background stream idle for `idle` while pages are missing is a failure, and so is
+        // a source that stops reading requests.
+        let read = if i == 0 { None } else { Some(idle) };
+        s.set_read_timeout(read)
+            .and_then(|()| s.set_write_timeout(Some(idle)))
+            .map_err(|e| SessionError::Control(e.into()))?;
+    }
+    Ok(streams)
+}
+
+/// Hand the new connections to the placer: sockets to shut down, the request writer; then
+/// re-send every request still outstanding.
+fn install(placer: &Placer<'_>, streams: &[TcpStream]) -> Result<(), SessionError> {
+    let clone = |s: &TcpStream| s.try_clone().map_err(|e| SessionError::Control(e.into()));
+    let socks = streams.iter().map(clone).collect::<Result<Vec<_>, _>>()?;
+    let out = streams.first().map(clone).transpose()?;
+    if let Ok(mut g) = placer.sockets.lock() {
+        *g = socks;
+    }
+    if let Ok(mut g) = placer.requests_out.lock() {
+        *g = out;
+    }
+    let outstanding: Vec<(usize, u64)> = placer
+        .requested
+        .lock()
+        .map(|m| m.keys().copied().collect())
+        .unwrap_or_default();
+    for (block, page) in outstanding {
+        if !placer.present.get(block).is_some_and(|b| b.get(page)) {
+            placer.send_request(block, page);
+        }
+    }
+    Ok(())
+}
+
+/// Runs of pages still missing, per block, as `PostcopyPages` messages.
+fn missing_runs(placer: &Placer<'_>) -> Vec<Message> {
+    let mut msgs = Vec::new();
+    let ps = placer.ps as u64;
+    for (b, bits) in placer.present.iter().enumerate() {
+        let n = placer.mem.block(b).map_or(0, |blk| blk.len() as u64 / ps);
+        let mut runs = Vec::new();
+        let mut start: Option<u64> = None;
+        for p in 0..=n {
+            let missing = p < n && !bits.get(p);
+            match (missing, start) {
+                (true, None) => start = Some(p),
+                (false, Some(s0)) => {
+                    runs.push((s0 * ps, p - s0));
+                    start = None;
+                }
+                _ => {}
+            }
+        }
+        for chunk in runs.chunks(control::MAX_POSTCOPY_RUNS) {
+            msgs.push(Message::PostcopyPages {
+                block: b as u32,
+                runs: chunk.to_vec(),
+            });
+        }
+    }
+    msgs
 }
 
 /// The destination's post-copy phase, run by the receiver's control loop when `Postcopy`
@@ -477,52 +625,12 @@ pub(crate) fn run(
     }
     // 3. The urgent and background connections (the sender opens them after this).
     control::write_message(control, &Message::PostcopyReady)?;
-    let n = 1 + background as usize;
-    let mut slots: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
-    let deadline = Instant::now() + cfg.idle_timeout;
     let expect = Expect::Channel {
         uuid: hello.uuid,
         nonce_r,
     };
-    for _ in 0..n {
-        let c = door.next_channel(deadline, &expect)?;
-        let id = c.init.channel_id as u32;
-        let slot = id
-            .checked_sub(first_id)
-            .and_then(|i| slots.get_mut(i as usize))
-            .ok_or_else(|| {
-                SessionError::Handshake(format!(
-                    "post-copy connection from {}: id {id} not in {first_id}..={}",
-                    c.peer,
-                    first_id + background as u32
-                ))
-            })?;
-        if slot.is_some() {
-            return Err(SessionError::Handshake(format!(
-                "post-copy connection id {id} connected twice"
-            )));
-        }
-        *slot = Some(c.stream);
-    }
-    let streams: Vec<TcpStream> = slots.into_iter().flatten().collect();
-    let clone = |s: &TcpStream| s.try_clone().map_err(|e| SessionError::Control(e.into()));
-    let mut sockets = Vec::new();
-    for s in &streams {
-        sockets.push(clone(s)?);
-        s.set_read_timeout(None)
-            .map_err(|e| SessionError::Control(e.into()))?;
-    }
-    for s in streams.iter().skip(1) {
-        // A background stream idle for this long while pages are missing is a failure.
-        s.set_read_timeout(Some(cfg.idle_timeout))
-            .map_err(|e| SessionError::Control(e.into()))?;
-    }
-    let requests_out = streams.first().map(clone).transpose()?;
-    if let Some(out) = &requests_out {
-        // A source that stops reading requests cannot block the fault thread forever.
-        out.set_write_timeout(Some(cfg.idle_timeout))
-            .map_err(|e| SessionError::Control(e.into()))?;
-    }
+    let idle = cfg.idle_timeout;
+    let streams = accept_connections(door, &expect, first_id, background, idle)?;
     info!(pages = to_place, background, "post-copy: guest may run");
 
     let placer = Placer {
@@ -545,9 +653,12 @@ pub(crate) fn run(
         pages_background: AtomicU64::new(0),
         duplicates: AtomicU64::new(0),
         wire_bytes: AtomicU64::new(0),
-        sockets,
+        sockets: Mutex::new(Vec::new()),
+        requests_out: Mutex::new(None),
+        broken: AtomicBool::new(false),
         wakeup: Wakeup::new().map_err(|e| SessionError::Internal(format!("eventfd: {e}")))?,
     };
+    install(&placer, &streams)?;
     let blocks: Vec<BlockSpec> = memory
         .blocks()
         .iter()
@@ -559,31 +670,32 @@ pub(crate) fn run(
     let ppp = hello.pages_per_packet;
     let placer_ref = &placer;
     let blocks_ref = &blocks[..];
+    let mut reconnects = 0u32;
     let result = std::thread::scope(|s| {
-        let mut handles = Vec::new();
-        for (i, stream) in streams.into_iter().enumerate() {
-            let urgent = i == 0;
-            handles.push(
-                std::thread::Builder::new()
-                    .name(format!("pw-pc-recv-{i}"))
-                    .spawn_scoped(s, move || {
-                        if let Err(e) = receive(stream, placer_ref, blocks_ref, ppp, urgent) {
-                            placer_ref.fail(e);
-                        }
-                    }),
-            );
-        }
-        if let Some(out) = requests_out {
-            handles.push(
-                std::thread::Builder::new()
-                    .name("pw-pc-faults".into())
-                    .spawn_scoped(s, move || {
-                        if let Err(e) = serve_faults(placer_ref, out) {
-                            placer_ref.fail(e);
-                        }
-                    }),
-            );
-        }
+        let spawn_receivers = |streams: Vec<TcpStream>| {
+            let mut handles = Vec::new();
+            for (i, stream) in streams.into_iter().enumerate() {
+                let urgent = i == 0;
+                handles.push(
+                    std::thread::Builder::new()
+                        .name(format!("pw-pc-recv-{i}"))
+                        .spawn_scoped(s, move || {
+                            if let Err(e) = receive(stream, placer_ref, blocks_ref, ppp, urgent) {
+                                placer_ref.fail(e);
+                            }
+                        }),
+                );
+            }
+            handles
+        };
+        let mut receivers = spawn_receivers(streams);
+        let faults = std::thread::Builder::new()
+            .name("pw-pc-faults".into())
+            .spawn_scoped(s, move || {
+                if let Err(e) = serve_faults(placer_ref) {
+                    placer_ref.fail(e);
+                }
+            });
         if let Some(h) = &hook.0 {
             h(PostcopyStart {
                 memory: memory.clone(),
@@ -591,26 +703,72 @@ pub(crate) fn run(
                 pages: to_place,
             });
         }
-        let r = wait_placed(placer_ref, control, cfg.idle_timeout);
-        let placed_at = switched.elapsed();
-        if r.is_ok() {
-            // Tell the source first: it closes the post-copy connections, which ends the
-            // receiving threads at a packet boundary.
-            if let Err(e) = control::write_message(control, &Message::PostcopyDone) {
-                placer_ref.fail(PostcopyError::Io {
-                    what: "control connection",
-                    source: std::io::Error::other(e.to_string()),
-                });
+        let r = loop {
+            let asked = match wait_placed(placer_ref, control, idle) {
+                Ok(Waited::Placed) => break Ok(()),
+                Ok(Waited::Broken { asked }) => asked,
+                Err(e) => break Err(e),
+            };
+            // The connections broke: keep every placed page (faulting threads keep
+            // waiting), drop the connections, and let the sender replace them.
+            reconnects += 1;
+            if reconnects > super::source::MAX_RECONNECTS {
+                break Err(PostcopyError::Protocol(format!(
+                    "the post-copy connections broke {reconnects} times"
+                ))
+                .into());
             }
-        }
+            placer_ref.broken.store(true, Ordering::SeqCst);
+            placer_ref.shut_connections();
+            for h in receivers.drain(..).flatten() {
+                let _ = h.join();
+            }
+            placer_ref.broken.store(false, Ordering::SeqCst);
+            let mut step = || -> Result<Vec<TcpStream>, SessionError> {
+                if !asked {
+                    match control::read_message(control)? {
+                        Message::PostcopyReconnect => {}
+                        Message::Error { message } => return Err(SessionError::Peer(message)),
+                        other => {
+                            return Err(SessionError::Unexpected {
+                                expected: "postcopy-reconnect",
+                                got: other.name(),
+                            })
+                        }
+                    }
+                }
+                for m in missing_runs(placer_ref) {
+                    control::write_message(control, &m)?;
+                }
+                control::write_message(control, &Message::PostcopyReady)?;
+                let streams = accept_connections(door, &expect, first_id, background, idle)?;
+                install(placer_ref, &streams)?;
+                Ok(streams)
+            };
+            match step() {
+                Ok(streams) => {
+                    info!(reconnects, "post-copy: connections replaced");
+                    receivers = spawn_receivers(streams);
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        let placed_at = switched.elapsed();
+        // From here on a closing connection is the session's end, not a break.
         placer_ref.stop.store(true, Ordering::SeqCst);
         placer_ref.wakeup.wake();
+        let r = r.and_then(|()| {
+            // The source then closes the post-copy connections, which ends the receiving
+            // threads.
+            control::write_message(control, &Message::PostcopyDone).map_err(SessionError::from)
+        });
         if r.is_err() {
-            for s in &placer_ref.sockets {
-                let _ = s.shutdown(std::net::Shutdown::Both);
-            }
+            placer_ref.shut_connections();
         }
-        for h in handles.into_iter().flatten() {
+        for h in receivers.into_iter().flatten() {
+            let _ = h.join();
+        }
+        if let Ok(h) = faults {
             let _ = h.join();
         }
         r.map(|()| placed_at)
@@ -630,6 +788,7 @@ pub(crate) fn run(
             .as_secs_f64(),
         wire_bytes: placer.wire_bytes.load(Ordering::Relaxed),
         user_mode_only: uffd.user_mode_only(),
+        reconnects,
     };
     let err = placer.error.lock().ok().and_then(|mut g| g.take());
     drop(placer);
@@ -653,13 +812,23 @@ pub(crate) fn run(
     Ok(stats)
 }
 
-/// Wait until every page is placed, a thread fails, the sender reports an error on the
-/// control connection, or nothing arrives for `idle`.
+/// How [`wait_placed`] ended.
+enum Waited {
+    /// Every page is placed.
+    Placed,
+    /// The post-copy connections broke (`asked`: the sender's `postcopy-reconnect` has
+    /// already been read).
+    Broken { asked: bool },
+}
+
+/// Wait until every page is placed, a thread fails, the connections break, the sender
+/// reports an error or asks to reconnect on the control connection, or nothing arrives for
+/// `idle`.
 fn wait_placed(
     placer: &Placer<'_>,
     control: &mut TcpStream,
     idle: Duration,
-) -> Result<(), SessionError> {
+) -> Result<Waited, SessionError> {
     let fd = control.as_raw_fd();
     let mut last = (u64::MAX, Instant::now());
     loop {
@@ -672,7 +841,10 @@ fn wait_placed(
         }
         let placed = placer.placed.load(Ordering::Acquire);
         if placed >= placer.to_place {
-            return Ok(());
+            return Ok(Waited::Placed);
+        }
+        if placer.broken.load(Ordering::SeqCst) {
+            return Ok(Waited::Broken { asked: false });
         }
         let bytes = placer.wire_bytes.load(Ordering::Relaxed);
         if bytes != last.0 {
@@ -687,19 +859,22 @@ fn wait_placed(
         }
         {
             let g = placer.done_lock.lock().unwrap_or_else(|p| p.into_inner());
-            if placer.placed.load(Ordering::Acquire) < placer.to_place {
+            if placer.placed.load(Ordering::Acquire) < placer.to_place
+                && !placer.broken.load(Ordering::SeqCst)
+            {
                 let _ = placer.done.wait_timeout(g, Duration::from_millis(50));
             }
         }
         if net::wait_readable(fd, Duration::ZERO).map_err(control::ControlError::from)? {
-            return Err(match control::read_message(control) {
-                Ok(Message::Error { message }) => SessionError::Peer(message),
-                Ok(other) => SessionError::Unexpected {
+            return match control::read_message(control) {
+                Ok(Message::PostcopyReconnect) => Ok(Waited::Broken { asked: true }),
+                Ok(Message::Error { message }) => Err(SessionError::Peer(message)),
+                Ok(other) => Err(SessionError::Unexpected {
                     expected: "nothing during post-copy",
                     got: other.name(),
-                },
-                Err(e) => e.into(),
-            });
+                }),
+                Err(e) => Err(e.into()),
+            };
         }
     }
 }

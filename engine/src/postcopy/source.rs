@@ -39,6 +39,8 @@ pub struct PostcopySourceStats {
     pub wire_bytes: u64,
     /// Seconds from the switch until the destination reported every page placed.
     pub seconds: f64,
+    /// Times the post-copy connections broke and were replaced.
+    pub reconnects: u32,
 }
 
 /// Which pages still have to go, and where the background streams continue.
@@ -121,6 +123,8 @@ struct Shared {
     pages_background: AtomicU64,
     wire_bytes: AtomicU64,
     packet_num: AtomicU64,
+    /// A post-copy connection broke (the session may reconnect).
+    broken: AtomicBool,
 }
 
 impl Shared {
@@ -147,6 +151,9 @@ pub struct PostcopySender {
     pages: u64,
     precopy: SessionStats,
     switched: Instant,
+    mem: Arc<GuestMemory>,
+    link: Link,
+    reconnects: u32,
 }
 
 impl std::fmt::Debug for PostcopySender {
@@ -236,62 +243,168 @@ impl Sender {
             pages_background: AtomicU64::new(0),
             wire_bytes: AtomicU64::new(0),
             packet_num: AtomicU64::new(0),
+            broken: AtomicBool::new(false),
         });
-        let mut conns = conns.into_iter();
+        let mut sender = PostcopySender {
+            cfg,
+            control,
+            shared,
+            urgent: None,
+            background: Vec::new(),
+            pages,
+            precopy: stats,
+            switched,
+            mem,
+            link,
+            reconnects: 0,
+        };
+        sender.start(conns)?;
+        Ok(sender)
+    }
+}
+
+/// How often the post-copy connections may break and be replaced in one session.
+pub const MAX_RECONNECTS: u32 = 3;
+
+/// What a post-copy thread's error means: a broken connection can be replaced, anything
+/// else (a refused request, an internal error) fails the session.
+fn report(sh: &Shared, e: PostcopyError) {
+    if sh.stop.load(Ordering::SeqCst) {
+        return;
+    }
+    if matches!(e, PostcopyError::Io { .. }) {
+        warn!(error = %e, "post-copy connection broken");
+        sh.broken.store(true, Ordering::SeqCst);
+    } else {
+        sh.fail(e);
+    }
+}
+
+impl PostcopySender {
+    /// Start the urgent thread on `conns[0]` and a background thread on each other one.
+    fn start(&mut self, conns: Vec<TcpStream>) -> Result<(), SessionError> {
         let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
                 .name(name)
                 .spawn(f)
                 .map_err(|e| SessionError::Internal(format!("spawning post-copy thread: {e}")))
         };
-        let urgent = match conns.next() {
-            Some(s) => {
-                let keep = s.try_clone().map_err(net_err)?;
-                let (m, sh, c) = (mem.clone(), shared.clone(), cfg.clone());
+        for (i, s) in conns.into_iter().enumerate() {
+            let keep = s.try_clone().map_err(net_err)?;
+            let (m, sh, c) = (self.mem.clone(), self.shared.clone(), self.cfg.clone());
+            if i == 0 {
                 let h = spawn(
                     "pw-pc-urgent".into(),
                     Box::new(move || {
                         if let Err(e) = serve_requests(s, &m, &sh, &c) {
-                            if !sh.stop.load(Ordering::SeqCst) {
-                                sh.fail(e);
-                            }
+                            report(&sh, e);
                         }
                     }),
                 )?;
-                Some((keep, h))
+                self.urgent = Some((keep, h));
+            } else {
+                let h = spawn(
+                    format!("pw-pc-bg-{i}"),
+                    Box::new(move || {
+                        if let Err(e) = stream_background(s, &m, &sh, &c) {
+                            report(&sh, e);
+                        }
+                    }),
+                )?;
+                self.background.push((keep, h));
             }
-            None => None,
-        };
-        let mut bg = Vec::new();
-        for (i, s) in conns.enumerate() {
-            let keep = s.try_clone().map_err(net_err)?;
-            let (m, sh, c) = (mem.clone(), shared.clone(), cfg.clone());
-            let h = spawn(
-                format!("pw-pc-bg-{i}"),
-                Box::new(move || {
-                    if let Err(e) = stream_background(s, &m, &sh, &c) {
-                        if !sh.stop.load(Ordering::SeqCst) {
-                            sh.fail(e);
+        }
+        Ok(())
+    }
+
+    /// The post-copy connections broke: stop their threads, ask the destination which pages
+    /// it still lacks, and carry on over new connections (authenticated like the first).
+    fn reconnect(&mut self) -> Result<(), SessionError> {
+        self.reconnects += 1;
+        if self.reconnects > MAX_RECONNECTS {
+            return Err(PostcopyError::Protocol(format!(
+                "the post-copy connections broke {} times",
+                self.reconnects
+            ))
+            .into());
+        }
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.stop_threads();
+        self.shared.stop.store(false, Ordering::SeqCst);
+        self.shared.broken.store(false, Ordering::SeqCst);
+        info!(attempt = self.reconnects, "post-copy: reconnecting");
+        control::write_message(&mut self.control, &Message::PostcopyReconnect)?;
+        let ps = self.cfg.page_size as u64;
+        let mut missing: Vec<(usize, u64, u64)> = Vec::new();
+        let limit = self.mem.total_len() / ps;
+        loop {
+            match control::read_message(&mut self.control)? {
+                Message::PostcopyPages { block, runs } => {
+                    let npages = self
+                        .mem
+                        .block(block as usize)
+                        .map(|b| b.len() as u64 / ps)
+                        .ok_or_else(|| {
+                            PostcopyError::Protocol(format!(
+                                "postcopy-pages from the destination: block {block} out of range"
+                            ))
+                        })?;
+                    if (missing.len() + runs.len()) as u64 > limit {
+                        return Err(PostcopyError::Protocol(
+                            "postcopy-pages from the destination: more runs than pages".into(),
+                        )
+                        .into());
+                    }
+                    for (off, n) in runs {
+                        if off % ps != 0
+                            || n == 0
+                            || (off / ps).checked_add(n).is_none_or(|e| e > npages)
+                        {
+                            return Err(PostcopyError::Protocol(format!(
+                                "postcopy-pages from the destination: run of {n} pages at {off:#x} outside block {block}"
+                            ))
+                            .into());
+                        }
+                        missing.push((block as usize, off / ps, n));
+                    }
+                }
+                Message::PostcopyReady => break,
+                Message::Error { message } => return Err(SessionError::Peer(message)),
+                other => {
+                    return Err(SessionError::Unexpected {
+                        expected: "postcopy-pages or postcopy-ready",
+                        got: other.name(),
+                    })
+                }
+            }
+        }
+        if let Ok(mut sched) = self.shared.sched.lock() {
+            for bits in sched.todo.iter_mut() {
+                bits.iter_mut().for_each(|w| *w = 0);
+            }
+            let mut left = 0;
+            for (b, first, n) in missing {
+                if let Some(bits) = sched.todo.get_mut(b) {
+                    for p in first..first + n {
+                        if let Some(w) = bits.get_mut((p / 64) as usize) {
+                            if *w & (1 << (p % 64)) == 0 {
+                                *w |= 1 << (p % 64);
+                                left += 1;
+                            }
                         }
                     }
-                }),
-            )?;
-            bg.push((keep, h));
+                }
+            }
+            sched.left = left;
         }
-        Ok(PostcopySender {
-            cfg,
-            control,
-            shared,
-            urgent,
-            background: bg,
-            pages,
-            precopy: stats,
-            switched,
-        })
+        let mut conns = Vec::new();
+        let background = self.cfg.channels.min(MAX_BACKGROUND);
+        for i in 0..=background {
+            conns.push(open(&self.link, &self.cfg, self.cfg.channels + i)?);
+        }
+        self.start(conns)
     }
-}
 
-impl PostcopySender {
     /// Pages post-copy delivers.
     pub fn pages(&self) -> u64 {
         self.pages
@@ -331,6 +444,7 @@ impl PostcopySender {
             requests: self.shared.requests.load(Ordering::Relaxed),
             wire_bytes: self.shared.wire_bytes.load(Ordering::Relaxed),
             seconds,
+            reconnects: self.reconnects,
         })
     }
 
@@ -341,6 +455,11 @@ impl PostcopySender {
         loop {
             if let Some(e) = self.shared.take_error() {
                 return Err(e.into());
+            }
+            if self.shared.broken.load(Ordering::SeqCst) {
+                self.reconnect()?;
+                last = (u64::MAX, Instant::now());
+                continue;
             }
             let moved = self.shared.wire_bytes.load(Ordering::Relaxed);
             if moved != last.0 {
@@ -564,7 +683,9 @@ fn serve_requests(
         let mut got = 0;
         while got < REQUEST_LEN {
             match stream.read(&mut req[got..]) {
-                Ok(0) if got == 0 => return Ok(()),
+                // The destination never closes this connection first: outside the session's
+                // end (when the stop flag makes this moot) it means the connection broke.
+                Ok(0) if got == 0 => return Err(io(std::io::ErrorKind::UnexpectedEof.into())),
                 Ok(0) => {
                     return Err(PostcopyError::Protocol(format!(
                         "urgent connection closed inside page request #{index}"
