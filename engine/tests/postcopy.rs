@@ -478,30 +478,37 @@ fn switch_refuses_pages_outside_the_guest() {
     }
 }
 
-/// A TCP proxy in front of the receiver that cuts the first generation of post-copy
-/// connections (connection index `first_cut ..= last_cut`) once `after` bytes have passed on
-/// them towards the destination; every other connection is forwarded untouched.
+/// A TCP proxy in front of the receiver that cuts the connections with the given indices
+/// (in accept order) once `after` bytes have passed towards the destination on those of them
+/// from `count_from` on; every other connection is forwarded untouched.
 fn cutting_proxy(
     target: SocketAddr,
-    first_cut: usize,
-    last_cut: usize,
+    doomed: &'static [usize],
+    count_from: usize,
     after: u64,
-) -> (SocketAddr, Arc<std::sync::atomic::AtomicBool>) {
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+) -> (
+    SocketAddr,
+    Arc<std::sync::atomic::AtomicBool>,
+    Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
     let listener = TcpListener::bind("127.0.0.1:0").expect("proxy bind");
     let addr = listener.local_addr().expect("proxy addr");
     let cut = Arc::new(AtomicBool::new(false));
     let cut_done = cut.clone();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
     std::thread::spawn(move || {
         let passed = Arc::new(AtomicU64::new(0));
         let victims: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
         for (index, client) in listener.incoming().enumerate() {
             let Ok(client) = client else { return };
+            count.store(index + 1, Ordering::SeqCst);
             let Ok(server) = TcpStream::connect(target) else {
                 return;
             };
-            let doomed = (first_cut..=last_cut).contains(&index);
-            if doomed {
+            let counts = doomed.contains(&index) && index >= count_from;
+            if doomed.contains(&index) {
                 let mut v = victims.lock().expect("lock");
                 v.push(client.try_clone().expect("clone"));
                 v.push(server.try_clone().expect("clone"));
@@ -525,7 +532,7 @@ fn cutting_proxy(
                         if to.write_all(&buf[..n]).is_err() {
                             break;
                         }
-                        if doomed && downstream {
+                        if counts && downstream {
                             let total = passed.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
                             if total >= after && !cut.swap(true, Ordering::SeqCst) {
                                 for s in victims.lock().expect("lock").iter() {
@@ -539,7 +546,7 @@ fn cutting_proxy(
             }
         }
     });
-    (addr, cut)
+    (addr, cut, accepted)
 }
 
 /// Post-copy survives broken connections: the proxy cuts every post-copy connection
@@ -548,6 +555,19 @@ fn cutting_proxy(
 /// pages it still lacks and re-sends its outstanding requests, and every byte arrives.
 #[test]
 fn postcopy_resumes_after_the_connections_are_cut() {
+    // Connections: 0 control, 1..=2 pre-copy channels, 3 urgent, 4..=5 background.
+    resume_after_cut(&[3, 4, 5]);
+}
+
+/// The control connection is cut too: the sender comes back on a new control connection
+/// (the front door authenticates it; its hello names the running session) and replaces the
+/// post-copy connections.
+#[test]
+fn postcopy_resumes_after_control_and_data_connections_are_cut() {
+    resume_after_cut(&[0, 3, 4, 5]);
+}
+
+fn resume_after_cut(doomed: &'static [usize]) {
     if uffd_missing() {
         return;
     }
@@ -557,8 +577,7 @@ fn postcopy_resumes_after_the_connections_are_cut() {
     let mut r = Receiver::bind("127.0.0.1:0".parse().expect("addr"), c.clone()).expect("bind");
     r.set_accept_timeout(Some(Duration::from_secs(20)));
     let target = r.local_addr().expect("addr");
-    // Connections: 0 control, 1..=2 pre-copy channels, 3 urgent, 4..=5 background.
-    let (proxy, cut) = cutting_proxy(target, 3, 5, 8 << 20);
+    let (proxy, cut, accepted) = cutting_proxy(target, doomed, 3, 8 << 20);
     let seen = Arc::new(Mutex::new(Seen::default()));
     let guest_thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>> = Arc::default();
     {
@@ -598,5 +617,12 @@ fn postcopy_resumes_after_the_connections_are_cut() {
     let pcs = got.postcopy.expect("stats");
     assert_eq!(st.reconnects, 1, "{st:?}");
     assert_eq!(pcs.reconnects, 1, "{pcs:?}");
+    // 6 connections, then 3 new post-copy ones, and a new control connection when it was cut.
+    let want = 9 + usize::from(doomed.contains(&0));
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        want,
+        "connections through the proxy"
+    );
     check_all(&dst, gen0);
 }

@@ -535,6 +535,54 @@ fn install(placer: &Placer<'_>, streams: &[TcpStream]) -> Result<(), SessionErro
     Ok(())
 }
 
+/// Wait (up to the idle timeout) for the sender to come back on a new control connection:
+/// the front door authenticates it as for a new session; its hello must be this session's
+/// (same uuid and parameters). Replaces `control` and returns the new receiver nonce (the
+/// new post-copy connections' tokens cover it).
+fn accept_resume(
+    door: &mut Door<'_>,
+    control: &mut TcpStream,
+    hello: &Hello,
+    cfg: &Config,
+) -> Result<[u8; NONCE_LEN], SessionError> {
+    let deadline = Instant::now() + cfg.idle_timeout;
+    let plain = |h: &Hello| Hello {
+        auth: None,
+        ..h.clone()
+    };
+    loop {
+        let c = door.next_control(deadline).map_err(|e| match e {
+            SessionError::Net(net::NetError::AcceptTimeout { .. }) => SessionError::Timeout(format!(
+                "post-copy: the control connection broke and the sender did not resume within {:.1} s",
+                cfg.idle_timeout.as_secs_f64()
+            )),
+            other => other,
+        })?;
+        let mut stream = c.stream;
+        if plain(&c.hello) != plain(hello) {
+            door.refuse(
+                c.peer,
+                &mut stream,
+                SessionError::Handshake(
+                    "a session is in post-copy here; only it may resume".into(),
+                ),
+            );
+            continue;
+        }
+        let proof = match (&cfg.secret, &c.hello.auth) {
+            (Some(sec), Some(a)) => Some(sec.receiver_proof(&c.nonce_r, &a.nonce, &hello.uuid)),
+            _ => None,
+        };
+        stream
+            .set_read_timeout(Some(cfg.idle_timeout))
+            .map_err(control::ControlError::from)?;
+        control::write_message(&mut stream, &Message::HelloOk { proof })?;
+        info!(peer = %c.peer, "post-copy: control connection resumed");
+        *control = stream;
+        return Ok(c.nonce_r);
+    }
+}
+
 /// Runs of pages still missing, per block, as `PostcopyPages` messages.
 fn missing_runs(placer: &Placer<'_>) -> Vec<Message> {
     let mut msgs = Vec::new();
@@ -671,6 +719,8 @@ pub(crate) fn run(
     let placer_ref = &placer;
     let blocks_ref = &blocks[..];
     let mut reconnects = 0u32;
+    let mut expect = expect;
+    let mut lost = false;
     let result = std::thread::scope(|s| {
         let spawn_receivers = |streams: Vec<TcpStream>| {
             let mut handles = Vec::new();
@@ -707,6 +757,10 @@ pub(crate) fn run(
             let asked = match wait_placed(placer_ref, control, idle) {
                 Ok(Waited::Placed) => break Ok(()),
                 Ok(Waited::Broken { asked }) => asked,
+                Ok(Waited::ControlLost) => {
+                    lost = true;
+                    false
+                }
                 Err(e) => break Err(e),
             };
             // The connections broke: keep every placed page (faulting threads keep
@@ -726,14 +780,35 @@ pub(crate) fn run(
             placer_ref.broken.store(false, Ordering::SeqCst);
             let mut step = || -> Result<Vec<TcpStream>, SessionError> {
                 if !asked {
-                    match control::read_message(control)? {
-                        Message::PostcopyReconnect => {}
-                        Message::Error { message } => return Err(SessionError::Peer(message)),
-                        other => {
-                            return Err(SessionError::Unexpected {
-                                expected: "postcopy-reconnect",
-                                got: other.name(),
-                            })
+                    let mut resumed = false;
+                    loop {
+                        if lost {
+                            // The control connection broke too: the sender comes back on a
+                            // new one, authenticated like the first, naming this session.
+                            let nonce = accept_resume(door, control, hello, cfg)?;
+                            expect = Expect::Channel {
+                                uuid: hello.uuid,
+                                nonce_r: nonce,
+                            };
+                            resumed = true;
+                            lost = false;
+                        }
+                        match control::read_message(control) {
+                            Ok(Message::PostcopyReconnect) => break,
+                            Ok(Message::Error { message }) => {
+                                return Err(SessionError::Peer(message))
+                            }
+                            Ok(other) => {
+                                return Err(SessionError::Unexpected {
+                                    expected: "postcopy-reconnect",
+                                    got: other.name(),
+                                })
+                            }
+                            Err(e) if !resumed => {
+                                warn!(error = %e, "post-copy: control connection broken");
+                                lost = true;
+                            }
+                            Err(e) => return Err(e.into()),
                         }
                     }
                 }
@@ -819,6 +894,8 @@ enum Waited {
     /// The post-copy connections broke (`asked`: the sender's `postcopy-reconnect` has
     /// already been read).
     Broken { asked: bool },
+    /// The control connection broke (the post-copy connections are replaced as well).
+    ControlLost,
 }
 
 /// Wait until every page is placed, a thread fails, the connections break, the sender
@@ -873,7 +950,10 @@ fn wait_placed(
                     expected: "nothing during post-copy",
                     got: other.name(),
                 }),
-                Err(e) => Err(e.into()),
+                Err(e) => {
+                    warn!(error = %e, "post-copy: control connection broken");
+                    Ok(Waited::ControlLost)
+                }
             };
         }
     }

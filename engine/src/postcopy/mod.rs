@@ -17,10 +17,11 @@
 //!   streams' cursor to just after the faulting page (the guest's locality).
 //! * The receiver reports `PostcopyDone` once every page is placed; the session then ends
 //!   with `End`/`EndOk` as always.
-//! * Broken post-copy connections are replaced (at most [`source::MAX_RECONNECTS`] times):
-//!   the destination keeps its placed pages and outstanding requests, tells the source which
-//!   pages it still lacks, and re-sends the requests on the new urgent connection. A broken
-//!   control connection fails the session.
+//! * Broken connections are replaced (at most [`source::MAX_RECONNECTS`] times): the
+//!   destination keeps its placed pages and outstanding requests; the source comes back (on a
+//!   new control connection too, authenticated like the first, if that one broke), the
+//!   destination tells it which pages it still lacks and re-sends the requests on the new
+//!   urgent connection.
 //!
 //! Packets on post-copy connections use the multifd RAM packet format without compression
 //! (flags 0x00) and carry no SYNC. See docs/wire-format.md.

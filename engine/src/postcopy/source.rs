@@ -333,6 +333,46 @@ impl PostcopySender {
         self.shared.stop.store(false, Ordering::SeqCst);
         self.shared.broken.store(false, Ordering::SeqCst);
         info!(attempt = self.reconnects, "post-copy: reconnecting");
+        let missing = match self.missing_pages() {
+            Ok(m) => m,
+            // The control connection is gone too: resume it, then ask again.
+            Err(SessionError::Control(e)) => {
+                warn!(error = %e, "post-copy: control connection broken");
+                self.resume_control()?;
+                self.missing_pages()?
+            }
+            Err(e) => return Err(e),
+        };
+        if let Ok(mut sched) = self.shared.sched.lock() {
+            for bits in sched.todo.iter_mut() {
+                bits.iter_mut().for_each(|w| *w = 0);
+            }
+            let mut left = 0;
+            for (b, first, n) in missing {
+                if let Some(bits) = sched.todo.get_mut(b) {
+                    for p in first..first + n {
+                        if let Some(w) = bits.get_mut((p / 64) as usize) {
+                            if *w & (1 << (p % 64)) == 0 {
+                                *w |= 1 << (p % 64);
+                                left += 1;
+                            }
+                        }
+                    }
+                }
+            }
+            sched.left = left;
+        }
+        let mut conns = Vec::new();
+        let background = self.cfg.channels.min(MAX_BACKGROUND);
+        for i in 0..=background {
+            conns.push(open(&self.link, &self.cfg, self.cfg.channels + i)?);
+        }
+        self.start(conns)
+    }
+
+    /// Ask the destination which pages it still lacks (`postcopy-reconnect`, answered by
+    /// `postcopy-pages` runs and `postcopy-ready`), each run checked against the guest.
+    fn missing_pages(&mut self) -> Result<Vec<(usize, u64, u64)>, SessionError> {
         control::write_message(&mut self.control, &Message::PostcopyReconnect)?;
         let ps = self.cfg.page_size as u64;
         let mut missing: Vec<(usize, u64, u64)> = Vec::new();
@@ -378,31 +418,72 @@ impl PostcopySender {
                 }
             }
         }
-        if let Ok(mut sched) = self.shared.sched.lock() {
-            for bits in sched.todo.iter_mut() {
-                bits.iter_mut().for_each(|w| *w = 0);
+        Ok(missing)
+    }
+
+    /// The control connection broke: open a new one to the same receiver and prove it is the
+    /// same session (the hello again, with the session's uuid and, with a secret, a proof over
+    /// the receiver's fresh nonce). The post-copy connections are replaced next.
+    fn resume_control(&mut self) -> Result<(), SessionError> {
+        info!("post-copy: control connection lost; resuming the session");
+        let mut c = net::connect(self.link.addr, &self.cfg.socket)?;
+        c.set_read_timeout(Some(self.cfg.idle_timeout))
+            .map_err(control::ControlError::from)?;
+        let (nonce_r, secret_required) = match control::read_message(&mut c)? {
+            Message::Challenge {
+                nonce,
+                secret_required,
+            } => (nonce, secret_required),
+            Message::Error { message } => return Err(SessionError::Peer(message)),
+            other => {
+                return Err(SessionError::Unexpected {
+                    expected: "challenge",
+                    got: other.name(),
+                })
             }
-            let mut left = 0;
-            for (b, first, n) in missing {
-                if let Some(bits) = sched.todo.get_mut(b) {
-                    for p in first..first + n {
-                        if let Some(w) = bits.get_mut((p / 64) as usize) {
-                            if *w & (1 << (p % 64)) == 0 {
-                                *w |= 1 << (p % 64);
-                                left += 1;
-                            }
-                        }
+        };
+        let mut hello = self.link.hello.clone();
+        let auth = match (&self.cfg.secret, secret_required) {
+            (Some(secret), true) => {
+                let nonce_s = crate::session::auth::nonce()?;
+                hello.auth = Some(pagewire_transport::control::HelloAuth {
+                    nonce: nonce_s,
+                    mac: secret.sender_proof(&nonce_r, &nonce_s, &self.link.uuid),
+                });
+                Some((secret.clone(), nonce_s))
+            }
+            (None, false) => None,
+            _ => {
+                return Err(SessionError::Auth(
+                    "the receiver's secret requirement changed on resume".into(),
+                ))
+            }
+        };
+        control::write_message(&mut c, &Message::Hello(hello))?;
+        match control::read_message(&mut c)? {
+            Message::HelloOk { proof } => {
+                if let Some((secret, nonce_s)) = &auth {
+                    let ok = proof.is_some_and(|p| {
+                        secret.check_receiver(&nonce_r, nonce_s, &self.link.uuid, &p)
+                    });
+                    if !ok {
+                        return Err(SessionError::Auth(
+                            "the receiver did not prove it knows the shared secret".into(),
+                        ));
                     }
                 }
             }
-            sched.left = left;
+            Message::Error { message } => return Err(SessionError::Peer(message)),
+            other => {
+                return Err(SessionError::Unexpected {
+                    expected: "hello-ok",
+                    got: other.name(),
+                })
+            }
         }
-        let mut conns = Vec::new();
-        let background = self.cfg.channels.min(MAX_BACKGROUND);
-        for i in 0..=background {
-            conns.push(open(&self.link, &self.cfg, self.cfg.channels + i)?);
-        }
-        self.start(conns)
+        self.control = c;
+        self.link.nonce_r = nonce_r;
+        Ok(())
     }
 
     /// Pages post-copy delivers.
@@ -475,7 +556,18 @@ impl PostcopySender {
             {
                 continue;
             }
-            match control::read_message(&mut self.control)? {
+            let msg = match control::read_message(&mut self.control) {
+                Ok(m) => m,
+                Err(e) if self.reconnects < MAX_RECONNECTS => {
+                    warn!(error = %e, "post-copy: control connection broken");
+                    self.resume_control()?;
+                    self.reconnect()?;
+                    last = (u64::MAX, Instant::now());
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            match msg {
                 Message::PostcopyDone => {
                     debug!("destination placed every page");
                     return Ok(());

@@ -117,6 +117,8 @@ pub(crate) struct Link {
     pub addr: SocketAddr,
     pub uuid: [u8; 16],
     pub nonce_r: [u8; control::NONCE_LEN],
+    /// The session's hello without its proof (a resumed control connection repeats it).
+    pub hello: Hello,
 }
 
 /// A sender whose pre-copy channels have closed cleanly (see `Sender::close_precopy`).
@@ -241,6 +243,10 @@ impl Sender {
             opening_sync: true,
         };
         hello.validate()?;
+        let resume_hello = Hello {
+            auth: None,
+            ..hello.clone()
+        };
         control::write_message(&mut control, &Message::Hello(hello))?;
         match control::read_message(&mut control)? {
             Message::HelloOk { proof } => {
@@ -348,6 +354,7 @@ impl Sender {
                 addr,
                 uuid,
                 nonce_r,
+                hello: resume_hello,
             },
         })
     }
