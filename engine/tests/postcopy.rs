@@ -556,7 +556,7 @@ fn cutting_proxy(
 #[test]
 fn postcopy_resumes_after_the_connections_are_cut() {
     // Connections: 0 control, 1..=2 pre-copy channels, 3 urgent, 4..=5 background.
-    resume_after_cut(&[3, 4, 5]);
+    resume_after_cut(&[3, 4, 5], cfg());
 }
 
 /// The control connection is cut too: the sender comes back on a new control connection
@@ -564,16 +564,29 @@ fn postcopy_resumes_after_the_connections_are_cut() {
 /// post-copy connections.
 #[test]
 fn postcopy_resumes_after_control_and_data_connections_are_cut() {
-    resume_after_cut(&[0, 3, 4, 5]);
+    resume_after_cut(&[0, 3, 4, 5], cfg());
 }
 
-fn resume_after_cut(doomed: &'static [usize]) {
+/// As above with a shared secret: the resumed control connection and the new post-copy
+/// connections prove it over the receiver's new nonce.
+#[test]
+fn postcopy_resumes_with_a_shared_secret() {
+    let secret = pagewire::session::auth::Secret::new(vec![0x5A; 32]).expect("secret");
+    resume_after_cut(
+        &[0, 3, 4, 5],
+        Config {
+            secret: Some(secret),
+            ..cfg()
+        },
+    );
+}
+
+fn resume_after_cut(doomed: &'static [usize], c: Config) {
     if uffd_missing() {
         return;
     }
     let src = source_memory();
     let dst = dest_memory();
-    let c = cfg();
     let mut r = Receiver::bind("127.0.0.1:0".parse().expect("addr"), c.clone()).expect("bind");
     r.set_accept_timeout(Some(Duration::from_secs(20)));
     let target = r.local_addr().expect("addr");
