@@ -639,3 +639,141 @@ fn resume_after_cut(doomed: &'static [usize], c: Config) {
     );
     check_all(&dst, gen0);
 }
+
+/// A hand-written source: handshake, no rounds, then post-copy with one background
+/// connection on which it writes `packet`. Returns what the destination reported.
+fn fake_source(addr: SocketAddr, packet: Vec<u8>) -> Option<String> {
+    use pagewire_transport::wire::{BlockSpec, Compression};
+    let mut control = TcpStream::connect(addr).expect("control");
+    control
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    match control::read_message(&mut control).expect("challenge") {
+        Message::Challenge { .. } => {}
+        other => panic!("expected challenge, got {}", other.name()),
+    }
+    let uuid = *b"hostile-postcopy";
+    let hello = Hello {
+        uuid,
+        page_size: PS as u32,
+        pages_per_packet: 128,
+        compression: Compression::None,
+        channels: 1,
+        blocks: LAYOUT
+            .iter()
+            .map(|(n, sz)| BlockSpec {
+                name: (*n).into(),
+                size: *sz as u64,
+            })
+            .collect(),
+        auth: None,
+        opening_sync: false,
+    };
+    control::write_message(&mut control, &Message::Hello(hello)).expect("hello");
+    match control::read_message(&mut control).expect("hello-ok") {
+        Message::HelloOk { .. } => {}
+        other => panic!("expected hello-ok, got {}", other.name()),
+    }
+    let open = |id: u8| {
+        let mut s = TcpStream::connect(addr).expect("connection");
+        s.write_all(
+            &InitPacket {
+                uuid,
+                channel_id: id,
+            }
+            .encode(),
+        )
+        .expect("init");
+        s
+    };
+    // The one pre-copy channel, closed at once (no rounds).
+    let ch = open(0);
+    ch.shutdown(std::net::Shutdown::Write).expect("close");
+    control::write_message(
+        &mut control,
+        &Message::PostcopyPages {
+            block: 0,
+            runs: vec![(0, 16)],
+        },
+    )
+    .expect("pages");
+    control::write_message(&mut control, &Message::Postcopy { background: 1 }).expect("switch");
+    match control::read_message(&mut control).expect("ready") {
+        Message::PostcopyReady => {}
+        other => panic!("expected postcopy-ready, got {}", other.name()),
+    }
+    let _urgent = open(1);
+    let mut bg = open(2);
+    let _ = bg.write_all(&packet);
+    loop {
+        match control::read_message(&mut control) {
+            Ok(Message::Error { message }) => return Some(message),
+            Ok(_) => continue,
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Post-copy packets are checked like any channel packet: a bad one from a hostile source
+/// fails the session with an error naming the connection, the packet and the field (and
+/// never writes outside guest memory).
+#[test]
+fn hostile_postcopy_packets_are_refused() {
+    use pagewire_transport::wire::{encode_header, header_len, Compression, HeaderFields};
+    if uffd_missing() {
+        return;
+    }
+    let header = |name: &str, normal: &[u64], zero: &[u64], flags: u32| {
+        let mut h = vec![0u8; header_len(128)];
+        let mut offs = normal.to_vec();
+        offs.extend_from_slice(zero);
+        encode_header(
+            &mut h,
+            &HeaderFields {
+                flags,
+                pages_alloc: 128,
+                normal_pages: normal.len() as u32,
+                next_packet_size: (normal.len() * PS) as u32,
+                packet_num: 0,
+                zero_pages: zero.len() as u32,
+            },
+            name,
+            &offs,
+        );
+        h
+    };
+    let none = Compression::None.flag();
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        // A page beyond the end of shm.ram (4 MiB).
+        (header("shm.ram", &[], &[4 << 20], none), "offset"),
+        // A block this guest does not have.
+        (header("pc.rom", &[], &[0], none), "block"),
+        // qpl framing on a post-copy connection (post-copy pages travel raw).
+        (
+            header("pc.ram", &[], &[0], Compression::Qpl.flag()),
+            "compression",
+        ),
+        // A SYNC (post-copy streams have none).
+        (header("pc.ram", &[], &[], 0x01), "SYNC"),
+    ];
+    for (packet, want) in cases {
+        let dst = dest_memory();
+        let mut r = Receiver::bind("127.0.0.1:0".parse().expect("addr"), cfg()).expect("bind");
+        r.set_accept_timeout(Some(Duration::from_secs(20)));
+        let addr = r.local_addr().expect("addr");
+        let rt = std::thread::spawn(move || r.serve(ReceiveInto::Memory(dst)));
+        let told = fake_source(addr, packet);
+        let err = rt.join().expect("receiver thread").expect_err("refused");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("post-copy background connection, packet #0") || msg.contains("SYNC"),
+            "{msg}"
+        );
+        assert!(
+            msg.to_lowercase().contains(&want.to_lowercase()),
+            "{want}: {msg}"
+        );
+        assert_eq!(told.as_deref(), Some(msg.as_str()), "the source was told");
+        eprintln!("refused: {msg}");
+    }
+}
