@@ -100,6 +100,8 @@ pub enum SessionError {
     Codec(#[from] CodecError),
     #[error("qpl: {0}")]
     Qpl(#[from] crate::accel::qpl::QplSetupError),
+    #[error(transparent)]
+    Postcopy(#[from] crate::postcopy::PostcopyError),
     /// The peer's hello or handshake does not fit this side.
     #[error("handshake: {0}")]
     Handshake(String),

@@ -189,8 +189,10 @@ pub mod fresh;
 pub mod memory;
 pub mod pages;
 pub mod pin;
+pub mod postcopy;
 pub mod session;
 pub mod stats;
+pub mod uffd;
 #[cfg(feature = "vm-memory")]
 pub mod vmm;
 
@@ -201,6 +203,7 @@ pub use driver::{Driver, Policy, Vmm};
 pub use error::{ChannelError, SessionError};
 pub use memory::{Block, GuestMemory, MemoryError};
 pub use pages::{BlockPages, RoundPages};
+pub use postcopy::{PostcopySender, PostcopySourceStats, PostcopyStart, PostcopyStats};
 pub use session::{AbortHandle, ReceiveInto, Received, Receiver, Rejection, Sender};
 pub use stats::{ChannelStats, Progress, SessionStats};
 

@@ -38,6 +38,20 @@ impl Pinning {
     }
 }
 
+/// Give the calling thread the nice value `nice` (-20..=19; lower runs sooner and longer).
+/// Post-copy's fault path uses it so that a requested page is not delayed behind the
+/// background stream's threads; below 0 needs CAP_SYS_NICE (an error otherwise).
+pub fn set_current_thread_nice(nice: i32) -> io::Result<()> {
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: setpriority on this thread's own id changes only its scheduling weight.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// The CPUs the calling thread may run on.
 pub fn allowed_cpus() -> io::Result<Vec<usize>> {
     // SAFETY: cpu_set_t is a plain bit array; all-zero is the empty set.

@@ -54,6 +54,11 @@ pub mod msg_type {
     pub const ERROR: u8 = 7;
     pub const CHALLENGE: u8 = 8;
     pub const STATE: u8 = 9;
+    pub const POSTCOPY_PAGES: u8 = 10;
+    pub const POSTCOPY: u8 = 11;
+    pub const POSTCOPY_READY: u8 = 12;
+    pub const POSTCOPY_DONE: u8 = 13;
+    pub const POSTCOPY_RECONNECT: u8 = 14;
 }
 
 /// The sender's half of the handshake's authentication, carried at the end of a hello when
@@ -392,6 +397,11 @@ fn type_name(t: u8) -> &'static str {
         msg_type::ERROR => "error",
         msg_type::CHALLENGE => "challenge",
         msg_type::STATE => "state",
+        msg_type::POSTCOPY_PAGES => "postcopy-pages",
+        msg_type::POSTCOPY => "postcopy",
+        msg_type::POSTCOPY_READY => "postcopy-ready",
+        msg_type::POSTCOPY_DONE => "postcopy-done",
+        msg_type::POSTCOPY_RECONNECT => "postcopy-reconnect",
         _ => "frame",
     }
 }
@@ -436,7 +446,26 @@ pub enum Message {
     EndOk,
     /// Either direction: the session failed. Body: UTF-8 text, at most MAX_ERROR_MESSAGE bytes.
     Error { message: String },
+    /// Sender → receiver, before `Postcopy`: pages of block `block` that the destination does
+    /// not hold yet (or holds stale) and that post-copy will deliver; the receiver discards
+    /// them. Body: block u32, then runs of (first page offset u64, page count u64).
+    PostcopyPages { block: u32, runs: Vec<(u64, u64)> },
+    /// Sender → receiver: switch to post-copy; one urgent connection and `background`
+    /// background connections follow. Body: background u16.
+    Postcopy { background: u16 },
+    /// Receiver → sender: pages discarded and memory registered; the sender now opens the
+    /// post-copy connections. Body: empty.
+    PostcopyReady,
+    /// Receiver → sender: every post-copy page is placed. Body: empty.
+    PostcopyDone,
+    /// Sender → receiver: the post-copy connections broke; new ones follow once the receiver
+    /// has answered with the pages it still lacks (`PostcopyPages`, receiver → sender) and
+    /// `PostcopyReady`. Body: empty.
+    PostcopyReconnect,
 }
+
+/// Most runs one `PostcopyPages` message carries (a frame stays below [`MAX_FRAME`]).
+pub const MAX_POSTCOPY_RUNS: usize = (MAX_FRAME - 8) / 16;
 
 /// Errors of the control protocol.
 #[derive(Debug, Error)]
@@ -492,7 +521,19 @@ impl Message {
                 out.push(u8::from(*secret_required));
             }
             Message::State { data } => out.extend_from_slice(data),
-            Message::End | Message::EndOk => {}
+            Message::End
+            | Message::EndOk
+            | Message::PostcopyReady
+            | Message::PostcopyDone
+            | Message::PostcopyReconnect => {}
+            Message::PostcopyPages { block, runs } => {
+                out.extend_from_slice(&block.to_be_bytes());
+                for (off, n) in runs {
+                    out.extend_from_slice(&off.to_be_bytes());
+                    out.extend_from_slice(&n.to_be_bytes());
+                }
+            }
+            Message::Postcopy { background } => out.extend_from_slice(&background.to_be_bytes()),
             Message::Error { message } => {
                 out.extend_from_slice(truncate_utf8(message, MAX_ERROR_MESSAGE).as_bytes());
             }
@@ -515,6 +556,11 @@ impl Message {
             Message::End => msg_type::END,
             Message::EndOk => msg_type::END_OK,
             Message::Error { .. } => msg_type::ERROR,
+            Message::PostcopyPages { .. } => msg_type::POSTCOPY_PAGES,
+            Message::Postcopy { .. } => msg_type::POSTCOPY,
+            Message::PostcopyReady => msg_type::POSTCOPY_READY,
+            Message::PostcopyDone => msg_type::POSTCOPY_DONE,
+            Message::PostcopyReconnect => msg_type::POSTCOPY_RECONNECT,
         }
     }
 
@@ -581,6 +627,35 @@ impl Message {
             msg_type::ROUND_DONE => Ok(Message::RoundDone { round: round()? }),
             msg_type::END => empty(Message::End),
             msg_type::END_OK => empty(Message::EndOk),
+            msg_type::POSTCOPY_READY => empty(Message::PostcopyReady),
+            msg_type::POSTCOPY_DONE => empty(Message::PostcopyDone),
+            msg_type::POSTCOPY_RECONNECT => empty(Message::PostcopyReconnect),
+            msg_type::POSTCOPY => {
+                let mut r = Cursor::new(body, name);
+                let background = r.u16()?;
+                r.finish()?;
+                Ok(Message::Postcopy { background })
+            }
+            msg_type::POSTCOPY_PAGES => {
+                let mut r = Cursor::new(body, name);
+                let block = r.u32()?;
+                let rest = body.len() - 4;
+                if rest % 16 != 0 {
+                    return Err(invalid(
+                        "postcopy-pages",
+                        "runs",
+                        format!("{rest} bytes, not a multiple of 16"),
+                    ));
+                }
+                let mut runs = Vec::with_capacity(rest / 16);
+                for _ in 0..rest / 16 {
+                    let off = r.u64()?;
+                    let n = r.u64()?;
+                    runs.push((off, n));
+                }
+                r.finish()?;
+                Ok(Message::PostcopyPages { block, runs })
+            }
             msg_type::ERROR => {
                 if body.len() > MAX_ERROR_MESSAGE {
                     return Err(invalid(
@@ -678,6 +753,37 @@ mod tests {
             auth: None,
             opening_sync: false,
         }
+    }
+
+    #[test]
+    fn postcopy_messages_round_trip_and_reject_bad_bodies() {
+        let msgs = [
+            Message::PostcopyPages {
+                block: 3,
+                runs: vec![(0, 1), (0x2000, 7)],
+            },
+            Message::PostcopyPages {
+                block: 0,
+                runs: vec![],
+            },
+            Message::Postcopy { background: 2 },
+            Message::PostcopyReady,
+            Message::PostcopyDone,
+            Message::PostcopyReconnect,
+        ];
+        for m in msgs {
+            let enc = m.encode();
+            assert_eq!(Message::decode(&enc[4..]).unwrap(), m);
+        }
+        let mut body = 1u32.to_be_bytes().to_vec();
+        body.extend_from_slice(&[0; 15]);
+        assert!(matches!(
+            Message::decode(&frame(msg_type::POSTCOPY_PAGES, &body)[4..]),
+            Err(ControlError::Invalid { field: "runs", .. })
+        ));
+        assert!(Message::decode(&frame(msg_type::POSTCOPY_PAGES, &[0; 3])[4..]).is_err());
+        assert!(Message::decode(&frame(msg_type::POSTCOPY, &[0; 3])[4..]).is_err());
+        assert!(Message::decode(&frame(msg_type::POSTCOPY_DONE, &[0])[4..]).is_err());
     }
 
     /// The frame `Message::encode` should produce, built by hand.
@@ -1110,7 +1216,7 @@ mod tests {
 
     #[test]
     fn unknown_type_and_empty_frame() {
-        for t in [0u8, 10, 0xFF] {
+        for t in [0u8, 15, 0xFF] {
             assert!(matches!(
                 Message::decode(&[t, 1, 2]),
                 Err(ControlError::UnknownType(x)) if x == t

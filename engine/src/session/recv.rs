@@ -18,6 +18,8 @@ use crate::config::{Config, Decoder};
 use crate::error::{ChannelErrorKind, SessionError};
 use crate::fresh::FreshMap;
 use crate::memory::GuestMemory;
+use crate::postcopy::dest::{Announced, DestArgs};
+use crate::postcopy::{PostcopyHook, PostcopyStart, PostcopyStats};
 use crate::session::handshake::{self, Door, Expect, Rejection};
 use crate::stats::{thread_cpu_seconds, Progress, SessionStats};
 
@@ -44,6 +46,8 @@ pub struct Received {
     pub uuid: [u8; 16],
     /// Device state the sender sent ([`crate::Sender::send_state`]), in order.
     pub state: Vec<Vec<u8>>,
+    /// Post-copy counters, when the sender switched to post-copy.
+    pub postcopy: Option<Box<PostcopyStats>>,
 }
 
 /// The receiving side of a migration: listens, then serves one session at a time.
@@ -63,6 +67,17 @@ pub struct Receiver {
     progress: Arc<Progress>,
     accept_timeout: Option<Duration>,
     watch: Arc<Mutex<Option<mpsc::Sender<Rejection>>>>,
+    postcopy_hook: PostcopyHook,
+}
+
+/// What the control loop needs to run post-copy.
+struct PostcopyCtx<'a, 'b> {
+    door: &'a mut Door<'b>,
+    hello: &'a Hello,
+    nonce_r: [u8; control::NONCE_LEN],
+    memory: &'a Arc<GuestMemory>,
+    announced: Announced,
+    stats: Option<Box<PostcopyStats>>,
 }
 
 impl Receiver {
@@ -75,7 +90,17 @@ impl Receiver {
             progress: Arc::new(Progress::default()),
             accept_timeout: None,
             watch: Arc::new(Mutex::new(None)),
+            postcopy_hook: PostcopyHook::default(),
         })
+    }
+
+    /// Called when the sender switches to post-copy ([`crate::Sender::switch_to_postcopy`]):
+    /// guest memory is registered with userfaultfd and the guest may run on it at once
+    /// (start it from the callback, e.g. by signalling the VMM's thread; do not block in it).
+    /// A page the guest touches before it has arrived is fetched first; `serve` returns once
+    /// every page is placed.
+    pub fn on_postcopy(&mut self, f: impl Fn(PostcopyStart) + Send + Sync + 'static) {
+        self.postcopy_hook = PostcopyHook(Some(Arc::new(f)));
     }
 
     /// The address actually bound (useful with port 0).
@@ -202,6 +227,14 @@ impl Receiver {
         let progress = &self.progress;
         let gate_ref = &gate;
         let mut states: Vec<Vec<u8>> = Vec::new();
+        let mut pc = PostcopyCtx {
+            door: &mut door,
+            hello: &hello,
+            nonce_r,
+            memory: &memory,
+            announced: Announced::default(),
+            stats: None,
+        };
         let (result, stats) = std::thread::scope(|s| {
             let handles: Vec<_> = chans
                 .into_iter()
@@ -225,7 +258,7 @@ impl Receiver {
                         })
                 })
                 .collect();
-            let control_result = self.control_loop(&mut control, gate_ref, &mut states);
+            let control_result = self.control_loop(&mut control, gate_ref, &mut states, &mut pc);
             if let Err(e) = control_result {
                 gate_ref.fail(e);
             }
@@ -240,6 +273,7 @@ impl Receiver {
             }
             (gate_ref.take_error(), stats)
         });
+        let postcopy_stats = pc.stats.take();
         match result {
             Some(e) => {
                 let msg = e.to_string();
@@ -254,6 +288,7 @@ impl Receiver {
                     stats: SessionStats::sum(stats, rounds, started.elapsed().as_secs_f64()),
                     uuid: hello.uuid,
                     state: states,
+                    postcopy: postcopy_stats,
                 })
             }
         }
@@ -407,6 +442,7 @@ impl Receiver {
         control: &mut TcpStream,
         gate: &Gate,
         states: &mut Vec<Vec<u8>>,
+        pc: &mut PostcopyCtx<'_, '_>,
     ) -> Result<(), SessionError> {
         // Rounds can take long, so the control connection may be silent for as long as the
         // channels make progress (their idle timeouts bound a stalled sender). Once a channel
@@ -477,6 +513,48 @@ impl Receiver {
                     }
                     control::write_message(control, &Message::EndOk)?;
                     return Ok(());
+                }
+                Message::PostcopyPages { block, runs } => {
+                    pc.announced
+                        .add(pc.memory, pc.hello.page_size, block, runs)?;
+                }
+                Message::Postcopy { background } => {
+                    // The sender closed its pre-copy channels before switching.
+                    let (closed, n) = gate.wait_closed(self.cfg.idle_timeout);
+                    if closed < n {
+                        return Err(SessionError::Timeout(format!(
+                            "post-copy: {} of {n} pre-copy channels still open after {:.1} s",
+                            n - closed,
+                            self.cfg.idle_timeout.as_secs_f64()
+                        )));
+                    }
+                    let args = DestArgs {
+                        memory: pc.memory,
+                        hello: pc.hello,
+                        cfg: &self.cfg,
+                        nonce_r: pc.nonce_r,
+                        hook: &self.postcopy_hook,
+                        state: states,
+                    };
+                    let st = crate::postcopy::dest::run(
+                        pc.door,
+                        control,
+                        args,
+                        &pc.announced,
+                        background,
+                    )?;
+                    pc.stats = Some(Box::new(st));
+                    return match control::read_message(control)? {
+                        Message::End => {
+                            control::write_message(control, &Message::EndOk)?;
+                            Ok(())
+                        }
+                        Message::Error { message } => Err(SessionError::Peer(message)),
+                        other => Err(SessionError::Unexpected {
+                            expected: "end",
+                            got: other.name(),
+                        }),
+                    };
                 }
                 Message::Error { message } => return Err(SessionError::Peer(message)),
                 other => {

@@ -108,6 +108,29 @@ pub struct Sender {
     rounds: u64,
     started: Instant,
     failed: bool,
+    /// What post-copy needs to open more connections of this session.
+    link: Link,
+}
+
+/// The session's identity, for connections opened after the handshake (post-copy).
+#[derive(Clone)]
+pub(crate) struct Link {
+    pub addr: SocketAddr,
+    pub uuid: [u8; 16],
+    pub nonce_r: [u8; control::NONCE_LEN],
+    /// The sender's hello nonce (zero without a secret): channel tokens cover it too.
+    pub nonce_s: [u8; control::NONCE_LEN],
+    /// The session's hello without its proof (a resumed control connection repeats it).
+    pub hello: Hello,
+}
+
+/// A sender whose pre-copy channels have closed cleanly (see `Sender::close_precopy`).
+pub(crate) struct Precopied {
+    pub cfg: Config,
+    pub mem: Arc<GuestMemory>,
+    pub control: TcpStream,
+    pub link: Link,
+    pub stats: SessionStats,
 }
 
 impl std::fmt::Debug for Sender {
@@ -230,6 +253,10 @@ impl Sender {
             opening_sync: true,
         };
         hello.validate()?;
+        let resume_hello = Hello {
+            auth: None,
+            ..hello.clone()
+        };
         control::write_message(&mut control, &Message::Hello(hello))?;
         match control::read_message(&mut control)? {
             Message::HelloOk { proof } => {
@@ -339,6 +366,44 @@ impl Sender {
             rounds: 0,
             started: Instant::now(),
             failed: false,
+            link: Link {
+                addr,
+                uuid,
+                nonce_r,
+                nonce_s: auth.as_ref().map_or([0; control::NONCE_LEN], |(_, n)| *n),
+                hello: resume_hello,
+            },
+        })
+    }
+
+    /// Close the pre-copy channels cleanly (every round was acknowledged) and hand over what
+    /// post-copy needs.
+    pub(crate) fn close_precopy(mut self) -> Result<Precopied, SessionError> {
+        if self.failed {
+            return Err(SessionError::Config("session already failed".into()));
+        }
+        if let Ok(socks) = self.abort.sockets.lock() {
+            for s in socks.iter().skip(1) {
+                let _ = s.shutdown(std::net::Shutdown::Write);
+            }
+        }
+        for w in std::mem::take(&mut self.workers) {
+            drop(w.tx);
+            if w.handle.join().is_err() {
+                warn!("a channel thread panicked while stopping");
+            }
+        }
+        let control = self
+            .control
+            .try_clone()
+            .map_err(|e| SessionError::Control(control::ControlError::Io(e)))?;
+        let totals = std::mem::take(&mut self.totals);
+        Ok(Precopied {
+            cfg: self.cfg.clone(),
+            mem: self.mem.clone(),
+            control,
+            link: self.link.clone(),
+            stats: SessionStats::sum(totals, self.rounds, self.started.elapsed().as_secs_f64()),
         })
     }
 
@@ -355,6 +420,11 @@ impl Sender {
     /// The guest memory being sent.
     pub fn memory(&self) -> &Arc<GuestMemory> {
         &self.mem
+    }
+
+    /// The session's settings.
+    pub fn config(&self) -> &Config {
+        &self.cfg
     }
 
     /// Send one round: the channels share `pages` (each takes packet-sized batches until none

@@ -3,14 +3,15 @@
 //! checks that it carried on from where it was paused.
 
 use std::net::SocketAddr;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use pagewire::{Config, ReceiveInto, Receiver};
-use serde::Serialize;
+use pagewire::{Config, PostcopyStart, ReceiveInto, Receiver};
+use serde::{Deserialize, Serialize};
 
-use super::guest::{self, Layout};
+use super::guest::{self, Layout, PAGE};
 use super::state;
-use super::vm::{Running, StopAt, Vm};
+use super::vm::{Running, StopAt, Vcpu, Vm};
 use super::{boot_id, mono_ns, real_ns};
 
 /// How the destination receives.
@@ -67,35 +68,53 @@ pub struct DestReport {
     pub received_memory_bytes: u64,
     /// Bytes on the wire.
     pub received_wire_bytes: u64,
-    /// Rounds received (live rounds plus the final one).
+    /// Rounds received (live rounds plus the final one; in post-copy the live rounds).
     pub rounds: u64,
+    /// Post-copy figures, when the source switched to post-copy.
+    pub postcopy: Option<DestPostcopy>,
 }
 
-/// Receive the guest and resume it. `on_listening` is told the bound address first.
-pub fn run(o: &DestOpts, on_listening: impl FnOnce(SocketAddr)) -> Result<DestReport, String> {
-    let mem_size = o.mem_size;
-    // The VM exists before the session: its memory is what pagewire receives into, and its
-    // creation stays off the downtime path. The working set is not known yet (it comes with
-    // the state); the layout check here is on the memory size alone.
-    let vm = Vm::new(Layout::new(mem_size, 1)?, false)?;
-    let vcpu = vm.create_vcpu()?;
-    let mut receiver = Receiver::bind(o.listen, o.cfg.clone())
-        .map_err(|e| format!("listening on {}: {e}", o.listen))?;
-    receiver.set_accept_timeout(o.accept_timeout);
-    let addr = receiver
-        .local_addr()
-        .map_err(|e| format!("listening on {}: {e}", o.listen))?;
-    on_listening(addr);
-    let received = receiver
-        .serve(ReceiveInto::Memory(vm.memory().clone()))
-        .map_err(|e| format!("receiving: {e}"))?;
-    let t_end = Instant::now();
-    let end_mono = mono_ns();
-    let end_real = real_ns();
-    let [bytes] = received.state.as_slice() else {
+/// Post-copy, as the destination saw it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DestPostcopy {
+    /// Pages that arrived after the guest resumed.
+    pub pages: u64,
+    /// Of which placed from the urgent connection (requested by a fault) and from the
+    /// background stream.
+    pub pages_urgent: u64,
+    pub pages_background: u64,
+    /// Page faults read, and page requests sent.
+    pub faults: u64,
+    pub requests: u64,
+    /// Fault read → page placed, µs.
+    pub fault_p50_us: f64,
+    pub fault_p99_us: f64,
+    pub fault_max_us: f64,
+    /// Faults per power-of-two µs bucket: entry i counts [2^i, 2^(i+1)) µs.
+    pub fault_histogram: Vec<u64>,
+    /// Guest resumed → last page placed, ms.
+    pub resume_to_last_page_ms: f64,
+}
+
+/// A guest resumed from a received vCPU state.
+struct Resumed {
+    running: Running,
+    counter: u64,
+    layout: Layout,
+    /// When the state was in hand (session end, or post-copy start).
+    t_state: Instant,
+    pause_mono_ns: u64,
+    pause_real_ns: u64,
+    same_host: bool,
+}
+
+/// Check the received state against this VM, restore the vCPU and start it.
+fn resume(vm: &Vm, vcpu: Vcpu, states: &[Vec<u8>], mem_size: u64) -> Result<Resumed, String> {
+    let t_state = Instant::now();
+    let [bytes] = states else {
         return Err(format!(
             "expected one vCPU state from the source, got {}",
-            received.state.len()
+            states.len()
         ));
     };
     let snap = state::decode(bytes)?;
@@ -106,7 +125,8 @@ pub fn run(o: &DestOpts, on_listening: impl FnOnce(SocketAddr)) -> Result<DestRe
             layout.mem_size
         ));
     }
-    // SAFETY: the session is over (no receiver writes) and no vCPU runs yet.
+    // SAFETY: no receiver writes the status page now (the session is over, or in post-copy
+    // the page is placed once, atomically, before this read returns) and no vCPU runs yet.
     let (counter, _) = unsafe { guest::status(vm.memory())? };
     if counter != snap.demo.counter {
         return Err(format!(
@@ -116,24 +136,84 @@ pub fn run(o: &DestOpts, on_listening: impl FnOnce(SocketAddr)) -> Result<DestRe
     }
     snap.vcpu.restore(vcpu.fd())?;
     let running = Running::spawn(vcpu, StopAt::CheckpointAbove(snap.demo.counter))?;
-    let (vcpu, run) = running.wait(o.check_timeout)?;
+    Ok(Resumed {
+        running,
+        counter,
+        layout,
+        t_state,
+        pause_mono_ns: snap.demo.pause_mono_ns,
+        pause_real_ns: snap.demo.pause_real_ns,
+        same_host: snap.demo.boot_id == boot_id(),
+    })
+}
+
+/// Receive the guest and resume it. `on_listening` is told the bound address first. In
+/// post-copy (the source decides) the guest resumes as soon as the switch is made, and its
+/// memory keeps arriving while it runs.
+pub fn run(o: &DestOpts, on_listening: impl FnOnce(SocketAddr)) -> Result<DestReport, String> {
+    let mem_size = o.mem_size;
+    // The VM exists before the session: its memory is what pagewire receives into, and its
+    // creation stays off the downtime path. The working set is not known yet (it comes with
+    // the state); the layout check here is on the memory size alone.
+    let vm = Vm::new(Layout::new(mem_size, 1)?, false)?;
+    let mut vcpu = Some(vm.create_vcpu()?);
+    let mut receiver = Receiver::bind(o.listen, o.cfg.clone())
+        .map_err(|e| format!("listening on {}: {e}", o.listen))?;
+    receiver.set_accept_timeout(o.accept_timeout);
+    let (started, postcopy_started) = mpsc::channel::<PostcopyStart>();
+    receiver.on_postcopy(move |start| {
+        let _ = started.send(start);
+    });
+    let addr = receiver
+        .local_addr()
+        .map_err(|e| format!("listening on {}: {e}", o.listen))?;
+    on_listening(addr);
+    let mem = vm.memory().clone();
+    let (served, early) = std::thread::scope(|s| {
+        let serving = s.spawn(|| receiver.serve(ReceiveInto::Memory(mem)));
+        // Post-copy: resume the guest the moment the memory is registered.
+        let mut early = None;
+        loop {
+            match postcopy_started.recv_timeout(Duration::from_millis(20)) {
+                Ok(start) => {
+                    early = vcpu.take().map(|v| resume(&vm, v, &start.state, mem_size));
+                    break;
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) if !serving.is_finished() => continue,
+                Err(_) => break,
+            }
+        }
+        (serving.join(), early)
+    });
+    let received = served
+        .map_err(|_| "the receiving thread panicked".to_string())?
+        .map_err(|e| format!("receiving: {e}"))?;
+    let t_end = Instant::now();
+    let end_mono = mono_ns();
+    let end_real = real_ns();
+    let r = match (early, vcpu.take()) {
+        (Some(r), _) => r?,
+        (None, Some(v)) => resume(&vm, v, &received.state, mem_size)?,
+        (None, None) => return Err("no vCPU to resume".into()),
+    };
+    let (vcpu, run) = r.running.wait(o.check_timeout)?;
     let entered = run.entered.unwrap_or(t_end);
-    let restore_ms = entered.saturating_duration_since(t_end).as_secs_f64() * 1e3;
+    let restore_ms = entered.saturating_duration_since(r.t_state).as_secs_f64() * 1e3;
     let resume_to_check_ms = entered.elapsed().as_secs_f64() * 1e3;
-    let (downtime_ms, downtime_clock, end_ms) = if snap.demo.boot_id == boot_id() {
+    let (downtime_ms, downtime_clock, end_ms) = if r.same_host {
         (
-            run.entered_mono_ns.saturating_sub(snap.demo.pause_mono_ns) as f64 / 1e6,
+            run.entered_mono_ns.saturating_sub(r.pause_mono_ns) as f64 / 1e6,
             DowntimeClock::Monotonic,
-            end_mono.saturating_sub(snap.demo.pause_mono_ns) as f64 / 1e6,
+            end_mono.saturating_sub(r.pause_mono_ns) as f64 / 1e6,
         )
     } else {
         let now_real = real_ns();
         let now_mono = mono_ns();
         let entered_real = now_real.saturating_sub(now_mono.saturating_sub(run.entered_mono_ns));
         (
-            entered_real.saturating_sub(snap.demo.pause_real_ns) as f64 / 1e6,
+            entered_real.saturating_sub(r.pause_real_ns) as f64 / 1e6,
             DowntimeClock::Realtime,
-            end_real.saturating_sub(snap.demo.pause_real_ns) as f64 / 1e6,
+            end_real.saturating_sub(r.pause_real_ns) as f64 / 1e6,
         )
     };
     let regs = vcpu
@@ -141,12 +221,25 @@ pub fn run(o: &DestOpts, on_listening: impl FnOnce(SocketAddr)) -> Result<DestRe
         .get_regs()
         .map_err(|e| format!("KVM_GET_REGS: {e}"))?;
     // SAFETY: the vCPU is stopped at its checkpoint (its thread returned it) and the session
-    // is over.
+    // is over (in post-copy: every page placed).
     let (counter_at_check, checked) =
-        unsafe { guest::check_at_checkpoint(vm.memory(), &layout, &regs)? };
+        unsafe { guest::check_at_checkpoint(vm.memory(), &r.layout, &regs)? };
+    let us = |d: Option<Duration>| d.map_or(0.0, |d| d.as_secs_f64() * 1e6);
+    let postcopy = received.postcopy.as_ref().map(|pc| DestPostcopy {
+        pages: pc.pages,
+        pages_urgent: pc.pages_urgent,
+        pages_background: pc.pages_background,
+        faults: pc.faults,
+        requests: pc.requests,
+        fault_p50_us: us(pc.latency.percentile(50.0)),
+        fault_p99_us: us(pc.latency.percentile(99.0)),
+        fault_max_us: us(pc.latency.max()),
+        fault_histogram: pc.latency.histogram(),
+        resume_to_last_page_ms: t_end.saturating_duration_since(entered).as_secs_f64() * 1e3,
+    });
     Ok(DestReport {
         verified: true,
-        counter_at_pause: snap.demo.counter,
+        counter_at_pause: r.counter,
         counter_at_check,
         pages_checked: checked.pages,
         checksum: format!("{:#018x}", checked.sum),
@@ -155,8 +248,11 @@ pub fn run(o: &DestOpts, on_listening: impl FnOnce(SocketAddr)) -> Result<DestRe
         downtime_ms,
         pause_to_session_end_ms: end_ms,
         downtime_clock,
-        received_memory_bytes: received.stats.total.memory_bytes,
-        received_wire_bytes: received.stats.total.wire_bytes,
+        received_memory_bytes: received.stats.total.memory_bytes
+            + received.postcopy.as_ref().map_or(0, |pc| pc.pages * PAGE),
+        received_wire_bytes: received.stats.total.wire_bytes
+            + received.postcopy.as_ref().map_or(0, |pc| pc.wire_bytes),
         rounds: received.stats.rounds,
+        postcopy,
     })
 }

@@ -96,6 +96,14 @@ struct Opts {
     /// time held back), as QEMU's auto-converge does.
     #[arg(long, global = true)]
     no_auto_converge: bool,
+    /// Post-copy (source): after --precopy-rounds live rounds, pause the guest, send its vCPU
+    /// state and let it resume on the destination at once; the pages it lacks follow, those
+    /// it touches first.
+    #[arg(long, global = true)]
+    postcopy: bool,
+    /// Live pre-copy rounds before post-copy (0: pure post-copy).
+    #[arg(long, global = true, default_value_t = 1)]
+    precopy_rounds: u32,
     /// Seconds a silent peer is tolerated.
     #[arg(long, global = true, default_value_t = 10.0)]
     idle_timeout: f64,
@@ -210,6 +218,7 @@ fn source_opts(o: &Opts, connect: SocketAddr) -> Res<source::SourceOpts> {
         downtime_limit: Duration::from_secs_f64(o.downtime_limit / 1e3),
         warmup: secs(o.warmup, "warmup")?,
         auto_converge: !o.no_auto_converge,
+        postcopy: o.postcopy.then_some(o.precopy_rounds),
     })
 }
 
@@ -315,6 +324,27 @@ fn decision_text(d: &pagewire::driver::Decision) -> String {
 
 fn source_summary(r: &source::SourceReport) -> String {
     let f = &r.final_phase;
+    if let Some(pc) = &r.postcopy {
+        return format!(
+            "post-copy: paused at counter {}: vCPU stopped in {:.3} ms, state ({} bytes) read in \
+             {:.3} ms, switch {:.2} ms; then {} pages ({} on the wire) \
+             followed, {} requested by the guest's faults, the last placed {:.1} ms after the \
+             switch\n\
+             total {:.3} s, {} pages, {} on the wire\n",
+            r.counter_at_pause,
+            f.stop_ms,
+            f.state_bytes,
+            f.capture_ms,
+            f.round_ms,
+            pc.pages,
+            human_bytes(pc.wire_bytes),
+            pc.requests,
+            pc.until_last_page_ms,
+            r.total_seconds,
+            r.total_pages,
+            human_bytes(r.total_wire_bytes),
+        );
+    }
     format!(
         "final {:>10} {:>12} {:>13} {:>8.1} ms   (guest paused)\n\
          paused at counter {}: vCPU stopped in {:.3} ms, state ({} bytes) read in {:.3} ms, \
@@ -342,13 +372,46 @@ fn source_summary(r: &source::SourceReport) -> String {
     )
 }
 
-fn dest_summary(r: &dest::DestReport) -> String {
+/// The destination's post-copy figures, one paragraph.
+fn postcopy_summary(pc: &dest::DestPostcopy) -> String {
+    let hist: Vec<String> = pc
+        .fault_histogram
+        .iter()
+        .enumerate()
+        .filter(|(_, &n)| n > 0)
+        .map(|(i, n)| format!("[{}, {}) µs: {n}", 1u64 << i, 2u64 << i))
+        .collect();
     format!(
+        "post-copy: {} pages arrived while the guest ran ({} requested by {} faults, {} in \
+         the background); last page {:.1} ms after the resume\n\
+         fault latency p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs; {}\n",
+        pc.pages,
+        pc.pages_urgent,
+        pc.faults,
+        pc.pages_background,
+        pc.resume_to_last_page_ms,
+        pc.fault_p50_us,
+        pc.fault_p99_us,
+        pc.fault_max_us,
+        if hist.is_empty() {
+            "no faults".to_string()
+        } else {
+            hist.join(", ")
+        }
+    )
+}
+
+fn dest_summary(r: &dest::DestReport) -> String {
+    let pc = r
+        .postcopy
+        .as_ref()
+        .map(postcopy_summary)
+        .unwrap_or_default();
+    pc + &format!(
         "destination: {} rounds, {} received ({} on the wire); guest resumed at counter {} \
          and reached {} ({:.1} ms later), where all {} working-set pages and its checksum {} \
          checked: verified\n\
-         session ended {:.2} ms after the pause; restore (session end → guest running): \
-         {:.3} ms\n\
+         {} {:.2} ms after the pause; restore ({} → guest running): {:.3} ms\n\
          downtime (source pause → destination guest running, {}): {:.2} ms\n",
         r.rounds,
         human_bytes(r.received_memory_bytes),
@@ -358,7 +421,17 @@ fn dest_summary(r: &dest::DestReport) -> String {
         r.resume_to_check_ms,
         r.pages_checked,
         r.checksum,
+        if r.postcopy.is_some() {
+            "last page placed"
+        } else {
+            "session ended"
+        },
         r.pause_to_session_end_ms,
+        if r.postcopy.is_some() {
+            "post-copy start"
+        } else {
+            "session end"
+        },
         r.restore_ms,
         clock_name(r.downtime_clock),
         r.downtime_ms,
@@ -495,8 +568,18 @@ fn both(o: &Opts) -> Res<()> {
             int("pages_checked"),
             dest["checksum"].as_str().unwrap_or("?"),
         );
+        let ended = if dest["postcopy"].is_object() {
+            "last page placed"
+        } else {
+            "session ended"
+        };
+        let restore = if dest["postcopy"].is_object() {
+            "post-copy start"
+        } else {
+            "session end"
+        };
         println!(
-            "destination session ended {:.2} ms after the pause; restore (session end → guest \
+            "destination {ended} {:.2} ms after the pause; restore ({restore} → guest \
              running) {:.3} ms",
             num("pause_to_session_end_ms"),
             num("restore_ms")
@@ -506,6 +589,9 @@ fn both(o: &Opts) -> Res<()> {
             num("downtime_ms"),
             src.downtime_limit_ms
         );
+        if let Ok(pc) = serde_json::from_value::<dest::DestPostcopy>(dest["postcopy"].clone()) {
+            print!("{}", postcopy_summary(&pc));
+        }
     }
     Ok(())
 }

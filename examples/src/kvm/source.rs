@@ -1,13 +1,13 @@
 //! The source VMM: boots the guest with dirty logging and lets pagewire's migration driver
 //! (`pagewire::Driver`) migrate it: this file holds only what is KVM-specific, the `Vmm`
 //! implementation (KVM's dirty log, pausing the vCPU thread, reading the vCPU state,
-//! throttling it).
+//! throttling it), and the post-copy ending when the driver hands over to it.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use pagewire::driver::{Decision, DriverError, DriverReport, Outcome, RoundRecord, VmmError};
-use pagewire::{Config, DirtyLog, Driver, Policy, Sender, SessionStats, Vmm};
+use pagewire::{BlockPages, Config, DirtyLog, Driver, Policy, Sender, Vmm};
 use serde::Serialize;
 
 use super::guest::{self, PAGE};
@@ -32,6 +32,9 @@ pub struct SourceOpts {
     pub warmup: Duration,
     /// Throttle the guest when rounds do not converge (QEMU's auto-converge).
     pub auto_converge: bool,
+    /// Post-copy after this many live rounds (0: pure post-copy) instead of a final paused
+    /// round: the driver's round limit, with post-copy as its answer.
+    pub postcopy: Option<u32>,
 }
 
 /// One live round, as the source saw it.
@@ -110,6 +113,23 @@ pub struct SourceReport {
     pub downtime_limit_ms: f64,
     /// The driver's decisions, counted.
     pub decisions: pagewire::driver::DecisionCounts,
+    /// Post-copy (instead of a final round), when asked for.
+    pub postcopy: Option<PostcopyPhase>,
+}
+
+/// Post-copy, as the source saw it.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PostcopyPhase {
+    /// Pages post-copy delivered (dirty since the last live round, or all of them).
+    pub pages: u64,
+    /// Of which sent on the background connections.
+    pub pages_background: u64,
+    /// Page requests served on the urgent connection.
+    pub requests: u64,
+    /// Bytes on the post-copy connections.
+    pub wire_bytes: u64,
+    /// Switch → the destination reported every page placed, ms.
+    pub until_last_page_ms: f64,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -123,6 +143,8 @@ struct KvmVmm<'a, F: FnMut(&RoundRow)> {
     running: Option<Running>,
     stopped: Option<(Vcpu, RunStats)>,
     auto_converge: bool,
+    /// The driver may hand over to post-copy.
+    postcopy: bool,
     throttle: u8,
     /// KVM_GET_DIRTY_LOG durations, µs, one per collection.
     dirty_log_us: Vec<f64>,
@@ -179,6 +201,10 @@ impl<F: FnMut(&RoundRow)> Vmm for KvmVmm<'_, F> {
         Ok(bytes)
     }
 
+    fn supports_postcopy(&self) -> bool {
+        self.postcopy
+    }
+
     fn throttle(&mut self, percent: u8) -> Result<bool, VmmError> {
         if !self.auto_converge {
             return Ok(false);
@@ -230,6 +256,7 @@ pub fn run(o: &SourceOpts, on_round: impl FnMut(&RoundRow)) -> Result<SourceRepo
         running: Some(running),
         stopped: None,
         auto_converge: o.auto_converge,
+        postcopy: o.postcopy.is_some(),
         throttle: 0,
         dirty_log_us: Vec::new(),
         rows: Vec::new(),
@@ -245,7 +272,13 @@ pub fn run(o: &SourceOpts, on_round: impl FnMut(&RoundRow)) -> Result<SourceRepo
     if let Some(r) = kvm.running.take() {
         let _ = r.pause(Duration::from_secs(5));
     }
-    let (total_seconds, stats, driver) = res?;
+    let Migrated {
+        seconds: total_seconds,
+        wire_bytes,
+        pages,
+        driver,
+        postcopy,
+    } = res?;
     let run_stats = kvm.stopped.as_ref().map(|(_, s)| *s).unwrap_or_default();
     Ok(SourceReport {
         rounds: std::mem::take(&mut kvm.rows),
@@ -260,23 +293,34 @@ pub fn run(o: &SourceOpts, on_round: impl FnMut(&RoundRow)) -> Result<SourceRepo
             state_bytes: driver.state_bytes,
         },
         total_seconds,
-        total_wire_bytes: stats.total.wire_bytes,
-        total_pages: stats.total.pages_normal + stats.total.pages_zero,
+        total_wire_bytes: wire_bytes,
+        total_pages: pages,
         counter_at_pause: kvm.counter,
         checkpoints: run_stats.checkpoints,
         throttled_seconds: run_stats.throttled.as_secs_f64(),
         pause_mono_ns: kvm.pause_mono_ns,
         downtime_limit_ms: ms(o.downtime_limit),
         decisions: driver.decisions,
+        postcopy,
     })
 }
 
-/// The migration itself: connect, let the driver run it, sum up.
+/// What [`migrate`] did.
+struct Migrated {
+    /// Connect to finish.
+    seconds: f64,
+    wire_bytes: u64,
+    pages: u64,
+    driver: DriverReport,
+    postcopy: Option<PostcopyPhase>,
+}
+
+/// The migration itself: connect, let the driver run it (or go straight to post-copy), sum up.
 fn migrate<F: FnMut(&RoundRow)>(
     o: &SourceOpts,
     vm: &Vm,
     kvm: &mut KvmVmm<'_, F>,
-) -> Result<(f64, SessionStats, DriverReport), String> {
+) -> Result<Migrated, String> {
     std::thread::sleep(o.warmup);
     let t0 = Instant::now();
     let mem = vm.memory().clone();
@@ -284,23 +328,96 @@ fn migrate<F: FnMut(&RoundRow)>(
     // meanwhile never break the stream; every codec is fine here.
     let sender = Sender::connect(o.connect, o.cfg.clone(), mem.clone())
         .map_err(|e| format!("connecting to {}: {e}", o.connect))?;
-    let policy = Policy {
-        max_rounds: o.max_rounds,
-        ..Policy::new(o.downtime_limit)
+    if o.postcopy == Some(0) {
+        // Pure post-copy: no live round; every page travels after the switch.
+        let mut all = DirtyLog::new(&mem, o.cfg.page_size);
+        all.mark_all();
+        return postcopy(kvm, sender, all, DriverReport::default(), t0);
+    }
+    let policy = match o.postcopy {
+        // Post-copy after exactly `n` live rounds: no downtime prediction stops pre-copy
+        // first, and at the round limit the driver hands over instead of giving up.
+        Some(n) => Policy {
+            max_rounds: n,
+            postcopy: true,
+            ..Policy::new(Duration::ZERO)
+        },
+        None => Policy {
+            max_rounds: o.max_rounds,
+            ..Policy::new(o.downtime_limit)
+        },
     };
     let driver = Driver::new(policy, &o.cfg);
-    let (report, stats) = match driver.migrate(sender, kvm, &mem) {
-        Ok(Outcome::Completed { report, stats }) => (report, stats),
-        Ok(Outcome::PostCopy { .. }) => return Err("the driver chose post-copy".into()),
-        Err(DriverError::GaveUp { reason, report }) => {
-            return Err(format!(
-                "the guest did not converge to a {} ms downtime ({reason}, throttle \
-                 reached {} %); it keeps running here",
-                ms(o.downtime_limit),
-                report.rounds.iter().map(|r| r.throttle).max().unwrap_or(0)
-            ))
-        }
-        Err(e) => return Err(e.to_string()),
-    };
-    Ok((t0.elapsed().as_secs_f64(), stats, report))
+    match driver.migrate(sender, kvm, &mem) {
+        Ok(Outcome::Completed { report, stats }) => Ok(Migrated {
+            seconds: t0.elapsed().as_secs_f64(),
+            wire_bytes: stats.total.wire_bytes,
+            pages: stats.total.pages_normal + stats.total.pages_zero,
+            driver: report,
+            postcopy: None,
+        }),
+        Ok(Outcome::PostCopy {
+            report,
+            transport,
+            dirty,
+        }) => postcopy(kvm, transport, dirty, report, t0),
+        Err(DriverError::GaveUp { reason, report }) => Err(format!(
+            "the guest did not converge to a {} ms downtime ({reason}, throttle \
+             reached {} %); it keeps running here",
+            ms(o.downtime_limit),
+            report.rounds.iter().map(|r| r.throttle).max().unwrap_or(0)
+        )),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Post-copy ending: pause the guest, add what it wrote since the last round to `dirty`, send
+/// its vCPU state, switch (the destination resumes the guest at once) and serve its page
+/// faults while the rest streams.
+fn postcopy<F: FnMut(&RoundRow)>(
+    kvm: &mut KvmVmm<'_, F>,
+    mut sender: Sender,
+    mut dirty: DirtyLog,
+    mut report: DriverReport,
+    t0: Instant,
+) -> Result<Migrated, String> {
+    let live_wire: u64 = report.rounds.iter().map(|r| r.observed.wire_bytes).sum();
+    let live_pages: u64 = report.rounds.iter().map(|r| r.observed.pages).sum();
+    let t_pause = Instant::now();
+    kvm.pause().map_err(|e| format!("pausing the guest: {e}"))?;
+    kvm.collect_dirty(&mut dirty)
+        .map_err(|e| format!("the last dirty log: {e}"))?;
+    let state = kvm
+        .save_state()
+        .map_err(|e| format!("reading the vCPU state: {e}"))?;
+    report.state_bytes = state.len();
+    sender
+        .send_state(&state)
+        .map_err(|e| format!("sending the vCPU state: {e}"))?;
+    let pages = dirty.pages();
+    let bitmap = dirty.words(0).map(<[u64]>::to_vec).unwrap_or_default();
+    let t_switch = Instant::now();
+    let pc = sender
+        .switch_to_postcopy(vec![(0, BlockPages::Bitmap(bitmap))])
+        .map_err(|e| format!("switching to post-copy: {e}"))?;
+    report.final_round = t_switch.elapsed();
+    report.final_pages = pages;
+    // The destination resumes the guest once it has answered the switch: the source's view
+    // of the downtime ends here (the pages arrive while the guest runs).
+    report.downtime = Some(t_pause.elapsed());
+    let st = pc.finish().map_err(|e| format!("post-copy: {e}"))?;
+    report.final_wire_bytes = st.wire_bytes;
+    Ok(Migrated {
+        seconds: t0.elapsed().as_secs_f64(),
+        wire_bytes: live_wire + st.wire_bytes,
+        pages: live_pages + pages,
+        driver: report,
+        postcopy: Some(PostcopyPhase {
+            pages: st.pages,
+            pages_background: st.pages_background,
+            requests: st.requests,
+            wire_bytes: st.wire_bytes,
+            until_last_page_ms: st.seconds * 1e3,
+        }),
+    })
 }
