@@ -8,6 +8,7 @@ use crate::accel::qpl::QplSettings;
 use crate::codec::CodecKind;
 use crate::pin::Pinning;
 use crate::session::auth::Secret;
+use crate::session::tls::TlsConfig;
 
 /// Whether senders use SENDMSG_ZC (the kernel reads pages straight from guest memory and the
 /// zbuf; a slot is reused only after the kernel's notification).
@@ -79,6 +80,9 @@ pub struct Config {
     pub secret: Option<Secret>,
     /// Receiver without a secret: accept peers that are not on loopback.
     pub insecure: bool,
+    /// TLS 1.3 with mutual certificate authentication on every connection (`None`: clear
+    /// text). Both sides must agree.
+    pub tls: Option<TlsConfig>,
     /// Receiver: largest total guest memory a hello may ask for when the receiver allocates
     /// the memory itself.
     pub max_memory: u64,
@@ -104,6 +108,7 @@ impl Default for Config {
             pinning: Pinning::Off,
             secret: None,
             insecure: false,
+            tls: None,
         }
     }
 }

@@ -14,6 +14,7 @@ use pagewire::config::{Decoder, ZeroCopy};
 use pagewire::decode::{decode_streams_with, DecodeStats};
 use pagewire::pin::Pinning;
 use pagewire::session::auth::Secret;
+use pagewire::session::tls::{GenerateSpec, TlsConfig};
 use pagewire::synth::{self, PageSet};
 use pagewire::{
     Block, BlockPages, CodecKind, Config, GuestMemory, Progress, ReceiveInto, Receiver, RoundPages,
@@ -50,6 +51,9 @@ enum Cmd {
     Recv(RecvArgs),
     /// Decode recorded multifd channel streams into a memory image.
     Decode(DecodeArgs),
+    /// Write a CA and server and client certificates (QEMU's tls-creds-x509 layout) into
+    /// DIR, for trying --tls-dir out.
+    GenCerts(GenCertsArgs),
     /// Live-migrate a running KVM guest between two processes (docs/kvm.md).
     #[cfg(target_arch = "x86_64")]
     KvmDemo(kvm::KvmArgs),
@@ -64,9 +68,22 @@ struct Common {
     #[arg(long, default_value_t = 30.0)]
     idle_timeout: f64,
     /// File holding the shared secret (at least 16 bytes); every connection proves it knows
-    /// it. Both sides need the same file.
+    /// it. Both sides need the same file. Authentication only: without --tls-dir pages
+    /// still travel in clear text.
     #[arg(long)]
     secret_file: Option<PathBuf>,
+    /// Encrypt and authenticate every connection with TLS 1.3 and mutual certificates from
+    /// this directory (QEMU's tls-creds-x509 layout: ca-cert.pem, server-cert.pem,
+    /// server-key.pem, client-cert.pem, client-key.pem; see `pagewire gen-certs`).
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+    /// Sender: the name the receiver's certificate must be valid for (default: the host
+    /// part of --connect).
+    #[arg(long)]
+    tls_name: Option<String>,
+    /// Plaintext bytes per TLS record (512..=16384).
+    #[arg(long, default_value_t = pagewire_transport::tls::DEFAULT_RECORD_SIZE)]
+    tls_record_size: usize,
     /// Channel threads' cores: auto (channel i on the i-th core), off, or a list like 0,2,4
     /// (default: auto for send and recv, off for demo).
     #[arg(long)]
@@ -88,6 +105,68 @@ fn pinning(c: &Common, default: Pinning) -> Res<Pinning> {
             .collect::<Res<Vec<_>>>()
             .map(Pinning::Cpus),
     }
+}
+
+/// TLS settings from `--tls-dir`/`--tls-name`; a sender's default name is the host part of
+/// the address it connects to.
+fn tls_config(c: &Common, connect: Option<&str>) -> Res<Option<TlsConfig>> {
+    let Some(dir) = &c.tls_dir else {
+        if c.tls_name.is_some() {
+            return Err("--tls-name needs --tls-dir".into());
+        }
+        return Ok(None);
+    };
+    if !dir.is_dir() {
+        return Err(format!("--tls-dir {}: not a directory", dir.display()));
+    }
+    if !(512..=16384).contains(&c.tls_record_size) {
+        return Err(format!(
+            "--tls-record-size {} not in 512..=16384",
+            c.tls_record_size
+        ));
+    }
+    let mut t = TlsConfig::from_dir(dir);
+    t.record_size = c.tls_record_size;
+    t.server_name = c.tls_name.clone().or_else(|| {
+        connect.and_then(|a| {
+            a.rsplit_once(':')
+                .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_string())
+        })
+    });
+    Ok(Some(t))
+}
+
+/// A directory of freshly generated certificates, deleted on drop.
+struct TempCerts(PathBuf);
+
+impl TempCerts {
+    fn new() -> Res<TempCerts> {
+        let dir = std::env::temp_dir().join(format!("pagewire-demo-certs-{}", std::process::id()));
+        pagewire::session::tls::generate(&dir, &GenerateSpec::default())
+            .map_err(|e| e.to_string())?;
+        Ok(TempCerts(dir))
+    }
+}
+
+impl Drop for TempCerts {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn gen_certs(a: GenCertsArgs) -> Res<()> {
+    let mut spec = GenerateSpec::default();
+    if !a.hosts.is_empty() {
+        spec.hosts = a.hosts.clone();
+    }
+    spec.valid_until_secs = i64::from(a.days.max(1)) * 24 * 3600;
+    pagewire::session::tls::generate(&a.dir, &spec).map_err(|e| e.to_string())?;
+    println!(
+        "pagewire gen-certs: wrote ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem, client-key.pem to {} (server valid for: {})",
+        a.dir.display(),
+        spec.hosts.join(", ")
+    );
+    Ok(())
 }
 
 fn secret(c: &Common) -> Res<Option<Secret>> {
@@ -140,6 +219,10 @@ struct DemoArgs {
     /// Seed of the generated memory.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Encrypt with TLS 1.3 and mutual certificates (generated for the demo unless
+    /// --tls-dir is given).
+    #[arg(long)]
+    tls: bool,
     #[command(flatten)]
     tuning: Tuning,
     #[command(flatten)]
@@ -207,6 +290,19 @@ struct RecvArgs {
 }
 
 #[derive(Args, Debug)]
+struct GenCertsArgs {
+    /// Directory to write (created if missing; existing files are replaced).
+    dir: PathBuf,
+    /// A DNS name or IP address the receiver's certificate is valid for; repeat for several
+    /// (default: localhost, 127.0.0.1, ::1).
+    #[arg(long = "host")]
+    hosts: Vec<String>,
+    /// Days the certificates are valid.
+    #[arg(long, default_value_t = 365)]
+    days: u32,
+}
+
+#[derive(Args, Debug)]
 struct DecodeArgs {
     /// A memory block, NAME=SIZE (SIZE in bytes or with KiB/MiB/GiB); repeat for several.
     #[arg(long = "block", required = true)]
@@ -245,6 +341,7 @@ fn main() -> ExitCode {
         Cmd::Send(a) => send(a),
         Cmd::Recv(a) => recv(a),
         Cmd::Decode(a) => decode(a),
+        Cmd::GenCerts(a) => gen_certs(a),
         #[cfg(target_arch = "x86_64")]
         Cmd::KvmDemo(a) => kvm::run(a),
     };
@@ -323,6 +420,7 @@ fn config(t: &Tuning, c: &Common, channels: u16) -> Res<Config> {
         zero_copy,
         registered_buffers,
         secret: secret(c)?,
+        tls: tls_config(c, None)?,
         codec,
         level,
         qpl,
@@ -405,7 +503,19 @@ fn stats_json(s: &SessionStats) -> serde_json::Value {
 
 fn demo(a: DemoArgs) -> Res<()> {
     let size = parse_size(&a.size)?;
-    let cfg = config(&a.tuning, &a.common, a.channels)?;
+    let mut cfg = config(&a.tuning, &a.common, a.channels)?;
+    // Certificates made for this run only, removed when it ends.
+    let _certs = match (a.tls, &cfg.tls) {
+        (true, None) => {
+            let dir = TempCerts::new()?;
+            let mut t = TlsConfig::from_dir(&dir.0);
+            t.record_size = a.common.tls_record_size;
+            t.server_name = Some("localhost".into());
+            cfg.tls = Some(t);
+            Some(dir)
+        }
+        _ => None,
+    };
     let ps = cfg.page_size as u64;
     if size == 0 || size % ps != 0 {
         return Err(format!(
@@ -473,6 +583,7 @@ fn demo(a: DemoArgs) -> Res<()> {
     if a.common.json {
         let out = json!({
             "command": "demo",
+            "tls": cfg.tls.is_some(),
             "codec": cfg.codec.name(),
             "channels": cfg.channels,
             "verified": verified,
@@ -484,10 +595,15 @@ fn demo(a: DemoArgs) -> Res<()> {
         println!("{out}");
     } else {
         println!(
-            "pagewire demo: {} of generated guest memory, codec {}, {} channel(s), loopback",
+            "pagewire demo: {} of generated guest memory, codec {}, {} channel(s), loopback{}",
             human(size as u64),
             cfg.codec.name(),
-            cfg.channels
+            cfg.channels,
+            if cfg.tls.is_some() {
+                ", TLS 1.3 (mutual certificates)"
+            } else {
+                ""
+            }
         );
         print!("{}", summary_table(&sstats, &received.stats));
         println!(
@@ -524,6 +640,7 @@ fn send(a: SendArgs) -> Res<()> {
         ));
     }
     let addr = pagewire_transport::net::resolve(&a.connect).map_err(|e| e.to_string())?;
+    cfg.tls = tls_config(&a.common, Some(&a.connect))?;
     let file = File::open(&a.image).map_err(|e| format!("{}: {e}", a.image.display()))?;
     // Several rounds rewrite pages between rounds: map the image copy-on-write so the file
     // itself is never modified. One round only reads it.
@@ -707,6 +824,7 @@ fn recv(a: RecvArgs) -> Res<()> {
     let mut cfg = Config {
         idle_timeout: Duration::from_secs_f64(a.common.idle_timeout),
         secret: secret(&a.common)?,
+        tls: tls_config(&a.common, None)?,
         insecure: a.insecure,
         pinning: pinning(&a.common, Pinning::AutoFromLast)?,
         registered_buffers: match a.registered_buffers.as_str() {

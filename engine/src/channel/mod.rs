@@ -11,3 +11,4 @@
 pub mod apply;
 pub mod recv;
 pub mod send;
+pub mod stage;

@@ -25,6 +25,7 @@ use slab::Slab;
 use tracing::trace;
 
 use crate::accel::{Accelerator, Completion, JobDesc, Outcome, Path, Submit};
+use crate::channel::stage::{Clear, SendStage};
 use crate::codec::entropy::likely_incompressible;
 use crate::codec::is_zero_page;
 use crate::error::{ChannelError, ChannelErrorKind, Place};
@@ -113,6 +114,9 @@ struct Slot {
     first: usize,
     remaining: usize,
     zc: ZcTrack,
+    /// The packet as the stage prepared it for the wire (TLS records), when it is not sent
+    /// from the pieces themselves.
+    sealed: Vec<u8>,
     msg: libc::msghdr,
     /// Counters applied to the channel's stats when the send completes.
     pending: ChannelStats,
@@ -138,6 +142,7 @@ impl Slot {
             first: 0,
             remaining: 0,
             zc: ZcTrack::default(),
+            sealed: Vec::new(),
             // SAFETY: msghdr is a plain C struct for which all-zero is a valid value.
             msg: unsafe { std::mem::zeroed() },
             pending: ChannelStats::default(),
@@ -181,6 +186,8 @@ pub struct SendChannel {
     block_names: Vec<String>,
     /// SENDMSG_ZC in use (cleared when the ring or the socket refuses it).
     zc_on: bool,
+    /// Between a ready slot and the ring: clear text or TLS sealing.
+    stage: Box<dyn SendStage>,
     stats: ChannelStats,
 }
 
@@ -247,8 +254,15 @@ impl SendChannel {
             done: Vec::new(),
             block_names: Vec::new(),
             zc_on: false,
+            stage: Box::new(Clear),
             stats,
         })
+    }
+
+    /// Use `stage` between ready slots and the ring (default: [`Clear`]).
+    pub fn with_stage(mut self, stage: Box<dyn SendStage>) -> SendChannel {
+        self.stage = stage;
+        self
     }
 
     /// Counters so far.
@@ -277,7 +291,9 @@ impl SendChannel {
     ) -> Result<(), ChannelError> {
         if self.ring.is_none() {
             let ring = Ring::new(32).map_err(|e| self.err(e.into()))?;
-            self.zc_on = self.set.zero_copy_min.is_some() && ring.features().send_zc;
+            self.zc_on = self.set.zero_copy_min.is_some()
+                && ring.features().send_zc
+                && self.stage.zero_copy();
             if self.set.zero_copy_min.is_some() && !self.zc_on {
                 tracing::info!(channel = self.id, "kernel lacks SENDMSG_ZC; using SENDMSG");
             }
@@ -648,6 +664,12 @@ impl SendChannel {
         let Some(slot) = self.slots.get_mut(key) else {
             return Err(self.err(ChannelErrorKind::Aborted));
         };
+        let slot: &mut Slot = slot;
+        // SAFETY: the slot's iovecs point at its own header, length array and zbuf and at
+        // guest pages of the memory being sent, all valid while the slot is Ready.
+        if let Err(kind) = unsafe { self.stage.prepare(&mut slot.iov, &mut slot.sealed) } {
+            return Err(self.err(kind));
+        }
         slot.first = 0;
         slot.remaining = slot.iov.iter().map(|v| v.iov_len).sum();
         slot.zc = ZcTrack::default();

@@ -22,7 +22,9 @@ use crate::error::{ChannelError, SessionError};
 use crate::memory::GuestMemory;
 use crate::pages::RoundPages;
 use crate::session::auth;
+use crate::session::tls::Dialer;
 use crate::stats::{thread_cpu_seconds, ChannelStats, Progress, SessionStats};
+use pagewire_transport::tls::Conn;
 
 /// Largest device state one [`Sender::send_state`] call carries (one control frame).
 pub const MAX_STATE: usize = control::MAX_FRAME - 1;
@@ -98,7 +100,7 @@ impl AbortHandle {
 pub struct Sender {
     cfg: Config,
     mem: Arc<GuestMemory>,
-    control: TcpStream,
+    control: Conn,
     workers: Vec<Worker>,
     replies: mpsc::Receiver<Reply>,
     progress: Arc<Progress>,
@@ -160,8 +162,10 @@ impl Sender {
         let mut uuid = [0u8; 16];
         getrandom::fill(&mut uuid)
             .map_err(|e| SessionError::Internal(format!("random uuid: {e}")))?;
-        let mut control = net::connect(addr, &cfg.socket)?;
+        let dialer = Dialer::new(&cfg, &addr)?;
+        let mut control = dialer.connect(addr, &cfg.socket, cfg.idle_timeout)?;
         control
+            .tcp()
             .set_read_timeout(Some(cfg.idle_timeout))
             .map_err(control::ControlError::from)?;
         // The receiver speaks first: its challenge nonce, and whether it wants a secret.
@@ -250,7 +254,7 @@ impl Sender {
 
         let abort = AbortHandle::new();
         if let Ok(mut s) = abort.sockets.lock() {
-            if let Ok(c) = control.try_clone() {
+            if let Ok(c) = control.tcp().try_clone() {
                 s.push(c);
             }
         }
@@ -259,7 +263,7 @@ impl Sender {
         let (reply_tx, replies) = mpsc::channel::<Reply>();
         let mut workers = Vec::new();
         for id in 0..cfg.channels {
-            let mut stream = net::connect(addr, &cfg.socket)?;
+            let mut stream = dialer.connect(addr, &cfg.socket, cfg.idle_timeout)?;
             if let Some((secret, _)) = &auth {
                 let token = secret.channel_token(&nonce_r, &uuid, id as u8);
                 std::io::Write::write_all(&mut stream, &token).map_err(|e| {
@@ -275,7 +279,7 @@ impl Sender {
             std::io::Write::write_all(&mut stream, &init.encode()).map_err(|e| {
                 SessionError::Handshake(format!("channel {id}: sending init packet: {e}"))
             })?;
-            if let (Ok(mut s), Ok(c)) = (abort.sockets.lock(), stream.try_clone()) {
+            if let (Ok(mut s), Ok(c)) = (abort.sockets.lock(), stream.tcp().try_clone()) {
                 s.push(c);
             }
             let compressor = engines.next().flatten();
@@ -298,7 +302,9 @@ impl Sender {
                 depth: cfg.depth,
                 idle_timeout: cfg.idle_timeout,
             };
-            let chan = SendChannel::new(id, stream, set, compressor, packet_num.clone())?;
+            let (stream, stage) = crate::channel::stage::for_sending(stream);
+            let chan = SendChannel::new(id, stream, set, compressor, packet_num.clone())?
+                .with_stage(stage);
             let (tx, rx) = mpsc::channel::<Cmd>();
             let reply = reply_tx.clone();
             let mem = mem.clone();
@@ -432,6 +438,7 @@ impl Sender {
         }
         let _ = self
             .control
+            .tcp()
             .set_read_timeout(Some(Duration::from_millis(500)));
         loop {
             match control::read_message(&mut self.control) {
