@@ -169,7 +169,25 @@ impl Sender {
             .set_read_timeout(Some(cfg.idle_timeout))
             .map_err(control::ControlError::from)?;
         // The receiver speaks first: its challenge nonce, and whether it wants a secret.
-        let (nonce_r, secret_required) = match control::read_message(&mut control)? {
+        let first = control::read_message(&mut control).map_err(|e| match e {
+            control::ControlError::Io(io)
+                if cfg.tls.is_none()
+                    && matches!(
+                        io.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+            {
+                SessionError::Timeout(format!(
+                    "the receiver sent no challenge within {:.1} s (a receiver with --tls-dir waits for a TLS handshake: use --tls-dir on both sides)",
+                    cfg.idle_timeout.as_secs_f64()
+                ))
+            }
+            control::ControlError::Closed if cfg.tls.is_none() => SessionError::Handshake(
+                "the receiver closed the control connection before its challenge (a receiver with --tls-dir closes clear-text senders: use --tls-dir on both sides)".into(),
+            ),
+            other => other.into(),
+        })?;
+        let (nonce_r, secret_required) = match first {
             Message::Challenge {
                 nonce,
                 secret_required,

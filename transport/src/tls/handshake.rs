@@ -150,7 +150,23 @@ fn finish(
             // A peer that answers with something that is not a TLS record is a clear-text
             // pagewire peer (or not pagewire at all): say so instead of "corrupt message".
             let mut b = [0u8; 1];
-            let n = tcp.peek(&mut b)?;
+            let n = match tcp.peek(&mut b) {
+                Ok(n) => n,
+                Err(e)
+                    if server
+                        && matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                {
+                    return Err(TlsError::NotTls {
+                        detail: "it sent no TLS handshake within the timeout; a clear-text \
+                                 pagewire sender waits for the receiver to speak first"
+                            .into(),
+                    })
+                }
+                Err(e) => return Err(e.into()),
+            };
             if n == 0 {
                 return Err(TlsError::NotTls {
                     detail: "it closed the connection during the handshake".into(),
