@@ -92,6 +92,8 @@ pub(crate) struct Door<'a> {
     wake_tx: UnixStream,
     watch: Arc<Mutex<Option<mpsc::Sender<Rejection>>>>,
     refused: u64,
+    /// Connections whose handshake thread refused them.
+    handshakes_refused: Arc<std::sync::atomic::AtomicU64>,
     last_refusal_error: Arc<Mutex<Option<String>>>,
 }
 
@@ -119,6 +121,7 @@ impl<'a> Door<'a> {
             rx,
             watch,
             refused: 0,
+            handshakes_refused: Arc::default(),
             last_refusal_error: Arc::new(Mutex::new(None)),
             wake_rx,
             wake_tx,
@@ -128,7 +131,10 @@ impl<'a> Door<'a> {
     /// Connections refused so far, and the last reason.
     pub fn refused(&self) -> (u64, Option<String>) {
         let last = self.last_refusal_error.lock().ok().and_then(|g| g.clone());
-        (self.refused, last)
+        (
+            self.refused + self.handshakes_refused.load(Ordering::SeqCst),
+            last,
+        )
     }
 
     /// Report a refusal decided by the session (e.g. a hello that does not fit this memory).
@@ -266,6 +272,7 @@ impl<'a> Door<'a> {
         let timeout = self.cfg.idle_timeout;
         let socket = self.cfg.socket;
         let acceptor = self.acceptor.clone();
+        let handshakes_refused = self.handshakes_refused.clone();
         let spawned = std::thread::Builder::new()
             .name("pw-handshake".into())
             .stack_size(HANDSHAKE_STACK)
@@ -287,7 +294,10 @@ impl<'a> Door<'a> {
                             let _ = w.write_all(&[1]);
                         }
                     }
-                    Err(e) => report(&watch, &last, peer, e),
+                    Err(e) => {
+                        handshakes_refused.fetch_add(1, Ordering::SeqCst);
+                        report(&watch, &last, peer, e)
+                    }
                 }
                 if let Ok(mut d) = done_ids.lock() {
                     d.push(id);
