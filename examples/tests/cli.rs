@@ -669,6 +669,7 @@ fn gen_certs_then_encrypted_send_recv_is_byte_identical() {
     }
     let img = dir.path().join("guest.img");
     let out = dir.path().join("out.img");
+    let fin = dir.path().join("final.img");
     make_image(&img, 32 << 20, 9);
     let port = free_port();
     let tls = ["--tls-dir", certs.to_str().expect("utf8")];
@@ -684,6 +685,7 @@ fn gen_certs_then_encrypted_send_recv_is_byte_identical() {
         .args(["send", "--connect", &format!("localhost:{port}")])
         .args(["--image", img.to_str().expect("utf8"), "--channels", "2"])
         .args(["--codec", "deflate", "--rounds", "2", "--json"])
+        .args(["--final-image", fin.to_str().expect("utf8")])
         .args(tls)
         .output()
         .expect("run send");
@@ -694,8 +696,10 @@ fn gen_certs_then_encrypted_send_recv_is_byte_identical() {
     );
     let r = wait_output(recv, Duration::from_secs(60));
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    let final_img = std::fs::read(&out).expect("out");
-    assert_eq!(final_img.len(), 32 << 20);
+    let got = std::fs::read(&out).expect("out");
+    let want = std::fs::read(&fin).expect("final image");
+    assert_eq!(got.len(), 32 << 20);
+    assert!(got == want, "OUT differs from the sender's final memory");
 
     // A clear-text sender against a TLS receiver: one line each, non-zero exits.
     let port = free_port();
