@@ -19,11 +19,13 @@ use thiserror::Error;
 
 pub use handshake::{client, server};
 pub use record::{Direction, Need, RecordReader, Sealer};
+/// The rustls this layer is built on (its key types build a [`Direction`]).
+pub use rustls;
 
 /// Plaintext bytes per record by default (the largest TLS allows: per-record cost is noise).
 pub const DEFAULT_RECORD_SIZE: usize = record::MAX_PLAINTEXT;
 /// Bytes of ciphertext a reader buffers (several records per receive).
-pub const READ_BUFFER: usize = 4 * (record::HEADER_LEN + record::MAX_BODY);
+pub const READ_BUFFER: usize = 8 * (record::HEADER_LEN + record::MAX_BODY);
 
 /// Errors of the TLS layer.
 #[derive(Debug, Error)]
