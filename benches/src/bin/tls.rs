@@ -2,15 +2,15 @@
 //!
 //! 1. `aead`: the record layer's own work per core — copy a record's plaintext from 4 KiB
 //!    pages into the send buffer and seal it in place (the sender), open in place (the
-//!    receiver) — for each AEAD of TLS 1.3, 4 KiB and 16 KiB records, with ring (what
-//!    pagewire uses) and, built with `--features aws-lc`, aws-lc-rs: the provider comparison.
+//!    receiver) — for each AEAD of TLS 1.3, 4 KiB and 16 KiB records, with aws-lc-rs (what
+//!    pagewire uses) and, built with `--features ring`, ring: the provider comparison.
 //! 2. `migrate`: whole migrations between two `pagewire` processes (`recv` on fresh memory,
 //!    `send` of a realistic image file), TLS against clear text on the same image, codecs
 //!    none and deflate, 1 and 2 channels, plus 4 KiB records: GB/s of memory (the sender's
 //!    session time) and CPU-seconds per GiB of each process (user + system, from wait4).
 //!    Variants are interleaved run by run; medians of `--runs`.
 //!
-//! `cargo build --release -p pagewire-examples -p pagewire-benches [--features aws-lc]
+//! `cargo build --release -p pagewire-examples -p pagewire-benches [--features ring]
 //!  && target/release/tls [--size 512MiB] [--runs 3] [--only aead|migrate] [--json]`
 
 use std::path::{Path, PathBuf};
@@ -105,16 +105,18 @@ fn aead(runs: usize) -> Vec<Value> {
     let mut rows = vec![json!({"provider": "-", "aead": "memcpy", "record": 0,
         "seal_gbps": median(mc), "open_gbps": Value::Null})];
     for record in [4096usize, 16384] {
-        let algs: [(&str, &'static ring::aead::Algorithm); 3] = [
-            ("AES-128-GCM", &ring::aead::AES_128_GCM),
-            ("AES-256-GCM", &ring::aead::AES_256_GCM),
-            ("CHACHA20-POLY1305", &ring::aead::CHACHA20_POLY1305),
-        ];
-        for (name, alg) in algs {
-            let (s, o) = aead_bench!(ring::aead, alg, &src, record, runs);
-            rows.push(json!({"provider": "ring", "aead": name, "record": record, "seal_gbps": s, "open_gbps": o}));
+        #[cfg(feature = "ring")]
+        {
+            let algs: [(&str, &'static ring::aead::Algorithm); 3] = [
+                ("AES-128-GCM", &ring::aead::AES_128_GCM),
+                ("AES-256-GCM", &ring::aead::AES_256_GCM),
+                ("CHACHA20-POLY1305", &ring::aead::CHACHA20_POLY1305),
+            ];
+            for (name, alg) in algs {
+                let (s, o) = aead_bench!(ring::aead, alg, &src, record, runs);
+                rows.push(json!({"provider": "ring", "aead": name, "record": record, "seal_gbps": s, "open_gbps": o}));
+            }
         }
-        #[cfg(feature = "aws-lc")]
         {
             let algs: [(&str, &'static aws_lc_rs::aead::Algorithm); 3] = [
                 ("AES-128-GCM", &aws_lc_rs::aead::AES_128_GCM),

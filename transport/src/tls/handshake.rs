@@ -29,14 +29,16 @@ pub const READY: u8 = 0x5a;
 const CT_HANDSHAKE: u8 = 22;
 const CT_ALERT: u8 = 21;
 
-/// The crypto provider pagewire uses (ring; see docs/benchmarks.md for the measurement),
-/// with AES-128-GCM preferred: the fastest suite on CPUs with AES-NI and CLMUL.
+/// The crypto provider pagewire uses (aws-lc-rs: its AES-GCM is faster than ring's here,
+/// docs/benchmarks.md#tls), with AES-128-GCM preferred: the fastest suite on CPUs with AES-NI
+/// and CLMUL.
 pub fn provider() -> Arc<CryptoProvider> {
-    let mut p = rustls::crypto::ring::default_provider();
+    use rustls::crypto::aws_lc_rs::{cipher_suite, default_provider};
+    let mut p = default_provider();
     p.cipher_suites = vec![
-        rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
-        rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
-        rustls::crypto::ring::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+        cipher_suite::TLS13_AES_128_GCM_SHA256,
+        cipher_suite::TLS13_AES_256_GCM_SHA384,
+        cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
     ];
     Arc::new(p)
 }

@@ -13,7 +13,7 @@
 //! data), then `len` bytes: AEAD(plaintext ‖ inner content type) ‖ 16-byte tag. The nonce is
 //! the 12-byte IV XOR the 64-bit record sequence number (left-padded).
 
-use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
+use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 use rustls::ConnectionTrafficSecrets;
 
 use super::TlsError;
