@@ -117,6 +117,9 @@ struct Slot {
     /// The packet as the stage prepared it for the wire (TLS records), when it is not sent
     /// from the pieces themselves.
     sealed: Vec<u8>,
+    /// The stage has prepared this Ready packet (done ahead while an earlier send is in
+    /// flight, else at submission; always in queue order).
+    staged: bool,
     msg: libc::msghdr,
     /// Counters applied to the channel's stats when the send completes.
     pending: ChannelStats,
@@ -143,6 +146,7 @@ impl Slot {
             remaining: 0,
             zc: ZcTrack::default(),
             sealed: Vec::new(),
+            staged: false,
             // SAFETY: msghdr is a plain C struct for which all-zero is a valid value.
             msg: unsafe { std::mem::zeroed() },
             pending: ChannelStats::default(),
@@ -352,6 +356,11 @@ impl SendChannel {
                 // The round's packets are all sent; their zero-copy notifications are not
                 // all in: the guest pages stay referenced until they are.
                 self.reap(true, progress)?;
+                continue;
+            }
+            // While a send is in flight, prepare the next queued packet for the wire (seal it)
+            // instead of waiting idle.
+            if self.in_flight.is_some() && self.stage_ahead()? {
                 continue;
             }
             if self.compressing > 0 {
@@ -659,17 +668,44 @@ impl SendChannel {
         slot.state = State::Ready;
     }
 
+    /// Let the stage prepare the first Ready packet in the queue it has not prepared yet (the
+    /// queue is the send order, which TLS sequence numbers must follow). Returns whether
+    /// there was one.
+    fn stage_ahead(&mut self) -> Result<bool, ChannelError> {
+        let Some(&key) = self
+            .ready
+            .iter()
+            .find(|&&k| self.slots.get(k).is_some_and(|s| !s.staged))
+        else {
+            return Ok(false);
+        };
+        let Some(slot) = self.slots.get_mut(key) else {
+            return Ok(false);
+        };
+        let slot: &mut Slot = slot;
+        // SAFETY: as in `submit`: the Ready slot's iovecs point at its own buffers and at
+        // guest pages valid for the round.
+        if let Err(kind) = unsafe { self.stage.prepare(&mut slot.iov, &mut slot.sealed) } {
+            return Err(self.err(kind));
+        }
+        slot.staged = true;
+        Ok(true)
+    }
+
     fn submit(&mut self, key: usize) -> Result<(), ChannelError> {
         let fd = self.stream.as_raw_fd();
         let Some(slot) = self.slots.get_mut(key) else {
             return Err(self.err(ChannelErrorKind::Aborted));
         };
         let slot: &mut Slot = slot;
-        // SAFETY: the slot's iovecs point at its own header, length array and zbuf and at
-        // guest pages of the memory being sent, all valid while the slot is Ready.
-        if let Err(kind) = unsafe { self.stage.prepare(&mut slot.iov, &mut slot.sealed) } {
-            return Err(self.err(kind));
+        if !slot.staged {
+            // SAFETY: the slot's iovecs point at its own header, length array and zbuf and
+            // at guest pages of the memory being sent, all valid while the slot is Ready.
+            if let Err(kind) = unsafe { self.stage.prepare(&mut slot.iov, &mut slot.sealed) } {
+                return Err(self.err(kind));
+            }
         }
+        slot.staged = false;
         slot.first = 0;
         slot.remaining = slot.iov.iter().map(|v| v.iov_len).sum();
         slot.zc = ZcTrack::default();

@@ -25,7 +25,7 @@ pub use rustls;
 /// Plaintext bytes per record by default (the largest TLS allows: per-record cost is noise).
 pub const DEFAULT_RECORD_SIZE: usize = record::MAX_PLAINTEXT;
 /// Bytes of ciphertext a reader buffers (several records per receive).
-pub const READ_BUFFER: usize = 8 * (record::HEADER_LEN + record::MAX_BODY);
+pub const READ_BUFFER: usize = 32 * (record::HEADER_LEN + record::MAX_BODY);
 
 /// Errors of the TLS layer.
 #[derive(Debug, Error)]
