@@ -698,6 +698,7 @@ fn send(a: SendArgs) -> Res<()> {
     if a.common.json {
         let mut v = stats_json(&stats);
         v["command"] = json!("send");
+        v["tls"] = json!(cfg.tls.is_some());
         v["codec"] = json!(cfg.codec.name());
         v["per_round"] = json!(per_round
             .iter()
@@ -855,6 +856,7 @@ fn recv(a: RecvArgs) -> Res<()> {
         )),
         None => None,
     };
+    let tls_on = cfg.tls.is_some();
     let mut receiver = Receiver::bind(addr, cfg).map_err(|e| e.to_string())?;
     if let Some(t) = a.accept_timeout {
         receiver.set_accept_timeout(Some(Duration::from_secs_f64(t.max(0.0))));
@@ -872,6 +874,7 @@ fn recv(a: RecvArgs) -> Res<()> {
     if a.common.json {
         let mut v = stats_json(&done.stats);
         v["command"] = json!("recv");
+        v["tls"] = json!(tls_on);
         v["write_seconds"] = json!(write_secs);
         println!("{v}");
     } else {

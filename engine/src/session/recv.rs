@@ -476,7 +476,12 @@ impl Receiver {
 
 /// Without a shared secret, a receiver accepts only loopback peers unless `insecure` is set.
 pub fn peer_allowed(cfg: &Config, peer: &SocketAddr) -> Result<(), SessionError> {
-    handshake::peer_allowed_with(cfg.secret.is_some(), cfg.insecure, peer)
+    // TLS client certificates authenticate a peer as a shared secret does.
+    handshake::peer_allowed_with(
+        cfg.secret.is_some() || cfg.tls.is_some(),
+        cfg.insecure,
+        peer,
+    )
 }
 
 /// The page decoder `d` asks for.
