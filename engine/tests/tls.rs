@@ -90,7 +90,11 @@ fn round_trip(codec: CodecKind, channels: u16, record_size: usize) {
     if let Some(t) = t.as_mut() {
         t.record_size = record_size;
     }
-    let c = cfg(codec, channels, t);
+    // Zero copy asked for: TLS must not use it (the records are sealed copies anyway).
+    let c = Config {
+        zero_copy: pagewire::config::ZeroCopy::On,
+        ..cfg(codec, channels, t)
+    };
     let size = 8 << 20;
     let src = realistic(size, 11);
     let (r, addr) = receiver(&c);
@@ -132,6 +136,7 @@ fn round_trip(codec: CodecKind, channels: u16, record_size: usize) {
         unsafe { src.block(0).unwrap().as_slice() == got.memory.block(0).unwrap().as_slice() };
     assert!(same, "{codec:?} x{channels}: receiver memory differs");
     assert_eq!(total.rounds, 3);
+    assert_eq!(total.total.zc_sends, 0, "zero copy used under TLS");
 }
 
 #[test]

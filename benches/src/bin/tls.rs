@@ -11,7 +11,8 @@
 //!    Variants are interleaved run by run; medians of `--runs`.
 //!
 //! `cargo build --release -p pagewire-examples -p pagewire-benches [--features ring]
-//!  && target/release/tls [--size 512MiB] [--runs 3] [--only aead|migrate] [--json]`
+//!  && target/release/tls [--size 512MiB] [--runs 3] [--only aead|migrate] [--filter deflate]
+//!  [--json]` (`--filter`: only the migration variants whose name contains it)
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -247,7 +248,7 @@ fn migrate_once(v: &Variant, img: &Path, certs: &Path, size: u64) -> Sample {
     }
 }
 
-fn migrate(size: u64, runs: usize) -> Vec<Value> {
+fn migrate(size: u64, runs: usize, filter: Option<&str>) -> Vec<Value> {
     let dir = std::env::temp_dir().join(format!("pagewire-tls-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("tmp dir");
     let certs = dir.join("certs");
@@ -279,6 +280,9 @@ fn migrate(size: u64, runs: usize) -> Vec<Value> {
         tls: true,
         record: 4096,
     });
+    if let Some(f) = filter {
+        variants.retain(|v| v.name.contains(f));
+    }
     let mut samples: Vec<Vec<Sample>> = variants.iter().map(|_| Vec::new()).collect();
     for run in 0..runs {
         for (i, v) in variants.iter().enumerate() {
@@ -337,7 +341,7 @@ fn main() {
         Vec::new()
     };
     let mig_rows = if only.as_deref().is_none_or(|o| o == "migrate") {
-        migrate(size, runs)
+        migrate(size, runs, arg(&args, "--filter").as_deref())
     } else {
         Vec::new()
     };
