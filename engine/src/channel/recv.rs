@@ -156,23 +156,34 @@ impl RecvChannel {
         if self.ring.is_none() {
             let mut ring = Ring::new(8).map_err(|e| self.err(Place::Init, e.into()))?;
             if self.set.registered_buffers {
-                let bufs = [
-                    libc::iovec {
-                        iov_base: self.header_buf.as_mut_ptr().cast(),
-                        iov_len: self.header_buf.len(),
-                    },
-                    libc::iovec {
-                        iov_base: self.zlen_buf.as_mut_ptr().cast(),
-                        iov_len: self.zlen_buf.len(),
-                    },
-                    libc::iovec {
-                        iov_base: self.zbuf.as_mut_ptr().cast(),
-                        iov_len: self.zbuf.len(),
-                    },
-                ];
-                // SAFETY: the three buffers are owned by this channel, never resized after
-                // construction, and outlive the ring (dropped with the channel, the ring first:
-                // `ring` is declared before the buffers; see also Drop for leaks on errors).
+                let bufs = match self.tls.as_mut() {
+                    // TLS: the kernel writes only ciphertext, into the record reader's buffer.
+                    Some(rd) => {
+                        let (base, len) = rd.region();
+                        vec![libc::iovec {
+                            iov_base: base.cast(),
+                            iov_len: len,
+                        }]
+                    }
+                    None => vec![
+                        libc::iovec {
+                            iov_base: self.header_buf.as_mut_ptr().cast(),
+                            iov_len: self.header_buf.len(),
+                        },
+                        libc::iovec {
+                            iov_base: self.zlen_buf.as_mut_ptr().cast(),
+                            iov_len: self.zlen_buf.len(),
+                        },
+                        libc::iovec {
+                            iov_base: self.zbuf.as_mut_ptr().cast(),
+                            iov_len: self.zbuf.len(),
+                        },
+                    ],
+                };
+                // SAFETY: the buffers are owned by this channel (the record reader's too), never
+                // resized after construction, and outlive the ring (dropped with the channel,
+                // the ring first: `ring` is declared before the buffers and `tls`; see also
+                // `drain_after_error` for leaks on errors).
                 match unsafe { ring.register_buffers(&bufs) } {
                     Ok(()) => {
                         self.fixed = bufs
@@ -494,9 +505,23 @@ impl RecvChannel {
                     "internal: TLS receive buffer full",
                 ))));
             }
-            let sqe = opcode::Recv::new(types::Fd(fd), ptr, len.min(u32::MAX as usize) as u32)
-                .build()
-                .user_data(1);
+            let len = len.min(u32::MAX as usize);
+            let fixed = self.fixed.iter().position(|&(base, blen)| {
+                let p = ptr as usize;
+                p >= base && p + len <= base + blen
+            });
+            let sqe = match fixed {
+                Some(index) => {
+                    self.stats.reads_fixed += 1;
+                    opcode::ReadFixed::new(types::Fd(fd), ptr, len as u32, index as u16)
+                        .offset(u64::MAX)
+                        .build()
+                        .user_data(1)
+                }
+                None => opcode::Recv::new(types::Fd(fd), ptr, len as u32)
+                    .build()
+                    .user_data(1),
+            };
             let Some(ring) = self.ring.as_mut() else {
                 return Err(mk(ChannelErrorKind::Aborted));
             };

@@ -249,6 +249,12 @@ impl RecordReader {
         }
     }
 
+    /// The receive buffer's address and length, for registering it with io_uring. It is
+    /// allocated once, in [`RecordReader::new`], and never moves or resizes.
+    pub fn region(&mut self) -> (*mut u8, usize) {
+        (self.buf.as_mut_ptr(), self.buf.len())
+    }
+
     /// Records opened so far.
     pub fn records(&self) -> u64 {
         self.records
