@@ -302,7 +302,11 @@ impl Dialer {
         tcp.set_write_timeout(Some(timeout)).map_err(io)?;
         let t = tls::client(tcp, cfg.clone(), name.clone(), *record_size)?;
         tracing::debug!(%addr, suite = t.suite(), "TLS established");
-        Ok(tls::Conn::Tls(Box::new(t)))
+        let conn = tls::Conn::Tls(Box::new(t));
+        // As a clear-text connection leaves `connect`: the caller sets what it needs.
+        conn.tcp().set_read_timeout(None).map_err(io)?;
+        conn.tcp().set_write_timeout(None).map_err(io)?;
+        Ok(conn)
     }
 }
 
