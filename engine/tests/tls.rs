@@ -455,3 +455,27 @@ fn missing_credentials_name_the_file() {
     assert!(msg.contains("client-cert.pem"), "{msg}");
     assert!(matches!(e, SessionError::Credentials(_)));
 }
+
+#[test]
+fn a_peer_stalling_mid_handshake_is_refused_with_one_line() {
+    let dir = certs(&GenerateSpec::default());
+    let c = Config {
+        idle_timeout: Duration::from_secs(1),
+        ..cfg(CodecKind::None, 1, tls(dir.path()))
+    };
+    let (r, addr) = receiver(&c);
+    let rejections = r.watch_rejections();
+    let rt = std::thread::spawn(move || r.serve(ReceiveInto::Allocate));
+    // The start of a ClientHello record, then silence.
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(&[0x16, 3, 1, 0, 200, 1, 0, 0]).unwrap();
+    let e = rejections
+        .recv_timeout(Duration::from_secs(5))
+        .expect("refused")
+        .error
+        .to_string();
+    one_line(&e);
+    assert!(e.contains("went silent during the TLS handshake"), "{e}");
+    drop(s);
+    assert!(rt.join().unwrap().is_err());
+}

@@ -185,7 +185,13 @@ fn finish(
             }
             first = false;
         }
-        if conn.read_tls(&mut tcp)? == 0 {
+        let got = conn.read_tls(&mut tcp).map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                TlsError::Setup("the peer went silent during the TLS handshake (timeout)".into())
+            }
+            _ => TlsError::Io(e),
+        })?;
+        if got == 0 {
             return Err(TlsError::Setup(
                 "the peer closed the connection during the TLS handshake".into(),
             ));
