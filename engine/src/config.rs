@@ -49,8 +49,11 @@ pub struct Config {
     pub page_size: u32,
     /// Pages per multifd packet.
     pub pages_per_packet: u32,
-    /// Codec (sender).
+    /// Codec (sender). The default, `Auto`, compresses only what the link cannot carry raw.
     pub codec: CodecKind,
+    /// Sender: cap on the session's wire rate across all channels, bytes per second
+    /// (`None`: no cap). `Auto` treats the cap as the link.
+    pub max_bandwidth: Option<u64>,
     /// DEFLATE level for the deflate codec.
     pub level: i32,
     /// Settings of the qpl codec (Huffman mode, level, path).
@@ -71,6 +74,10 @@ pub struct Config {
     pub skip_incompressible: bool,
     /// SENDMSG_ZC use (sender).
     pub zero_copy: ZeroCopy,
+    /// Sender: before reading a batch of pages, ask the kernel which of them hold data
+    /// (SEEK_DATA/SEEK_HOLE on a file-backed block, /proc/self/pagemap on anonymous memory,
+    /// see `datamap`); pages never written go as zero pages without being read.
+    pub find_holes: bool,
     /// Receiver: read headers, length arrays and all-compressed payloads into buffers
     /// registered with the ring (READ_FIXED); falls back with a warning when registration fails.
     pub registered_buffers: bool,
@@ -80,12 +87,20 @@ pub struct Config {
     pub secret: Option<Secret>,
     /// Receiver without a secret: accept peers that are not on loopback.
     pub insecure: bool,
+    /// Receiver allocating the memory itself: populate it (every page faulted in) before the
+    /// first packet, as QEMU's destination prealloc does; off by default, like QEMU's.
+    pub prealloc: bool,
     /// TLS 1.3 with mutual certificate authentication on every connection (`None`: clear
     /// text). Both sides must agree.
     pub tls: Option<TlsConfig>,
     /// Receiver: largest total guest memory a hello may ask for when the receiver allocates
     /// the memory itself.
     pub max_memory: u64,
+    /// The VM's identity (QEMU's `-uuid`). The sender puts it in the hello and in every
+    /// channel's init packet (random per session when `None`); a receiver with one set refuses
+    /// a session whose uuid differs. Freshness of the handshake never depends on it: the
+    /// authentication proofs cover both sides' per-session nonces.
+    pub vm_uuid: Option<[u8; 16]>,
 }
 
 impl Default for Config {
@@ -93,10 +108,12 @@ impl Default for Config {
         Config {
             page_size: DEFAULT_PAGE_SIZE,
             pages_per_packet: DEFAULT_PAGES_PER_PACKET,
-            codec: CodecKind::Deflate,
+            codec: CodecKind::Auto,
             level: crate::codec::deflate::DEFAULT_LEVEL,
             qpl: QplSettings::default(),
             decoder: Decoder::Auto,
+            max_bandwidth: None,
+            prealloc: false,
             channels: 1,
             depth: 4,
             idle_timeout: Duration::from_secs(30),
@@ -104,10 +121,12 @@ impl Default for Config {
             max_memory: default_max_memory(),
             skip_incompressible: true,
             zero_copy: ZeroCopy::Auto,
+            find_holes: true,
             registered_buffers: true,
             pinning: Pinning::Off,
             secret: None,
             insecure: false,
+            vm_uuid: None,
             tls: None,
         }
     }
@@ -127,5 +146,68 @@ pub fn default_max_memory() -> u64 {
         (pages as u64).saturating_mul(size as u64)
     } else {
         64 << 30
+    }
+}
+
+/// Parse a uuid in the standard text form, 8-4-4-4-12 hex digits (`-uuid` of QEMU,
+/// `/sys/class/dmi/id/product_uuid`); either case.
+pub fn parse_uuid(text: &str) -> Option<[u8; 16]> {
+    let t = text.trim().as_bytes();
+    let groups_ok = t.len() == 36
+        && t.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => c.is_ascii_hexdigit(),
+        });
+    if !groups_ok {
+        return None;
+    }
+    let mut digits = t.iter().filter(|c| **c != b'-').map(|c| match c {
+        b'0'..=b'9' => c - b'0',
+        b'a'..=b'f' => c - b'a' + 10,
+        _ => c - b'A' + 10,
+    });
+    let mut out = [0u8; 16];
+    for byte in &mut out {
+        let hi = digits.next()?;
+        let lo = digits.next()?;
+        *byte = (hi << 4) | lo;
+    }
+    Some(out)
+}
+
+/// The standard text form of a uuid (lower case, 8-4-4-4-12).
+pub fn format_uuid(u: &[u8; 16]) -> String {
+    let mut s = String::with_capacity(36);
+    for (i, b) in u.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            s.push('-');
+        }
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuid_text_round_trip_and_rejects() {
+        let u = parse_uuid("0123abcd-4567-89EF-0a1b-2c3d4e5f6a7b").expect("valid");
+        assert_eq!(u[0], 0x01);
+        assert_eq!(u[3], 0xcd);
+        assert_eq!(u[6], 0x89);
+        assert_eq!(u[15], 0x7b);
+        assert_eq!(format_uuid(&u), "0123abcd-4567-89ef-0a1b-2c3d4e5f6a7b");
+        for bad in [
+            "",
+            "0123abcd456789ef0a1b2c3d4e5f6a7b",
+            "0123abcd-4567-89ef-0a1b-2c3d4e5f6a7",
+            "0123abcd-4567-89ef-0a1b-2c3d4e5f6a7bb",
+            "0123abcg-4567-89ef-0a1b-2c3d4e5f6a7b",
+            "0123abcd-456-789ef-0a1b-2c3d4e5f6a7b",
+        ] {
+            assert_eq!(parse_uuid(bad), None, "{bad}");
+        }
     }
 }

@@ -6,6 +6,12 @@
 //! ([`crate::channel::apply`]). Rounds are respected: every capture is applied up to its
 //! next SYNC before any capture goes past it, so a page resent in a later round on one
 //! channel is never overwritten by its older copy from another channel.
+//!
+//! Streams that open with a SYNC right after their init packet (QEMU's setup SYNC, and
+//! pagewire's since it follows QEMU's cadence) are recognised when *every* capture opens that
+//! way: that SYNC ends no round. Older recordings without it decode as before. (A recording
+//! without opening SYNCs whose every channel carried nothing in the first round would be
+//! counted one round short; the decoded memory is the same either way.)
 
 use std::io::{self, Read};
 
@@ -45,8 +51,11 @@ pub enum DecodeError {
 /// Counters of a decode.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct DecodeStats {
-    /// Rounds seen (SYNC packets per channel, the most of any channel).
+    /// Rounds seen (SYNC packets per channel, the most of any channel, less the opening
+    /// SYNC where the streams have one).
     pub rounds: u64,
+    /// Every stream opened with a SYNC right after its init packet (QEMU's cadence).
+    pub opening_sync: bool,
     /// Compression found in the streams ("none" or "qpl").
     pub compression: String,
     /// Pages per packet found in the streams.
@@ -65,6 +74,8 @@ struct Stream<R> {
     done: bool,
     stats: ChannelStats,
     rounds: u64,
+    /// The first packet after the init packet was a SYNC.
+    opened_with_sync: bool,
 }
 
 /// Decode `captures` (name, reader) into `mem` with pages of `page_size` bytes.
@@ -135,6 +146,7 @@ pub fn decode_streams_with<R: Read>(
                 ..Default::default()
             },
             rounds: 0,
+            opened_with_sync: false,
         });
     }
     let blocks: Vec<BlockSpec> = mem
@@ -164,8 +176,11 @@ pub fn decode_streams_with<R: Read>(
             st.run_to_sync(mem, s)?;
         }
     }
+    let opening_sync = !streams.is_empty() && streams.iter().all(|s| s.opened_with_sync);
+    let syncs = streams.iter().map(|s| s.rounds).max().unwrap_or(0);
     let mut out = DecodeStats {
-        rounds: streams.iter().map(|s| s.rounds).max().unwrap_or(0),
+        rounds: syncs.saturating_sub(u64::from(opening_sync)),
+        opening_sync,
         compression: st.compression.map_or("none", |c| c.name()).to_string(),
         pages_per_packet: st.ppp.unwrap_or(0),
         ..Default::default()
@@ -308,6 +323,7 @@ impl State {
             if self.header.is_sync() {
                 s.stats.sync_packets += 1;
                 s.rounds += 1;
+                s.opened_with_sync |= index == 0;
                 return Ok(());
             }
             let normal = self.header.normal_pages;
@@ -391,6 +407,7 @@ impl State {
                 &self.zbuf,
                 &mut self.decomp,
                 &mut s.stats,
+                None,
             )
             .map_err(|e| {
                 cerr(
@@ -497,10 +514,84 @@ mod tests {
             .expect("mem");
         let st =
             decode_streams(&mem, vec![("qemu".to_string(), &stream[..])], 4096).expect("decodes");
-        assert_eq!(st.rounds, 3);
+        // The first SYNC is the opening one (QEMU's setup SYNC): two rounds, three SYNCs.
+        assert!(st.opening_sync);
+        assert_eq!(st.rounds, 2);
+        assert_eq!(st.total.sync_packets, 3);
         assert_eq!(st.pages_per_packet, 128);
         let b = mem.block(0).expect("block").to_vec();
         assert!(b[4096..8192].iter().all(|&x| x == 0xAA));
         assert!(b[8192..12288].iter().all(|&x| x == 0xBB));
+    }
+
+    fn init(channel_id: u8) -> Vec<u8> {
+        InitPacket {
+            uuid: [1; 16],
+            channel_id,
+        }
+        .encode()
+        .to_vec()
+    }
+
+    /// QEMU's captured layout of a one-round migration on each channel: `sync, data…, sync,
+    /// sync` (setup, the pass over the dirty bitmap, completion). Decoded as two rounds (the
+    /// pass, and a completion that carried nothing) with the data in place.
+    #[test]
+    fn qemu_one_round_cadence() {
+        let mut a = init(0);
+        a.extend(qemu_sync(0));
+        a.extend(raw_packet(1, 0, 0x11));
+        a.extend(raw_packet(2, 4096, 0x22));
+        a.extend(qemu_sync(5));
+        a.extend(qemu_sync(7));
+        let mut b = init(1);
+        b.extend(qemu_sync(0));
+        b.extend(raw_packet(3, 8192, 0x33));
+        b.extend(qemu_sync(6));
+        b.extend(qemu_sync(8));
+        let mem = GuestMemory::new(vec![Block::anonymous("pc.ram", 16 * 4096).expect("map")])
+            .expect("mem");
+        let caps = vec![("b".to_string(), &b[..]), ("a".to_string(), &a[..])];
+        let st = decode_streams(&mem, caps, 4096).expect("decodes");
+        assert!(st.opening_sync);
+        assert_eq!(st.rounds, 2);
+        assert_eq!(
+            st.channels
+                .iter()
+                .map(|c| c.sync_packets)
+                .collect::<Vec<_>>(),
+            [3, 3]
+        );
+        let m = mem.block(0).expect("block").to_vec();
+        assert!(m[..4096].iter().all(|&x| x == 0x11));
+        assert!(m[4096..8192].iter().all(|&x| x == 0x22));
+        assert!(m[8192..12288].iter().all(|&x| x == 0x33));
+    }
+
+    /// A recording without opening SYNCs in which one channel carried nothing in round 1 (its
+    /// stream starts with round 1's SYNC): not taken for an opening SYNC, so round 2's copy of
+    /// a page on that channel still wins over round 1's copy on the other.
+    #[test]
+    fn old_recording_with_an_empty_first_round_on_one_channel() {
+        // Channel 0: round 1 writes page 0 (old); round 2 nothing.
+        let mut a = init(0);
+        a.extend(raw_packet(0, 0, 0x01));
+        a.extend(qemu_sync(1));
+        a.extend(qemu_sync(4));
+        // Channel 1: round 1 nothing; round 2 rewrites page 0 (new).
+        let mut b = init(1);
+        b.extend(qemu_sync(2));
+        b.extend(raw_packet(3, 0, 0x02));
+        b.extend(qemu_sync(5));
+        let mem = GuestMemory::new(vec![Block::anonymous("pc.ram", 16 * 4096).expect("map")])
+            .expect("mem");
+        // Channel 1 first: with its first SYNC misread as an opening one, round 2's page would
+        // be applied before channel 0's round 1 copy and then overwritten.
+        let caps = vec![("b".to_string(), &b[..]), ("a".to_string(), &a[..])];
+        let st = decode_streams(&mem, caps, 4096).expect("decodes");
+        assert!(!st.opening_sync);
+        assert_eq!(st.rounds, 2);
+        let m = mem.block(0).expect("block").to_vec();
+        assert!(m[..4096].iter().all(|&x| x == 0x02), "round 2's copy wins");
     }
 }

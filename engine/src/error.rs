@@ -61,6 +61,8 @@ pub enum ChannelErrorKind {
         "peer closed the channel with {packets} packet(s) after its last SYNC (round not ended)"
     )]
     OpenRound { packets: u64 },
+    #[error("field flags: expected the opening SYNC the hello announced, got a packet with pages")]
+    NoOpeningSync,
     #[error("peer idle for {secs:.1} s (idle timeout)")]
     Idle { secs: f64 },
     #[error("socket: {0}")]

@@ -1,10 +1,121 @@
 //! pagewire: moves virtual-machine memory pages between hosts during live migration.
 //!
 //! A VMM hands pagewire its guest RAM ([`GuestMemory`]) and, each round, the pages that were
-//! dirtied ([`RoundPages`]); a [`Sender`] compresses each 4 KiB page on its own (raw DEFLATE,
-//! QEMU multifd-qpl framing) and sends packets over several TCP channels with io_uring; a
-//! [`Receiver`] writes them into the destination's guest memory. The wire format is QEMU's
-//! multifd format, version 1, byte for byte (see `docs/wire-format.md`).
+//! dirtied ([`RoundPages`], usually from a [`DirtyLog`]); a [`Sender`] compresses each 4 KiB
+//! page on its own (raw DEFLATE, QEMU multifd-qpl framing) and sends packets over several TCP
+//! channels with io_uring; a [`Receiver`] writes them into the destination's guest memory. The
+//! wire format is QEMU's multifd format, version 1, byte for byte (see `docs/wire-format.md`).
+//!
+//! # Embedding in a rust-vmm VMM
+//!
+//! A VMM built on `vm-memory` (cloud-hypervisor, Firecracker and others) keeps its
+//! `GuestMemoryMmap`: [`vmm::guest_memory`] turns its regions into pagewire's blocks (the same
+//! host memory, no copy), [`vmm::collect_dirty`] drains vm-memory's dirty bitmaps into a
+//! [`DirtyLog`], and KVM's per-slot dirty bitmaps go into the same log with
+//! [`DirtyLog::add_bitmap`]. Read [`vmm`]'s safety contract for memory a running guest
+//! shares. A whole migration over loopback, guest RAM in two regions with a hole between them
+//! (this example runs as a doctest):
+//!
+//! ```
+//! # #[cfg(feature = "vm-memory")]
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use pagewire::{vmm, Config, DirtyLog, ReceiveInto, Receiver, Sender};
+//! use vm_memory::{bitmap::AtomicBitmap, Bytes, GuestAddress, GuestMemoryMmap};
+//!
+//! // 4 MiB at 0, a hole, 2 MiB at 4 GiB; vm-memory tracks the VMM's own writes.
+//! let ranges = [(GuestAddress(0), 4 << 20), (GuestAddress(1 << 32), 2 << 20)];
+//!
+//! // Destination VMM: the same layout; pagewire writes straight into its regions.
+//! let dst_vm = GuestMemoryMmap::<AtomicBitmap>::from_ranges(&ranges)?;
+//! let receiver = Receiver::bind("127.0.0.1:0".parse()?, Config::default())?;
+//! let addr = receiver.local_addr()?;
+//! let into = Arc::new(vmm::guest_memory(&dst_vm)?);
+//! let destination = std::thread::spawn(move || receiver.serve(ReceiveInto::Memory(into)));
+//!
+//! // Source VMM: a guest that has been running.
+//! let src_vm = GuestMemoryMmap::<AtomicBitmap>::from_ranges(&ranges)?;
+//! src_vm.write_slice(b"kernel", GuestAddress(0x1000))?;
+//! src_vm.write_slice(&[0xAB; 8192], GuestAddress((1 << 32) + 0x10000))?;
+//! let src = Arc::new(vmm::guest_memory(&src_vm)?);
+//! let cfg = Config { channels: 2, ..Config::default() };
+//! let mut sender = Sender::connect(addr, cfg.clone(), src.clone())?;
+//!
+//! // Round 1: every page. Drain the bitmaps first, so they then hold what changes meanwhile.
+//! let mut dirty = DirtyLog::new(&src, cfg.page_size);
+//! vmm::collect_dirty(&src_vm, &mut dirty)?;
+//! dirty.mark_all();
+//! sender.send_round(dirty.take_round(cfg.pages_per_packet))?;
+//!
+//! // The guest's devices wrote while round 1 ran; round 2 sends just those pages. (With KVM,
+//! // also `dirty.add_bitmap(slot, &vm_fd.get_dirty_log(slot, len)?)` for each slot.)
+//! src_vm.write_slice(b"virtio used ring", GuestAddress((1 << 32) + 0x3000))?;
+//! vmm::collect_dirty(&src_vm, &mut dirty)?;
+//! let round2 = sender.send_round(dirty.take_round(cfg.pages_per_packet))?;
+//! assert_eq!(round2.total.pages_normal + round2.total.pages_zero, 1);
+//! // The last round runs with the vCPUs paused; then the device state, then the end.
+//! sender.send_state(b"vcpu and device state")?;
+//! sender.finish()?;
+//!
+//! let received = destination.join().expect("receiver thread")?;
+//! assert_eq!(received.state, vec![b"vcpu and device state".to_vec()]);
+//! for (addr, len) in ranges {
+//!     let (mut a, mut b) = (vec![0u8; len], vec![1u8; len]);
+//!     src_vm.read_slice(&mut a, addr)?;
+//!     dst_vm.read_slice(&mut b, addr)?;
+//!     assert!(a == b, "region at {addr:?} differs");
+//! }
+//! # Ok(()) }
+//! # #[cfg(not(feature = "vm-memory"))]
+//! # fn main() {}
+//! ```
+//!
+//! # Letting pagewire drive the migration
+//!
+//! The loop above, grown up, is [`Driver::migrate`]: it sends round after round until the
+//! predicted downtime fits a limit, throttles a guest that dirties memory faster than the link
+//! drains it, gives up (or hands over to post-copy) after a round or time limit, and logs and
+//! counts each decision ([`driver`]). The VMM implements [`Vmm`], a handful of methods:
+//!
+//! ```no_run
+//! # #[cfg(feature = "vm-memory")]
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::{sync::Arc, time::Duration};
+//! use pagewire::driver::{Outcome, VmmError};
+//! use pagewire::{vmm, Config, DirtyLog, Driver, Policy, Sender, Vmm};
+//! use vm_memory::{bitmap::AtomicBitmap, GuestMemoryMmap};
+//!
+//! struct MyVmm { mem: GuestMemoryMmap<AtomicBitmap> /* , vm_fd, vcpus, devices ... */ }
+//!
+//! impl Vmm for MyVmm {
+//!     fn collect_dirty(&mut self, log: &mut DirtyLog) -> Result<(), VmmError> {
+//!         vmm::collect_dirty(&self.mem, log)?; // the VMM's own writes
+//!         // for each KVM slot: log.add_bitmap(slot, &vm_fd.get_dirty_log(slot, len)?)?;
+//!         Ok(())
+//!     }
+//!     fn pause(&mut self) -> Result<(), VmmError> { /* stop the vCPUs */ Ok(()) }
+//!     fn save_state(&mut self) -> Result<Vec<u8>, VmmError> { Ok(b"vcpus+devices".to_vec()) }
+//!     fn throttle(&mut self, percent: u8) -> Result<bool, VmmError> { /* ... */ Ok(true) }
+//! }
+//!
+//! # let mut my_vmm = MyVmm { mem: GuestMemoryMmap::from_ranges(&[])? };
+//! let src = Arc::new(vmm::guest_memory(&my_vmm.mem)?);
+//! let cfg = Config { channels: 4, ..Config::default() };
+//! let sender = Sender::connect("10.0.0.2:4444".parse()?, cfg.clone(), src.clone())?;
+//! let driver = Driver::new(Policy::new(Duration::from_millis(300)), &cfg);
+//! match driver.migrate(sender, &mut my_vmm, &src)? {
+//!     Outcome::Completed { report, .. } => println!("downtime {:?}", report.downtime),
+//!     Outcome::PostCopy { .. } => unreachable!("post-copy is off by default"),
+//! }
+//! # Ok(()) }
+//! # #[cfg(not(feature = "vm-memory"))]
+//! # fn main() {}
+//! ```
+//!
+//! # Without vm-memory
+//!
+//! Any VMM can describe its RAM as [`Block`]s ([`Block::from_raw`] for memory it owns) and
+//! pass dirty pages as offsets or KVM-style bitmaps ([`BlockPages`]).
 //!
 //! A whole migration on loopback, with two rounds (this example runs as a doctest):
 //!
@@ -50,25 +161,43 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Layers: [`codec`] (per-page compression), [`channel`] (one io_uring loop per channel),
-//! [`session`] (control connection, channels, rounds), [`decode`] (offline decoding of
-//! recorded channel streams).
+//! # Identity and access
+//!
+//! [`Config::vm_uuid`] is the VM's identity on the wire (QEMU's `-uuid`): it travels in the
+//! hello and every channel's init packet, and a receiver that has one refuses another VM's
+//! session; unset, each session gets a random one. A shared secret
+//! ([`session::auth::Secret`] in [`Config::secret`]) makes every connection prove it knows it.
+//!
+//! # Layers
+//!
+//! [`driver`] (the convergence loop), [`vmm`] and [`dirty`] (guest memory and dirty pages
+//! from a VMM), [`session`] (control connection, channels, rounds), [`channel`] (one io_uring
+//! loop per channel), [`codec`] and [`accel`] (per-page compression), [`decode`] (offline
+//! decoding of recorded channel streams). The demo's generated pages live outside the library,
+//! in the `pagewire-synth` dev crate.
 
 pub mod accel;
 pub mod channel;
 pub mod codec;
 pub mod config;
+pub mod datamap;
 pub mod decode;
+pub mod dirty;
+pub mod driver;
 pub mod error;
+pub mod fresh;
 pub mod memory;
 pub mod pages;
 pub mod pin;
 pub mod session;
 pub mod stats;
-pub mod synth;
+#[cfg(feature = "vm-memory")]
+pub mod vmm;
 
 pub use codec::CodecKind;
 pub use config::Config;
+pub use dirty::{DirtyError, DirtyLog};
+pub use driver::{Driver, Policy, Vmm};
 pub use error::{ChannelError, SessionError};
 pub use memory::{Block, GuestMemory, MemoryError};
 pub use pages::{BlockPages, RoundPages};

@@ -18,6 +18,8 @@ use std::ptr::NonNull;
 use memmap2::{MmapMut, MmapOptions, MmapRaw};
 use thiserror::Error;
 
+use crate::datamap::Contents;
+
 /// Errors of the guest-memory layer.
 #[derive(Debug, Error)]
 pub enum MemoryError {
@@ -52,6 +54,8 @@ enum Backing {
     File(#[allow(dead_code)] MmapRaw),
     /// Memory owned by the embedding VMM.
     External,
+    /// Memory owned by an object the block keeps alive (e.g. a vm-memory `MmapRegion`).
+    Kept(#[allow(dead_code)] Box<dyn std::any::Any + Send + Sync>),
 }
 
 /// One named, contiguous block of guest memory.
@@ -60,6 +64,10 @@ pub struct Block {
     ptr: NonNull<u8>,
     len: usize,
     writable: bool,
+    /// What the memory is made of: lets the sender find never-written pages (`datamap`).
+    contents: Contents,
+    /// Sender: drop this mapping's copy of a page once its packet is sent (file mappings).
+    release_sent: bool,
     _backing: Backing,
 }
 
@@ -114,8 +122,38 @@ impl Block {
             ptr,
             len: size,
             writable: true,
+            contents: Contents::Anonymous,
+            release_sent: false,
             _backing: Backing::Owned(map),
         })
+    }
+
+    /// Populate the block: fault every page in, writable, now (MADV_POPULATE_WRITE, Linux
+    /// 5.14+), so that receiving into it later takes no page faults (a receiver's `prealloc`,
+    /// like QEMU's destination prealloc). Contents are unchanged. Fails on older kernels
+    /// and on read-only blocks.
+    pub fn populate(&self) -> std::io::Result<()> {
+        if !self.writable {
+            return Err(std::io::Error::other("read-only block"));
+        }
+        if self.len == 0 {
+            return Ok(());
+        }
+        // SAFETY: the range is this block's mapping, alive for `self`'s lifetime;
+        // MADV_POPULATE_WRITE only faults pages in (as a write of nothing would) and leaves
+        // their contents as they are.
+        let rc = unsafe {
+            libc::madvise(
+                self.ptr.as_ptr().cast(),
+                self.len,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
     }
 
     /// A file mapped into memory. `writable`: shared writable mapping (writes go to the
@@ -160,11 +198,21 @@ impl Block {
         let ptr =
             NonNull::new(ptr).ok_or_else(|| map_err(std::io::Error::other("null mapping")))?;
         let len = usize::try_from(len).map_err(|_| map_err(std::io::Error::other("too large")))?;
+        let contents = match file.try_clone() {
+            Ok(f) => Contents::File {
+                file: std::sync::Arc::new(f),
+                offset: 0,
+                shared: !copy_on_write,
+            },
+            Err(_) => Contents::Unknown,
+        };
         Ok(Block {
             name: name.into(),
             ptr,
             len,
             writable: writable || copy_on_write,
+            contents,
+            release_sent: false,
             _backing: backing,
         })
     }
@@ -191,7 +239,37 @@ impl Block {
             ptr,
             len,
             writable,
+            contents: Contents::Unknown,
+            release_sent: false,
             _backing: Backing::External,
+        })
+    }
+
+    /// Memory owned by `owner`, which the block keeps alive (and drops with the last user of
+    /// the block): the way to hand pagewire a mapping an `Arc` owns, such as vm-memory's
+    /// `MmapRegion` (see `vmm::guest_memory`).
+    ///
+    /// # Safety
+    /// - `ptr..ptr + len` must be one mapping that stays valid for as long as `owner` lives
+    ///   (owner's drop may unmap it; nothing else may);
+    /// - the access rules of [`Block::from_raw`] apply: the destination's guest does not run
+    ///   while a receiver writes; on the source the guest may run (torn pages are resent).
+    pub unsafe fn from_raw_owned(
+        name: &str,
+        ptr: NonNull<u8>,
+        len: usize,
+        writable: bool,
+        owner: Box<dyn std::any::Any + Send + Sync>,
+    ) -> Result<Block, MemoryError> {
+        check_name(name)?;
+        Ok(Block {
+            name: name.into(),
+            ptr,
+            len,
+            writable,
+            contents: Contents::Unknown,
+            release_sent: false,
+            _backing: Backing::Kept(owner),
         })
     }
 
@@ -207,6 +285,73 @@ impl Block {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+    /// What the memory is made of, for finding never-written pages without reading them.
+    pub fn contents(&self) -> &Contents {
+        &self.contents
+    }
+
+    /// Declare what the memory is made of (a VMM's own memory, [`Block::from_raw`], is
+    /// [`Contents::Unknown`] until it says so): `Anonymous` for private anonymous memory,
+    /// `File` for a mapping of a memfd, shmem or image file. The sender then sends pages the
+    /// kernel reports as never written as zero pages without reading them. A wrong declaration
+    /// sends zeros for data: declare only what is true of the whole block.
+    pub fn with_contents(mut self, contents: Contents) -> Block {
+        self.contents = contents;
+        self
+    }
+
+    /// Sender: once a packet's pages have been sent, drop them from this mapping
+    /// (`MADV_DONTNEED`), so sending a large image does not grow the process's resident memory
+    /// by the image's size. Only for a shared or read-only file mapping
+    /// ([`Block::from_file`] without copy-on-write), where that loses nothing: a dropped page
+    /// is read back from the file if it is needed again. Other blocks are left as they are.
+    pub fn release_after_send(mut self) -> Block {
+        if matches!(self._backing, Backing::File(_)) {
+            self.release_sent = true;
+        } else {
+            tracing::warn!(block = %self.name, "release after send applies to shared or read-only file mappings only; ignored");
+        }
+        self
+    }
+
+    /// Whether sent pages are dropped from this mapping ([`Block::release_after_send`]).
+    pub fn releases_after_send(&self) -> bool {
+        self.release_sent
+    }
+
+    /// Drop `len` bytes at `offset` from this mapping if the block releases sent pages; the
+    /// range is shrunk to whole host pages. The memory stays mapped: a later access reads the
+    /// file again.
+    pub(crate) fn release(&self, offset: u64, len: usize) {
+        if !self.release_sent {
+            return;
+        }
+        let hp = crate::datamap::host_page_size() as usize;
+        let (Ok(off), true) = (usize::try_from(offset), hp.is_power_of_two()) else {
+            return;
+        };
+        let start = off.next_multiple_of(hp);
+        let end = off.saturating_add(len).min(self.len) & !(hp - 1);
+        if start >= end {
+            return;
+        }
+        // SAFETY: start..end lies inside this block's mapping, which is a shared or read-only
+        // file mapping (release_sent is only set for those): MADV_DONTNEED there only unmaps
+        // page-cache pages from this process, the file keeps the data and the next access
+        // faults it back in. No Rust reference to the range is held across this call (guest
+        // memory is only accessed through raw pointers, see the module docs).
+        let rc = unsafe {
+            libc::madvise(
+                self.ptr.as_ptr().add(start).cast(),
+                end - start,
+                libc::MADV_DONTNEED,
+            )
+        };
+        if rc != 0 {
+            tracing::debug!(block = %self.name, error = %std::io::Error::last_os_error(), "madvise(DONTNEED) failed");
+        }
+    }
+
     /// Whether a receiver may write it.
     pub fn is_writable(&self) -> bool {
         self.writable
@@ -340,6 +485,31 @@ impl GuestMemory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Populating faults every page in (the mapping's resident size grows to the block) and
+    /// changes no byte.
+    #[test]
+    fn populate_faults_pages_in_and_keeps_contents() {
+        let b = Block::anonymous("ram", 4 << 20).expect("map");
+        // SAFETY: fresh block, only this test uses it.
+        unsafe { b.as_mut_slice()[5000] = 7 };
+        match b.populate() {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                eprintln!("SKIP populate: kernel lacks MADV_POPULATE_WRITE (5.14+)");
+                return;
+            }
+            r => r.expect("populate"),
+        }
+        let mut vec = vec![0u8; (4 << 20) / 4096];
+        // SAFETY: the range is the block's mapping; `vec` has one byte per page.
+        let rc = unsafe { libc::mincore(b.as_ptr().cast(), b.len(), vec.as_mut_ptr()) };
+        assert_eq!(rc, 0);
+        assert!(vec.iter().all(|v| v & 1 == 1), "every page resident");
+        // SAFETY: as above.
+        let s = unsafe { b.as_slice() };
+        assert_eq!(s[5000], 7);
+        assert_eq!(s.iter().map(|&x| x as u64).sum::<u64>(), 7);
+    }
 
     #[test]
     fn range_ptr_bounds() {

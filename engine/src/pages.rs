@@ -3,6 +3,7 @@
 //! Channels pull batches from a shared cursor (an atomic counter), so a fast channel takes
 //! more batches than a slow one and all of them stay busy until the round's pages run out.
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// The pages of one block that a round sends.
@@ -27,6 +28,8 @@ pub struct RoundPages {
     chunks: usize,
     cursor: AtomicUsize,
     pages: u64,
+    /// Per block index: byte ranges the VMM says hold nothing this round (sorted, merged).
+    known_zero: Vec<(usize, Vec<Range<u64>>)>,
 }
 
 #[derive(Debug)]
@@ -115,7 +118,33 @@ impl RoundPages {
             chunks,
             cursor: AtomicUsize::new(0),
             pages,
+            known_zero: Vec::new(),
         }
+    }
+
+    /// The VMM's own knowledge: in block `block`, the byte `ranges` hold nothing worth sending
+    /// in this round (never written, or free pages from balloon / free-page hints). Selected
+    /// pages that lie wholly inside them go as zero pages without being read, and arrive as
+    /// zeros. The hint is for this round only: a page the guest writes later must be in a later
+    /// round's selection, as any dirtied page.
+    pub fn with_known_zero(mut self, block: usize, mut ranges: Vec<Range<u64>>) -> RoundPages {
+        crate::datamap::normalize(&mut ranges);
+        match self.known_zero.iter_mut().find(|(b, _)| *b == block) {
+            Some((_, v)) => {
+                v.extend(ranges);
+                crate::datamap::normalize(v);
+            }
+            None => self.known_zero.push((block, ranges)),
+        }
+        self
+    }
+
+    /// The ranges of block `block` the VMM declared zero for this round (sorted, merged).
+    pub fn known_zero(&self, block: usize) -> &[Range<u64>] {
+        self.known_zero
+            .iter()
+            .find(|(b, _)| *b == block)
+            .map_or(&[], |(_, v)| v.as_slice())
     }
 
     /// Every page of every block.

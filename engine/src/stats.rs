@@ -45,8 +45,25 @@ pub struct ChannelStats {
     pub zc_notifications: u64,
     /// Notifications reporting that the kernel copied the data anyway (always, on loopback).
     pub zc_copied: u64,
+    /// Zero pages handled without reading the page: on the sender, pages the kernel (or the
+    /// VMM) reported never written; on the receiver, zero pages on fresh memory, left untouched.
+    pub pages_zero_unread: u64,
     /// CPU time of the channel's thread.
     pub cpu_seconds: f64,
+    /// Codec auto: normal pages sent raw by choice (the link would have idled while they were
+    /// compressed, or it carries raw pages faster than compressing them pays).
+    pub pages_raw_chosen: u64,
+    /// Of `pages_raw_chosen`: because compressing would not pay (the link carries raw pages
+    /// faster, or the receiver is the bottleneck); the rest: the link would have idled.
+    pub pages_raw_link_fast: u64,
+    /// Normal pages sent raw because they are incompressible (a sample showed it, or the
+    /// compressed output did not fit in a page).
+    pub pages_incompressible: u64,
+    /// Codec auto: the link's drain rate as last measured, bytes/s (0: never measured; summed
+    /// over channels in a total).
+    pub link_rate: f64,
+    /// Codec auto: the compressor's measured speed, page bytes/s (summed over channels).
+    pub compress_rate: f64,
 }
 
 /// Every u64 counter of [`ChannelStats`], listed once for the arithmetic below.
@@ -70,7 +87,11 @@ macro_rules! u64_counters {
             zc_sends,
             reads_fixed,
             zc_notifications,
-            zc_copied
+            zc_copied,
+            pages_raw_chosen,
+            pages_raw_link_fast,
+            pages_incompressible,
+            pages_zero_unread
         )
     };
 }
@@ -83,9 +104,12 @@ impl ChannelStats {
         }
         u64_counters!(add);
         self.cpu_seconds += other.cpu_seconds;
+        self.link_rate += other.link_rate;
+        self.compress_rate += other.compress_rate;
     }
 
-    /// What was counted since `earlier`, a snapshot of the same (monotonic) counters.
+    /// What was counted since `earlier`, a snapshot of the same (monotonic) counters (rates
+    /// are the latest measurement, kept as they are).
     pub fn since(&self, earlier: &ChannelStats) -> ChannelStats {
         let mut d = self.clone();
         macro_rules! sub {
@@ -115,6 +139,14 @@ impl SessionStats {
     pub fn gbps(&self) -> f64 {
         if self.seconds > 0.0 {
             self.total.memory_bytes as f64 / self.seconds / 1e9
+        } else {
+            0.0
+        }
+    }
+    /// Observed wire rate: bytes on the wire per second of the session (or round).
+    pub fn wire_rate(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.total.wire_bytes as f64 / self.seconds
         } else {
             0.0
         }
@@ -204,12 +236,19 @@ mod tests {
             reads_fixed: 16,
             zc_notifications: 17,
             zc_copied: 18,
+            pages_zero_unread: 19,
             cpu_seconds: 0.5,
+            pages_raw_chosen: 20,
+            pages_raw_link_fast: 21,
+            pages_incompressible: 22,
+            link_rate: 0.0,
+            compress_rate: 0.0,
         };
         let mut two = one.clone();
         two.add(&one);
         assert_eq!(two.packets, 2);
         assert_eq!(two.zc_copied, 36);
+        assert_eq!(two.pages_incompressible, 44);
         assert_eq!(two.cpu_seconds, 1.0);
         assert_eq!(
             two.since(&one),

@@ -10,10 +10,10 @@ use pagewire::accel::qpl::{Huffman, QplPath};
 use pagewire::accel::testing::{Script, ScriptedAccel};
 use pagewire::accel::Accelerator;
 use pagewire::config::Decoder;
-use pagewire::synth::{self, PageSet};
 use pagewire::{
     Block, CodecKind, Config, GuestMemory, ReceiveInto, Receiver, RoundPages, Sender, SessionStats,
 };
+use pagewire_synth::{self as synth, PageSet};
 
 const PS: u32 = 4096;
 

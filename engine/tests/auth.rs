@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pagewire::session::auth::Secret;
-use pagewire::synth::{self, PageSet};
 use pagewire::{
     Block, CodecKind, Config, GuestMemory, ReceiveInto, Receiver, RoundPages, Sender, SessionError,
 };
+use pagewire_synth::{self as synth, PageSet};
 use pagewire_transport::control::{read_message, write_message, Hello, HelloAuth, Message};
 use pagewire_transport::wire::{BlockSpec, Compression, InitPacket};
 
@@ -200,6 +200,7 @@ fn channel_with_wrong_token_refused() {
             nonce: nonce_s,
             mac: sec.sender_proof(&nonce_r, &nonce_s, &uuid),
         }),
+        opening_sync: false,
     };
     write_message(&mut ctl, &Message::Hello(hello)).expect("hello");
     match read_message(&mut ctl).expect("hello-ok") {
@@ -210,7 +211,7 @@ fn channel_with_wrong_token_refused() {
     }
     let mut ch = TcpStream::connect(addr).expect("channel");
     // A token for another channel id: valid HMAC, wrong binding.
-    ch.write_all(&sec.channel_token(&nonce_r, &uuid, 1))
+    ch.write_all(&sec.channel_token(&nonce_r, &nonce_s, &uuid, 1))
         .expect("token");
     ch.write_all(
         &InitPacket {

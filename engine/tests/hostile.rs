@@ -70,6 +70,7 @@ fn cfg() -> Config {
 
 /// What the receiver did: finished `serve`, or refused a connection before any session
 /// (it then goes on serving).
+#[allow(clippy::large_enum_variant)] // a test's channel message; size does not matter
 enum Event {
     Done(Result<Received, SessionError>),
     Refused(SessionError),
@@ -167,6 +168,8 @@ fn hello(compression: Compression, channels: u16, block_size: u64) -> Hello {
             size: block_size,
         }],
         auth: None,
+        // Hand-built streams start with data, as recordings from before the opening SYNC do.
+        opening_sync: false,
     }
 }
 
@@ -1309,6 +1312,62 @@ fn valid_none_stream_with_qemu_style_sync_is_accepted() {
             _ => assert!(got.iter().all(|&x| x == PATTERN), "page {page} was written"),
         }
     }
+}
+
+/// A sender that announces the opening SYNC (FEATURE_OPENING_SYNC) opens each channel with a
+/// SYNC, as QEMU does at setup: that SYNC ends no round.
+#[test]
+fn opening_sync_ends_no_round() {
+    let mem = patterned_memory(BLOCK_PAGES);
+    let srv = serve(ReceiveInto::Memory(mem.clone()));
+    let h = Hello {
+        opening_sync: true,
+        ..hello(Compression::None, 1, BLOCK_SIZE)
+    };
+    let mut control = handshake(srv.addr, &h);
+    let mut ch = open_channel(srv.addr, UUID, 0);
+    let a = noise_page(21);
+    ch.write_all(&sync_packet(0)).unwrap();
+    ch.write_all(&packet(Compression::None, 1, &[Page::Raw(0x4000, a.clone())]).bytes())
+        .unwrap();
+    ch.write_all(&sync_packet(2)).unwrap();
+    write_message(&mut control, &Message::RoundEnd { round: 1 }).unwrap();
+    assert_eq!(
+        read_message(&mut control).unwrap(),
+        Message::RoundDone { round: 1 }
+    );
+    drop(ch);
+    write_message(&mut control, &Message::End).unwrap();
+    assert_eq!(read_message(&mut control).unwrap(), Message::EndOk);
+    let got = srv
+        .result()
+        .expect("a stream with an opening SYNC is accepted");
+    assert_eq!(got.stats.rounds, 1);
+    assert_eq!(got.stats.total.sync_packets, 2, "opening SYNC + round 1's");
+    let bytes = mem.block(0).unwrap().to_vec();
+    assert!(bytes[0x4000..0x5000] == a[..]);
+}
+
+/// The hello announced the opening SYNC, but the channel starts with data: refused, naming the
+/// channel, the packet and the field.
+#[test]
+fn announced_opening_sync_missing() {
+    let mem = patterned_memory(BLOCK_PAGES);
+    let srv = serve(ReceiveInto::Memory(mem.clone()));
+    let h = Hello {
+        opening_sync: true,
+        ..hello(Compression::None, 1, BLOCK_SIZE)
+    };
+    let mut control = handshake(srv.addr, &h);
+    let mut ch = open_channel(srv.addr, UUID, 0);
+    let _ =
+        ch.write_all(&packet(Compression::None, 0, &[Page::Raw(0x4000, noise_page(1))]).bytes());
+    expect_error_on_control(&mut control, "expected the opening SYNC");
+    let err = srv.result().expect_err("refused").to_string();
+    assert!(err.contains("channel 0, packet #0"), "{err}");
+    assert!(err.contains("field flags"), "{err}");
+    let bytes = mem.block(0).unwrap().to_vec();
+    assert!(bytes.iter().all(|&b| b == PATTERN), "memory untouched");
 }
 
 #[test]

@@ -11,11 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pagewire::session::tls::{generate, GenerateSpec, TlsConfig};
-use pagewire::synth::{self, PageSet};
 use pagewire::{
     Block, BlockPages, CodecKind, Config, GuestMemory, ReceiveInto, Receiver, RoundPages, Sender,
     SessionError,
 };
+use pagewire_synth::{self as synth, PageSet};
 
 const PS: u32 = 4096;
 /// Receiver memory is filled with this before a failing session; the source never has it.

@@ -26,6 +26,42 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("'{s}' is too large"))
 }
 
+/// Parse a rate into bytes per second: "2.5gbit", "800mbit", "10kbit" (bits, decimal units
+/// as `tc` spells them), "300MB/s", "1GiB/s", "64KiB/s" (bytes), or a plain number of bytes
+/// per second.
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let bad = || format!("'{s}' is not a rate (e.g. 2.5gbit, 800mbit, 300MB/s, 1GiB/s)");
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    let unit = unit.trim().to_ascii_lowercase();
+    let unit = unit.strip_suffix("/s").unwrap_or(&unit);
+    let unit = unit.strip_suffix("ps").unwrap_or(unit);
+    let mul: f64 = match unit {
+        "" | "b" => 1.0,
+        "bit" => 1.0 / 8.0,
+        "kbit" => 1e3 / 8.0,
+        "mbit" => 1e6 / 8.0,
+        "gbit" => 1e9 / 8.0,
+        "tbit" => 1e12 / 8.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        _ => return Err(bad()),
+    };
+    let v = n * mul;
+    if !(v.is_finite() && (1.0..1e15).contains(&v)) {
+        return Err(format!("'{s}': a rate must be between 1 byte/s and 1 PB/s"));
+    }
+    Ok(v.round() as u64)
+}
+
 /// "256.0 MiB".
 pub fn human_bytes(b: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -60,6 +96,9 @@ fn rows(out: &mut String, s: &SessionStats, r: Option<&SessionStats>) {
     add("wire / memory", &|s| format!("{:.3}", s.wire_ratio()));
     add("seconds", &|s| format!("{:.3}", s.seconds));
     add("GB/s of memory", &|s| format!("{:.2}", s.gbps()));
+    add("GB/s on the wire", &|s| {
+        format!("{:.2}", s.wire_rate() / 1e9)
+    });
     add("CPU seconds", &|s| format!("{:.2}", s.total.cpu_seconds));
     add("CPU s / GiB", &|s| {
         let gib = s.total.memory_bytes as f64 / (1u64 << 30) as f64;
@@ -70,12 +109,23 @@ fn rows(out: &mut String, s: &SessionStats, r: Option<&SessionStats>) {
         }
     });
     add("pages: zero", &|s| s.total.pages_zero.to_string());
+    add("  of which not read", &|s| {
+        s.total.pages_zero_unread.to_string()
+    });
     add("pages: compressed", &|s| {
         s.total.pages_compressed.to_string()
     });
     add("pages: raw", &|s| s.total.pages_raw.to_string());
     add("  of which not tried", &|s| {
         s.total.pages_skipped.to_string()
+    });
+    if s.total.pages_raw_chosen > 0 {
+        add("  raw by auto's choice", &|s| {
+            s.total.pages_raw_chosen.to_string()
+        });
+    }
+    add("  raw as incompressible", &|s| {
+        s.total.pages_incompressible.to_string()
     });
     add("packets", &|s| s.total.packets.to_string());
     if s.total.jobs_hardware + s.total.jobs_software > 0 {
@@ -144,6 +194,19 @@ mod tests {
         assert!(parse_size("12XB").is_err());
         assert!(parse_size("").is_err());
         assert!(parse_size("99999999999999GiB").is_err());
+    }
+
+    #[test]
+    fn rates() {
+        assert_eq!(parse_rate("1gbit"), Ok(125_000_000));
+        assert_eq!(parse_rate("2.5gbit"), Ok(312_500_000));
+        assert_eq!(parse_rate("800mbit"), Ok(100_000_000));
+        assert_eq!(parse_rate("300MB/s"), Ok(300_000_000));
+        assert_eq!(parse_rate("1GiB/s"), Ok(1 << 30));
+        assert_eq!(parse_rate("5000"), Ok(5000));
+        assert!(parse_rate("fast").is_err());
+        assert!(parse_rate("0").is_err());
+        assert!(parse_rate("1.2.3gbit").is_err());
     }
 
     #[test]

@@ -15,11 +15,11 @@ use pagewire::decode::{decode_streams_with, DecodeStats};
 use pagewire::pin::Pinning;
 use pagewire::session::auth::Secret;
 use pagewire::session::tls::{GenerateSpec, TlsConfig};
-use pagewire::synth::{self, PageSet};
 use pagewire::{
     Block, BlockPages, CodecKind, Config, GuestMemory, Progress, ReceiveInto, Receiver, RoundPages,
     Sender, SessionStats,
 };
+use pagewire_synth::{self as synth, PageSet};
 use serde_json::json;
 
 mod format;
@@ -88,6 +88,20 @@ struct Common {
     /// (default: auto for send and recv, off for demo).
     #[arg(long)]
     cpus: Option<String>,
+    /// The VM's uuid (8-4-4-4-12 hex, QEMU's -uuid): send puts it in the hello and every
+    /// channel's init packet (default: random per session); recv refuses another VM's.
+    #[arg(long)]
+    vm_uuid: Option<String>,
+}
+
+fn vm_uuid(c: &Common) -> Res<Option<[u8; 16]>> {
+    c.vm_uuid
+        .as_deref()
+        .map(|s| {
+            pagewire::config::parse_uuid(s)
+                .ok_or_else(|| format!("--vm-uuid '{s}': expected 8-4-4-4-12 hex digits"))
+        })
+        .transpose()
 }
 
 fn pinning(c: &Common, default: Pinning) -> Res<Pinning> {
@@ -178,9 +192,14 @@ fn secret(c: &Common) -> Res<Option<Secret>> {
 
 #[derive(Args, Debug, Clone)]
 struct Tuning {
-    /// Codec: none, deflate, qpl, or auto (qpl on IAA hardware if present, else deflate).
+    /// Codec: none, deflate, qpl, or auto (follows the link: each page compressed, with qpl
+    /// on IAA hardware if present, else deflate, only while the link is busy; else raw).
     #[arg(long, default_value = "auto")]
     codec: String,
+    /// Cap on the session's wire rate over all channels, e.g. 2.5gbit, 800mbit, 300MB/s,
+    /// 1GiB/s, or bytes per second (default: no cap). Codec auto treats the cap as the link.
+    #[arg(long)]
+    max_bandwidth: Option<String>,
     /// Compression level: deflate 1..=12; qpl 1 (default) or 3 (high, QPL software path).
     #[arg(long, default_value_t = pagewire::codec::deflate::DEFAULT_LEVEL)]
     level: i32,
@@ -206,6 +225,11 @@ struct Tuning {
     /// every page (off).
     #[arg(long, default_value = "on")]
     skip_incompressible: String,
+    /// Ask the kernel which pages hold data (SEEK_DATA on image files, pagemap on anonymous
+    /// memory) and send the others as zero pages without reading them (on), or read every
+    /// page (off).
+    #[arg(long, default_value = "on")]
+    find_holes: String,
 }
 
 #[derive(Args, Debug)]
@@ -282,6 +306,10 @@ struct RecvArgs {
     /// Without --secret-file, also accept senders that are not on loopback.
     #[arg(long)]
     insecure: bool,
+    /// Populate the destination memory (fault every page in) before the first packet, as
+    /// QEMU's destination prealloc does (default: off, like QEMU's).
+    #[arg(long)]
+    prealloc: bool,
     /// READ_FIXED into registered buffers (on) or plain receives (off).
     #[arg(long, default_value = "on")]
     registered_buffers: String,
@@ -354,18 +382,17 @@ fn main() -> ExitCode {
     }
 }
 
-/// The codec a name asks for; `auto` is resolved by the library (and the reason logged).
+/// The codec a name asks for; for `auto`, the compressor behind it is logged with the reason.
 fn resolve_codec(name: &str) -> Res<(CodecKind, String)> {
     match name {
         "auto" => {
-            let (codec, why) = pagewire::codec::resolve_auto();
-            tracing::info!(codec = codec.name(), "codec auto: {why}");
-            Ok((codec, why))
+            let (compressor, why) = pagewire::codec::resolve_auto();
+            tracing::info!(compressor = compressor.name(), "codec auto: {why}");
+            Ok((CodecKind::Auto, why))
         }
         other => other
             .parse::<CodecKind>()
-            .map(|c| (c, "chosen on the command line".to_string()))
-            .map_err(|e| format!("{e} (or auto)")),
+            .map(|c| (c, "chosen on the command line".to_string())),
     }
 }
 
@@ -415,11 +442,24 @@ fn config(t: &Tuning, c: &Common, channels: u16) -> Res<Config> {
         "off" => false,
         o => return Err(format!("--skip-incompressible '{o}': expected on or off")),
     };
+    let max_bandwidth = t
+        .max_bandwidth
+        .as_deref()
+        .map(format::parse_rate)
+        .transpose()?;
+    let find_holes = match t.find_holes.as_str() {
+        "on" => true,
+        "off" => false,
+        o => return Err(format!("--find-holes '{o}': expected on or off")),
+    };
     Ok(Config {
+        max_bandwidth,
+        find_holes,
         skip_incompressible,
         zero_copy,
         registered_buffers,
         secret: secret(c)?,
+        vm_uuid: vm_uuid(c)?,
         tls: tls_config(c, None)?,
         codec,
         level,
@@ -476,12 +516,11 @@ fn stats_json(s: &SessionStats) -> serde_json::Value {
         "wire_ratio": s.wire_ratio(),
         "rounds": s.rounds,
         "cpu_seconds": s.total.cpu_seconds,
-        "pages": {
-            "normal": s.total.pages_normal,
-            "zero": s.total.pages_zero,
-            "raw": s.total.pages_raw,
-            "compressed": s.total.pages_compressed,
-            "skipped": s.total.pages_skipped,
+        "wire_gbps": s.wire_rate() / 1e9,
+        "pages": pages_json(&s.total),
+        "auto": {
+            "link_gbps": s.total.link_rate / 1e9,
+            "compress_gbps": s.total.compress_rate / 1e9,
         },
         "packets": s.total.packets,
         "zero_copy": {
@@ -498,6 +537,20 @@ fn stats_json(s: &SessionStats) -> serde_json::Value {
             "failed": s.total.jobs_failed,
         },
         "channels": s.channels,
+    })
+}
+
+fn pages_json(t: &pagewire::ChannelStats) -> serde_json::Value {
+    json!({
+        "normal": t.pages_normal,
+        "zero": t.pages_zero,
+        "raw": t.pages_raw,
+        "compressed": t.pages_compressed,
+        "skipped": t.pages_skipped,
+        "raw_chosen": t.pages_raw_chosen,
+        "raw_link_fast": t.pages_raw_link_fast,
+        "incompressible": t.pages_incompressible,
+        "zero_unread": t.pages_zero_unread,
     })
 }
 
@@ -585,6 +638,9 @@ fn demo(a: DemoArgs) -> Res<()> {
             "command": "demo",
             "tls": cfg.tls.is_some(),
             "codec": cfg.codec.name(),
+            "compressor": compressor(cfg.codec),
+            "auto_choice": auto_line(cfg.codec, &sstats),
+            "max_bandwidth": cfg.max_bandwidth,
             "channels": cfg.channels,
             "verified": verified,
             "generate_seconds": gen_secs,
@@ -606,6 +662,9 @@ fn demo(a: DemoArgs) -> Res<()> {
             }
         );
         print!("{}", summary_table(&sstats, &received.stats));
+        if let Some(line) = auto_line(cfg.codec, &sstats) {
+            println!("{line}");
+        }
         println!(
             "verified: {}",
             if verified {
@@ -647,6 +706,13 @@ fn send(a: SendArgs) -> Res<()> {
     let cow = a.rounds > 1;
     let block = Block::from_file(&a.block_name, &file, false, cow)
         .map_err(|e| format!("{}: {e}", a.image.display()))?;
+    // A read-only mapping loses nothing by dropping sent pages: resident memory stays bounded
+    // by the packets in flight, not the image's size.
+    let block = if cow {
+        block
+    } else {
+        block.release_after_send()
+    };
     let mem = Arc::new(GuestMemory::new(vec![block]).map_err(|e| e.to_string())?);
     mem.check_page_size(cfg.page_size)
         .map_err(|e| format!("{}: {e}", a.image.display()))?;
@@ -700,6 +766,9 @@ fn send(a: SendArgs) -> Res<()> {
         v["command"] = json!("send");
         v["tls"] = json!(cfg.tls.is_some());
         v["codec"] = json!(cfg.codec.name());
+        v["compressor"] = json!(compressor(cfg.codec));
+        v["auto_choice"] = json!(auto_line(cfg.codec, &stats));
+        v["max_bandwidth"] = json!(cfg.max_bandwidth);
         v["per_round"] = json!(per_round
             .iter()
             .enumerate()
@@ -719,8 +788,56 @@ fn send(a: SendArgs) -> Res<()> {
             print!("{}", format::rounds_table(&per_round));
         }
         print!("{}", format::side_table("sender", &stats));
+        if let Some(line) = auto_line(cfg.codec, &stats) {
+            println!("{line}");
+        }
     }
     Ok(())
+}
+
+/// The compressor a codec uses on this host (auto: qpl on IAA hardware, else deflate).
+fn compressor(codec: CodecKind) -> &'static str {
+    match codec {
+        CodecKind::Auto => pagewire::codec::resolve_auto().0.name(),
+        CodecKind::None => "none",
+        c => c.name(),
+    }
+}
+
+/// Codec auto, in one line: what it chose and why.
+fn auto_line(codec: CodecKind, s: &SessionStats) -> Option<String> {
+    if codec != CodecKind::Auto {
+        return None;
+    }
+    let t = &s.total;
+    let normal = t.pages_normal.max(1) as f64;
+    let pct = |n: u64| 100.0 * n as f64 / normal;
+    let idle = t.pages_raw_chosen - t.pages_raw_link_fast.min(t.pages_raw_chosen);
+    let why = if t.pages_raw_chosen == 0 {
+        "the link stayed busy, so compression cost no time".to_string()
+    } else if t.pages_raw_link_fast >= idle {
+        format!(
+            "mostly raw because compressing would not pay: the link time a page saves was \
+             under a third of its compression time, or the receiver was the bottleneck \
+             (link {:.2} GB/s, compressor {:.2} GB/s of pages)",
+            t.link_rate / 1e9,
+            t.compress_rate / 1e9
+        )
+    } else {
+        format!(
+            "raw whenever the link would have waited for compressed pages \
+             (link {:.2} GB/s, compressor {:.2} GB/s of pages)",
+            t.link_rate / 1e9,
+            t.compress_rate / 1e9
+        )
+    };
+    Some(format!(
+        "auto: {:.0} % of the data pages compressed, {:.0} % raw by choice, {:.0} % raw as \
+         incompressible: {why}",
+        pct(t.pages_compressed),
+        pct(t.pages_raw_chosen),
+        pct(t.pages_incompressible)
+    ))
 }
 
 fn round_json(round: u64, r: &SessionStats) -> serde_json::Value {
@@ -729,11 +846,11 @@ fn round_json(round: u64, r: &SessionStats) -> serde_json::Value {
         "memory_bytes": r.total.memory_bytes,
         "wire_bytes": r.total.wire_bytes,
         "seconds": r.seconds,
-        "pages": {
-            "normal": r.total.pages_normal,
-            "zero": r.total.pages_zero,
-            "raw": r.total.pages_raw,
-            "compressed": r.total.pages_compressed,
+        "wire_gbps": r.wire_rate() / 1e9,
+        "pages": pages_json(&r.total),
+        "auto": {
+            "link_gbps": r.total.link_rate / 1e9,
+            "compress_gbps": r.total.compress_rate / 1e9,
         },
     })
 }
@@ -825,8 +942,10 @@ fn recv(a: RecvArgs) -> Res<()> {
     let mut cfg = Config {
         idle_timeout: Duration::from_secs_f64(a.common.idle_timeout),
         secret: secret(&a.common)?,
+        vm_uuid: vm_uuid(&a.common)?,
         tls: tls_config(&a.common, None)?,
         insecure: a.insecure,
+        prealloc: a.prealloc,
         pinning: pinning(&a.common, Pinning::AutoFromLast)?,
         registered_buffers: match a.registered_buffers.as_str() {
             "on" => true,
@@ -887,13 +1006,53 @@ fn recv(a: RecvArgs) -> Res<()> {
     Ok(())
 }
 
+/// Write the memory's blocks, in order, to `file`. A regular file gets runs of non-zero
+/// pages written at their offsets and all-zero pages left as holes (a sparse image, as the
+/// one sent usually is), then is synced; anything else (`/dev/null`, a pipe) gets every byte
+/// in order and no sync (fsync on a character device fails with EINVAL).
 fn write_memory(mem: &GuestMemory, file: File) -> std::io::Result<()> {
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+    use std::os::unix::fs::FileExt;
+    let regular = file.metadata()?.file_type().is_file();
+    if !regular {
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+        for b in mem.blocks() {
+            // SAFETY: the session has ended; no thread writes the memory any more.
+            w.write_all(unsafe { b.as_slice() })?;
+        }
+        return w.flush();
+    }
+    const PAGE: usize = 4096;
+    const MAX_RUN: usize = 8 << 20;
+    file.set_len(0)?;
+    let mut base = 0u64;
     for b in mem.blocks() {
         // SAFETY: the session has ended; no thread writes the memory any more.
-        w.write_all(unsafe { b.as_slice() })?;
+        let bytes = unsafe { b.as_slice() };
+        let mut run: Option<usize> = None;
+        for (i, page) in bytes.chunks(PAGE).enumerate() {
+            let at = i * PAGE;
+            let zero = pagewire::codec::is_zero_page(page);
+            match (run, zero) {
+                (Some(start), true) => {
+                    file.write_all_at(&bytes[start..at], base + start as u64)?;
+                    run = None;
+                }
+                (Some(start), false) if at - start >= MAX_RUN => {
+                    file.write_all_at(&bytes[start..at], base + start as u64)?;
+                    run = Some(at);
+                }
+                (None, false) => run = Some(at),
+                _ => {}
+            }
+        }
+        if let Some(start) = run {
+            file.write_all_at(&bytes[start..], base + start as u64)?;
+        }
+        base += bytes.len() as u64;
     }
-    w.into_inner().map_err(|e| e.into_error())?.sync_all()
+    // The holes at the end, if any, count in the length.
+    file.set_len(base)?;
+    file.sync_all()
 }
 
 fn decode(a: DecodeArgs) -> Res<()> {
@@ -931,6 +1090,7 @@ fn decode(a: DecodeArgs) -> Res<()> {
             "seconds": secs,
             "gbps": if secs > 0.0 { stats.total.memory_bytes as f64 / secs / 1e9 } else { 0.0 },
             "rounds": stats.rounds,
+            "opening_sync": stats.opening_sync,
             "compression": stats.compression,
             "pages_per_packet": stats.pages_per_packet,
             "pages": {
@@ -944,9 +1104,10 @@ fn decode(a: DecodeArgs) -> Res<()> {
         println!("{v}");
     } else {
         println!(
-            "pagewire decode: {} capture(s), {} round(s), compression {}, {} pages applied ({} zero) -> {}",
+            "pagewire decode: {} capture(s), {} round(s){}, compression {}, {} pages applied ({} zero) -> {}",
             a.captures.len(),
             stats.rounds,
+            if stats.opening_sync { " after an opening SYNC" } else { "" },
             stats.compression,
             stats.total.pages_normal + stats.total.pages_zero,
             stats.total.pages_zero,

@@ -203,6 +203,7 @@ fn recv_rejects_a_bad_offset_with_one_line() {
             size: 1 << 20,
         }],
         auth: None,
+        opening_sync: false,
     };
     control::write_message(&mut ctl, &Message::Hello(hello)).expect("hello");
     assert_eq!(
@@ -342,7 +343,28 @@ fn decode_rebuilds_image_from_recorded_send() {
     );
     let v: serde_json::Value = serde_json::from_slice(&dec.stdout).expect("json");
     assert_eq!(v["compression"].as_str(), Some("qpl"));
+    // QEMU's cadence: each channel opens with a SYNC right after its init packet, and carries
+    // rounds + 1 SYNCs; decode recognises the opening one.
     assert_eq!(v["rounds"].as_u64(), Some(1));
+    assert_eq!(v["opening_sync"].as_bool(), Some(true));
+    for (i, ch) in v["channels"]
+        .as_array()
+        .expect("channels")
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(ch["sync_packets"].as_u64(), Some(2), "channel {i}");
+    }
+    for p in &caps {
+        let bytes = std::fs::read(p).expect("capture");
+        // Init packet (64 bytes), then the first packet header: flags at offset 8.
+        assert_eq!(
+            &bytes[64 + 8..64 + 12],
+            &[0, 0, 0, 1],
+            "{}: first packet is a SYNC",
+            p.display()
+        );
+    }
 }
 
 fn qpl_installed() -> Result<String, String> {
@@ -419,12 +441,26 @@ fn codec_auto_without_iaa_uses_deflate_and_says_why() {
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(v["codec"].as_str(), Some("auto"));
     if pagewire::accel::qpl::hardware_available() {
-        assert_eq!(v["codec"].as_str(), Some("qpl"));
+        assert_eq!(v["compressor"].as_str(), Some("qpl"));
     } else {
-        assert_eq!(v["codec"].as_str(), Some("deflate"));
+        assert_eq!(v["compressor"].as_str(), Some("deflate"));
         assert!(log.contains("codec auto: using deflate"), "{log}");
     }
+    // The one line saying what auto chose and why.
+    let line = v["auto_choice"].as_str().expect("auto_choice");
+    assert!(
+        line.starts_with("auto: ") && line.contains("raw by choice"),
+        "{line}"
+    );
+    let p = &v["sender"]["pages"];
+    let n = |k: &str| p[k].as_u64().expect(k);
+    assert_eq!(
+        n("compressed") + n("raw_chosen") + n("incompressible"),
+        n("normal"),
+        "every data page accounted for: {p}"
+    );
 }
 
 #[test]
@@ -572,6 +608,58 @@ fn wrong_secret_refused_with_one_line_on_both_sides() {
         rlog.contains("refused") && rlog.contains("does not match"),
         "{rlog}"
     );
+    assert!(std::fs::read(&img).expect("img") == std::fs::read(&out).expect("out"));
+}
+
+/// `--vm-uuid`: recv with a VM's uuid refuses a sender of another VM (one line on each side)
+/// and serves the sender of its own VM; a malformed uuid is a one-line error.
+#[test]
+fn vm_uuid_selects_the_session() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let img = dir.path().join("guest.img");
+    let out = dir.path().join("out.img");
+    make_image(&img, 4 << 20, 46);
+    const MINE: &str = "0f0e0d0c-0b0a-4908-8706-050403020100";
+    let port = free_port();
+    let recv = spawn_recv(
+        port,
+        &["--out", out.to_str().expect("utf8"), "--vm-uuid", MINE],
+    );
+    let send_as = |uuid: &str| {
+        Command::new(BIN)
+            .args([
+                "send",
+                "--connect",
+                &format!("127.0.0.1:{port}"),
+                "--image",
+                img.to_str().expect("utf8"),
+                "--vm-uuid",
+                uuid,
+            ])
+            .output()
+            .expect("run send")
+    };
+    let bad = send_as("not-a-uuid");
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("--vm-uuid 'not-a-uuid'"), "{err}");
+    let other = send_as("00000000-0000-4000-8000-000000000002");
+    assert!(!other.status.success(), "another VM's sender must fail");
+    let err = String::from_utf8_lossy(&other.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains(MINE), "{err}");
+    let ok = send_as(&MINE.to_uppercase());
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let r = wait_output(recv, Duration::from_secs(20));
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let rlog = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(rlog.trim_end().lines().count(), 1, "{rlog}");
+    assert!(rlog.contains("expects VM"), "{rlog}");
     assert!(std::fs::read(&img).expect("img") == std::fs::read(&out).expect("out"));
 }
 
@@ -737,5 +825,113 @@ fn gen_certs_then_encrypted_send_recv_is_byte_identical() {
             last.contains("TLS") || last.contains("tls"),
             "{who}: {last}"
         );
+    }
+}
+
+/// `recv --out /dev/null` works (a user measuring the link wants it), `--prealloc` populates
+/// the destination first, and a regular `--out` file keeps all-zero pages as holes.
+#[test]
+fn recv_out_dev_null_prealloc_and_sparse_out() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().expect("tmp");
+    let img = dir.path().join("guest.img");
+    make_image(&img, 32 << 20, 9);
+    let send = |port: u16| {
+        Command::new(BIN)
+            .args(["send", "--connect", &format!("127.0.0.1:{port}")])
+            .args(["--image", img.to_str().expect("utf8"), "--channels", "2"])
+            .output()
+            .expect("run send")
+    };
+    let port = free_port();
+    let recv = spawn_recv(port, &["--out", "/dev/null", "--prealloc", "--json"]);
+    let s = send(port);
+    assert!(s.status.success(), "{}", String::from_utf8_lossy(&s.stderr));
+    let r = wait_output(recv, Duration::from_secs(60));
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+
+    let out = dir.path().join("out.img");
+    let port = free_port();
+    let recv = spawn_recv(port, &["--out", out.to_str().expect("utf8")]);
+    let s = send(port);
+    assert!(s.status.success(), "{}", String::from_utf8_lossy(&s.stderr));
+    let r = wait_output(recv, Duration::from_secs(60));
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(
+        std::fs::read(&img).expect("img") == std::fs::read(&out).expect("out"),
+        "OUT differs from IMG"
+    );
+    let m = std::fs::metadata(&out).expect("stat");
+    assert_eq!(m.len(), 32 << 20);
+    assert!(
+        m.blocks() * 512 < m.len() * 9 / 10,
+        "zero pages written as holes: {} of {} bytes allocated",
+        m.blocks() * 512,
+        m.len()
+    );
+}
+
+/// A sparse image (holes between data), sent in one round and in several rounds (whose
+/// simulated guest also writes into holes): the receiver's `--out` equals the sender's memory,
+/// and the holes are counted as pages the sender did not read.
+#[test]
+fn sparse_image_holes_unread_and_identical_in_one_and_several_rounds() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().expect("tmp");
+    let img = dir.path().join("sparse.img");
+    let size: u64 = 64 << 20;
+    let piece = 4usize << 20;
+    let data = dir.path().join("data.img");
+    make_image(&data, 2 * piece, 46);
+    let bytes = std::fs::read(&data).expect("data");
+    let f = std::fs::File::create(&img).expect("create");
+    f.set_len(size).expect("len");
+    // Two 4 MiB pieces at 8 MiB and 40 MiB (2 MiB-aligned: exact at any file-system block size).
+    f.write_all_at(&bytes[..piece], 8 << 20).expect("write");
+    f.write_all_at(&bytes[piece..], 40 << 20).expect("write");
+    drop(f);
+    let image = std::fs::read(&img).expect("img");
+    let hole_pages = (size as usize - 2 * piece) / 4096;
+    for rounds in ["1", "3"] {
+        let out = dir.path().join(format!("out{rounds}.img"));
+        let fin = dir.path().join(format!("final{rounds}.img"));
+        let port = free_port();
+        let recv = spawn_recv(port, &["--out", out.to_str().expect("utf8"), "--json"]);
+        let send = Command::new(BIN)
+            .args(["send", "--connect", &format!("127.0.0.1:{port}")])
+            .args(["--image", img.to_str().expect("utf8")])
+            .args(["--codec", "none", "--channels", "2", "--rounds", rounds])
+            .args(["--final-image", fin.to_str().expect("utf8"), "--json"])
+            .output()
+            .expect("run send");
+        assert!(
+            send.status.success(),
+            "send failed: {}",
+            String::from_utf8_lossy(&send.stderr)
+        );
+        let r = wait_output(recv, Duration::from_secs(60));
+        assert!(
+            r.status.success(),
+            "recv failed: {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+        let final_mem = std::fs::read(&fin).expect("final");
+        assert!(
+            std::fs::read(&out).expect("out") == final_mem,
+            "receiver's memory differs from the sender's ({rounds} rounds)"
+        );
+        let sj: serde_json::Value = serde_json::from_slice(&send.stdout).expect("json");
+        let rounds_json = sj["per_round"].as_array().expect("per_round");
+        assert!(rounds_json[0]["pages"]["zero"].as_u64().unwrap_or(0) as usize >= hole_pages);
+        let unread = sj["pages"]["zero_unread"].as_u64().expect("zero_unread") as usize;
+        if rounds == "1" {
+            assert!(final_mem == image, "one round: the image as it is");
+            assert_eq!(unread, hole_pages, "every hole page, and only they, unread");
+        } else {
+            assert!(final_mem != image, "the simulated guest wrote");
+            assert!(unread >= hole_pages, "round 1 alone skips every hole");
+        }
+        let rj: serde_json::Value = serde_json::from_slice(&r.stdout).expect("json");
+        assert!(rj["pages"]["zero_unread"].as_u64().unwrap_or(0) as usize >= hole_pages);
     }
 }

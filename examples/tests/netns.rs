@@ -221,3 +221,112 @@ fn zero_copy_across_veth_deflate() {
 fn tls_across_veth_is_identical_without_zero_copy() {
     across_veth("none", true);
 }
+
+/// Codec auto through a shaped link (a namespace whose loopback is a 1 Gbit/s tbf, as the link
+/// benchmark makes): whatever mix of raw and compressed pages auto chooses, OUT equals IMG and
+/// every data page is accounted for.
+#[test]
+fn auto_through_a_shaped_link_is_byte_identical() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP auto_through_a_shaped_link_is_byte_identical: needs root");
+        return;
+    }
+    let ns = format!("pwshape{}", std::process::id() % 100_000);
+    if let Err(e) = ip(&["netns", "add", &ns]) {
+        eprintln!("SKIP auto_through_a_shaped_link_is_byte_identical: {e}");
+        return;
+    }
+    struct Ns(String);
+    impl Drop for Ns {
+        fn drop(&mut self) {
+            let _ = ip(&["netns", "del", &self.0]);
+        }
+    }
+    let guard = Ns(ns.clone());
+    ip(&["-n", &ns, "link", "set", "lo", "up"]).expect("lo up");
+    let tc = Command::new("ip")
+        .args([
+            "netns", "exec", &ns, "tc", "qdisc", "add", "dev", "lo", "root", "tbf",
+        ])
+        .args(["rate", "1gbit", "burst", "1mbit", "latency", "20ms"])
+        .output();
+    match tc {
+        Ok(o) if o.status.success() => {}
+        other => {
+            eprintln!("SKIP auto_through_a_shaped_link_is_byte_identical: tc tbf: {other:?}");
+            return;
+        }
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let img = dir.path().join("guest.img");
+    let out = dir.path().join("out.img");
+    make_image(&img, 48 << 20, 5);
+    let recv = in_ns(
+        &ns,
+        &[
+            "recv",
+            "--listen",
+            "127.0.0.1:4444",
+            "--out",
+            out.to_str().expect("utf8"),
+        ],
+    )
+    .args(["--accept-timeout", "30"])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("spawn recv");
+    let t = Instant::now();
+    let send = loop {
+        let o = in_ns(
+            &ns,
+            &[
+                "send",
+                "--connect",
+                "127.0.0.1:4444",
+                "--image",
+                img.to_str().expect("utf8"),
+                "--channels",
+                "2",
+                "--json",
+            ],
+        )
+        .output()
+        .expect("run send");
+        let refused = String::from_utf8_lossy(&o.stderr).contains("refused");
+        if o.status.success() || !refused || t.elapsed() > Duration::from_secs(10) {
+            break o;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        send.status.success(),
+        "send: {}",
+        String::from_utf8_lossy(&send.stderr)
+    );
+    let r = wait_output(recv, Duration::from_secs(60));
+    assert!(
+        r.status.success(),
+        "recv: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert!(
+        std::fs::read(&img).expect("img") == std::fs::read(&out).expect("out"),
+        "OUT differs from IMG"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&send.stdout).expect("json");
+    assert_eq!(v["codec"].as_str(), Some("auto"));
+    let p = &v["pages"];
+    let n = |k: &str| p[k].as_u64().expect(k);
+    assert_eq!(
+        n("compressed") + n("raw_chosen") + n("incompressible"),
+        n("normal"),
+        "{p}"
+    );
+    eprintln!(
+        "1 Gbit/s shaped link, auto: {}",
+        v["auto_choice"].as_str().unwrap_or("")
+    );
+    drop(guard);
+}

@@ -27,6 +27,11 @@ pub const NONCE_LEN: usize = 32;
 pub const MAC_LEN: usize = 32;
 /// Hello feature bit: the hello carries the sender's nonce and its HMAC proof.
 pub const FEATURE_AUTH: u32 = 1;
+/// Hello feature bit: every channel opens with a SYNC packet right after its init packet, as
+/// QEMU's source does at setup (docs/wire-format.md, "Cadence"). That SYNC ends no round.
+pub const FEATURE_OPENING_SYNC: u32 = 2;
+/// Every feature bit this build understands.
+pub const KNOWN_FEATURES: u32 = FEATURE_AUTH | FEATURE_OPENING_SYNC;
 /// Largest frame (type + body) either side accepts.
 pub const MAX_FRAME: usize = 1 << 20;
 /// Longest error message carried (longer ones are truncated by the sender).
@@ -65,7 +70,7 @@ pub struct HelloAuth {
 ///
 /// Body layout: magic "PWCP", version u16, uuid [16], page_size u32, pages_per_packet u32,
 /// compression u32 (the multifd flag value, 0x00 or 0x08), channels u16, features u32
-/// (0, or `FEATURE_AUTH`), block count u16, then per block: name length u8 (1..=255),
+/// (any of `FEATURE_AUTH`, `FEATURE_OPENING_SYNC`), block count u16, then per block: name length u8 (1..=255),
 /// name bytes (UTF-8, no NUL), size u64; then, with `FEATURE_AUTH`, the sender's nonce [32]
 /// and its proof [32].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,6 +83,8 @@ pub struct Hello {
     pub blocks: Vec<BlockSpec>,
     /// Present when the sender authenticates (a shared secret is configured).
     pub auth: Option<HelloAuth>,
+    /// Every channel opens with a SYNC after its init packet (`FEATURE_OPENING_SYNC`).
+    pub opening_sync: bool,
 }
 
 impl Hello {
@@ -203,7 +210,13 @@ impl Hello {
         out.extend_from_slice(&self.pages_per_packet.to_be_bytes());
         out.extend_from_slice(&self.compression.flag().to_be_bytes());
         out.extend_from_slice(&self.channels.to_be_bytes());
-        let features = if self.auth.is_some() { FEATURE_AUTH } else { 0 };
+        let mut features = 0;
+        if self.auth.is_some() {
+            features |= FEATURE_AUTH;
+        }
+        if self.opening_sync {
+            features |= FEATURE_OPENING_SYNC;
+        }
         out.extend_from_slice(&features.to_be_bytes());
         let count = self.blocks.len().min(usize::from(u16::MAX));
         // `count <= u16::MAX` by the line above.
@@ -253,12 +266,12 @@ impl Hello {
         };
         let channels = r.u16()?;
         let features = r.u32()?;
-        if features & !FEATURE_AUTH != 0 {
+        if features & !KNOWN_FEATURES != 0 {
             return Err(invalid(
                 "hello",
                 "features",
                 format!(
-                    "{features:#x}, expected 0 or {FEATURE_AUTH:#x} in control protocol version {CONTROL_VERSION}"
+                    "{features:#x}, expected bits of {KNOWN_FEATURES:#x} only in control protocol version {CONTROL_VERSION}"
                 ),
             ));
         }
@@ -308,6 +321,7 @@ impl Hello {
             channels,
             blocks,
             auth,
+            opening_sync: features & FEATURE_OPENING_SYNC != 0,
         };
         hello.validate()?;
         Ok(hello)
@@ -662,6 +676,7 @@ mod tests {
                 },
             ],
             auth: None,
+            opening_sync: false,
         }
     }
 
@@ -729,6 +744,18 @@ mod tests {
             Message::decode(&frame(1, &short)[4..]),
             Err(ControlError::Truncated { .. })
         ));
+        // Opening SYNC: feature bit 2, nothing more in the body.
+        let mut sync_body = body.clone();
+        sync_body[36..40].copy_from_slice(&[0, 0, 0, 2]);
+        let h = Hello {
+            opening_sync: true,
+            ..hello()
+        };
+        assert_eq!(Message::Hello(h.clone()).encode(), frame(1, &sync_body));
+        assert_eq!(
+            Message::decode(&frame(1, &sync_body)[4..]).unwrap(),
+            Message::Hello(h)
+        );
     }
 
     #[test]
@@ -988,9 +1015,11 @@ mod tests {
 
     #[test]
     fn hello_unknown_features_refused() {
-        let mut b = hello_body();
-        b[36..40].copy_from_slice(&2u32.to_be_bytes());
-        assert_eq!(invalid_field(decode_hello_body(&b)), "features");
+        for bits in [4u32, 0x8000_0000, !KNOWN_FEATURES] {
+            let mut b = hello_body();
+            b[36..40].copy_from_slice(&bits.to_be_bytes());
+            assert_eq!(invalid_field(decode_hello_body(&b)), "features");
+        }
     }
 
     #[test]
@@ -1306,6 +1335,7 @@ mod tests {
                     } else {
                         None
                     },
+                    opening_sync: uuid[2] & 1 == 1,
                 }
             })
     }

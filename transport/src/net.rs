@@ -196,3 +196,114 @@ fn set_buffers(socket: &Socket, addr: SocketAddr, size: usize) -> Result<(), Net
 pub fn is_loopback(addr: &SocketAddr) -> bool {
     addr.ip().is_loopback()
 }
+
+/// SIOCOUTQNSD (linux/sockios.h): bytes in a TCP socket's send queue not yet sent.
+const SIOCOUTQNSD: libc::c_ulong = 0x894B;
+
+/// Bytes written to the TCP socket `fd` that the kernel has not yet sent (SIOCOUTQNSD: data
+/// sent but not acknowledged is not counted: it is already on the link). Falls back to
+/// SIOCOUTQ (unsent plus unacknowledged) on kernels without SIOCOUTQNSD.
+pub fn unsent_bytes(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQNSD writes one int to the pointer, which points at `n`; the fd is
+    // borrowed, so it is open for the call.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), SIOCOUTQNSD as _, &mut n) };
+    if rc == 0 {
+        return Ok(n.max(0) as u64);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::EINVAL) && e.raw_os_error() != Some(libc::ENOTTY) {
+        return Err(e);
+    }
+    // SAFETY: as above, for SIOCOUTQ (= TIOCOUTQ), which also writes one int.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ as _, &mut n) };
+    if rc == 0 {
+        Ok(n.max(0) as u64)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// A TCP connection's chrono counters (TCP_INFO, Linux 4.10+), microseconds since it opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpChrono {
+    /// Time with data in flight or queued to send.
+    pub busy_us: u64,
+    /// Of which: limited by the receiver's window (the peer does not take data as fast as
+    /// the link could carry it).
+    pub rwnd_limited_us: u64,
+    /// Of which: limited by our send buffer.
+    pub sndbuf_limited_us: u64,
+}
+
+/// The chrono counters of TCP socket `fd`; `Ok(None)` where the kernel does not report them.
+pub fn tcp_chrono(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<Option<TcpChrono>> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: tcp_info is a plain C struct for which all-zero is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `info`, which has that size, and
+    // stores the length written in `len`; the fd is borrowed, so it is open.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // The counters are reported only by kernels whose struct reaches past them.
+    let end = std::mem::offset_of!(libc::tcp_info, tcpi_sndbuf_limited) + 8;
+    if (len as usize) < end {
+        return Ok(None);
+    }
+    Ok(Some(TcpChrono {
+        busy_us: info.tcpi_busy_time,
+        rwnd_limited_us: info.tcpi_rwnd_limited,
+        sndbuf_limited_us: info.tcpi_sndbuf_limited,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::AsFd;
+
+    /// A peer that does not read: once its window is full, what we write stays unsent.
+    #[test]
+    fn unsent_bytes_counts_what_the_peer_has_not_taken() {
+        let l = listen("127.0.0.1:0".parse().expect("addr")).expect("listen");
+        let addr = l.local_addr().expect("addr");
+        let mut c = connect(addr, &SocketOptions::default()).expect("connect");
+        let (s, _) = l.accept().expect("accept");
+        assert_eq!(unsent_bytes(c.as_fd()).expect("ioctl"), 0);
+        c.set_nonblocking(true).expect("nonblocking");
+        let buf = vec![7u8; 1 << 16];
+        let mut written = 0u64;
+        loop {
+            match c.write(&buf) {
+                Ok(n) => written += n as u64,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("write: {e}"),
+            }
+        }
+        let unsent = unsent_bytes(c.as_fd()).expect("ioctl");
+        assert!(
+            unsent > 0 && unsent <= written,
+            "unsent {unsent} of {written} written"
+        );
+        // The peer's window is full: the connection has been receiver-limited.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        if let Some(ch) = tcp_chrono(c.as_fd()).expect("TCP_INFO") {
+            assert!(ch.busy_us > 0, "{ch:?}");
+            assert!(ch.rwnd_limited_us > 0, "{ch:?}");
+        }
+        drop(s);
+    }
+}

@@ -34,10 +34,10 @@ use pagewire::accel::{Accelerator, Outcome};
 use pagewire::codec::{
     is_zero_page, DeflateCompressor, DeflateDecompressor, PageCompressor, PageDecompressor,
 };
-use pagewire::synth::{fill, PageSet};
 use pagewire_benches::{
     fmt_gbps, fmt_sig, fmt_times, print_json, Machine, Options, Samples, Table, Timing,
 };
+use pagewire_synth::{fill, PageSet};
 use serde::Serialize;
 
 const PAGE: usize = 4096;

@@ -31,9 +31,9 @@ use pagewire::accel::qpl::{Huffman, QplSettings};
 use pagewire::codec::entropy::likely_incompressible;
 use pagewire::codec::{is_zero_page, DeflateCompressor, PageCompressor};
 use pagewire::stats::thread_cpu_seconds;
-use pagewire::synth::{self, PageSet};
 use pagewire::{Block, CodecKind, Config, GuestMemory};
 use pagewire_benches::loopback_session;
+use pagewire_synth::{self as synth, PageSet};
 
 const PS: usize = 4096;
 const PPP: usize = 128;

@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pagewire::config::ZeroCopy;
-use pagewire::synth::{self, PageSet};
 use pagewire::{Block, CodecKind, Config, GuestMemory};
 use pagewire_benches::{loopback_session, SessionRun};
+use pagewire_synth::{self as synth, PageSet};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));

@@ -19,8 +19,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pagewire::stats::thread_cpu_seconds;
-use pagewire::synth::{self, PageSet};
 use pagewire_benches::{fmt_gbps, print_json, Machine, Table};
+use pagewire_synth::{self as synth, PageSet};
 use serde_json::{json, Value};
 
 const PS: usize = 4096;

@@ -426,7 +426,7 @@ impl PageDecompressor for QplDecompressor {
 mod tests {
     use super::*;
     use crate::codec::{DeflateCompressor, DeflateDecompressor, PageCompressor};
-    use crate::synth::{self, PageSet};
+    use pagewire_synth::{self as synth, PageSet};
 
     fn qpl_or_skip(test: &str) -> bool {
         match Qpl::load() {

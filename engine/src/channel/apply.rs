@@ -5,6 +5,7 @@
 use pagewire_transport::wire::{Compression, PacketHeader};
 
 use crate::codec::{is_zero_page, CodecError, PageDecompressor};
+use crate::fresh::FreshMap;
 use crate::memory::GuestMemory;
 use crate::stats::ChannelStats;
 
@@ -68,6 +69,10 @@ pub fn payload_iovecs(
 
 /// After the payload has landed: inflate every compressed page from `zbuf` into its guest
 /// page and zero every zero page that is not already zero. Counts pages into `stats`.
+///
+/// `fresh`: the map of pages this session has written, when the memory was all zero at the
+/// start (receiver-allocated); a zero page still fresh is left untouched (not even read).
+/// `None`: nothing is known of the memory, every zero page is checked.
 #[allow(clippy::too_many_arguments)] // the receiver's and the decoder's buffers, passed as they own them
 pub fn finish_packet(
     mem: &GuestMemory,
@@ -78,6 +83,7 @@ pub fn finish_packet(
     zbuf: &[u8],
     decomp: &mut dyn PageDecompressor,
     stats: &mut ChannelStats,
+    fresh: Option<&FreshMap>,
 ) -> Result<(), ApplyError> {
     let Some(block) = mem.block(header.block) else {
         return Err(ApplyError {
@@ -119,7 +125,17 @@ pub fn finish_packet(
     } else {
         stats.pages_raw += header.normal_pages as u64;
     }
+    if let Some(f) = fresh {
+        for &off in header.normal_offsets() {
+            f.mark_written(header.block, off);
+        }
+    }
     for (j, &off) in header.zero_offsets().iter().enumerate() {
+        if fresh.is_some_and(|f| f.is_fresh(header.block, off)) {
+            // Still as allocated: all zero, and never faulted in.
+            stats.pages_zero_unread += 1;
+            continue;
+        }
         let dst = block
             .range_ptr(off, ps)
             .ok_or_else(|| oob(header.normal_pages as usize + j, off))?;

@@ -20,6 +20,7 @@ use pagewire_transport::wire::{self, BlockSpec, Compression, HeaderRules, Packet
 use crate::channel::apply::{finish_packet, payload_iovecs};
 use crate::codec::PageDecompressor;
 use crate::error::{ChannelError, ChannelErrorKind, Place};
+use crate::fresh::FreshMap;
 use crate::memory::GuestMemory;
 use crate::stats::{ChannelStats, Progress};
 
@@ -45,6 +46,12 @@ pub struct RecvSettings {
     pub idle_timeout: Duration,
     /// Read headers, length arrays and all-compressed payloads with READ_FIXED.
     pub registered_buffers: bool,
+    /// Pages written so far, when the memory was all zero at the start (receiver-allocated):
+    /// zero pages on fresh pages are left untouched. `None`: every zero page is checked.
+    pub fresh: Option<Arc<FreshMap>>,
+    /// The stream opens with a SYNC right after its init packet (the hello's
+    /// `FEATURE_OPENING_SYNC`): the first packet must be that SYNC, and it ends no round.
+    pub opening_sync: bool,
 }
 
 /// The receiving end of one channel.
@@ -245,13 +252,21 @@ impl RecvChannel {
             };
             self.packets += 1;
             self.stats.wire_bytes += hlen as u64 + self.header.next_packet_size as u64;
+            let opening = self.set.opening_sync && index == 0;
             if self.header.is_sync() {
                 self.stats.sync_packets += 1;
+                if opening {
+                    // QEMU's setup SYNC: nothing came before it, so no round ends.
+                    continue;
+                }
                 round += 1;
                 open = 0;
                 gate.synced(self.id, round)
                     .map_err(|k| self.err(place, k))?;
                 continue;
+            }
+            if opening {
+                return Err(self.err(place, ChannelErrorKind::NoOpeningSync));
             }
             let normal = self.header.normal_pages;
             let qpl = self.set.compression == Compression::Qpl;
@@ -316,6 +331,7 @@ impl RecvChannel {
                 &self.zbuf,
                 &mut *self.decomp,
                 &mut self.stats,
+                self.set.fresh.as_deref(),
             )
             .map_err(|e| {
                 self.err(

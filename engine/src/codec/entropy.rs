@@ -42,7 +42,7 @@ pub fn likely_incompressible(page: &[u8]) -> bool {
 mod tests {
     use super::*;
     use crate::codec::{DeflateCompressor, PageCompressor};
-    use crate::synth::{fill, PageSet};
+    use pagewire_synth::{fill, PageSet};
 
     #[test]
     fn random_pages_are_recognised_and_compressible_ones_are_not() {

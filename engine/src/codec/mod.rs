@@ -24,6 +24,9 @@ pub enum CodecKind {
     Deflate,
     /// Intel QPL: IAA hardware where present, QPL's software path otherwise (flag 0x08).
     Qpl,
+    /// Follows the link: each page compressed (qpl on IAA hardware, else deflate) or sent
+    /// raw, decided per page by the channel loop (`channel::pace`); qpl framing (flag 0x08).
+    Auto,
 }
 
 impl CodecKind {
@@ -33,6 +36,7 @@ impl CodecKind {
             CodecKind::None => "none",
             CodecKind::Deflate => "deflate",
             CodecKind::Qpl => "qpl",
+            CodecKind::Auto => "auto",
         }
     }
 }
@@ -44,14 +48,15 @@ impl std::str::FromStr for CodecKind {
             "none" => Ok(CodecKind::None),
             "deflate" => Ok(CodecKind::Deflate),
             "qpl" => Ok(CodecKind::Qpl),
+            "auto" => Ok(CodecKind::Auto),
             other => Err(format!(
-                "unknown codec '{other}' (expected none, deflate or qpl)"
+                "unknown codec '{other}' (expected none, deflate, qpl or auto)"
             )),
         }
     }
 }
 
-/// What `--codec auto` means on this host: `qpl` where an IAA work queue is usable through
+/// The compressor behind `auto` on this host: `qpl` where an IAA work queue is usable through
 /// libqpl.so.1, else `deflate`. Returns the codec and why it was chosen.
 pub fn resolve_auto() -> (CodecKind, String) {
     match qpl_sys::Qpl::load() {

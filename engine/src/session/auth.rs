@@ -8,11 +8,13 @@
 //!    `HMAC(secret, "pagewire v2 sender" ‖ nonce_r ‖ nonce_s ‖ uuid)`;
 //! 3. receiver → sender: `hello-ok` carrying `HMAC(secret, "pagewire v2 receiver" ‖ nonce_r ‖
 //!    nonce_s ‖ uuid)`, so the sender knows it talks to a holder of the secret too;
-//! 4. each channel connection opens with `HMAC(secret, "pagewire v2 channel" ‖ nonce_r ‖ uuid ‖
-//!    channel_id)` (32 bytes) before its init packet.
+//! 4. each channel connection opens with `HMAC(secret, "pagewire v2 channel" ‖ nonce_r ‖
+//!    nonce_s ‖ uuid ‖ channel_id)` (32 bytes) before its init packet.
 //!
-//! `nonce_r` is fresh for every control connection, so no proof can be replayed into another
-//! session. This authenticates who may connect; it does not encrypt or sign the page stream
+//! `nonce_r` is fresh for every control connection and `nonce_s` for every hello, and every
+//! proof covers both, so no proof can be replayed into another session. The uuid adds no
+//! freshness: it is the VM's identity and an embedder may fix it (`Config::vm_uuid`), so two
+//! sessions of one VM carry the same uuid and still have unrelated proofs. This authenticates who may connect; it does not encrypt or sign the page stream
 //! (run the migration network on a trusted link or inside an encrypted tunnel for that).
 
 use std::path::Path;
@@ -129,21 +131,27 @@ impl Secret {
     pub fn channel_token(
         &self,
         nonce_r: &[u8; NONCE_LEN],
+        nonce_s: &[u8; NONCE_LEN],
         uuid: &[u8; 16],
         id: u8,
     ) -> [u8; MAC_LEN] {
-        self.tag(b"pagewire v2 channel", &[nonce_r, uuid, &[id]])
+        self.tag(b"pagewire v2 channel", &[nonce_r, nonce_s, uuid, &[id]])
     }
 
     /// Check a channel token (constant time).
     pub fn check_channel(
         &self,
         nonce_r: &[u8; NONCE_LEN],
+        nonce_s: &[u8; NONCE_LEN],
         uuid: &[u8; 16],
         id: u8,
         got: &[u8; MAC_LEN],
     ) -> bool {
-        self.check(b"pagewire v2 channel", &[nonce_r, uuid, &[id]], got)
+        self.check(
+            b"pagewire v2 channel",
+            &[nonce_r, nonce_s, uuid, &[id]],
+            got,
+        )
     }
 }
 
@@ -174,9 +182,31 @@ mod tests {
             !a.check_receiver(&r, &s, &u, &p),
             "a sender proof is not a receiver proof"
         );
-        let t = a.channel_token(&r, &u, 0);
-        assert!(a.check_channel(&r, &u, 0, &t));
-        assert!(!a.check_channel(&r, &u, 1, &t), "token is per channel");
+        let t = a.channel_token(&r, &s, &u, 0);
+        assert!(a.check_channel(&r, &s, &u, 0, &t));
+        assert!(!a.check_channel(&r, &s, &u, 1, &t), "token is per channel");
+    }
+
+    /// A fixed VM uuid (Config::vm_uuid) must not make proofs replayable: with the same
+    /// secret and uuid, a new session (new nonce_r from the receiver, new nonce_s from the
+    /// sender) accepts none of the old session's proofs or tokens.
+    #[test]
+    fn same_uuid_two_sessions_proofs_do_not_replay() {
+        let k = Secret::new(b"0123456789abcdef-k".to_vec()).expect("secret");
+        let uuid = [0x42u8; 16];
+        let (r1, s1) = ([1u8; 32], [2u8; 32]);
+        let (r2, s2) = ([3u8; 32], [4u8; 32]);
+        let sp = k.sender_proof(&r1, &s1, &uuid);
+        let rp = k.receiver_proof(&r1, &s1, &uuid);
+        let ct = k.channel_token(&r1, &s1, &uuid, 0);
+        // The old proofs checked against session 2's nonces, and against one new nonce each.
+        for (r, s) in [(r2, s2), (r2, s1), (r1, s2)] {
+            assert!(!k.check_sender(&r, &s, &uuid, &sp));
+            assert!(!k.check_receiver(&r, &s, &uuid, &rp));
+            assert!(!k.check_channel(&r, &s, &uuid, 0, &ct));
+        }
+        // Session 2's own proofs are fine.
+        assert!(k.check_channel(&r2, &s2, &uuid, 0, &k.channel_token(&r2, &s2, &uuid, 0)));
     }
 
     #[test]

@@ -66,6 +66,8 @@ pub(crate) enum Expect {
     Channel {
         uuid: [u8; 16],
         nonce_r: [u8; NONCE_LEN],
+        /// The sender's hello nonce (zero without authentication).
+        nonce_s: [u8; NONCE_LEN],
     },
 }
 
@@ -441,7 +443,11 @@ fn handshake(
                 hello,
             }))
         }
-        Expect::Channel { uuid, nonce_r } => {
+        Expect::Channel {
+            uuid,
+            nonce_r,
+            nonce_s,
+        } => {
             let mut token = [0u8; MAC_LEN];
             if secret.is_some() {
                 stream.read_exact(&mut token).map_err(|e| {
@@ -461,7 +467,7 @@ fn handshake(
                 source,
             })?;
             if let Some(sec) = secret {
-                if !sec.check_channel(nonce_r, uuid, init.channel_id, &token) {
+                if !sec.check_channel(nonce_r, nonce_s, uuid, init.channel_id, &token) {
                     return Err(SessionError::Auth(format!(
                         "channel connection from {peer}: its token does not match this receiver's shared secret"
                     )));

@@ -17,6 +17,7 @@ use crate::channel::recv::{RecvChannel, RecvSettings, RoundGate};
 use crate::codec::{DeflateDecompressor, PageDecompressor};
 use crate::config::{Config, Decoder};
 use crate::error::{ChannelErrorKind, SessionError};
+use crate::fresh::FreshMap;
 use crate::memory::GuestMemory;
 use crate::session::handshake::{self, Door, Expect, Rejection};
 use crate::stats::{thread_cpu_seconds, Progress, SessionStats};
@@ -192,6 +193,10 @@ impl Receiver {
             blocks,
             idle_timeout: self.cfg.idle_timeout,
             registered_buffers: self.cfg.registered_buffers,
+            // Memory this receiver mapped itself is all zero until a packet writes it.
+            fresh: matches!(into, ReceiveInto::Allocate)
+                .then(|| Arc::new(FreshMap::new(&memory, hello.page_size))),
+            opening_sync: hello.opening_sync,
         };
         let gate = Gate::new(hello.channels, &streams, &control);
         let started = Instant::now();
@@ -273,6 +278,15 @@ impl Receiver {
         hello: &Hello,
         into: &ReceiveInto,
     ) -> Result<Arc<GuestMemory>, SessionError> {
+        if let Some(mine) = &self.cfg.vm_uuid {
+            if *mine != hello.uuid {
+                return Err(SessionError::Handshake(format!(
+                    "the sender migrates VM {} but this receiver expects VM {}",
+                    crate::config::format_uuid(&hello.uuid),
+                    crate::config::format_uuid(mine)
+                )));
+            }
+        }
         if !matches!(hello.compression, Compression::None | Compression::Qpl) {
             return Err(SessionError::Handshake(format!(
                 "compression {} is not supported (pagewire decodes none and qpl framing)",
@@ -285,10 +299,27 @@ impl Receiver {
             .map(|b| (b.name.clone(), b.size))
             .collect();
         match into {
-            ReceiveInto::Allocate => Ok(Arc::new(GuestMemory::anonymous(
-                &layout,
-                self.cfg.max_memory,
-            )?)),
+            ReceiveInto::Allocate => {
+                let mem = GuestMemory::anonymous(&layout, self.cfg.max_memory)?;
+                if self.cfg.prealloc {
+                    let t = std::time::Instant::now();
+                    for b in mem.blocks() {
+                        b.populate().map_err(|e| {
+                            SessionError::Internal(format!(
+                                "prealloc: populating block '{}' ({} bytes): {e}",
+                                b.name(),
+                                b.len()
+                            ))
+                        })?;
+                    }
+                    tracing::info!(
+                        bytes = mem.total_len(),
+                        seconds = t.elapsed().as_secs_f64(),
+                        "destination memory populated (prealloc)"
+                    );
+                }
+                Ok(Arc::new(mem))
+            }
             ReceiveInto::Memory(mem) => {
                 for b in &hello.blocks {
                     match mem.find(&b.name).and_then(|i| mem.block(i)) {
@@ -342,6 +373,10 @@ impl Receiver {
         let expect = Expect::Channel {
             uuid: hello.uuid,
             nonce_r: *nonce_r,
+            nonce_s: hello
+                .auth
+                .as_ref()
+                .map_or([0; control::NONCE_LEN], |a| a.nonce),
         };
         for got in 0..n {
             let c = door.next_channel(deadline, &expect).map_err(|e| match e {

@@ -15,6 +15,7 @@ use tracing::{debug, info, info_span, warn};
 use crate::accel::qpl::QplCompressor;
 use crate::accel::software::SoftwareDeflate;
 use crate::accel::Accelerator;
+use crate::channel::limit::RateLimit;
 use crate::channel::send::{SendChannel, SendSettings};
 use crate::codec::CodecKind;
 use crate::config::{Config, ZeroCopy, ZERO_COPY_AUTO_MIN};
@@ -157,11 +158,18 @@ impl Sender {
         let mut engines = engines.into_iter();
         let compression = match cfg.codec {
             CodecKind::None => Compression::None,
-            CodecKind::Deflate | CodecKind::Qpl => Compression::Qpl,
+            CodecKind::Deflate | CodecKind::Qpl | CodecKind::Auto => Compression::Qpl,
         };
-        let mut uuid = [0u8; 16];
-        getrandom::fill(&mut uuid)
-            .map_err(|e| SessionError::Internal(format!("random uuid: {e}")))?;
+        // The VM's identity when the embedder gives one; otherwise a random one per session.
+        let uuid = match cfg.vm_uuid {
+            Some(u) => u,
+            None => {
+                let mut u = [0u8; 16];
+                getrandom::fill(&mut u)
+                    .map_err(|e| SessionError::Internal(format!("random uuid: {e}")))?;
+                u
+            }
+        };
         let dialer = Dialer::new(&cfg, &addr)?;
         let mut control = dialer.connect(addr, &cfg.socket, cfg.idle_timeout)?;
         control
@@ -240,6 +248,8 @@ impl Sender {
                 nonce: *nonce_s,
                 mac: secret.sender_proof(&nonce_r, nonce_s, &uuid),
             }),
+            // Every channel opens with a SYNC (SendChannel::new queues it), as QEMU's does.
+            opening_sync: true,
         };
         hello.validate()?;
         control::write_message(&mut control, &Message::Hello(hello))?;
@@ -278,12 +288,15 @@ impl Sender {
         }
         let packet_num = Arc::new(AtomicU64::new(0));
         let progress = Arc::new(Progress::default());
+        let limit = cfg
+            .max_bandwidth
+            .map(|rate| Arc::new(RateLimit::new(rate, Instant::now())));
         let (reply_tx, replies) = mpsc::channel::<Reply>();
         let mut workers = Vec::new();
         for id in 0..cfg.channels {
             let mut stream = dialer.connect(addr, &cfg.socket, cfg.idle_timeout)?;
-            if let Some((secret, _)) = &auth {
-                let token = secret.channel_token(&nonce_r, &uuid, id as u8);
+            if let Some((secret, nonce_s)) = &auth {
+                let token = secret.channel_token(&nonce_r, nonce_s, &uuid, id as u8);
                 std::io::Write::write_all(&mut stream, &token).map_err(|e| {
                     SessionError::Handshake(format!(
                         "channel {id}: sending its authentication token: {e}"
@@ -314,6 +327,9 @@ impl Sender {
             let set = SendSettings {
                 zero_copy_min,
                 skip_incompressible: cfg.skip_incompressible,
+                adaptive: cfg.codec == CodecKind::Auto,
+                limit: limit.clone(),
+                find_holes: cfg.find_holes,
                 page_size: cfg.page_size,
                 pages_per_packet: cfg.pages_per_packet,
                 compression,
@@ -575,6 +591,16 @@ pub fn engine_for(cfg: &Config) -> Result<Option<Box<dyn Accelerator>>, SessionE
             s.hw_jobs = cfg.pages_per_packet as usize;
             Some(Box::new(QplCompressor::new(s)?))
         }
+        // The compressor behind auto: qpl on IAA hardware, else deflate.
+        CodecKind::Auto => match crate::codec::resolve_auto().0 {
+            CodecKind::Qpl => {
+                let mut s = cfg.qpl;
+                s.hw_jobs = cfg.pages_per_packet as usize;
+                s.path = crate::accel::qpl::QplPath::Hardware;
+                Some(Box::new(QplCompressor::new(s)?))
+            }
+            _ => Some(Box::new(SoftwareDeflate::new(cfg.level)?)),
+        },
     })
 }
 
@@ -597,6 +623,11 @@ pub(crate) fn validate_config(cfg: &Config) -> Result<(), SessionError> {
             cfg.channels,
             control::MAX_CHANNELS
         )));
+    }
+    if cfg.max_bandwidth == Some(0) {
+        return Err(SessionError::Config(
+            "max bandwidth 0: give a positive rate, or no cap".into(),
+        ));
     }
     if cfg.depth == 0 || cfg.depth > 64 {
         return Err(SessionError::Config(format!(

@@ -2,9 +2,12 @@
 //! with pagewire moving the memory. An example of embedding pagewire in a VMM; nothing in the
 //! library knows about KVM (docs/kvm.md).
 //!
-//! - `kvm-demo source --connect ADDR`: boot the guest with dirty logging, send round 1 (every
-//!   page) while it runs, then a round per KVM dirty bitmap until the dirty set is small, then
-//!   pause the vCPU, send the last dirty pages and the vCPU state, and end the session.
+//! - `kvm-demo source --connect ADDR`: boot the guest with dirty logging and hand it to
+//!   pagewire's migration driver (`pagewire::Driver`), which sends round 1 (every page) while
+//!   it runs, then a round per KVM dirty bitmap, throttles the guest if the rounds stop
+//!   shrinking, and pauses it once the predicted downtime fits `--downtime-limit`; then the
+//!   last dirty pages and the vCPU state go, and the session ends. Guest RAM is a vm-memory
+//!   `GuestMemoryMmap`, handed to pagewire as it is.
 //! - `kvm-demo dest --listen ADDR`: receive into the VM's own memory, restore the vCPU,
 //!   resume the guest and check that it continued from where it was paused.
 //! - `kvm-demo`: both, the destination as a child process of this one, over loopback.
@@ -77,18 +80,20 @@ struct Opts {
     /// (deflate).
     #[arg(long, global = true, default_value = "none")]
     codec: String,
-    /// Most live rounds before the final one (source).
-    #[arg(long, global = true, default_value_t = 10)]
+    /// Most live rounds before giving up (source): a guest that has not converged by then
+    /// keeps running on the source and the command fails.
+    #[arg(long, global = true, default_value_t = 30)]
     max_rounds: u32,
-    /// Pause the guest once a round leaves at most this many dirty pages (source).
-    #[arg(long, global = true, default_value_t = 64)]
-    threshold: u64,
+    /// Downtime limit in ms (source): the driver pauses the guest once the predicted
+    /// downtime of stopping fits in it.
+    #[arg(long, global = true, default_value_t = 20.0)]
+    downtime_limit: f64,
     /// Seconds the guest runs before the migration starts (source).
     #[arg(long, global = true, default_value_t = 0.2)]
     warmup: f64,
-    /// Never throttle the guest (source). By default a round in which the guest dirtied more
-    /// than half of what the round sent raises a throttle (20 %, 40 %, ... 99 % of the time
-    /// held back), as QEMU's auto-converge does.
+    /// Never throttle the guest (source). By default two rounds in a row that leave a dirty
+    /// set of at least half of what they sent raise a throttle (20 %, 30 %, ... 99 % of the
+    /// time held back), as QEMU's auto-converge does.
     #[arg(long, global = true)]
     no_auto_converge: bool,
     /// Seconds a silent peer is tolerated.
@@ -187,6 +192,12 @@ fn source_opts(o: &Opts, connect: SocketAddr) -> Res<source::SourceOpts> {
     if o.max_rounds == 0 {
         return Err("--max-rounds must be at least 1".into());
     }
+    if !(o.downtime_limit > 0.0 && o.downtime_limit < 1e7) {
+        return Err(format!(
+            "--downtime-limit {}: expected a positive number of milliseconds",
+            o.downtime_limit
+        ));
+    }
     Ok(source::SourceOpts {
         connect,
         layout,
@@ -196,7 +207,7 @@ fn source_opts(o: &Opts, connect: SocketAddr) -> Res<source::SourceOpts> {
             ..base_config(o)?
         },
         max_rounds: o.max_rounds,
-        threshold: o.threshold,
+        downtime_limit: Duration::from_secs_f64(o.downtime_limit / 1e3),
         warmup: secs(o.warmup, "warmup")?,
         auto_converge: !o.no_auto_converge,
     })
@@ -260,31 +271,46 @@ pub fn run(a: KvmArgs) -> Res<()> {
     }
 }
 
-const ROUND_HEADER: &str =
-    "round      pages   zero pages   on the wire       time   dirtied meanwhile   throttle";
+const ROUND_HEADER: &str = "round      pages   zero pages   on the wire       time   dirtied meanwhile   throttle   predicted   decision";
 
 fn banner(o: &source::SourceOpts) -> String {
     format!(
-        "kvm-demo: guest of {} with a working set of {} pages ({}), {} channel(s), codec {}",
+        "kvm-demo: guest of {} with a working set of {} pages ({}), {} channel(s), codec {}, \
+         downtime limit {:.1} ms",
         human_bytes(o.layout.mem_size),
         o.layout.ws_pages,
         human_bytes(o.layout.ws_pages * guest::PAGE),
         o.cfg.channels,
-        o.cfg.codec.name()
+        o.cfg.codec.name(),
+        o.downtime_limit.as_secs_f64() * 1e3
     )
 }
 
 fn round_line(r: &source::RoundRow) -> String {
     format!(
-        "{:>5} {:>10} {:>12} {:>13} {:>8.1} ms {:>19} {:>9} %",
+        "{:>5} {:>10} {:>12} {:>13} {:>8.1} ms {:>19} {:>8} % {:>8} ms   {}",
         r.round,
         r.pages,
         r.zero_pages,
         human_bytes(r.wire_bytes),
         r.seconds * 1e3,
         r.dirtied,
-        r.throttle_pct
+        r.throttle_pct,
+        r.predicted_ms.map_or("-".into(), |p| format!("{p:.2}")),
+        decision_text(&r.decision)
     )
+}
+
+fn decision_text(d: &pagewire::driver::Decision) -> String {
+    use pagewire::driver::Decision;
+    match d {
+        Decision::Continue => "continue".into(),
+        Decision::Throttle { percent } => format!("throttle to {percent} %"),
+        Decision::Stop { .. } => "stop: the prediction fits".into(),
+        Decision::Probe => "probe: an empty round measures the round trip".into(),
+        Decision::GiveUp { reason } => format!("give up: {reason}"),
+        Decision::PostCopy { reason } => format!("post-copy: {reason}"),
+    }
 }
 
 fn source_summary(r: &source::SourceReport) -> String {
@@ -292,9 +318,9 @@ fn source_summary(r: &source::SourceReport) -> String {
     format!(
         "final {:>10} {:>12} {:>13} {:>8.1} ms   (guest paused)\n\
          paused at counter {}: vCPU stopped in {:.3} ms, state ({} bytes) read in {:.3} ms, \
-         final round {:.2} ms, state sent in {:.2} ms, session finished in {:.2} ms \
-         ({:.2} ms after the pause)\n\
-         total {:.3} s, {} pages, {} on the wire\n",
+         final round {:.2} ms; session ended {:.2} ms after the pause (predicted {}, limit \
+         {:.1} ms)\n\
+         total {:.3} s, {} pages, {} on the wire; driver: {} continue, {} throttle, {} stop\n",
         f.pages,
         "",
         human_bytes(f.wire_bytes),
@@ -304,12 +330,15 @@ fn source_summary(r: &source::SourceReport) -> String {
         f.state_bytes,
         f.capture_ms,
         f.round_ms,
-        f.state_ms,
-        f.finish_ms,
         f.pause_to_finish_ms,
+        f.predicted_ms.map_or("-".into(), |p| format!("{p:.2} ms")),
+        r.downtime_limit_ms,
         r.total_seconds,
         r.total_pages,
         human_bytes(r.total_wire_bytes),
+        r.decisions.continued,
+        r.decisions.throttled,
+        r.decisions.stopped,
     )
 }
 
@@ -447,6 +476,7 @@ fn both(o: &Opts) -> Res<()> {
                 "channels": so.cfg.channels,
                 "codec": so.cfg.codec.name(),
                 "downtime_ms": dest["downtime_ms"],
+                "downtime_limit_ms": src.downtime_limit_ms,
                 "downtime_clock": dest["downtime_clock"],
                 "verified": true,
                 "source": src,
@@ -472,8 +502,9 @@ fn both(o: &Opts) -> Res<()> {
             num("restore_ms")
         );
         println!(
-            "downtime (source pause → destination guest running, same host, CLOCK_MONOTONIC): {:.2} ms",
-            num("downtime_ms")
+            "downtime (source pause → destination guest running, same host, CLOCK_MONOTONIC): {:.2} ms (limit {:.1} ms)",
+            num("downtime_ms"),
+            src.downtime_limit_ms
         );
     }
     Ok(())

@@ -1,15 +1,18 @@
-//! The source VMM: boots the guest with dirty logging, migrates it round by round while it
-//! runs, then pauses it and sends the rest.
+//! The source VMM: boots the guest with dirty logging and lets pagewire's migration driver
+//! (`pagewire::Driver`) migrate it: this file holds only what is KVM-specific, the `Vmm`
+//! implementation (KVM's dirty log, pausing the vCPU thread, reading the vCPU state,
+//! throttling it).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use pagewire::{BlockPages, Config, RoundPages, Sender, SessionStats};
+use pagewire::driver::{Decision, DriverError, DriverReport, Outcome, RoundRecord, VmmError};
+use pagewire::{Config, DirtyLog, Driver, Policy, Sender, SessionStats, Vmm};
 use serde::Serialize;
 
 use super::guest::{self, PAGE};
 use super::state::{self, DemoInfo, Snapshot, VcpuState};
-use super::vm::{Running, StopAt, Vm};
+use super::vm::{RunStats, Running, StopAt, Vcpu, Vm};
 use super::{boot_id, mono_ns, real_ns, Layout};
 
 /// How the source migrates.
@@ -21,18 +24,15 @@ pub struct SourceOpts {
     pub layout: Layout,
     /// pagewire session settings (channels, codec, secret, timeouts).
     pub cfg: Config,
-    /// Most live rounds (the first sends every page) before the final, paused one.
+    /// Most live rounds (the first sends every page) before giving up.
     pub max_rounds: u32,
-    /// Pause once the dirty set found after a round has at most this many pages.
-    pub threshold: u64,
+    /// The downtime the driver aims to stay under.
+    pub downtime_limit: Duration,
     /// How long the guest runs before the migration starts.
     pub warmup: Duration,
     /// Throttle the guest when rounds do not converge (QEMU's auto-converge).
     pub auto_converge: bool,
 }
-
-/// First throttle, and the step after each further round that does not converge.
-const THROTTLE_STEP: u32 = 20;
 
 /// One live round, as the source saw it.
 #[derive(Clone, Debug, Serialize)]
@@ -54,6 +54,10 @@ pub struct RoundRow {
     pub dirty_log_us: f64,
     /// Percent of the time the guest was held back while this round ran.
     pub throttle_pct: u32,
+    /// The driver's predicted downtime of stopping after this round, ms.
+    pub predicted_ms: Option<f64>,
+    /// What the driver decided.
+    pub decision: Decision,
 }
 
 /// The paused phase on the source.
@@ -70,13 +74,11 @@ pub struct FinalPhase {
     pub capture_ms: f64,
     /// The final round, ms.
     pub round_ms: f64,
-    /// send_state, ms.
-    pub state_ms: f64,
-    /// finish: End, the destination's EndOk (every page applied), channel threads joined, ms.
-    pub finish_ms: f64,
-    /// Pause requested → finish returned, ms. Not the downtime: the destination resumes the
-    /// guest as soon as its session ends, while this side may still be closing channels.
+    /// Pause requested → session ended (state sent, the destination's EndOk), ms: the
+    /// driver's measured downtime. The destination's restore comes on top.
     pub pause_to_finish_ms: f64,
+    /// The downtime the driver predicted when it decided to stop, ms.
+    pub predicted_ms: Option<f64>,
     /// Bytes of vCPU state sent.
     pub state_bytes: usize,
 }
@@ -104,187 +106,201 @@ pub struct SourceReport {
     /// CLOCK_MONOTONIC ns when the pause began (the destination times the downtime from it
     /// on the same host).
     pub pause_mono_ns: u64,
-}
-
-fn count(bitmap: &[u64]) -> u64 {
-    bitmap.iter().map(|w| u64::from(w.count_ones())).sum()
+    /// The downtime limit the driver aimed at, ms.
+    pub downtime_limit_ms: f64,
+    /// The driver's decisions, counted.
+    pub decisions: pagewire::driver::DecisionCounts,
 }
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn session_err(what: &'static str) -> impl Fn(pagewire::SessionError) -> String {
-    move |e| format!("{what}: {e}")
+/// The KVM side of the migration, as pagewire's driver sees it.
+struct KvmVmm<'a, F: FnMut(&RoundRow)> {
+    vm: &'a Vm,
+    layout: Layout,
+    running: Option<Running>,
+    stopped: Option<(Vcpu, RunStats)>,
+    auto_converge: bool,
+    throttle: u8,
+    /// KVM_GET_DIRTY_LOG durations, µs, one per collection.
+    dirty_log_us: Vec<f64>,
+    rows: Vec<RoundRow>,
+    on_round: F,
+    pause_mono_ns: u64,
+    pause_real_ns: u64,
+    stop: Duration,
+    capture: Duration,
+    counter: u64,
+}
+
+impl<F: FnMut(&RoundRow)> Vmm for KvmVmm<'_, F> {
+    fn collect_dirty(&mut self, log: &mut DirtyLog) -> Result<(), VmmError> {
+        let t = Instant::now();
+        let bitmap = self.vm.dirty_log()?;
+        self.dirty_log_us.push(t.elapsed().as_secs_f64() * 1e6);
+        // One memory slot: slot 0 is block 0.
+        log.add_bitmap(0, &bitmap)?;
+        Ok(())
+    }
+
+    fn pause(&mut self) -> Result<(), VmmError> {
+        // From here to the destination's resume is the downtime.
+        self.pause_mono_ns = mono_ns();
+        self.pause_real_ns = real_ns();
+        let t = Instant::now();
+        let running = self.running.take().ok_or("the vCPU is not running")?;
+        self.stopped = Some(running.pause(Duration::from_secs(5))?);
+        self.stop = t.elapsed();
+        Ok(())
+    }
+
+    fn save_state(&mut self) -> Result<Vec<u8>, VmmError> {
+        let t = Instant::now();
+        let (vcpu, _) = self.stopped.as_ref().ok_or("the vCPU is not paused")?;
+        let vcpu = VcpuState::capture(self.vm.kvm(), vcpu.fd())?;
+        // SAFETY: the vCPU is stopped (its thread has returned it) and the sender only reads.
+        let (counter, _) = unsafe { guest::status(self.vm.memory()) }?;
+        self.counter = counter;
+        let snapshot = Snapshot {
+            demo: DemoInfo {
+                mem_size: self.layout.mem_size,
+                ws_pages: self.layout.ws_pages,
+                counter,
+                boot_id: boot_id(),
+                pause_mono_ns: self.pause_mono_ns,
+                pause_real_ns: self.pause_real_ns,
+            },
+            vcpu,
+        };
+        let bytes = state::encode(&snapshot);
+        self.capture = t.elapsed();
+        Ok(bytes)
+    }
+
+    fn throttle(&mut self, percent: u8) -> Result<bool, VmmError> {
+        if !self.auto_converge {
+            return Ok(false);
+        }
+        let running = self.running.as_mut().ok_or("the vCPU is not running")?;
+        running.set_throttle(u32::from(percent));
+        self.throttle = percent;
+        Ok(true)
+    }
+
+    fn round_done(&mut self, r: &RoundRecord) {
+        let row = RoundRow {
+            round: r.round,
+            pages: r.observed.pages,
+            zero_pages: r.observed.zero_pages,
+            wire_bytes: r.observed.wire_bytes,
+            seconds: r.observed.seconds,
+            dirtied: r.observed.dirty_pages,
+            // Collection 0 started the log; collection n followed round n.
+            dirty_log_us: self
+                .dirty_log_us
+                .get(r.round as usize)
+                .copied()
+                .unwrap_or(0.0),
+            throttle_pct: u32::from(r.throttle),
+            predicted_ms: r.predicted_ms,
+            decision: r.decision.clone(),
+        };
+        (self.on_round)(&row);
+        self.rows.push(row);
+    }
 }
 
 /// Run the source. `on_round` sees each live round as it finishes (for printing).
-pub fn run(o: &SourceOpts, mut on_round: impl FnMut(&RoundRow)) -> Result<SourceReport, String> {
+pub fn run(o: &SourceOpts, on_round: impl FnMut(&RoundRow)) -> Result<SourceReport, String> {
     let layout = o.layout;
+    let ps = o.cfg.page_size;
+    if u64::from(ps) != PAGE {
+        return Err(format!("page size {ps}: the guest uses {PAGE}"));
+    }
     let vm = Vm::new(layout, true)?;
     vm.write_boot_image()?;
     let vcpu = vm.create_vcpu()?;
     vcpu.boot(&layout)?;
     let running = Running::spawn(vcpu, StopAt::Pause)?;
-    let res = migrate(o, &vm, running, &mut on_round);
-    res.map_err(|(e, running)| {
-        // Stop the guest before its memory goes away with the error.
-        if let Some(r) = running {
-            let _ = r.pause(Duration::from_secs(5));
-        }
-        e
+    let mut kvm = KvmVmm {
+        vm: &vm,
+        layout,
+        running: Some(running),
+        stopped: None,
+        auto_converge: o.auto_converge,
+        throttle: 0,
+        dirty_log_us: Vec::new(),
+        rows: Vec::new(),
+        on_round,
+        pause_mono_ns: 0,
+        pause_real_ns: 0,
+        stop: Duration::ZERO,
+        capture: Duration::ZERO,
+        counter: 0,
+    };
+    let res = migrate(o, &vm, &mut kvm);
+    // Stop the guest (if the migration did not) before its memory goes away.
+    if let Some(r) = kvm.running.take() {
+        let _ = r.pause(Duration::from_secs(5));
+    }
+    let (total_seconds, stats, driver) = res?;
+    let run_stats = kvm.stopped.as_ref().map(|(_, s)| *s).unwrap_or_default();
+    Ok(SourceReport {
+        rounds: std::mem::take(&mut kvm.rows),
+        final_phase: FinalPhase {
+            pages: driver.final_pages,
+            wire_bytes: driver.final_wire_bytes,
+            stop_ms: ms(kvm.stop),
+            capture_ms: ms(kvm.capture),
+            round_ms: ms(driver.final_round),
+            pause_to_finish_ms: driver.downtime.map_or(0.0, ms),
+            predicted_ms: driver.predicted_downtime.map(ms),
+            state_bytes: driver.state_bytes,
+        },
+        total_seconds,
+        total_wire_bytes: stats.total.wire_bytes,
+        total_pages: stats.total.pages_normal + stats.total.pages_zero,
+        counter_at_pause: kvm.counter,
+        checkpoints: run_stats.checkpoints,
+        throttled_seconds: run_stats.throttled.as_secs_f64(),
+        pause_mono_ns: kvm.pause_mono_ns,
+        downtime_limit_ms: ms(o.downtime_limit),
+        decisions: driver.decisions,
     })
 }
 
-type Failed = (String, Option<Running>);
-
-fn migrate(
+/// The migration itself: connect, let the driver run it, sum up.
+fn migrate<F: FnMut(&RoundRow)>(
     o: &SourceOpts,
     vm: &Vm,
-    mut running: Running,
-    on_round: &mut impl FnMut(&RoundRow),
-) -> Result<SourceReport, Failed> {
-    let layout = o.layout;
-    let size = layout.mem_size;
-    let ps = o.cfg.page_size;
-    let ppp = o.cfg.pages_per_packet;
-    if u64::from(ps) != PAGE {
-        return Err((
-            format!("page size {ps}: the guest uses {PAGE}"),
-            Some(running),
-        ));
-    }
+    kvm: &mut KvmVmm<'_, F>,
+) -> Result<(f64, SessionStats, DriverReport), String> {
     std::thread::sleep(o.warmup);
     let t0 = Instant::now();
     let mem = vm.memory().clone();
     // The engine compresses a private copy of each page, so pages the running guest rewrites
     // meanwhile never break the stream; every codec is fine here.
-    let mut sender = match Sender::connect(o.connect, o.cfg.clone(), mem) {
-        Ok(s) => s,
-        Err(e) => return Err((format!("connecting to {}: {e}", o.connect), Some(running))),
+    let sender = Sender::connect(o.connect, o.cfg.clone(), mem.clone())
+        .map_err(|e| format!("connecting to {}: {e}", o.connect))?;
+    let policy = Policy {
+        max_rounds: o.max_rounds,
+        ..Policy::new(o.downtime_limit)
     };
-    // Start the dirty log afresh: round 1 sends everything, the log then holds what the guest
-    // wrote while round 1 ran.
-    if let Err(e) = vm.dirty_log() {
-        return Err((e, Some(running)));
-    }
-    let mut rounds = Vec::new();
-    let mut pages = RoundPages::all(&[size], ps, ppp);
-    let mut last_bitmap;
-    let mut throttle = 0;
-    loop {
-        let n = pages.pages();
-        let stats: SessionStats = match sender.send_round(pages) {
-            Ok(s) => s,
-            Err(e) => return Err((format!("round {}: {e}", rounds.len() + 1), Some(running))),
-        };
-        let t = Instant::now();
-        let bitmap = match vm.dirty_log() {
-            Ok(b) => b,
-            Err(e) => return Err((e, Some(running))),
-        };
-        let dirty_log_us = t.elapsed().as_secs_f64() * 1e6;
-        let row = RoundRow {
-            round: rounds.len() as u32 + 1,
-            pages: n,
-            zero_pages: stats.total.pages_zero,
-            wire_bytes: stats.total.wire_bytes,
-            seconds: stats.seconds,
-            dirtied: count(&bitmap),
-            dirty_log_us,
-            throttle_pct: throttle,
-        };
-        on_round(&row);
-        let done = row.dirtied <= o.threshold || row.round >= o.max_rounds;
-        // Auto-converge: the guest dirtied more than half of what the round could send, so
-        // the next round will not be much smaller. Hold the guest back, more each time.
-        if !done && o.auto_converge && row.dirtied * 2 > row.pages {
-            throttle = (throttle + THROTTLE_STEP).min(99);
-            running.set_throttle(throttle);
+    let driver = Driver::new(policy, &o.cfg);
+    let (report, stats) = match driver.migrate(sender, kvm, &mem) {
+        Ok(Outcome::Completed { report, stats }) => (report, stats),
+        Ok(Outcome::PostCopy { .. }) => return Err("the driver chose post-copy".into()),
+        Err(DriverError::GaveUp { reason, report }) => {
+            return Err(format!(
+                "the guest did not converge to a {} ms downtime ({reason}, throttle \
+                 reached {} %); it keeps running here",
+                ms(o.downtime_limit),
+                report.rounds.iter().map(|r| r.throttle).max().unwrap_or(0)
+            ))
         }
-        rounds.push(row);
-        last_bitmap = bitmap;
-        if done {
-            break;
-        }
-        pages = RoundPages::new(
-            vec![(0, BlockPages::Bitmap(last_bitmap.clone()))],
-            &[size],
-            ps,
-            ppp,
-        );
-    }
-
-    // Stop and copy: from here to the destination's resume is the downtime.
-    let pause_mono_ns = mono_ns();
-    let pause_real_ns = real_ns();
-    let t_pause = Instant::now();
-    let (vcpu, run_stats) = running
-        .pause(Duration::from_secs(5))
-        .map_err(|e| (e, None))?;
-    let stopped = t_pause.elapsed();
-    let t = Instant::now();
-    let vstate = VcpuState::capture(vm.kvm(), vcpu.fd()).map_err(|e| (e, None))?;
-    // SAFETY: the vCPU is stopped (its thread has returned it) and the sender only reads.
-    let (counter, _) = unsafe { guest::status(vm.memory()) }.map_err(|e| (e, None))?;
-    let capture = t.elapsed();
-    let t = Instant::now();
-    let tail = vm.dirty_log().map_err(|e| (e, None))?;
-    for (a, b) in last_bitmap.iter_mut().zip(&tail) {
-        *a |= b;
-    }
-    let final_pages = count(&last_bitmap);
-    let round = RoundPages::new(vec![(0, BlockPages::Bitmap(last_bitmap))], &[size], ps, ppp);
-    let fstats = sender
-        .send_round(round)
-        .map_err(session_err("final round"))
-        .map_err(|e| (e, None))?;
-    let round_time = t.elapsed();
-    let t = Instant::now();
-    let snapshot = Snapshot {
-        demo: DemoInfo {
-            mem_size: size,
-            ws_pages: layout.ws_pages,
-            counter,
-            boot_id: boot_id(),
-            pause_mono_ns,
-            pause_real_ns,
-        },
-        vcpu: vstate,
+        Err(e) => return Err(e.to_string()),
     };
-    let bytes = state::encode(&snapshot);
-    sender
-        .send_state(&bytes)
-        .map_err(session_err("sending the vCPU state"))
-        .map_err(|e| (e, None))?;
-    let state_time = t.elapsed();
-    let t = Instant::now();
-    let total = sender
-        .finish()
-        .map_err(session_err("ending the session"))
-        .map_err(|e| (e, None))?;
-    let finish_time = t.elapsed();
-    let pause_to_finish = t_pause.elapsed();
-    drop(vcpu);
-    Ok(SourceReport {
-        total_seconds: t0.elapsed().as_secs_f64(),
-        total_wire_bytes: total.total.wire_bytes,
-        total_pages: total.total.pages_normal + total.total.pages_zero,
-        rounds,
-        final_phase: FinalPhase {
-            pages: final_pages,
-            wire_bytes: fstats.total.wire_bytes,
-            stop_ms: ms(stopped),
-            capture_ms: ms(capture),
-            round_ms: ms(round_time),
-            state_ms: ms(state_time),
-            finish_ms: ms(finish_time),
-            pause_to_finish_ms: ms(pause_to_finish),
-            state_bytes: bytes.len(),
-        },
-        counter_at_pause: counter,
-        checkpoints: run_stats.checkpoints,
-        throttled_seconds: run_stats.throttled.as_secs_f64(),
-        pause_mono_ns,
-    })
+    Ok((t0.elapsed().as_secs_f64(), stats, report))
 }

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
-use pagewire::{Block, GuestMemory};
+use pagewire::{vmm, GuestMemory};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use super::guest::{self, Layout, CHECKPOINT_MMIO};
@@ -64,8 +65,14 @@ impl Vm {
             vm.set_tss_address(KVM_TSS_ADDRESS)
                 .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
         }
-        let block = Block::anonymous("pc.ram", layout.size()?).map_err(|e| e.to_string())?;
-        let mem = Arc::new(GuestMemory::new(vec![block]).map_err(|e| e.to_string())?);
+        // Guest RAM as a rust-vmm VMM holds it: a vm-memory GuestMemoryMmap (one region at
+        // guest address 0), handed to pagewire as it is (the block points at the region's
+        // mapping and keeps it alive). The block keeps QEMU's name for main RAM.
+        let guest = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), layout.size()?)])
+            .map_err(|e| format!("guest memory: {e}"))?;
+        let mem = Arc::new(
+            vmm::guest_memory_named(&guest, |_, _| "pc.ram".into()).map_err(|e| e.to_string())?,
+        );
         let host = mem.block(0).ok_or("no memory block")?.as_ptr();
         let region = kvm_userspace_memory_region {
             slot: 0,
@@ -78,9 +85,10 @@ impl Vm {
             memory_size: layout.mem_size,
             userspace_addr: host as u64,
         };
-        // SAFETY: `host..host + mem_size` is one anonymous mapping owned by `mem`. The Vm and
-        // every Vcpu hold an Arc of it and declare it after their fds, so it is unmapped only
-        // after every fd through which KVM could reach it has been closed.
+        // SAFETY: `host..host + mem_size` is the region's anonymous mapping, kept mapped by
+        // `mem` (its block holds the region's MmapRegion). The Vm and every Vcpu hold an Arc
+        // of `mem` and declare it after their fds, so it is unmapped only after every fd
+        // through which KVM could reach it has been closed.
         unsafe { vm.set_user_memory_region(region) }
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         Ok(Vm {
@@ -112,7 +120,7 @@ impl Vm {
     }
 
     /// KVM_GET_DIRTY_LOG of the slot: the pages written since the last call (which it
-    /// clears), one bit per page, as pagewire's `BlockPages::Bitmap` takes them.
+    /// clears), one bit per page, as pagewire's `DirtyLog::add_bitmap` takes them.
     pub fn dirty_log(&self) -> Result<Vec<u64>, String> {
         if !self.dirty_log {
             return Err("dirty logging is off for this VM".into());

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::{Child, Output};
 use std::time::{Duration, Instant};
 
-use pagewire::synth::{self, PageSet};
+use pagewire_synth::{self as synth, PageSet};
 
 /// The `pagewire` binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_pagewire");

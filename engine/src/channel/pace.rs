@@ -1,0 +1,528 @@
+//! Adaptive compression (`codec auto`): whether a channel compresses its next page or sends
+//! it raw, decided page by page from what the channel's loop observes. Sans-IO: the loop
+//! hands in observations (bytes waiting for the link, bytes the link has taken, the cost and
+//! yield of the pages it compressed) and gets a [`Choice`] back; the tests below drive it
+//! with a simulated link and compressor.
+//!
+//! The mechanism is opportunistic. Compressing a page costs CPU time and saves link time;
+//! it shortens the migration only while the link has other bytes to carry meanwhile. So a
+//! page is compressed when
+//! 1. the link's backlog (the socket's unsent bytes, the rest of the send in flight and the
+//!    packets ready behind it) lasts longer, at the measured drain rate, than compressing
+//!    the page takes plus a guard ([`GUARD_SECS`]): otherwise the link would idle while the
+//!    packet waits for its last pages, and the page goes raw (so the packet leaves at once);
+//! 2. and compressing is worth its CPU: the link time a compressed page saves,
+//!    `(1 - ratio) × page / rate`, is at least [`MIN_GAIN`] × the time it costs. On a
+//!    link faster than the compressor this sends raw even when a queue forms (a queue on
+//!    loopback means the receiver, on the same CPUs, is the bottleneck; CPU spent
+//!    compressing would be taken from it, and on a source host from the guests). The
+//!    receiver pays for a compressed page too (inflating it), which the sender cannot see:
+//!    hence a share of the cost, not just any gain, must come back as link time.
+//! 3. and the receiver is not the bottleneck: when the receiver's TCP window limits the
+//!    connection most of its busy time (TCP_INFO's `tcpi_rwnd_limited`), the drain is slow
+//!    because the receiver does not keep up, and compressed pages would slow it further.
+//!
+//! A slow link fills the backlog, so pages are compressed until the compressor no longer
+//! keeps up and the backlog falls under the guard; then pages go raw until it builds up
+//! again: the channel settles on the mix that keeps the link busy with the fewest bytes. A
+//! fast link drains the backlog and every page goes raw. The drain rate is an average over
+//! [`RATE_TAU`] (a fraction of a second), measured only while there is a backlog, so a change
+//! of the link rate or of the page mix is followed within tens of milliseconds. Raw and
+//! compressed pages mix within a packet: in the qpl framing a page whose length is the page
+//! size is raw, so every choice stays a valid QEMU stream.
+
+/// Extra backlog, in seconds, required beyond one page's compression time before a page is
+/// compressed: covers finishing the packet with raw pages and handing it to the kernel.
+pub const GUARD_SECS: f64 = 150e-6;
+/// Compress only where a page saves at least this much link time per second of CPU spent.
+pub const MIN_GAIN: f64 = 0.3;
+/// Time constant of the drain-rate and cost averages.
+pub const RATE_TAU: f64 = 0.05;
+/// Above this share of its busy time limited by the receiver's window, a connection is
+/// receiver-bound: pages go raw.
+pub const MAX_RWND_SHARE: f64 = 0.5;
+/// Shortest interval over which a receiver-window sample is taken (TCP_INFO counts µs).
+const CHRONO_WINDOW: f64 = 1e-3;
+/// Shortest interval over which a drain-rate sample is taken.
+const RATE_WINDOW: f64 = 0.2e-3;
+/// Cost of one page's compression assumed until one is measured (software DEFLATE level 1
+/// on a 4 KiB page takes 10-25 µs).
+const INITIAL_COST: f64 = 20e-6;
+/// Weight of one page in the cost and yield averages.
+const AVG_WEIGHT: f64 = 0.05;
+/// Compressed/raw size assumed until a page is compressed.
+const INITIAL_RATIO: f64 = 0.4;
+
+/// What the loop sees before settling a page.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Observation {
+    /// Seconds since any fixed origin (monotonic).
+    pub at: f64,
+    /// Bytes waiting for the link: unsent in the socket, the rest of the send in flight and
+    /// the packets ready behind it.
+    pub queued: u64,
+    /// Bytes the link has taken so far (monotonic): handed to the kernel minus still unsent.
+    pub drained: u64,
+    /// The connection's busy time so far, µs (TCP_INFO; 0 where unknown).
+    pub busy_us: u64,
+    /// Of which the receiver's window limited it, µs (0 where unknown).
+    pub rwnd_limited_us: u64,
+}
+
+/// The answer for one page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Choice {
+    /// Compress it.
+    Compress,
+    /// Send it raw: the link would idle while it is compressed (or its rate is unknown yet).
+    RawLinkIdle,
+    /// Send it raw: the link carries a raw page faster than compression pays for.
+    RawLinkFast,
+    /// Send it raw: the receiver, not the link, is the bottleneck (its window limits the
+    /// connection most of the time); a compressed page would cost it more, not less.
+    RawReceiverBound,
+}
+
+/// The per-channel decision state.
+#[derive(Clone, Debug)]
+pub struct Pacer {
+    page_size: f64,
+    /// Link drain rate, bytes/s (average while backlogged); `None` until measured.
+    rate: Option<f64>,
+    /// Start of the current rate sample: (time, drained), taken with a backlog.
+    mark: Option<(f64, u64)>,
+    /// Seconds per compressed page (average).
+    cost: f64,
+    /// Compressed size / page size (average over attempts; 1.0 for a page that did not fit).
+    ratio: f64,
+    /// Share of the connection's busy time limited by the receiver's window (average).
+    rwnd_share: f64,
+    /// Start of the current receiver-window sample: (time, busy µs, rwnd-limited µs).
+    chrono_mark: Option<(f64, u64, u64)>,
+}
+
+impl Pacer {
+    /// A pacer for pages of `page_size` bytes.
+    pub fn new(page_size: u32) -> Pacer {
+        Pacer {
+            page_size: f64::from(page_size.max(1)),
+            rate: None,
+            mark: None,
+            cost: INITIAL_COST,
+            ratio: INITIAL_RATIO,
+            rwnd_share: 0.0,
+            chrono_mark: None,
+        }
+    }
+
+    /// Share of the connection's busy time that the receiver's window limited (average).
+    pub fn receiver_limited_share(&self) -> f64 {
+        self.rwnd_share
+    }
+
+    fn observe_receiver(&mut self, o: &Observation) {
+        if o.busy_us == 0 {
+            return;
+        }
+        let Some((t0, b0, r0)) = self.chrono_mark else {
+            self.chrono_mark = Some((o.at, o.busy_us, o.rwnd_limited_us));
+            return;
+        };
+        let dt = o.at - t0;
+        let busy = o.busy_us.saturating_sub(b0);
+        if dt < 0.0 {
+            self.chrono_mark = Some((o.at, o.busy_us, o.rwnd_limited_us));
+        } else if dt >= CHRONO_WINDOW && busy > 0 {
+            let share = (o.rwnd_limited_us.saturating_sub(r0) as f64 / busy as f64).min(1.0);
+            let w = 1.0 - (-dt / RATE_TAU).exp();
+            self.rwnd_share += w * (share - self.rwnd_share);
+            self.chrono_mark = Some((o.at, o.busy_us, o.rwnd_limited_us));
+        }
+    }
+
+    /// Measured drain rate of the link in bytes/s, if measured yet.
+    pub fn link_rate(&self) -> Option<f64> {
+        self.rate
+    }
+
+    /// Measured compression speed in page bytes per second.
+    pub fn compress_rate(&self) -> f64 {
+        self.page_size / self.cost
+    }
+
+    /// Take an observation into the drain-rate average (also done by [`Pacer::decide`]).
+    pub fn observe(&mut self, o: &Observation) {
+        let Some((t0, d0)) = self.mark else {
+            if o.queued > 0 {
+                self.mark = Some((o.at, o.drained));
+            }
+            return;
+        };
+        let dt = o.at - t0;
+        if dt < 0.0 {
+            self.mark = (o.queued > 0).then_some((o.at, o.drained));
+            return;
+        }
+        let sample = o.drained.saturating_sub(d0) as f64 / dt.max(1e-9);
+        if o.queued == 0 {
+            // The backlog ran out somewhere in the interval: the link may have idled for part
+            // of it, so the sample is a lower bound on its rate. It can only raise the
+            // estimate (a fast link drains every backlog before a full window passes).
+            self.mark = None;
+            if dt >= RATE_WINDOW / 4.0 && self.rate.is_none_or(|r| sample > r) {
+                self.update(sample, dt);
+            }
+            return;
+        }
+        if dt >= RATE_WINDOW {
+            self.update(sample, dt);
+            self.mark = Some((o.at, o.drained));
+        }
+    }
+
+    fn update(&mut self, sample: f64, dt: f64) {
+        let w = 1.0 - (-dt / RATE_TAU).exp();
+        self.rate = Some(match self.rate {
+            Some(r) => r + w * (sample - r),
+            None => sample,
+        });
+    }
+
+    /// Whether the next page is compressed.
+    pub fn decide(&mut self, o: &Observation) -> Choice {
+        self.observe(o);
+        self.observe_receiver(o);
+        if o.queued == 0 {
+            return Choice::RawLinkIdle;
+        }
+        if self.rwnd_share > MAX_RWND_SHARE {
+            return Choice::RawReceiverBound;
+        }
+        let Some(rate) = self.rate.filter(|r| *r > 0.0) else {
+            // A backlog, but no rate measured yet (the first half millisecond of one):
+            // compress while it is measured. A slow link would otherwise fill the socket
+            // buffer with raw pages first; on a fast link this costs a few pages' time once.
+            return Choice::Compress;
+        };
+        let backlog = o.queued as f64 / rate;
+        if backlog < self.cost + GUARD_SECS {
+            return Choice::RawLinkIdle;
+        }
+        let saved = (1.0 - self.ratio) * self.page_size / rate;
+        if saved < MIN_GAIN * self.cost {
+            return Choice::RawLinkFast;
+        }
+        Choice::Compress
+    }
+
+    /// A page's compression cost this thread `secs` of CPU.
+    pub fn cost(&mut self, secs: f64) {
+        // Wall time, preemptions included: on contended CPUs that is what a page costs. (A
+        // variant clamping each sample to 4 × the average compressed more on the loaded
+        // benchmark host and was slower there at 10 Gbit/s: docs/benchmarks.md.)
+        if secs.is_finite() && secs >= 0.0 {
+            self.cost += AVG_WEIGHT * (secs.min(0.01) - self.cost);
+        }
+    }
+
+    /// A compressed page came out `zlen` bytes long (the page size: it did not fit).
+    pub fn yielded(&mut self, zlen: usize) {
+        let r = (zlen as f64 / self.page_size).min(1.0);
+        self.ratio += AVG_WEIGHT * (r - self.ratio);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+
+    const PAGE: u64 = 4096;
+    const PPP: usize = 128;
+
+    /// One channel against a simulated link: a socket buffer of `sndbuf` bytes drained at
+    /// the link's rate, packets of 128 pages, `depth - 1` packets queued behind the socket,
+    /// a compressor that takes `cost` seconds per page and yields `ratio`. `link(t)` gives
+    /// the rate at time t. Returns (seconds for all pages, per-page choices).
+    struct Sim {
+        cost: f64,
+        ratio: f64,
+        sndbuf: u64,
+        depth: usize,
+    }
+
+    impl Sim {
+        fn new(cost: f64, ratio: f64) -> Sim {
+            Sim {
+                cost,
+                ratio,
+                sndbuf: 2 << 20,
+                depth: 4,
+            }
+        }
+
+        fn run(
+            &self,
+            pages: usize,
+            policy: Option<bool>,
+            link: &dyn Fn(f64) -> f64,
+        ) -> (f64, Vec<Choice>) {
+            let mut pacer = Pacer::new(PAGE as u32);
+            let mut t = 0.0f64;
+            let mut sock = 0.0f64; // unsent bytes in the socket
+            let mut waiting: VecDeque<f64> = VecDeque::new(); // packets behind the socket
+            let mut handed = 0.0f64;
+            let mut choices = Vec::with_capacity(pages);
+            // Let `dt` pass: the link drains the socket, waiting packets move in.
+            let pass = |dt: f64,
+                        t: &mut f64,
+                        sock: &mut f64,
+                        waiting: &mut VecDeque<f64>,
+                        handed: &mut f64| {
+                let mut left = dt;
+                while left > 0.0 {
+                    let step = left.min(20e-6);
+                    *sock = (*sock - link(*t) * step).max(0.0);
+                    *t += step;
+                    left -= step;
+                    while let Some(&p) = waiting.front() {
+                        let room = self.sndbuf as f64 - *sock;
+                        if room <= 0.0 {
+                            break;
+                        }
+                        // A send puts what fits into the socket; the rest stays waiting.
+                        let n = p.min(room);
+                        *sock += n;
+                        *handed += n;
+                        if n < p {
+                            if let Some(f) = waiting.front_mut() {
+                                *f = p - n;
+                            }
+                            break;
+                        }
+                        waiting.pop_front();
+                    }
+                }
+            };
+            let mut done = 0;
+            while done < pages {
+                let mut packet = 0.0;
+                for _ in 0..PPP.min(pages - done) {
+                    let queued = sock + waiting.iter().sum::<f64>();
+                    let o = Observation {
+                        at: t,
+                        queued: queued as u64,
+                        drained: (handed - sock) as u64,
+                        busy_us: 0,
+                        rwnd_limited_us: 0,
+                    };
+                    let c = pacer.decide(&o);
+                    let compress = policy.unwrap_or(c == Choice::Compress);
+                    choices.push(if policy.is_some() {
+                        if compress {
+                            Choice::Compress
+                        } else {
+                            Choice::RawLinkIdle
+                        }
+                    } else {
+                        c
+                    });
+                    if compress {
+                        pass(self.cost, &mut t, &mut sock, &mut waiting, &mut handed);
+                        pacer.cost(self.cost);
+                        pacer.yielded((self.ratio * PAGE as f64) as usize);
+                        packet += self.ratio * PAGE as f64;
+                    } else {
+                        pass(0.2e-6, &mut t, &mut sock, &mut waiting, &mut handed);
+                        packet += PAGE as f64;
+                    }
+                }
+                done += PPP.min(pages - done);
+                // The packet joins the queue; with every slot taken, wait for one.
+                while waiting.len() >= self.depth - 1 {
+                    pass(20e-6, &mut t, &mut sock, &mut waiting, &mut handed);
+                }
+                waiting.push_back(packet);
+                pass(1e-6, &mut t, &mut sock, &mut waiting, &mut handed);
+            }
+            while sock > 0.0 || !waiting.is_empty() {
+                pass(20e-6, &mut t, &mut sock, &mut waiting, &mut handed);
+            }
+            (t, choices)
+        }
+    }
+
+    fn compressed_share(c: &[Choice]) -> f64 {
+        c.iter().filter(|&&x| x == Choice::Compress).count() as f64 / c.len().max(1) as f64
+    }
+
+    const GBIT: f64 = 1e9 / 8.0;
+
+    #[test]
+    fn fast_link_sends_raw() {
+        // A 10 Gbit/s link, a compressor at 0.2 GB/s (20 µs per page).
+        let sim = Sim::new(20e-6, 0.35);
+        let (t, c) = sim.run(20_000, None, &|_| 10.0 * GBIT);
+        let share = compressed_share(&c);
+        assert!(share < 0.1, "compressed {share:.2} of the pages");
+        let (raw, _) = sim.run(20_000, Some(false), &|_| 10.0 * GBIT);
+        assert!(t <= raw * 1.05, "auto {t:.4} s, raw {raw:.4} s");
+    }
+
+    #[test]
+    fn slow_link_compresses() {
+        // 0.5 Gbit/s: the compressor (0.2 GB/s of pages, 0.07 GB/s of output) outruns it.
+        let sim = Sim::new(20e-6, 0.35);
+        let (t, c) = sim.run(20_000, None, &|_| 0.5 * GBIT);
+        let share = compressed_share(&c);
+        assert!(share > 0.8, "compressed {share:.2} of the pages");
+        let (all, _) = sim.run(20_000, Some(true), &|_| 0.5 * GBIT);
+        assert!(t <= all * 1.05, "auto {t:.4} s, compress all {all:.4} s");
+    }
+
+    /// Where link and compressor are about as fast, a mix beats both fixed choices.
+    #[test]
+    fn balanced_link_mixes_and_beats_both_fixed_choices() {
+        let sim = Sim::new(20e-6, 0.35);
+        let link = |_| 1.5 * GBIT;
+        let (t, c) = sim.run(40_000, None, &link);
+        let share = compressed_share(&c);
+        let (raw, _) = sim.run(40_000, Some(false), &link);
+        let (all, _) = sim.run(40_000, Some(true), &link);
+        assert!(
+            share > 0.2 && share < 0.9,
+            "compressed {share:.2} of the pages"
+        );
+        assert!(
+            t < raw.min(all) * 0.9,
+            "auto {t:.4} s, raw {raw:.4} s, compress all {all:.4} s"
+        );
+    }
+
+    /// Never much worse than the better fixed choice, over a sweep of link rates.
+    #[test]
+    fn never_worse_than_the_best_fixed_choice() {
+        let sim = Sim::new(20e-6, 0.35);
+        for gbit in [0.3, 1.0, 1.5, 2.5, 4.0, 6.0, 10.0, 25.0] {
+            let link = move |_| gbit * GBIT;
+            let (t, _) = sim.run(20_000, None, &link);
+            let (raw, _) = sim.run(20_000, Some(false), &link);
+            let (all, _) = sim.run(20_000, Some(true), &link);
+            eprintln!("{gbit:>5} Gbit/s: auto {t:.4} s, raw {raw:.4} s, compress all {all:.4} s");
+            assert!(
+                t <= raw.min(all) * 1.05,
+                "{gbit} Gbit/s: auto {t:.4} s, raw {raw:.4} s, compress all {all:.4} s"
+            );
+        }
+    }
+
+    /// The link turns from slow to fast mid-round: within a fraction of a second the pages
+    /// go raw; and back.
+    #[test]
+    fn a_change_mid_round_is_followed() {
+        let sim = Sim::new(20e-6, 0.35);
+        let n = 60_000;
+        // Find when the slow phase would end: the first 0.3 s at 0.5 Gbit/s, then 20 Gbit/s.
+        let (_, c) = sim.run(n, None, &|t| if t < 0.3 { 0.5 * GBIT } else { 20.0 * GBIT });
+        // In the slow phase (~ the first 12 000 pages: 0.3 s at ~40 k pages/s), compressed;
+        // the last 20 000 pages are all in the fast phase: raw.
+        let early = compressed_share(&c[2_000..8_000]);
+        let late = compressed_share(&c[n - 20_000..]);
+        assert!(early > 0.8, "slow phase: compressed {early:.2}");
+        assert!(late < 0.1, "fast phase: compressed {late:.2}");
+
+        let (_, c) = sim.run(n, None, &|t| {
+            if t < 0.05 {
+                20.0 * GBIT
+            } else {
+                0.5 * GBIT
+            }
+        });
+        let early = compressed_share(&c[..1_000]);
+        let late = compressed_share(&c[n - 20_000..]);
+        assert!(early < 0.2, "fast phase: compressed {early:.2}");
+        assert!(late > 0.8, "slow phase: compressed {late:.2}");
+    }
+
+    /// Incompressible-looking yields (a page mix change) stop compression on a mid link.
+    #[test]
+    fn poor_yield_stops_compression() {
+        let sim = Sim::new(20e-6, 0.9);
+        let (_, c) = sim.run(20_000, None, &|_| 1.5 * GBIT);
+        let share = compressed_share(&c[5_000..]);
+        assert!(share < 0.1, "compressed {share:.2} at ratio 0.9");
+    }
+
+    #[test]
+    fn empty_queue_means_raw() {
+        let mut p = Pacer::new(4096);
+        let o = Observation {
+            at: 0.0,
+            queued: 1 << 20,
+            drained: 0,
+            busy_us: 0,
+            rwnd_limited_us: 0,
+        };
+        assert_eq!(
+            p.decide(&o),
+            Choice::Compress,
+            "backlog, rate being measured"
+        );
+        assert_eq!(p.link_rate(), None);
+        let o = Observation {
+            at: 0.01,
+            queued: 1 << 20,
+            drained: 1 << 20,
+            busy_us: 0,
+            rwnd_limited_us: 0,
+        };
+        // 100 MB/s measured, 10 ms of backlog: compress.
+        assert_eq!(p.decide(&o), Choice::Compress);
+        assert!(p
+            .link_rate()
+            .is_some_and(|r| (r - 104_857_600.0).abs() < 1.0));
+        let o = Observation {
+            at: 0.011,
+            queued: 0,
+            drained: 2 << 20,
+            busy_us: 0,
+            rwnd_limited_us: 0,
+        };
+        assert_eq!(p.decide(&o), Choice::RawLinkIdle, "nothing queued");
+    }
+
+    /// A slow drain because the receiver does not keep up (its window limits the connection)
+    /// is no reason to compress: that would slow the receiver further. When it catches up,
+    /// compression resumes.
+    #[test]
+    fn receiver_bound_link_gets_raw_pages() {
+        let mut p = Pacer::new(4096);
+        let mut choices = Vec::new();
+        // 50 MB/s drain with 4 MiB queued; the receiver's window limits 90 % of the time for
+        // the first 0.3 s, then never.
+        for i in 0..600u64 {
+            let at = i as f64 * 1e-3;
+            let busy = i * 1000;
+            let rwnd = if at < 0.3 { i * 900 } else { 270_000 };
+            choices.push(p.decide(&Observation {
+                at,
+                queued: 4 << 20,
+                drained: i * 50_000,
+                busy_us: busy,
+                rwnd_limited_us: rwnd,
+            }));
+        }
+        assert!(
+            choices[100..300]
+                .iter()
+                .all(|&c| c == Choice::RawReceiverBound),
+            "{:?}",
+            &choices[100..110]
+        );
+        assert!(
+            choices[500..].iter().all(|&c| c == Choice::Compress),
+            "{:?}",
+            &choices[500..510]
+        );
+    }
+}
