@@ -8,6 +8,7 @@ use crate::accel::qpl::QplSettings;
 use crate::codec::CodecKind;
 use crate::pin::Pinning;
 use crate::session::auth::Secret;
+use crate::session::tls::TlsConfig;
 
 /// Whether senders use SENDMSG_ZC (the kernel reads pages straight from guest memory and the
 /// zbuf; a slot is reused only after the kernel's notification).
@@ -89,6 +90,9 @@ pub struct Config {
     /// Receiver allocating the memory itself: populate it (every page faulted in) before the
     /// first packet, as QEMU's destination prealloc does; off by default, like QEMU's.
     pub prealloc: bool,
+    /// TLS 1.3 with mutual certificate authentication on every connection (`None`: clear
+    /// text). Both sides must agree.
+    pub tls: Option<TlsConfig>,
     /// Receiver: largest total guest memory a hello may ask for when the receiver allocates
     /// the memory itself.
     pub max_memory: u64,
@@ -123,6 +127,7 @@ impl Default for Config {
             secret: None,
             insecure: false,
             vm_uuid: None,
+            tls: None,
         }
     }
 }

@@ -71,6 +71,8 @@ pub enum ChannelErrorKind {
     Ring(#[from] RingError),
     #[error("stopped: the session failed elsewhere")]
     Aborted,
+    #[error("{0}")]
+    Tls(#[from] pagewire_transport::tls::TlsError),
 }
 
 /// An error on one channel.
@@ -102,6 +104,10 @@ pub enum SessionError {
     Qpl(#[from] crate::accel::qpl::QplSetupError),
     #[error(transparent)]
     Postcopy(#[from] crate::postcopy::PostcopyError),
+    #[error(transparent)]
+    Credentials(#[from] crate::session::tls::CredentialsError),
+    #[error(transparent)]
+    Tls(#[from] pagewire_transport::tls::TlsError),
     /// The peer's hello or handshake does not fit this side.
     #[error("handshake: {0}")]
     Handshake(String),

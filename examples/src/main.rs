@@ -14,6 +14,7 @@ use pagewire::config::{Decoder, ZeroCopy};
 use pagewire::decode::{decode_streams_with, DecodeStats};
 use pagewire::pin::Pinning;
 use pagewire::session::auth::Secret;
+use pagewire::session::tls::{GenerateSpec, TlsConfig};
 use pagewire::{
     Block, BlockPages, CodecKind, Config, GuestMemory, Progress, ReceiveInto, Receiver, RoundPages,
     Sender, SessionStats,
@@ -50,6 +51,9 @@ enum Cmd {
     Recv(RecvArgs),
     /// Decode recorded multifd channel streams into a memory image.
     Decode(DecodeArgs),
+    /// Write a CA and server and client certificates (QEMU's tls-creds-x509 layout) into
+    /// DIR, for trying --tls-dir out.
+    GenCerts(GenCertsArgs),
     /// Live-migrate a running KVM guest between two processes (docs/kvm.md).
     #[cfg(target_arch = "x86_64")]
     KvmDemo(kvm::KvmArgs),
@@ -64,9 +68,22 @@ struct Common {
     #[arg(long, default_value_t = 30.0)]
     idle_timeout: f64,
     /// File holding the shared secret (at least 16 bytes); every connection proves it knows
-    /// it. Both sides need the same file.
+    /// it. Both sides need the same file. Authentication only: without --tls-dir pages
+    /// still travel in clear text.
     #[arg(long)]
     secret_file: Option<PathBuf>,
+    /// Encrypt and authenticate every connection with TLS 1.3 and mutual certificates from
+    /// this directory (QEMU's tls-creds-x509 layout: ca-cert.pem, server-cert.pem,
+    /// server-key.pem, client-cert.pem, client-key.pem; see `pagewire gen-certs`).
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+    /// Sender: the name the receiver's certificate must be valid for (default: the host
+    /// part of --connect).
+    #[arg(long)]
+    tls_name: Option<String>,
+    /// Plaintext bytes per TLS record (512..=16384).
+    #[arg(long, default_value_t = pagewire_transport::tls::DEFAULT_RECORD_SIZE)]
+    tls_record_size: usize,
     /// Channel threads' cores: auto (channel i on the i-th core), off, or a list like 0,2,4
     /// (default: auto for send and recv, off for demo).
     #[arg(long)]
@@ -102,6 +119,68 @@ fn pinning(c: &Common, default: Pinning) -> Res<Pinning> {
             .collect::<Res<Vec<_>>>()
             .map(Pinning::Cpus),
     }
+}
+
+/// TLS settings from `--tls-dir`/`--tls-name`; a sender's default name is the host part of
+/// the address it connects to.
+fn tls_config(c: &Common, connect: Option<&str>) -> Res<Option<TlsConfig>> {
+    let Some(dir) = &c.tls_dir else {
+        if c.tls_name.is_some() {
+            return Err("--tls-name needs --tls-dir".into());
+        }
+        return Ok(None);
+    };
+    if !dir.is_dir() {
+        return Err(format!("--tls-dir {}: not a directory", dir.display()));
+    }
+    if !(512..=16384).contains(&c.tls_record_size) {
+        return Err(format!(
+            "--tls-record-size {} not in 512..=16384",
+            c.tls_record_size
+        ));
+    }
+    let mut t = TlsConfig::from_dir(dir);
+    t.record_size = c.tls_record_size;
+    t.server_name = c.tls_name.clone().or_else(|| {
+        connect.and_then(|a| {
+            a.rsplit_once(':')
+                .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_string())
+        })
+    });
+    Ok(Some(t))
+}
+
+/// A directory of freshly generated certificates, deleted on drop.
+struct TempCerts(PathBuf);
+
+impl TempCerts {
+    fn new() -> Res<TempCerts> {
+        let dir = std::env::temp_dir().join(format!("pagewire-demo-certs-{}", std::process::id()));
+        pagewire::session::tls::generate(&dir, &GenerateSpec::default())
+            .map_err(|e| e.to_string())?;
+        Ok(TempCerts(dir))
+    }
+}
+
+impl Drop for TempCerts {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn gen_certs(a: GenCertsArgs) -> Res<()> {
+    let mut spec = GenerateSpec::default();
+    if !a.hosts.is_empty() {
+        spec.hosts = a.hosts.clone();
+    }
+    spec.valid_until_secs = i64::from(a.days.max(1)) * 24 * 3600;
+    pagewire::session::tls::generate(&a.dir, &spec).map_err(|e| e.to_string())?;
+    println!(
+        "pagewire gen-certs: wrote ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem, client-key.pem to {} (server valid for: {})",
+        a.dir.display(),
+        spec.hosts.join(", ")
+    );
+    Ok(())
 }
 
 fn secret(c: &Common) -> Res<Option<Secret>> {
@@ -164,6 +243,10 @@ struct DemoArgs {
     /// Seed of the generated memory.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Encrypt with TLS 1.3 and mutual certificates (generated for the demo unless
+    /// --tls-dir is given).
+    #[arg(long)]
+    tls: bool,
     #[command(flatten)]
     tuning: Tuning,
     #[command(flatten)]
@@ -235,6 +318,19 @@ struct RecvArgs {
 }
 
 #[derive(Args, Debug)]
+struct GenCertsArgs {
+    /// Directory to write (created if missing; existing files are replaced).
+    dir: PathBuf,
+    /// A DNS name or IP address the receiver's certificate is valid for; repeat for several
+    /// (default: localhost, 127.0.0.1, ::1).
+    #[arg(long = "host")]
+    hosts: Vec<String>,
+    /// Days the certificates are valid.
+    #[arg(long, default_value_t = 365)]
+    days: u32,
+}
+
+#[derive(Args, Debug)]
 struct DecodeArgs {
     /// A memory block, NAME=SIZE (SIZE in bytes or with KiB/MiB/GiB); repeat for several.
     #[arg(long = "block", required = true)]
@@ -273,6 +369,7 @@ fn main() -> ExitCode {
         Cmd::Send(a) => send(a),
         Cmd::Recv(a) => recv(a),
         Cmd::Decode(a) => decode(a),
+        Cmd::GenCerts(a) => gen_certs(a),
         #[cfg(target_arch = "x86_64")]
         Cmd::KvmDemo(a) => kvm::run(a),
     };
@@ -363,6 +460,7 @@ fn config(t: &Tuning, c: &Common, channels: u16) -> Res<Config> {
         registered_buffers,
         secret: secret(c)?,
         vm_uuid: vm_uuid(c)?,
+        tls: tls_config(c, None)?,
         codec,
         level,
         qpl,
@@ -458,7 +556,19 @@ fn pages_json(t: &pagewire::ChannelStats) -> serde_json::Value {
 
 fn demo(a: DemoArgs) -> Res<()> {
     let size = parse_size(&a.size)?;
-    let cfg = config(&a.tuning, &a.common, a.channels)?;
+    let mut cfg = config(&a.tuning, &a.common, a.channels)?;
+    // Certificates made for this run only, removed when it ends.
+    let _certs = match (a.tls, &cfg.tls) {
+        (true, None) => {
+            let dir = TempCerts::new()?;
+            let mut t = TlsConfig::from_dir(&dir.0);
+            t.record_size = a.common.tls_record_size;
+            t.server_name = Some("localhost".into());
+            cfg.tls = Some(t);
+            Some(dir)
+        }
+        _ => None,
+    };
     let ps = cfg.page_size as u64;
     if size == 0 || size % ps != 0 {
         return Err(format!(
@@ -526,6 +636,7 @@ fn demo(a: DemoArgs) -> Res<()> {
     if a.common.json {
         let out = json!({
             "command": "demo",
+            "tls": cfg.tls.is_some(),
             "codec": cfg.codec.name(),
             "compressor": compressor(cfg.codec),
             "auto_choice": auto_line(cfg.codec, &sstats),
@@ -540,10 +651,15 @@ fn demo(a: DemoArgs) -> Res<()> {
         println!("{out}");
     } else {
         println!(
-            "pagewire demo: {} of generated guest memory, codec {}, {} channel(s), loopback",
+            "pagewire demo: {} of generated guest memory, codec {}, {} channel(s), loopback{}",
             human(size as u64),
             cfg.codec.name(),
-            cfg.channels
+            cfg.channels,
+            if cfg.tls.is_some() {
+                ", TLS 1.3 (mutual certificates)"
+            } else {
+                ""
+            }
         );
         print!("{}", summary_table(&sstats, &received.stats));
         if let Some(line) = auto_line(cfg.codec, &sstats) {
@@ -583,6 +699,7 @@ fn send(a: SendArgs) -> Res<()> {
         ));
     }
     let addr = pagewire_transport::net::resolve(&a.connect).map_err(|e| e.to_string())?;
+    cfg.tls = tls_config(&a.common, Some(&a.connect))?;
     let file = File::open(&a.image).map_err(|e| format!("{}: {e}", a.image.display()))?;
     // Several rounds rewrite pages between rounds: map the image copy-on-write so the file
     // itself is never modified. One round only reads it.
@@ -647,6 +764,7 @@ fn send(a: SendArgs) -> Res<()> {
     if a.common.json {
         let mut v = stats_json(&stats);
         v["command"] = json!("send");
+        v["tls"] = json!(cfg.tls.is_some());
         v["codec"] = json!(cfg.codec.name());
         v["compressor"] = json!(compressor(cfg.codec));
         v["auto_choice"] = json!(auto_line(cfg.codec, &stats));
@@ -825,6 +943,7 @@ fn recv(a: RecvArgs) -> Res<()> {
         idle_timeout: Duration::from_secs_f64(a.common.idle_timeout),
         secret: secret(&a.common)?,
         vm_uuid: vm_uuid(&a.common)?,
+        tls: tls_config(&a.common, None)?,
         insecure: a.insecure,
         prealloc: a.prealloc,
         pinning: pinning(&a.common, Pinning::AutoFromLast)?,
@@ -856,6 +975,7 @@ fn recv(a: RecvArgs) -> Res<()> {
         )),
         None => None,
     };
+    let tls_on = cfg.tls.is_some();
     let mut receiver = Receiver::bind(addr, cfg).map_err(|e| e.to_string())?;
     if let Some(t) = a.accept_timeout {
         receiver.set_accept_timeout(Some(Duration::from_secs_f64(t.max(0.0))));
@@ -873,6 +993,7 @@ fn recv(a: RecvArgs) -> Res<()> {
     if a.common.json {
         let mut v = stats_json(&done.stats);
         v["command"] = json!("recv");
+        v["tls"] = json!(tls_on);
         v["write_seconds"] = json!(write_secs);
         println!("{v}");
     } else {

@@ -735,6 +735,99 @@ fn receiver_exits_when_sender_is_killed() {
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 }
 
+/// `gen-certs`, then `recv`/`send` with `--tls-dir` (codec auto, 2 channels, 2 rounds): an
+/// encrypted migration as the README describes it, byte-identical; a clear-text sender
+/// against the TLS receiver gets a one-line error on both sides.
+#[test]
+fn gen_certs_then_encrypted_send_recv_is_byte_identical() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let certs = dir.path().join("certs");
+    let g = Command::new(BIN)
+        .args(["gen-certs", certs.to_str().expect("utf8")])
+        .output()
+        .expect("run gen-certs");
+    assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
+    for f in [
+        "ca-cert.pem",
+        "server-cert.pem",
+        "server-key.pem",
+        "client-cert.pem",
+        "client-key.pem",
+    ] {
+        assert!(certs.join(f).is_file(), "{f} missing");
+    }
+    let img = dir.path().join("guest.img");
+    let out = dir.path().join("out.img");
+    let fin = dir.path().join("final.img");
+    make_image(&img, 32 << 20, 9);
+    let port = free_port();
+    let tls = ["--tls-dir", certs.to_str().expect("utf8")];
+    let recv = spawn_recv(
+        port,
+        &[
+            &["--out", out.to_str().expect("utf8"), "--json"][..],
+            &tls[..],
+        ]
+        .concat(),
+    );
+    let send = Command::new(BIN)
+        .args(["send", "--connect", &format!("localhost:{port}")])
+        .args(["--image", img.to_str().expect("utf8"), "--channels", "2"])
+        .args(["--codec", "auto", "--rounds", "2", "--json"])
+        .args(["--final-image", fin.to_str().expect("utf8")])
+        .args(tls)
+        .output()
+        .expect("run send");
+    assert!(
+        send.status.success(),
+        "send failed: {}",
+        String::from_utf8_lossy(&send.stderr)
+    );
+    let r = wait_output(recv, Duration::from_secs(60));
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let got = std::fs::read(&out).expect("out");
+    let want = std::fs::read(&fin).expect("final image");
+    assert_eq!(got.len(), 32 << 20);
+    assert!(got == want, "OUT differs from the sender's final memory");
+
+    // A clear-text sender against a TLS receiver: one line each, non-zero exits.
+    let port = free_port();
+    let recv = Command::new(BIN)
+        .args(["recv", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--idle-timeout", "2", "--accept-timeout", "4"])
+        .args(tls)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn recv");
+    let t = Instant::now();
+    while !listening(port) {
+        assert!(t.elapsed() < Duration::from_secs(10), "recv did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let send = Command::new(BIN)
+        .args(["send", "--connect", &format!("127.0.0.1:{port}")])
+        .args([
+            "--image",
+            img.to_str().expect("utf8"),
+            "--idle-timeout",
+            "2",
+        ])
+        .output()
+        .expect("run send");
+    let r = wait_output(recv, Duration::from_secs(30));
+    for (who, o) in [("send", &send), ("recv", &r)] {
+        assert!(!o.status.success(), "{who} succeeded");
+        let err = String::from_utf8_lossy(&o.stderr);
+        let last = err.lines().last().unwrap_or_default();
+        assert!(last.starts_with("pagewire: error:"), "{who}: {err}");
+        assert!(
+            last.contains("TLS") || last.contains("tls"),
+            "{who}: {last}"
+        );
+    }
+}
+
 /// `recv --out /dev/null` works (a user measuring the link wants it), `--prealloc` populates
 /// the destination first, and a regular `--out` file keeps all-zero pages as holes.
 #[test]

@@ -68,12 +68,19 @@ fn in_ns(ns: &str, args: &[&str]) -> Command {
 }
 
 fn zero_copy_across_veth(codec: &str) {
+    across_veth(codec, false);
+}
+
+/// Send across the veth pair, clear text (zero copy asked for and used; both sides warn once
+/// that pages travel in clear text) or TLS (zero copy asked for and not used; no warning).
+fn across_veth(codec: &str, tls: bool) {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("SKIP zero_copy_across_veth: needs root to make network namespaces");
         return;
     }
-    let pair = match Pair::new(&codec[..1]) {
+    let tag = if tls { "t" } else { &codec[..1] };
+    let pair = match Pair::new(tag) {
         Ok(p) => p,
         Err(e) => {
             eprintln!(
@@ -86,6 +93,22 @@ fn zero_copy_across_veth(codec: &str) {
     let img = dir.path().join("guest.img");
     let out = dir.path().join("out.img");
     make_image(&img, 64 << 20, 77);
+    let certs = dir.path().join("certs");
+    let tls_args: Vec<String> = if tls {
+        let g = std::process::Command::new(BIN)
+            .args([
+                "gen-certs",
+                certs.to_str().expect("utf8"),
+                "--host",
+                "10.199.77.2",
+            ])
+            .output()
+            .expect("gen-certs");
+        assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
+        vec!["--tls-dir".into(), certs.to_str().expect("utf8").into()]
+    } else {
+        Vec::new()
+    };
     let recv = in_ns(
         &pair.b,
         &[
@@ -97,6 +120,7 @@ fn zero_copy_across_veth(codec: &str) {
         ],
     )
     .args(["--insecure", "--accept-timeout", "30"])
+    .args(&tls_args)
     .stdout(Stdio::piped())
     .stderr(Stdio::piped())
     .spawn()
@@ -123,6 +147,7 @@ fn zero_copy_across_veth(codec: &str) {
             "on",
             "--json",
         ])
+        .args(&tls_args)
         .output()
         .expect("run send");
         if o.status.success() || t.elapsed() > Duration::from_secs(10) {
@@ -151,6 +176,24 @@ fn zero_copy_across_veth(codec: &str) {
     let v: serde_json::Value = serde_json::from_slice(&send.stdout).expect("json");
     let zc = &v["zero_copy"];
     let sends = zc["sends"].as_u64().expect("sends");
+    let warned = |o: &std::process::Output| {
+        String::from_utf8_lossy(&o.stderr)
+            .matches("in clear text")
+            .count()
+    };
+    if tls {
+        assert_eq!(sends, 0, "zero copy used under TLS: {zc}");
+        assert_eq!(v["tls"], serde_json::json!(true));
+        assert_eq!(
+            warned(&send) + warned(&r),
+            0,
+            "a clear-text warning under TLS"
+        );
+        drop(pair);
+        return;
+    }
+    assert_eq!(warned(&send), 1, "sender: one clear-text warning");
+    assert_eq!(warned(&r), 1, "receiver: one clear-text warning");
     assert!(sends > 0, "zero copy used across veth: {zc}");
     assert_eq!(
         zc["notifications"].as_u64(),
@@ -172,6 +215,11 @@ fn zero_copy_across_veth_none() {
 #[test]
 fn zero_copy_across_veth_deflate() {
     zero_copy_across_veth("deflate");
+}
+
+#[test]
+fn tls_across_veth_is_identical_without_zero_copy() {
+    across_veth("none", true);
 }
 
 /// Codec auto through a shaped link (a namespace whose loopback is a 1 Gbit/s tbf, as the link

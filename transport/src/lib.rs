@@ -10,4 +10,5 @@
 pub mod control;
 pub mod net;
 pub mod ring;
+pub mod tls;
 pub mod wire;

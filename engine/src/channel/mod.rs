@@ -15,3 +15,4 @@ pub mod limit;
 pub mod pace;
 pub mod recv;
 pub mod send;
+pub mod stage;

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use io_uring::{opcode, types};
 use pagewire_transport::ring::{advance_iovecs, Ring};
+use pagewire_transport::tls::{Conn, Need, RecordReader, TlsError};
 use pagewire_transport::wire::{self, BlockSpec, Compression, HeaderRules, PacketHeader};
 
 use crate::channel::apply::{finish_packet, payload_iovecs};
@@ -72,6 +73,10 @@ pub struct RecvChannel {
     packets: u64,
     /// Buffers registered with the ring (base, length), by registration index.
     fixed: Vec<(usize, usize)>,
+    /// TLS: records are received into this reader's buffer and opened there; only their
+    /// authenticated plaintext is copied to the packet's destinations (`None`: clear text,
+    /// received straight into the destinations).
+    tls: Option<RecordReader>,
     stats: ChannelStats,
 }
 
@@ -124,6 +129,7 @@ impl RecvChannel {
             decomp,
             packets: 0,
             fixed: Vec::new(),
+            tls: None,
             stats: ChannelStats {
                 channel: id,
                 wire_bytes: wire::INIT_PACKET_LEN as u64,
@@ -139,6 +145,13 @@ impl RecvChannel {
         &self.stats
     }
 
+    /// Receive TLS records through `reader` (from the connection's set-up, with whatever it
+    /// has buffered) instead of clear text.
+    pub fn with_tls(mut self, reader: Option<RecordReader>) -> RecvChannel {
+        self.tls = reader;
+        self
+    }
+
     /// Record this thread's CPU time in the stats (call from the channel's thread).
     pub fn set_cpu_seconds(&mut self, secs: f64) {
         self.stats.cpu_seconds = secs;
@@ -150,23 +163,34 @@ impl RecvChannel {
         if self.ring.is_none() {
             let mut ring = Ring::new(8).map_err(|e| self.err(Place::Init, e.into()))?;
             if self.set.registered_buffers {
-                let bufs = [
-                    libc::iovec {
-                        iov_base: self.header_buf.as_mut_ptr().cast(),
-                        iov_len: self.header_buf.len(),
-                    },
-                    libc::iovec {
-                        iov_base: self.zlen_buf.as_mut_ptr().cast(),
-                        iov_len: self.zlen_buf.len(),
-                    },
-                    libc::iovec {
-                        iov_base: self.zbuf.as_mut_ptr().cast(),
-                        iov_len: self.zbuf.len(),
-                    },
-                ];
-                // SAFETY: the three buffers are owned by this channel, never resized after
-                // construction, and outlive the ring (dropped with the channel, the ring first:
-                // `ring` is declared before the buffers; see also Drop for leaks on errors).
+                let bufs = match self.tls.as_mut() {
+                    // TLS: the kernel writes only ciphertext, into the record reader's buffer.
+                    Some(rd) => {
+                        let (base, len) = rd.region();
+                        vec![libc::iovec {
+                            iov_base: base.cast(),
+                            iov_len: len,
+                        }]
+                    }
+                    None => vec![
+                        libc::iovec {
+                            iov_base: self.header_buf.as_mut_ptr().cast(),
+                            iov_len: self.header_buf.len(),
+                        },
+                        libc::iovec {
+                            iov_base: self.zlen_buf.as_mut_ptr().cast(),
+                            iov_len: self.zlen_buf.len(),
+                        },
+                        libc::iovec {
+                            iov_base: self.zbuf.as_mut_ptr().cast(),
+                            iov_len: self.zbuf.len(),
+                        },
+                    ],
+                };
+                // SAFETY: the buffers are owned by this channel (the record reader's too), never
+                // resized after construction, and outlive the ring (dropped with the channel,
+                // the ring first: `ring` is declared before the buffers and `tls`; see also
+                // `drain_after_error` for leaks on errors).
                 match unsafe { ring.register_buffers(&bufs) } {
                     Ok(()) => {
                         self.fixed = bufs
@@ -357,6 +381,9 @@ impl RecvChannel {
         what: &'static str,
         place: Place,
     ) -> Result<Got, ChannelError> {
+        if self.tls.is_some() {
+            return self.recv_tls(need, what, place);
+        }
         let fd = self.stream.as_raw_fd();
         let mut first = 0usize;
         let mut got = 0usize;
@@ -439,6 +466,119 @@ impl RecvChannel {
         Ok(Got::Full)
     }
 
+    /// [`RecvChannel::recv_iov`] under TLS: receive ciphertext into the reader's buffer, open
+    /// whole records there, and copy their authenticated plaintext to `self.iov`'s
+    /// destinations (guest pages, the zbuf, the header and length-array buffers): one write
+    /// per byte, and nothing of a record whose tag does not verify.
+    fn recv_tls(
+        &mut self,
+        need: usize,
+        what: &'static str,
+        place: Place,
+    ) -> Result<Got, ChannelError> {
+        let id = self.id;
+        let mk = |kind: ChannelErrorKind| ChannelError {
+            channel: id,
+            place,
+            kind,
+        };
+        let fd = self.stream.as_raw_fd();
+        let timeout = self.set.idle_timeout;
+        let mut first = 0usize;
+        let mut got = 0usize;
+        loop {
+            let Some(rd) = self.tls.as_mut() else {
+                return Err(mk(ChannelErrorKind::Aborted));
+            };
+            while got < need {
+                if rd.plaintext().is_empty() {
+                    if rd.open_next().map_err(|e| mk(e.into()))? {
+                        continue;
+                    }
+                    break;
+                }
+                let Some(dst) = self.iov.get(first) else {
+                    break;
+                };
+                let p = rd.plaintext();
+                let n = p.len().min(dst.iov_len).min(need - got);
+                // SAFETY: every iovec of a receive plan points at `iov_len` writable bytes
+                // that nothing else accesses now (this channel's buffers, or guest pages of
+                // the memory this channel holds an Arc of, inside their block: the plan was
+                // built from a validated header). `p` is the reader's own buffer, disjoint.
+                unsafe { std::ptr::copy_nonoverlapping(p.as_ptr(), dst.iov_base.cast::<u8>(), n) };
+                rd.consume(n);
+                got += n;
+                advance_iovecs(&mut self.iov, &mut first, n);
+            }
+            if got >= need {
+                return Ok(Got::Full);
+            }
+            let space = rd.space();
+            let (ptr, len) = (space.as_mut_ptr(), space.len());
+            if len == 0 {
+                return Err(mk(ChannelErrorKind::Io(std::io::Error::other(
+                    "internal: TLS receive buffer full",
+                ))));
+            }
+            let len = len.min(u32::MAX as usize);
+            let fixed = self.fixed.iter().position(|&(base, blen)| {
+                let p = ptr as usize;
+                p >= base && p + len <= base + blen
+            });
+            let sqe = match fixed {
+                Some(index) => {
+                    self.stats.reads_fixed += 1;
+                    opcode::ReadFixed::new(types::Fd(fd), ptr, len as u32, index as u16)
+                        .offset(u64::MAX)
+                        .build()
+                        .user_data(1)
+                }
+                None => opcode::Recv::new(types::Fd(fd), ptr, len as u32)
+                    .build()
+                    .user_data(1),
+            };
+            let Some(ring) = self.ring.as_mut() else {
+                return Err(mk(ChannelErrorKind::Aborted));
+            };
+            // SAFETY: `ptr..ptr+len` is the free tail of the reader's buffer, owned by this
+            // channel and not touched until the completion is reaped below (on timeout or
+            // error `drain_after_error` reaps it or leaks the reader).
+            unsafe { ring.push(&sqe) }.map_err(|e| mk(e.into()))?;
+            let res = match ring.wait(1, Some(timeout)) {
+                Ok(c) => c.first().map(|c| c.result()),
+                Err(e) => {
+                    self.drain_after_error();
+                    return Err(mk(e.into()));
+                }
+            };
+            let Some(res) = res else {
+                self.drain_after_error();
+                return Err(mk(ChannelErrorKind::Idle {
+                    secs: timeout.as_secs_f64(),
+                }));
+            };
+            if res < 0 {
+                return Err(mk(ChannelErrorKind::Io(std::io::Error::from_raw_os_error(
+                    -res,
+                ))));
+            }
+            let Some(rd) = self.tls.as_mut() else {
+                return Err(mk(ChannelErrorKind::Aborted));
+            };
+            if res == 0 {
+                return match rd.need() {
+                    Need::Boundary if got == 0 && what == "header" => Ok(Got::Eof),
+                    Need::Boundary => Err(mk(ChannelErrorKind::ClosedMid { what, got, need })),
+                    Need::MidRecord { have, want } => {
+                        Err(mk(TlsError::Truncated { have, want }.into()))
+                    }
+                };
+            }
+            rd.filled(res as usize);
+        }
+    }
+
     /// After a timed-out or failed wait the receive may still be in flight: shut the socket
     /// so it completes now, and reap it before the buffers can be reused or freed.
     fn drain_after_error(&mut self) {
@@ -461,6 +601,7 @@ impl RecvChannel {
         std::mem::forget(std::mem::take(&mut self.zbuf));
         std::mem::forget(std::mem::take(&mut self.header_buf));
         std::mem::forget(std::mem::take(&mut self.zlen_buf));
+        std::mem::forget(self.tls.take());
     }
 
     /// Shut the connection down (unblocks a pending receive).
@@ -473,4 +614,17 @@ impl RecvChannel {
 fn packet_num_of(buf: &[u8]) -> Option<u64> {
     let b: [u8; 8] = buf.get(24..32)?.try_into().ok()?;
     Some(u64::from_be_bytes(b))
+}
+
+/// A receiving channel's socket and record reader for a connection after its set-up (the
+/// reader keeps whatever the set-up read past the init packet).
+pub fn for_receiving(conn: Conn) -> (TcpStream, Option<RecordReader>) {
+    match conn {
+        Conn::Clear(s) => (s, None),
+        Conn::Tls(t) => {
+            // The send direction is unused: a receiver sends nothing on a channel.
+            let (tcp, _tx, rx) = t.into_parts();
+            (tcp, Some(rx))
+        }
+    }
 }

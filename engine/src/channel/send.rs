@@ -30,6 +30,7 @@ use tracing::trace;
 use super::limit::RateLimit;
 use super::pace::{Choice, Observation, Pacer};
 use crate::accel::{Accelerator, Completion, JobDesc, Outcome, Path, Submit};
+use crate::channel::stage::{Clear, SendStage};
 use crate::codec::entropy::likely_incompressible;
 use crate::codec::is_zero_page;
 use crate::datamap::{covered, overlaps, DataProbe};
@@ -119,6 +120,12 @@ struct Slot {
     first: usize,
     remaining: usize,
     zc: ZcTrack,
+    /// The packet as the stage prepared it for the wire (TLS records), when it is not sent
+    /// from the pieces themselves.
+    sealed: Vec<u8>,
+    /// The stage has prepared this Ready packet (done ahead while an earlier send is in
+    /// flight, else at submission; always in queue order).
+    staged: bool,
     msg: libc::msghdr,
     /// Counters applied to the channel's stats when the send completes.
     pending: ChannelStats,
@@ -147,6 +154,8 @@ impl Slot {
             first: 0,
             remaining: 0,
             zc: ZcTrack::default(),
+            sealed: Vec::new(),
+            staged: false,
             // SAFETY: msghdr is a plain C struct for which all-zero is a valid value.
             msg: unsafe { std::mem::zeroed() },
             pending: ChannelStats::default(),
@@ -202,6 +211,8 @@ pub struct SendChannel {
     probe: DataProbe,
     /// The current batch's data ranges (block byte offsets).
     data: Vec<Range<u64>>,
+    /// Between a ready slot and the ring: clear text or TLS sealing.
+    stage: Box<dyn SendStage>,
     stats: ChannelStats,
     /// Codec auto's decisions (with `SendSettings::adaptive`).
     pacer: Option<Pacer>,
@@ -279,6 +290,7 @@ impl SendChannel {
             zc_on: false,
             probe: DataProbe::new(),
             data: Vec::new(),
+            stage: Box::new(Clear),
             stats,
             pacer,
             epoch: Instant::now(),
@@ -294,6 +306,12 @@ impl SendChannel {
             chan.ready.push_back(key);
         }
         Ok(chan)
+    }
+
+    /// Use `stage` between ready slots and the ring (default: [`Clear`]).
+    pub fn with_stage(mut self, stage: Box<dyn SendStage>) -> SendChannel {
+        self.stage = stage;
+        self
     }
 
     /// Counters so far.
@@ -322,7 +340,9 @@ impl SendChannel {
     ) -> Result<(), ChannelError> {
         if self.ring.is_none() {
             let ring = Ring::new(32).map_err(|e| self.err(e.into()))?;
-            self.zc_on = self.set.zero_copy_min.is_some() && ring.features().send_zc;
+            self.zc_on = self.set.zero_copy_min.is_some()
+                && ring.features().send_zc
+                && self.stage.zero_copy();
             if self.set.zero_copy_min.is_some() && !self.zc_on {
                 tracing::info!(channel = self.id, "kernel lacks SENDMSG_ZC; using SENDMSG");
             }
@@ -388,6 +408,11 @@ impl SendChannel {
                 // The round's packets are all sent; their zero-copy notifications are not
                 // all in: the guest pages stay referenced until they are.
                 self.reap(true, progress)?;
+                continue;
+            }
+            // While a send is in flight, prepare the next queued packet for the wire (seal it)
+            // instead of waiting idle.
+            if self.in_flight.is_some() && self.stage_ahead()? {
                 continue;
             }
             if self.compressing > 0 {
@@ -829,11 +854,44 @@ impl SendChannel {
         slot.state = State::Ready;
     }
 
+    /// Let the stage prepare the first Ready packet in the queue it has not prepared yet (the
+    /// queue is the send order, which TLS sequence numbers must follow). Returns whether
+    /// there was one.
+    fn stage_ahead(&mut self) -> Result<bool, ChannelError> {
+        let Some(&key) = self
+            .ready
+            .iter()
+            .find(|&&k| self.slots.get(k).is_some_and(|s| !s.staged))
+        else {
+            return Ok(false);
+        };
+        let Some(slot) = self.slots.get_mut(key) else {
+            return Ok(false);
+        };
+        let slot: &mut Slot = slot;
+        // SAFETY: as in `submit`: the Ready slot's iovecs point at its own buffers and at
+        // guest pages valid for the round.
+        if let Err(kind) = unsafe { self.stage.prepare(&mut slot.iov, &mut slot.sealed) } {
+            return Err(self.err(kind));
+        }
+        slot.staged = true;
+        Ok(true)
+    }
+
     fn submit(&mut self, key: usize) -> Result<(), ChannelError> {
         let fd = self.stream.as_raw_fd();
         let Some(slot) = self.slots.get_mut(key) else {
             return Err(self.err(ChannelErrorKind::Aborted));
         };
+        let slot: &mut Slot = slot;
+        if !slot.staged {
+            // SAFETY: the slot's iovecs point at its own header, length array and zbuf and
+            // at guest pages of the memory being sent, all valid while the slot is Ready.
+            if let Err(kind) = unsafe { self.stage.prepare(&mut slot.iov, &mut slot.sealed) } {
+                return Err(self.err(kind));
+            }
+        }
+        slot.staged = false;
         slot.first = 0;
         slot.remaining = slot.iov.iter().map(|v| v.iov_len).sum();
         slot.zc = ZcTrack::default();

@@ -495,7 +495,7 @@ fn accept_connections(
                 "post-copy connection id {id} connected twice"
             )));
         }
-        *slot = Some(c.stream);
+        *slot = Some(super::clear_tcp(c.stream, "a post-copy connection")?);
     }
     let streams: Vec<TcpStream> = slots.into_iter().flatten().collect();
     for (i, s) in streams.iter().enumerate() {
@@ -574,6 +574,7 @@ fn accept_resume(
             (Some(sec), Some(a)) => Some(sec.receiver_proof(&c.nonce_r, &a.nonce, &hello.uuid)),
             _ => None,
         };
+        let mut stream = super::clear_tcp(stream, "the resumed control connection")?;
         stream
             .set_read_timeout(Some(cfg.idle_timeout))
             .map_err(control::ControlError::from)?;

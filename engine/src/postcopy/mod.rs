@@ -86,6 +86,25 @@ use thiserror::Error;
 use crate::uffd::UffdError;
 
 pub use dest::{PostcopyHook, PostcopyStart, PostcopyStats};
+
+/// Post-copy runs on clear-text connections only (for now): the socket of `conn`, or a clear
+/// error for a TLS connection. `what` names the connection.
+pub(crate) fn clear_tcp(
+    conn: pagewire_transport::tls::Conn,
+    what: &str,
+) -> Result<std::net::TcpStream, crate::SessionError> {
+    match conn {
+        pagewire_transport::tls::Conn::Clear(s) => Ok(s),
+        pagewire_transport::tls::Conn::Tls(_) => Err(tls_unsupported(what)),
+    }
+}
+
+/// The error for a post-copy step on a TLS session.
+pub(crate) fn tls_unsupported(what: &str) -> crate::SessionError {
+    crate::SessionError::Config(format!(
+        "post-copy is not available on TLS sessions yet ({what} is encrypted); use pre-copy, or post-copy on a trusted link"
+    ))
+}
 pub use source::{PostcopySender, PostcopySourceStats};
 
 /// Magic of a page request ("PWPR").

@@ -25,6 +25,8 @@ use tracing::{debug, warn};
 use crate::config::Config;
 use crate::error::SessionError;
 use crate::session::auth::{self, Secret};
+use crate::session::tls::Acceptor;
+use pagewire_transport::tls::Conn;
 
 /// Most handshakes in progress at once; further connections are closed at once.
 pub const MAX_HANDSHAKES: usize = 64;
@@ -43,7 +45,7 @@ pub struct Rejection {
 /// An authenticated control connection whose hello parsed.
 #[derive(Debug)]
 pub(crate) struct ControlCandidate {
-    pub stream: TcpStream,
+    pub stream: Conn,
     pub peer: SocketAddr,
     pub nonce_r: [u8; NONCE_LEN],
     pub hello: Hello,
@@ -52,7 +54,7 @@ pub(crate) struct ControlCandidate {
 /// A channel connection whose token (if any) and init packet check out for the session.
 #[derive(Debug)]
 pub(crate) struct ChannelCandidate {
-    pub stream: TcpStream,
+    pub stream: Conn,
     pub peer: SocketAddr,
     pub init: InitPacket,
 }
@@ -78,6 +80,7 @@ enum Outcome {
 pub(crate) struct Door<'a> {
     listener: &'a TcpListener,
     cfg: &'a Config,
+    acceptor: Acceptor,
     pending: Arc<AtomicUsize>,
     /// Handles on the pending handshakes' sockets, oldest first, to evict under a flood.
     inflight: std::collections::VecDeque<(u64, TcpStream)>,
@@ -91,6 +94,8 @@ pub(crate) struct Door<'a> {
     wake_tx: UnixStream,
     watch: Arc<Mutex<Option<mpsc::Sender<Rejection>>>>,
     refused: u64,
+    /// Connections whose handshake thread refused them.
+    handshakes_refused: Arc<std::sync::atomic::AtomicU64>,
     last_refusal_error: Arc<Mutex<Option<String>>>,
 }
 
@@ -109,6 +114,7 @@ impl<'a> Door<'a> {
         Ok(Door {
             listener,
             cfg,
+            acceptor: Acceptor::new(cfg)?,
             pending: Arc::new(AtomicUsize::new(0)),
             inflight: std::collections::VecDeque::new(),
             next_id: 0,
@@ -117,6 +123,7 @@ impl<'a> Door<'a> {
             rx,
             watch,
             refused: 0,
+            handshakes_refused: Arc::default(),
             last_refusal_error: Arc::new(Mutex::new(None)),
             wake_rx,
             wake_tx,
@@ -126,11 +133,14 @@ impl<'a> Door<'a> {
     /// Connections refused so far, and the last reason.
     pub fn refused(&self) -> (u64, Option<String>) {
         let last = self.last_refusal_error.lock().ok().and_then(|g| g.clone());
-        (self.refused, last)
+        (
+            self.refused + self.handshakes_refused.load(Ordering::SeqCst),
+            last,
+        )
     }
 
     /// Report a refusal decided by the session (e.g. a hello that does not fit this memory).
-    pub fn refuse(&mut self, peer: SocketAddr, stream: &mut TcpStream, error: SessionError) {
+    pub fn refuse(&mut self, peer: SocketAddr, stream: &mut Conn, error: SessionError) {
         let error = tell_peer(stream, error);
         self.refused += 1;
         report(&self.watch, &self.last_refusal_error, peer, error);
@@ -263,6 +273,8 @@ impl<'a> Door<'a> {
         let insecure = self.cfg.insecure;
         let timeout = self.cfg.idle_timeout;
         let socket = self.cfg.socket;
+        let acceptor = self.acceptor.clone();
+        let handshakes_refused = self.handshakes_refused.clone();
         let spawned = std::thread::Builder::new()
             .name("pw-handshake".into())
             .stack_size(HANDSHAKE_STACK)
@@ -275,6 +287,7 @@ impl<'a> Door<'a> {
                     insecure,
                     timeout,
                     &socket,
+                    &acceptor,
                 );
                 match res {
                     Ok(o) => {
@@ -283,7 +296,10 @@ impl<'a> Door<'a> {
                             let _ = w.write_all(&[1]);
                         }
                     }
-                    Err(e) => report(&watch, &last, peer, e),
+                    Err(e) => {
+                        handshakes_refused.fetch_add(1, Ordering::SeqCst);
+                        report(&watch, &last, peer, e)
+                    }
                 }
                 if let Ok(mut d) = done_ids.lock() {
                     d.push(id);
@@ -313,7 +329,7 @@ pub(crate) fn peer_allowed_with(
 }
 
 /// Tell the peer why (an `error` message, best effort) and hand the error back.
-pub(crate) fn tell_peer(stream: &mut TcpStream, e: SessionError) -> SessionError {
+pub(crate) fn tell_peer<W: Write>(stream: &mut W, e: SessionError) -> SessionError {
     let _ = control::write_message(
         stream,
         &Message::Error {
@@ -342,25 +358,28 @@ fn report(
 }
 
 /// The handshake of one connection, on its own thread.
+#[allow(clippy::too_many_arguments)] // the door's settings, copied into the thread one by one
 fn handshake(
-    mut stream: TcpStream,
+    mut tcp: TcpStream,
     peer: SocketAddr,
     expect: &Expect,
     secret: Option<&Secret>,
     insecure: bool,
     timeout: Duration,
     socket: &SocketOptions,
+    acceptor: &Acceptor,
 ) -> Result<Outcome, SessionError> {
-    if let Err(e) = peer_allowed_with(secret.is_some(), insecure, &peer) {
-        return Err(tell_peer(&mut stream, e));
+    // Certificates authenticate a TLS peer as a shared secret does a clear-text one.
+    let authenticated = secret.is_some() || acceptor.is_tls();
+    if let Err(e) = peer_allowed_with(authenticated, insecure, &peer) {
+        return Err(tell_peer(&mut tcp, e));
     }
-    net::configure(&stream, socket)?;
-    stream
-        .set_read_timeout(Some(timeout))
+    net::configure(&tcp, socket)?;
+    tcp.set_read_timeout(Some(timeout))
         .map_err(control::ControlError::from)?;
-    stream
-        .set_write_timeout(Some(timeout))
+    tcp.set_write_timeout(Some(timeout))
         .map_err(control::ControlError::from)?;
+    let mut stream = acceptor.accept(tcp)?;
     match expect {
         Expect::Control => {
             let nonce_r = auth::nonce()?;
@@ -371,6 +390,21 @@ fn handshake(
                     secret_required: secret.is_some(),
                 },
             )?;
+            if !stream.is_tls() {
+                let mut first = [0u8; 1];
+                // A TLS ClientHello starts with a handshake record (0x16): say so rather than
+                // "frame too large".
+                match stream.tcp().peek(&mut first) {
+                    Ok(1) if first[0] == 0x16 => {
+                        return Err(SessionError::Handshake(format!(
+                            "control connection from {peer} starts a TLS handshake, but this receiver has no TLS credentials (--tls-dir)"
+                        )));
+                    }
+                    Ok(_) => {}
+                    // Silence or a reset: what reading the hello would report.
+                    Err(e) => return Err(control::ControlError::Io(e).into()),
+                }
+            }
             let hello = match control::read_message(&mut stream) {
                 Ok(Message::Hello(h)) => h,
                 Ok(Message::Error { message }) => return Err(SessionError::Peer(message)),
@@ -449,9 +483,11 @@ fn handshake(
                 });
             }
             stream
+                .tcp()
                 .set_read_timeout(None)
                 .map_err(control::ControlError::from)?;
             stream
+                .tcp()
                 .set_write_timeout(None)
                 .map_err(control::ControlError::from)?;
             Ok(Outcome::Channel(ChannelCandidate { stream, peer, init }))

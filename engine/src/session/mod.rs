@@ -5,6 +5,7 @@ pub mod auth;
 pub mod handshake;
 pub mod recv;
 pub mod send;
+pub mod tls;
 
 pub use handshake::Rejection;
 pub use recv::{ReceiveInto, Received, Receiver};

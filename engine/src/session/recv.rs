@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use pagewire_transport::control::{self, Hello, Message};
 use pagewire_transport::net;
+use pagewire_transport::tls::Conn;
 use pagewire_transport::wire::{BlockSpec, Compression};
-use tracing::{debug, info, info_span};
+use tracing::{debug, info, info_span, warn};
 
 use crate::accel::qpl::{QplDecompressor, QplSetupError};
 use crate::channel::recv::{RecvChannel, RecvSettings, RoundGate};
@@ -167,12 +168,24 @@ impl Receiver {
                 Err(e) => door.refuse(c.peer, &mut stream, e),
             }
         };
-        info!(%peer, "control connection");
+        info!(%peer, tls = control.is_tls(), "control connection");
+        if !control.is_tls() && !net::is_loopback(&peer) {
+            warn!(
+                %peer,
+                "no --tls-dir: guest memory arrives from {peer} in clear text{}",
+                if self.cfg.secret.is_some() {
+                    " (the shared secret authenticates the peers but encrypts nothing)"
+                } else {
+                    ""
+                }
+            );
+        }
         let proof = match (&self.cfg.secret, &hello.auth) {
             (Some(sec), Some(a)) => Some(sec.receiver_proof(&nonce_r, &a.nonce, &hello.uuid)),
             _ => None,
         };
         control
+            .tcp()
             .set_read_timeout(Some(self.cfg.idle_timeout))
             .map_err(control::ControlError::from)?;
         control::write_message(&mut control, &Message::HelloOk { proof })?;
@@ -218,8 +231,9 @@ impl Receiver {
                 Ok(d) => d,
                 Err(e) => return Err(reject(&mut control, e)),
             };
+            let (stream, stage) = crate::channel::recv::for_receiving(stream);
             match RecvChannel::new(id as u16, stream, set.clone(), memory.clone(), decoder) {
-                Ok(c) => chans.push(c),
+                Ok(c) => chans.push(c.with_tls(stage)),
                 Err(e) => return Err(reject(&mut control, e.into())),
             }
         }
@@ -387,9 +401,9 @@ impl Receiver {
         door: &mut Door<'_>,
         hello: &Hello,
         nonce_r: &[u8; control::NONCE_LEN],
-    ) -> Result<Vec<TcpStream>, SessionError> {
+    ) -> Result<Vec<Conn>, SessionError> {
         let n = hello.channels as usize;
-        let mut slots: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
+        let mut slots: Vec<Option<Conn>> = (0..n).map(|_| None).collect();
         let deadline = Instant::now() + self.cfg.idle_timeout;
         let expect = Expect::Channel {
             uuid: hello.uuid,
@@ -439,7 +453,7 @@ impl Receiver {
 
     fn control_loop(
         &self,
-        control: &mut TcpStream,
+        control: &mut Conn,
         gate: &Gate,
         states: &mut Vec<Vec<u8>>,
         pc: &mut PostcopyCtx<'_, '_>,
@@ -450,14 +464,19 @@ impl Receiver {
         // this socket's read side, which wakes the wait.
         let idle = self.cfg.idle_timeout;
         control
+            .tcp()
             .set_read_timeout(Some(idle))
             .map_err(control::ControlError::from)?;
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&*control);
+        let fd = std::os::fd::AsRawFd::as_raw_fd(control.tcp());
         let mut last = 0u64;
         loop {
             loop {
                 if gate.has_failed() {
                     return Ok(());
+                }
+                // A TLS record may hold more than the message just read.
+                if control.has_buffered() {
+                    break;
                 }
                 if net::wait_readable(fd, Duration::from_millis(200))
                     .map_err(control::ControlError::from)?
@@ -536,9 +555,12 @@ impl Receiver {
                         hook: &self.postcopy_hook,
                         state: states,
                     };
+                    let pagewire_transport::tls::Conn::Clear(control_tcp) = &mut *control else {
+                        return Err(crate::postcopy::tls_unsupported("the control connection"));
+                    };
                     let st = crate::postcopy::dest::run(
                         pc.door,
-                        control,
+                        control_tcp,
                         args,
                         &pc.announced,
                         background,
@@ -570,7 +592,12 @@ impl Receiver {
 
 /// Without a shared secret, a receiver accepts only loopback peers unless `insecure` is set.
 pub fn peer_allowed(cfg: &Config, peer: &SocketAddr) -> Result<(), SessionError> {
-    handshake::peer_allowed_with(cfg.secret.is_some(), cfg.insecure, peer)
+    // TLS client certificates authenticate a peer as a shared secret does.
+    handshake::peer_allowed_with(
+        cfg.secret.is_some() || cfg.tls.is_some(),
+        cfg.insecure,
+        peer,
+    )
 }
 
 /// The page decoder `d` asks for.
@@ -601,7 +628,7 @@ fn no_session(e: SessionError, waited: Duration, door: &Door<'_>) -> SessionErro
 }
 
 /// Send an error to the sender (best effort) and return it.
-fn reject(control: &mut TcpStream, e: SessionError) -> SessionError {
+fn reject(control: &mut Conn, e: SessionError) -> SessionError {
     debug!(error = %e, "rejecting session");
     handshake::tell_peer(control, e)
 }
@@ -627,14 +654,17 @@ struct Gate {
 }
 
 impl Gate {
-    fn new(channels: u16, streams: &[TcpStream], control: &TcpStream) -> Gate {
+    fn new(channels: u16, streams: &[Conn], control: &Conn) -> Gate {
         Gate {
             channels,
             state: Mutex::new(GateState::default()),
             cv: Condvar::new(),
             failed: AtomicBool::new(false),
-            sockets: streams.iter().filter_map(|s| s.try_clone().ok()).collect(),
-            control: control.try_clone().ok(),
+            sockets: streams
+                .iter()
+                .filter_map(|s| s.tcp().try_clone().ok())
+                .collect(),
+            control: control.tcp().try_clone().ok(),
         }
     }
 

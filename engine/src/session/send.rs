@@ -23,7 +23,9 @@ use crate::error::{ChannelError, SessionError};
 use crate::memory::GuestMemory;
 use crate::pages::RoundPages;
 use crate::session::auth;
+use crate::session::tls::Dialer;
 use crate::stats::{thread_cpu_seconds, ChannelStats, Progress, SessionStats};
+use pagewire_transport::tls::Conn;
 
 /// Largest device state one [`Sender::send_state`] call carries (one control frame).
 pub const MAX_STATE: usize = control::MAX_FRAME - 1;
@@ -99,7 +101,7 @@ impl AbortHandle {
 pub struct Sender {
     cfg: Config,
     mem: Arc<GuestMemory>,
-    control: TcpStream,
+    control: Conn,
     workers: Vec<Worker>,
     replies: mpsc::Receiver<Reply>,
     progress: Arc<Progress>,
@@ -191,12 +193,32 @@ impl Sender {
                 u
             }
         };
-        let mut control = net::connect(addr, &cfg.socket)?;
+        let dialer = Dialer::new(&cfg, &addr)?;
+        let mut control = dialer.connect(addr, &cfg.socket, cfg.idle_timeout)?;
         control
+            .tcp()
             .set_read_timeout(Some(cfg.idle_timeout))
             .map_err(control::ControlError::from)?;
         // The receiver speaks first: its challenge nonce, and whether it wants a secret.
-        let (nonce_r, secret_required) = match control::read_message(&mut control)? {
+        let first = control::read_message(&mut control).map_err(|e| match e {
+            control::ControlError::Io(io)
+                if cfg.tls.is_none()
+                    && matches!(
+                        io.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+            {
+                SessionError::Timeout(format!(
+                    "the receiver sent no challenge within {:.1} s (a receiver with --tls-dir waits for a TLS handshake: use --tls-dir on both sides)",
+                    cfg.idle_timeout.as_secs_f64()
+                ))
+            }
+            control::ControlError::Closed if cfg.tls.is_none() => SessionError::Handshake(
+                "the receiver closed the control connection before its challenge (a receiver with --tls-dir closes clear-text senders: use --tls-dir on both sides)".into(),
+            ),
+            other => other.into(),
+        })?;
+        let (nonce_r, secret_required) = match first {
             Message::Challenge {
                 nonce,
                 secret_required,
@@ -287,7 +309,7 @@ impl Sender {
 
         let abort = AbortHandle::new();
         if let Ok(mut s) = abort.sockets.lock() {
-            if let Ok(c) = control.try_clone() {
+            if let Ok(c) = control.tcp().try_clone() {
                 s.push(c);
             }
         }
@@ -299,7 +321,7 @@ impl Sender {
         let (reply_tx, replies) = mpsc::channel::<Reply>();
         let mut workers = Vec::new();
         for id in 0..cfg.channels {
-            let mut stream = net::connect(addr, &cfg.socket)?;
+            let mut stream = dialer.connect(addr, &cfg.socket, cfg.idle_timeout)?;
             if let Some((secret, nonce_s)) = &auth {
                 let token = secret.channel_token(&nonce_r, nonce_s, &uuid, id as u8);
                 std::io::Write::write_all(&mut stream, &token).map_err(|e| {
@@ -315,7 +337,7 @@ impl Sender {
             std::io::Write::write_all(&mut stream, &init.encode()).map_err(|e| {
                 SessionError::Handshake(format!("channel {id}: sending init packet: {e}"))
             })?;
-            if let (Ok(mut s), Ok(c)) = (abort.sockets.lock(), stream.try_clone()) {
+            if let (Ok(mut s), Ok(c)) = (abort.sockets.lock(), stream.tcp().try_clone()) {
                 s.push(c);
             }
             let compressor = engines.next().flatten();
@@ -341,7 +363,9 @@ impl Sender {
                 depth: cfg.depth,
                 idle_timeout: cfg.idle_timeout,
             };
-            let chan = SendChannel::new(id, stream, set, compressor, packet_num.clone())?;
+            let (stream, stage) = crate::channel::stage::for_sending(stream);
+            let chan = SendChannel::new(id, stream, set, compressor, packet_num.clone())?
+                .with_stage(stage);
             let (tx, rx) = mpsc::channel::<Cmd>();
             let reply = reply_tx.clone();
             let mem = mem.clone();
@@ -382,6 +406,12 @@ impl Sender {
         if self.failed {
             return Err(SessionError::Config("session already failed".into()));
         }
+        let control = match &self.control {
+            Conn::Clear(s) => s
+                .try_clone()
+                .map_err(|e| SessionError::Control(control::ControlError::Io(e)))?,
+            Conn::Tls(_) => return Err(crate::postcopy::tls_unsupported("the control connection")),
+        };
         if let Ok(socks) = self.abort.sockets.lock() {
             for s in socks.iter().skip(1) {
                 let _ = s.shutdown(std::net::Shutdown::Write);
@@ -393,10 +423,6 @@ impl Sender {
                 warn!("a channel thread panicked while stopping");
             }
         }
-        let control = self
-            .control
-            .try_clone()
-            .map_err(|e| SessionError::Control(control::ControlError::Io(e)))?;
         let totals = std::mem::take(&mut self.totals);
         Ok(Precopied {
             cfg: self.cfg.clone(),
@@ -518,6 +544,7 @@ impl Sender {
         }
         let _ = self
             .control
+            .tcp()
             .set_read_timeout(Some(Duration::from_millis(500)));
         loop {
             match control::read_message(&mut self.control) {

@@ -1,0 +1,205 @@
+//! TLS 1.3 for the control connection and every channel: rustls runs the handshake (mutual
+//! X.509 authentication), then pagewire's own record layer ([`record`]) seals and opens the
+//! records with the keys rustls derived, so the engine can seal straight from guest memory
+//! into its send buffers and open records in its receive buffers (see `docs/design.md`).
+//!
+//! * [`handshake`]: client and server handshakes over a blocking [`TcpStream`], ending with
+//!   the traffic keys.
+//! * [`record`]: sans-IO sealing and opening of records.
+//! * [`Conn`]: a connection that is clear text or TLS, with blocking `Read`/`Write` (for the
+//!   control protocol and channel set-up); the channel loops take its parts.
+
+pub mod handshake;
+pub mod record;
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+
+use thiserror::Error;
+
+pub use handshake::{client, server};
+pub use record::{Direction, Need, RecordReader, Sealer};
+/// The rustls this layer is built on (its key types build a [`Direction`]).
+pub use rustls;
+
+/// Plaintext bytes per record by default (the largest TLS allows: per-record cost is noise).
+pub const DEFAULT_RECORD_SIZE: usize = record::MAX_PLAINTEXT;
+/// Bytes of ciphertext a reader buffers (several records per receive).
+pub const READ_BUFFER: usize = 32 * (record::HEADER_LEN + record::MAX_BODY);
+
+/// Errors of the TLS layer.
+#[derive(Debug, Error)]
+pub enum TlsError {
+    #[error("TLS handshake failed: {0}")]
+    Handshake(rustls::Error),
+    #[error(
+        "TLS: the peer does not speak TLS ({detail}); use --tls-dir on both sides or on neither"
+    )]
+    NotTls { detail: String },
+    #[error(
+        "TLS: the peer sent alert '{0:?}' (it refused this side's certificate or the handshake)"
+    )]
+    Alert(rustls::AlertDescription),
+    #[error("TLS: record {record} failed authentication: the stream was altered, reordered or cut in transit")]
+    Auth { record: u64 },
+    #[error("TLS: record {record} is malformed: {detail}")]
+    BadRecord { record: u64, detail: String },
+    #[error("TLS: the connection ended in the middle of a record ({have} of {want} bytes)")]
+    Truncated { have: usize, want: usize },
+    #[error("TLS: this connection's key has sealed as many records as AES-GCM allows; pagewire does not renew keys")]
+    KeyExhausted,
+    #[error("TLS set-up: {0}")]
+    Setup(String),
+    #[error("TLS I/O: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl From<TlsError> for io::Error {
+    fn from(e: TlsError) -> io::Error {
+        match e {
+            TlsError::Io(e) => e,
+            other => io::Error::new(io::ErrorKind::InvalidData, other),
+        }
+    }
+}
+
+/// A TLS connection after its handshake: the socket, the sending direction's sealer and the
+/// receiving direction's reader.
+#[derive(Debug)]
+pub struct TlsStream {
+    tcp: TcpStream,
+    tx: Sealer,
+    rx: RecordReader,
+    /// Reused record buffer for `write`.
+    out: Vec<u8>,
+}
+
+impl TlsStream {
+    pub(crate) fn new(tcp: TcpStream, tx: Sealer, rx: RecordReader) -> TlsStream {
+        TlsStream {
+            tcp,
+            tx,
+            rx,
+            out: Vec::new(),
+        }
+    }
+
+    /// The parts, for a channel loop that does its own I/O (the reader keeps whatever it
+    /// has buffered beyond what was read so far).
+    pub fn into_parts(self) -> (TcpStream, Sealer, RecordReader) {
+        (self.tcp, self.tx, self.rx)
+    }
+
+    /// The AEAD negotiated.
+    pub fn suite(&self) -> &'static str {
+        self.tx.suite()
+    }
+}
+
+impl Read for TlsStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            let p = self.rx.plaintext();
+            if !p.is_empty() {
+                let n = p.len().min(buf.len());
+                buf[..n].copy_from_slice(&p[..n]);
+                self.rx.consume(n);
+                return Ok(n);
+            }
+            if self.rx.open_next()? {
+                continue;
+            }
+            let space = self.rx.space();
+            let n = self.tcp.read(space)?;
+            if n == 0 {
+                return match self.rx.need() {
+                    Need::Boundary => Ok(0),
+                    Need::MidRecord { have, want } => {
+                        Err(TlsError::Truncated { have, want }.into())
+                    }
+                };
+            }
+            self.rx.filled(n);
+        }
+    }
+}
+
+impl Write for TlsStream {
+    /// Seals `buf` into records and writes them (a short socket write is finished here, so
+    /// the return value is always `buf.len()`).
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let mut out = std::mem::take(&mut self.out);
+        let res = self
+            .tx
+            .seal([buf], &mut out)
+            .map_err(io::Error::from)
+            .and_then(|()| self.tcp.write_all(&out));
+        self.out = out;
+        res.map(|()| buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.tcp.flush()
+    }
+}
+
+/// A control or channel connection: clear text, or TLS after its handshake.
+#[derive(Debug)]
+pub enum Conn {
+    Clear(TcpStream),
+    Tls(Box<TlsStream>),
+}
+
+impl Conn {
+    /// The socket (for timeouts, shutdown, polling).
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Conn::Clear(s) => s,
+            Conn::Tls(t) => &t.tcp,
+        }
+    }
+
+    /// Whether decrypted bytes wait in user space (a poll on the socket would not see them).
+    pub fn has_buffered(&self) -> bool {
+        match self {
+            Conn::Clear(_) => false,
+            Conn::Tls(t) => !t.rx.plaintext().is_empty() || t.rx.need() != Need::Boundary,
+        }
+    }
+
+    /// Whether this connection is encrypted.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Conn::Tls(_))
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Conn::Clear(s) => s.read(buf),
+            Conn::Tls(t) => t.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Conn::Clear(s) => s.write(buf),
+            Conn::Tls(t) => t.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Conn::Clear(s) => s.flush(),
+            Conn::Tls(t) => t.flush(),
+        }
+    }
+}
