@@ -62,11 +62,34 @@ impl RateLimit {
             Err(Duration::from_secs_f64(-b.tokens / self.rate))
         }
     }
+
+    /// Charge `bytes` sent at `now` without waiting (a post-copy page request's answer): the
+    /// bucket may go into debt, which the sends that do wait pay off.
+    pub fn charge(&self, bytes: u64, now: Instant) {
+        let Ok(mut b) = self.bucket.lock() else {
+            return;
+        };
+        let dt = now.saturating_duration_since(b.last).as_secs_f64();
+        b.last = b.last.max(now);
+        b.tokens = (b.tokens + dt * self.rate).min(self.burst) - bytes as f64;
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A charge never waits but puts the bucket in debt: the next send waits it out.
+    #[test]
+    fn charge_goes_into_debt() {
+        let t0 = Instant::now();
+        let limit = RateLimit::new(1_000_000, t0);
+        limit.charge(500_000, t0);
+        let wait = limit.take(1, t0).expect_err("in debt");
+        assert!((wait.as_secs_f64() - 0.5).abs() < 1e-6, "{wait:?}");
+        assert!(limit.take(1, t0 + Duration::from_millis(499)).is_err());
+        assert!(limit.take(1, t0 + Duration::from_millis(501)).is_ok());
+    }
 
     /// Senders that send whenever allowed move rate × time bytes, give or take one packet
     /// and the burst.

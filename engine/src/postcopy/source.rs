@@ -15,6 +15,7 @@ use pagewire_transport::wire::{self, Compression, HeaderFields, InitPacket};
 use tracing::{debug, info, info_span, warn};
 
 use super::{PageRequest, PostcopyError, MAX_BACKGROUND, REQUEST_LEN};
+use crate::channel::limit::RateLimit;
 use crate::codec::is_zero_page;
 use crate::config::Config;
 use crate::error::SessionError;
@@ -125,6 +126,9 @@ struct Shared {
     packet_num: AtomicU64,
     /// A post-copy connection broke (the session may reconnect).
     broken: AtomicBool,
+    /// The session's bandwidth cap (`Config::max_bandwidth`), as in pre-copy: background
+    /// packets wait for it; answers to page requests are charged to it but never wait.
+    limit: Option<RateLimit>,
 }
 
 impl Shared {
@@ -244,6 +248,9 @@ impl Sender {
             wire_bytes: AtomicU64::new(0),
             packet_num: AtomicU64::new(0),
             broken: AtomicBool::new(false),
+            limit: cfg
+                .max_bandwidth
+                .map(|rate| RateLimit::new(rate, Instant::now())),
         });
         let mut sender = PostcopySender {
             cfg,
@@ -800,7 +807,8 @@ fn serve_requests(
                 "internal: validated page vanished".into(),
             ));
         };
-        let r = if is_zero_page(data) {
+        let zero = is_zero_page(data);
+        let r = if zero {
             send_packet(
                 &mut stream,
                 &mut hdr,
@@ -824,6 +832,11 @@ fn serve_requests(
             )
         };
         r.map_err(io)?;
+        if let Some(limit) = &shared.limit {
+            // The fault path never waits for the cap; the background stream pays for it.
+            let bytes = hdr.len() + if zero { 0 } else { ps };
+            limit.charge(bytes as u64, Instant::now());
+        }
         shared.requests.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -862,6 +875,16 @@ fn stream_background(
             } else {
                 normal.push(off);
                 pages.push(data);
+            }
+        }
+        if let Some(limit) = &shared.limit {
+            let bytes = (hdr.len() + pages.len() * ps) as u64;
+            while let Err(wait) = limit.take(bytes, Instant::now()) {
+                if shared.stop.load(Ordering::SeqCst) {
+                    // The batch is not lost: a reconnect asks the destination what it lacks.
+                    return Ok(());
+                }
+                std::thread::sleep(wait.min(Duration::from_millis(10)));
             }
         }
         send_packet(
