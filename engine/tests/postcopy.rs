@@ -325,8 +325,8 @@ fn precopy_rounds_then_postcopy_of_dirty_pages() {
 
 /// Post-copy keeps to the session's bandwidth cap: pure post-copy of the 52 MiB (about 45 MiB
 /// of non-zero pages) at 100 MB/s takes at least (nearly) its bytes / cap, where loopback
-/// alone would carry it in a fraction of that; the guest's reads are still answered (they
-/// never wait for the cap) and every byte arrives.
+/// alone would carry it in a fraction of that (answers to the guest's faults count too); the
+/// guest's reads are answered and every byte arrives.
 #[test]
 fn postcopy_keeps_to_the_bandwidth_cap() {
     if uffd_missing() {

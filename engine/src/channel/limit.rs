@@ -63,15 +63,24 @@ impl RateLimit {
         }
     }
 
-    /// Charge `bytes` sent at `now` without waiting (a post-copy page request's answer): the
-    /// bucket may go into debt, which the sends that do wait pay off.
-    pub fn charge(&self, bytes: u64, now: Instant) {
+    /// As [`RateLimit::take`], but `Ok` only once the bucket holds all of `bytes` (or a
+    /// full burst, for sends larger than one), so this send leaves the bucket out of debt
+    /// and a later [`RateLimit::take`] (a post-copy page request's answer) need not wait for
+    /// it: post-copy's background stream yields the link to the fault path.
+    pub fn take_whole(&self, bytes: u64, now: Instant) -> Result<(), Duration> {
         let Ok(mut b) = self.bucket.lock() else {
-            return;
+            return Ok(());
         };
         let dt = now.saturating_duration_since(b.last).as_secs_f64();
         b.last = b.last.max(now);
-        b.tokens = (b.tokens + dt * self.rate).min(self.burst) - bytes as f64;
+        b.tokens = (b.tokens + dt * self.rate).min(self.burst);
+        let need = (bytes as f64).min(self.burst);
+        if b.tokens >= need {
+            b.tokens -= bytes as f64;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((need - b.tokens) / self.rate))
+        }
     }
 }
 
@@ -79,16 +88,26 @@ impl RateLimit {
 mod tests {
     use super::*;
 
-    /// A charge never waits but puts the bucket in debt: the next send waits it out.
+    /// A whole take waits until the bucket holds the send, so it never leaves debt behind;
+    /// a plain take right after it goes at once.
     #[test]
-    fn charge_goes_into_debt() {
+    fn take_whole_leaves_no_debt() {
         let t0 = Instant::now();
         let limit = RateLimit::new(1_000_000, t0);
-        limit.charge(500_000, t0);
-        let wait = limit.take(1, t0).expect_err("in debt");
-        assert!((wait.as_secs_f64() - 0.5).abs() < 1e-6, "{wait:?}");
-        assert!(limit.take(1, t0 + Duration::from_millis(499)).is_err());
-        assert!(limit.take(1, t0 + Duration::from_millis(501)).is_ok());
+        // Burst: 64 KiB (5 % of the rate is less).
+        let wait = limit.take_whole(10_000, t0).expect_err("empty bucket");
+        assert!((wait.as_secs_f64() - 0.01).abs() < 1e-6, "{wait:?}");
+        assert!(limit
+            .take_whole(10_000, t0 + Duration::from_millis(9))
+            .is_err());
+        let t1 = t0 + Duration::from_millis(10);
+        assert!(limit.take_whole(10_000, t1).is_ok());
+        assert!(limit.take(5_000, t1).is_ok(), "no debt left");
+        assert!(limit.take(1, t1).is_err(), "the plain take went into debt");
+        // Larger than a burst: waits for a full bucket, then goes into debt.
+        let t2 = t1 + Duration::from_secs(1);
+        assert!(limit.take_whole(100_000, t2).is_ok());
+        assert!(limit.take(1, t2).is_err());
     }
 
     /// Senders that send whenever allowed move rate × time bytes, give or take one packet

@@ -126,8 +126,8 @@ struct Shared {
     packet_num: AtomicU64,
     /// A post-copy connection broke (the session may reconnect).
     broken: AtomicBool,
-    /// The session's bandwidth cap (`Config::max_bandwidth`), as in pre-copy: background
-    /// packets wait for it; answers to page requests are charged to it but never wait.
+    /// The session's bandwidth cap (`Config::max_bandwidth`), as in pre-copy, shared by the
+    /// urgent and background connections; answers to page requests go first ([`pace`]).
     limit: Option<RateLimit>,
 }
 
@@ -762,6 +762,29 @@ fn send_packet(
     Ok(())
 }
 
+/// Wait until the session's cap (`Config::max_bandwidth`; none: no wait) lets `bytes` go.
+/// Background packets (`whole`) wait until the bucket holds all of them and so never put it
+/// in debt: an answer to a page request waits only for the answers before it, when the
+/// guest's faults alone fill the link. False when the session stops meanwhile.
+fn pace(shared: &Shared, bytes: u64, whole: bool) -> bool {
+    let Some(limit) = &shared.limit else {
+        return true;
+    };
+    loop {
+        let now = Instant::now();
+        let r = if whole {
+            limit.take_whole(bytes, now)
+        } else {
+            limit.take(bytes, now)
+        };
+        let Err(wait) = r else { return true };
+        if shared.stop.load(Ordering::SeqCst) {
+            return false;
+        }
+        std::thread::sleep(wait.min(Duration::from_millis(10)));
+    }
+}
+
 /// The urgent connection: read page requests, validate each, answer each with its page.
 fn serve_requests(
     mut stream: TcpStream,
@@ -808,6 +831,13 @@ fn serve_requests(
             ));
         };
         let zero = is_zero_page(data);
+        if !pace(
+            shared,
+            (hdr.len() + if zero { 0 } else { ps }) as u64,
+            false,
+        ) {
+            return Ok(());
+        }
         let r = if zero {
             send_packet(
                 &mut stream,
@@ -832,11 +862,6 @@ fn serve_requests(
             )
         };
         r.map_err(io)?;
-        if let Some(limit) = &shared.limit {
-            // The fault path never waits for the cap; the background stream pays for it.
-            let bytes = hdr.len() + if zero { 0 } else { ps };
-            limit.charge(bytes as u64, Instant::now());
-        }
         shared.requests.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -877,15 +902,9 @@ fn stream_background(
                 pages.push(data);
             }
         }
-        if let Some(limit) = &shared.limit {
-            let bytes = (hdr.len() + pages.len() * ps) as u64;
-            while let Err(wait) = limit.take(bytes, Instant::now()) {
-                if shared.stop.load(Ordering::SeqCst) {
-                    // The batch is not lost: a reconnect asks the destination what it lacks.
-                    return Ok(());
-                }
-                std::thread::sleep(wait.min(Duration::from_millis(10)));
-            }
+        if !pace(shared, (hdr.len() + pages.len() * ps) as u64, true) {
+            // Stopped: the batch is not lost; a reconnect asks the destination what it lacks.
+            return Ok(());
         }
         send_packet(
             &mut stream,
