@@ -449,3 +449,39 @@ fn postcopy_fallback_finishes_where_precopy_does_not_converge() {
         "{wire} bytes in {secs} s over a {CAP} B/s cap"
     );
 }
+
+/// `--postcopy-fallback` is only a fallback: a guest that converges (no cap, a generous
+/// limit) ends with the driver's stop and a paused final round, and no post-copy.
+#[test]
+fn postcopy_fallback_is_unused_when_precopy_converges() {
+    require_kvm!("postcopy_fallback_is_unused_when_precopy_converges");
+    let child = Command::new(BIN)
+        .args([
+            "kvm-demo",
+            "--json",
+            "--memory",
+            "32MiB",
+            "--working-set",
+            "1024",
+            "--downtime-limit",
+            "200",
+            "--postcopy-fallback",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kvm-demo");
+    let out = wait_output(child, Duration::from_secs(60));
+    assert!(
+        out.status.success(),
+        "kvm-demo --postcopy-fallback failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = last_json(&out);
+    let source = &v["source"];
+    assert_continued(&v["dest"], source, 1024);
+    assert_eq!(source["decisions"]["stopped"].as_u64(), Some(1), "{source}");
+    assert!(source["postcopy"].is_null(), "{source}");
+    assert!(v["dest"]["postcopy"].is_null(), "{v}");
+    assert!(source["final"]["pages"].as_u64().is_some(), "{source}");
+}
