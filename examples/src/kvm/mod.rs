@@ -110,8 +110,8 @@ struct Opts {
     #[arg(long, global = true, conflicts_with = "postcopy")]
     postcopy_fallback: bool,
     /// Cap on the session's wire rate (source), e.g. 160mbit, 20MB/s, or bytes per second
-    /// (default: no cap): a link slower than the guest dirties its memory. The cap applies
-    /// to the pre-copy rounds; post-copy's connections are not capped.
+    /// (default: no cap): a link slower than the guest dirties its memory. Pre-copy and
+    /// post-copy both keep to it.
     #[arg(long, global = true)]
     max_bandwidth: Option<String>,
     /// Seconds a silent peer is tolerated.
@@ -222,9 +222,6 @@ fn source_opts(o: &Opts, connect: SocketAddr) -> Res<source::SourceOpts> {
         .map(parse_rate)
         .transpose()
         .map_err(|e| format!("--max-bandwidth: {e}"))?;
-    if max_bandwidth == Some(0) {
-        return Err("--max-bandwidth must be positive".into());
-    }
     let postcopy = if o.postcopy {
         source::PostcopyMode::AfterRounds(o.precopy_rounds)
     } else if o.postcopy_fallback {
