@@ -363,3 +363,125 @@ fn unreachable_downtime_limit_gives_up() {
         "round table shows the give-up: {stdout}"
     );
 }
+
+/// A guest that dirties its 8 MiB working set far faster than a 20 MB/s link carries it: the
+/// predicted downtime of every round is about 400 ms against a 20 ms limit, so with throttling
+/// off plain pre-copy gives up after its 3 rounds (the guest keeps running on the source);
+/// the same settings with `--postcopy-fallback` hand over to post-copy at that point, and the
+/// guest finishes on the destination and is verified. The post-copy stream keeps to the cap.
+#[test]
+fn postcopy_fallback_finishes_where_precopy_does_not_converge() {
+    require_kvm!("postcopy_fallback_finishes_where_precopy_does_not_converge");
+    const CAP: f64 = 20e6;
+    let run = |fallback: bool| {
+        let mut args = vec![
+            "kvm-demo",
+            "--json",
+            "--memory",
+            "24MiB",
+            "--working-set",
+            "2048",
+            "--max-bandwidth",
+            "20MB/s",
+            "--downtime-limit",
+            "20",
+            "--no-auto-converge",
+            "--max-rounds",
+            "3",
+        ];
+        if fallback {
+            args.push("--postcopy-fallback");
+        }
+        let child = Command::new(BIN)
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn kvm-demo");
+        wait_output(child, Duration::from_secs(60))
+    };
+
+    let pre = run(false);
+    assert!(!pre.status.success(), "pre-copy converged at 20 MB/s");
+    let err = String::from_utf8_lossy(&pre.stderr);
+    assert!(
+        err.lines().any(|l| l.starts_with(
+            "pagewire: error: the guest did not converge to a 20 ms downtime \
+             (no convergence within 3 rounds"
+        )),
+        "{err}"
+    );
+
+    let post = run(true);
+    assert!(
+        post.status.success(),
+        "kvm-demo --postcopy-fallback failed: {}",
+        String::from_utf8_lossy(&post.stderr)
+    );
+    let v = last_json(&post);
+    assert_eq!(v["max_bandwidth"].as_u64(), Some(20_000_000), "{v}");
+    let source = &v["source"];
+    let dest = &v["dest"];
+    assert_continued(dest, source, 2048);
+    // The driver ran all 3 rounds and its last decision was post-copy, not a stop.
+    let rounds = source["rounds"].as_array().expect("rounds");
+    assert_eq!(rounds.len(), 3, "{source}");
+    assert_eq!(rounds[2]["decision"]["decision"], "post-copy", "{source}");
+    for r in rounds {
+        // The link, not the guest, was the limit: each round's prediction was far over 20 ms.
+        let predicted = r["predicted_ms"].as_f64().expect("prediction");
+        assert!(predicted > 100.0, "{source}");
+    }
+    assert_eq!(source["decisions"]["stopped"].as_u64(), Some(0), "{source}");
+    // What was dirty when the guest paused arrived on the destination after the resume.
+    let pc = &dest["postcopy"];
+    let pages = pc["pages"].as_u64().expect("post-copy pages");
+    assert_eq!(Some(pages), source["postcopy"]["pages"].as_u64(), "{v}");
+    assert!(pages >= 2048, "{pc}");
+    // Post-copy kept to the cap too: its bytes took at least (nearly) bytes / cap.
+    let wire = source["postcopy"]["wire_bytes"].as_u64().expect("wire") as f64;
+    let secs = source["postcopy"]["until_last_page_ms"]
+        .as_f64()
+        .expect("until last page")
+        / 1e3;
+    assert!(
+        secs >= 0.8 * wire / CAP,
+        "{wire} bytes in {secs} s over a {CAP} B/s cap"
+    );
+}
+
+/// `--postcopy-fallback` is only a fallback: a guest that converges (no cap, a generous
+/// limit) ends with the driver's stop and a paused final round, and no post-copy.
+#[test]
+fn postcopy_fallback_is_unused_when_precopy_converges() {
+    require_kvm!("postcopy_fallback_is_unused_when_precopy_converges");
+    let child = Command::new(BIN)
+        .args([
+            "kvm-demo",
+            "--json",
+            "--memory",
+            "32MiB",
+            "--working-set",
+            "1024",
+            "--downtime-limit",
+            "200",
+            "--postcopy-fallback",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kvm-demo");
+    let out = wait_output(child, Duration::from_secs(60));
+    assert!(
+        out.status.success(),
+        "kvm-demo --postcopy-fallback failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = last_json(&out);
+    let source = &v["source"];
+    assert_continued(&v["dest"], source, 1024);
+    assert_eq!(source["decisions"]["stopped"].as_u64(), Some(1), "{source}");
+    assert!(source["postcopy"].is_null(), "{source}");
+    assert!(v["dest"]["postcopy"].is_null(), "{v}");
+    assert!(source["final"]["pages"].as_u64().is_some(), "{source}");
+}

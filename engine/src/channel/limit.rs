@@ -62,11 +62,53 @@ impl RateLimit {
             Err(Duration::from_secs_f64(-b.tokens / self.rate))
         }
     }
+
+    /// As [`RateLimit::take`], but `Ok` only once the bucket holds all of `bytes` (or a
+    /// full burst, for sends larger than one), so this send leaves the bucket out of debt
+    /// and a later [`RateLimit::take`] (a post-copy page request's answer) need not wait for
+    /// it: post-copy's background stream yields the link to the fault path.
+    pub fn take_whole(&self, bytes: u64, now: Instant) -> Result<(), Duration> {
+        let Ok(mut b) = self.bucket.lock() else {
+            return Ok(());
+        };
+        let dt = now.saturating_duration_since(b.last).as_secs_f64();
+        b.last = b.last.max(now);
+        b.tokens = (b.tokens + dt * self.rate).min(self.burst);
+        let need = (bytes as f64).min(self.burst);
+        if b.tokens >= need {
+            b.tokens -= bytes as f64;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((need - b.tokens) / self.rate))
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A whole take waits until the bucket holds the send, so it never leaves debt behind;
+    /// a plain take right after it goes at once.
+    #[test]
+    fn take_whole_leaves_no_debt() {
+        let t0 = Instant::now();
+        let limit = RateLimit::new(1_000_000, t0);
+        // Burst: 64 KiB (5 % of the rate is less).
+        let wait = limit.take_whole(10_000, t0).expect_err("empty bucket");
+        assert!((wait.as_secs_f64() - 0.01).abs() < 1e-6, "{wait:?}");
+        assert!(limit
+            .take_whole(10_000, t0 + Duration::from_millis(9))
+            .is_err());
+        let t1 = t0 + Duration::from_millis(10);
+        assert!(limit.take_whole(10_000, t1).is_ok());
+        assert!(limit.take(5_000, t1).is_ok(), "no debt left");
+        assert!(limit.take(1, t1).is_err(), "the plain take went into debt");
+        // Larger than a burst: waits for a full bucket, then goes into debt.
+        let t2 = t1 + Duration::from_secs(1);
+        assert!(limit.take_whole(100_000, t2).is_ok());
+        assert!(limit.take(1, t2).is_err());
+    }
 
     /// Senders that send whenever allowed move rate × time bytes, give or take one packet
     /// and the burst.

@@ -15,6 +15,7 @@ use pagewire_transport::wire::{self, Compression, HeaderFields, InitPacket};
 use tracing::{debug, info, info_span, warn};
 
 use super::{PageRequest, PostcopyError, MAX_BACKGROUND, REQUEST_LEN};
+use crate::channel::limit::RateLimit;
 use crate::codec::is_zero_page;
 use crate::config::Config;
 use crate::error::SessionError;
@@ -125,6 +126,9 @@ struct Shared {
     packet_num: AtomicU64,
     /// A post-copy connection broke (the session may reconnect).
     broken: AtomicBool,
+    /// The session's bandwidth cap (`Config::max_bandwidth`), as in pre-copy, shared by the
+    /// urgent and background connections; answers to page requests go first ([`pace`]).
+    limit: Option<RateLimit>,
 }
 
 impl Shared {
@@ -244,6 +248,9 @@ impl Sender {
             wire_bytes: AtomicU64::new(0),
             packet_num: AtomicU64::new(0),
             broken: AtomicBool::new(false),
+            limit: cfg
+                .max_bandwidth
+                .map(|rate| RateLimit::new(rate, Instant::now())),
         });
         let mut sender = PostcopySender {
             cfg,
@@ -755,6 +762,29 @@ fn send_packet(
     Ok(())
 }
 
+/// Wait until the session's cap (`Config::max_bandwidth`; none: no wait) lets `bytes` go.
+/// Background packets (`whole`) wait until the bucket holds all of them and so never put it
+/// in debt: an answer to a page request waits only for the answers before it, when the
+/// guest's faults alone fill the link. False when the session stops meanwhile.
+fn pace(shared: &Shared, bytes: u64, whole: bool) -> bool {
+    let Some(limit) = &shared.limit else {
+        return true;
+    };
+    loop {
+        let now = Instant::now();
+        let r = if whole {
+            limit.take_whole(bytes, now)
+        } else {
+            limit.take(bytes, now)
+        };
+        let Err(wait) = r else { return true };
+        if shared.stop.load(Ordering::SeqCst) {
+            return false;
+        }
+        std::thread::sleep(wait.min(Duration::from_millis(10)));
+    }
+}
+
 /// The urgent connection: read page requests, validate each, answer each with its page.
 fn serve_requests(
     mut stream: TcpStream,
@@ -800,7 +830,15 @@ fn serve_requests(
                 "internal: validated page vanished".into(),
             ));
         };
-        let r = if is_zero_page(data) {
+        let zero = is_zero_page(data);
+        if !pace(
+            shared,
+            (hdr.len() + if zero { 0 } else { ps }) as u64,
+            false,
+        ) {
+            return Ok(());
+        }
+        let r = if zero {
             send_packet(
                 &mut stream,
                 &mut hdr,
@@ -863,6 +901,10 @@ fn stream_background(
                 normal.push(off);
                 pages.push(data);
             }
+        }
+        if !pace(shared, (hdr.len() + pages.len() * ps) as u64, true) {
+            // Stopped: the batch is not lost; a reconnect asks the destination what it lacks.
+            return Ok(());
         }
         send_packet(
             &mut stream,

@@ -29,7 +29,7 @@ use pagewire::session::auth::Secret;
 use pagewire::{CodecKind, Config};
 use serde_json::{json, Value};
 
-use crate::format::{human_bytes, parse_size};
+use crate::format::{human_bytes, parse_rate, parse_size};
 use guest::Layout;
 
 type Res<T> = Result<T, String>;
@@ -104,6 +104,16 @@ struct Opts {
     /// Live pre-copy rounds before post-copy (0: pure post-copy).
     #[arg(long, global = true, default_value_t = 1)]
     precopy_rounds: u32,
+    /// Post-copy as the driver's fallback (source): pre-copy as usual (downtime limit,
+    /// auto-converge), but where the driver would give up at --max-rounds it switches to
+    /// post-copy instead. A guest that converges ends with a paused round as without it.
+    #[arg(long, global = true, conflicts_with = "postcopy")]
+    postcopy_fallback: bool,
+    /// Cap on the session's wire rate (source), e.g. 160mbit, 20MB/s, or bytes per second
+    /// (default: no cap): a link slower than the guest dirties its memory. Pre-copy and
+    /// post-copy both keep to it.
+    #[arg(long, global = true)]
+    max_bandwidth: Option<String>,
     /// Seconds a silent peer is tolerated.
     #[arg(long, global = true, default_value_t = 10.0)]
     idle_timeout: f64,
@@ -206,19 +216,33 @@ fn source_opts(o: &Opts, connect: SocketAddr) -> Res<source::SourceOpts> {
             o.downtime_limit
         ));
     }
+    let max_bandwidth = o
+        .max_bandwidth
+        .as_deref()
+        .map(parse_rate)
+        .transpose()
+        .map_err(|e| format!("--max-bandwidth: {e}"))?;
+    let postcopy = if o.postcopy {
+        source::PostcopyMode::AfterRounds(o.precopy_rounds)
+    } else if o.postcopy_fallback {
+        source::PostcopyMode::Fallback
+    } else {
+        source::PostcopyMode::Off
+    };
     Ok(source::SourceOpts {
         connect,
         layout,
         cfg: Config {
             codec,
             channels: o.channels,
+            max_bandwidth,
             ..base_config(o)?
         },
         max_rounds: o.max_rounds,
         downtime_limit: Duration::from_secs_f64(o.downtime_limit / 1e3),
         warmup: secs(o.warmup, "warmup")?,
         auto_converge: !o.no_auto_converge,
-        postcopy: o.postcopy.then_some(o.precopy_rounds),
+        postcopy,
     })
 }
 
@@ -283,9 +307,22 @@ pub fn run(a: KvmArgs) -> Res<()> {
 const ROUND_HEADER: &str = "round      pages   zero pages   on the wire       time   dirtied meanwhile   throttle   predicted   decision";
 
 fn banner(o: &source::SourceOpts) -> String {
+    let cap = o.cfg.max_bandwidth.map_or(String::new(), |r| {
+        format!(", link capped at {}/s", human_bytes(r))
+    });
+    let ending = match o.postcopy {
+        source::PostcopyMode::Off => String::new(),
+        source::PostcopyMode::AfterRounds(n) => format!(", post-copy after {n} round(s)"),
+        source::PostcopyMode::Fallback => {
+            format!(
+                ", post-copy if not converged within {} rounds",
+                o.max_rounds
+            )
+        }
+    };
     format!(
         "kvm-demo: guest of {} with a working set of {} pages ({}), {} channel(s), codec {}, \
-         downtime limit {:.1} ms",
+         downtime limit {:.1} ms{cap}{ending}",
         human_bytes(o.layout.mem_size),
         o.layout.ws_pages,
         human_bytes(o.layout.ws_pages * guest::PAGE),
@@ -548,6 +585,7 @@ fn both(o: &Opts) -> Res<()> {
                 "working_set_pages": so.layout.ws_pages,
                 "channels": so.cfg.channels,
                 "codec": so.cfg.codec.name(),
+                "max_bandwidth": so.cfg.max_bandwidth,
                 "downtime_ms": dest["downtime_ms"],
                 "downtime_limit_ms": src.downtime_limit_ms,
                 "downtime_clock": dest["downtime_clock"],

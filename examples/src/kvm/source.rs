@@ -32,9 +32,21 @@ pub struct SourceOpts {
     pub warmup: Duration,
     /// Throttle the guest when rounds do not converge (QEMU's auto-converge).
     pub auto_converge: bool,
-    /// Post-copy after this many live rounds (0: pure post-copy) instead of a final paused
-    /// round: the driver's round limit, with post-copy as its answer.
-    pub postcopy: Option<u32>,
+    /// Whether and when the migration ends with post-copy instead of a final paused round.
+    pub postcopy: PostcopyMode,
+}
+
+/// When the source hands over to post-copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PostcopyMode {
+    /// Never: pre-copy converges or the driver gives up.
+    Off,
+    /// After exactly this many live rounds (0: pure post-copy): the driver's round limit,
+    /// with post-copy as its answer and no downtime prediction stopping pre-copy first.
+    AfterRounds(u32),
+    /// The driver's own decision: pre-copy under the downtime limit as with `Off`, but at
+    /// the round limit it switches to post-copy instead of giving up.
+    Fallback,
 }
 
 /// One live round, as the source saw it.
@@ -256,7 +268,7 @@ pub fn run(o: &SourceOpts, on_round: impl FnMut(&RoundRow)) -> Result<SourceRepo
         running: Some(running),
         stopped: None,
         auto_converge: o.auto_converge,
-        postcopy: o.postcopy.is_some(),
+        postcopy: o.postcopy != PostcopyMode::Off,
         throttle: 0,
         dirty_log_us: Vec::new(),
         rows: Vec::new(),
@@ -328,7 +340,7 @@ fn migrate<F: FnMut(&RoundRow)>(
     // meanwhile never break the stream; every codec is fine here.
     let sender = Sender::connect(o.connect, o.cfg.clone(), mem.clone())
         .map_err(|e| format!("connecting to {}: {e}", o.connect))?;
-    if o.postcopy == Some(0) {
+    if o.postcopy == PostcopyMode::AfterRounds(0) {
         // Pure post-copy: no live round; every page travels after the switch.
         let mut all = DirtyLog::new(&mem, o.cfg.page_size);
         all.mark_all();
@@ -337,12 +349,18 @@ fn migrate<F: FnMut(&RoundRow)>(
     let policy = match o.postcopy {
         // Post-copy after exactly `n` live rounds: no downtime prediction stops pre-copy
         // first, and at the round limit the driver hands over instead of giving up.
-        Some(n) => Policy {
+        PostcopyMode::AfterRounds(n) => Policy {
             max_rounds: n,
             postcopy: true,
             ..Policy::new(Duration::ZERO)
         },
-        None => Policy {
+        // Pre-copy as usual; post-copy only where the driver would give up.
+        PostcopyMode::Fallback => Policy {
+            max_rounds: o.max_rounds,
+            postcopy: true,
+            ..Policy::new(o.downtime_limit)
+        },
+        PostcopyMode::Off => Policy {
             max_rounds: o.max_rounds,
             ..Policy::new(o.downtime_limit)
         },
