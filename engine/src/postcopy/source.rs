@@ -21,6 +21,7 @@ use crate::config::Config;
 use crate::error::SessionError;
 use crate::memory::GuestMemory;
 use crate::pages::BlockPages;
+use crate::session::greet::{greet, Greeting};
 use crate::session::send::{Link, Precopied};
 use crate::stats::SessionStats;
 use crate::Sender;
@@ -436,61 +437,15 @@ impl PostcopySender {
         let mut c = net::connect(self.link.addr, &self.cfg.socket)?;
         c.set_read_timeout(Some(self.cfg.idle_timeout))
             .map_err(control::ControlError::from)?;
-        let (nonce_r, secret_required) = match control::read_message(&mut c)? {
-            Message::Challenge {
-                nonce,
-                secret_required,
-            } => (nonce, secret_required),
-            Message::Error { message } => return Err(SessionError::Peer(message)),
-            other => {
-                return Err(SessionError::Unexpected {
-                    expected: "challenge",
-                    got: other.name(),
-                })
-            }
-        };
-        let mut hello = self.link.hello.clone();
-        let auth = match (&self.cfg.secret, secret_required) {
-            (Some(secret), true) => {
-                let nonce_s = crate::session::auth::nonce()?;
-                hello.auth = Some(pagewire_transport::control::HelloAuth {
-                    nonce: nonce_s,
-                    mac: secret.sender_proof(&nonce_r, &nonce_s, &self.link.uuid),
-                });
-                Some((secret.clone(), nonce_s))
-            }
-            (None, false) => None,
-            _ => {
-                return Err(SessionError::Auth(
-                    "the receiver's secret requirement changed on resume".into(),
-                ))
-            }
-        };
-        control::write_message(&mut c, &Message::Hello(hello))?;
-        match control::read_message(&mut c)? {
-            Message::HelloOk { proof } => {
-                if let Some((secret, nonce_s)) = &auth {
-                    let ok = proof.is_some_and(|p| {
-                        secret.check_receiver(&nonce_r, nonce_s, &self.link.uuid, &p)
-                    });
-                    if !ok {
-                        return Err(SessionError::Auth(
-                            "the receiver did not prove it knows the shared secret".into(),
-                        ));
-                    }
-                }
-            }
-            Message::Error { message } => return Err(SessionError::Peer(message)),
-            other => {
-                return Err(SessionError::Unexpected {
-                    expected: "hello-ok",
-                    got: other.name(),
-                })
-            }
-        }
+        let greeted = greet(
+            &mut c,
+            self.cfg.secret.as_ref(),
+            self.link.hello.clone(),
+            Greeting::Resume,
+        )?;
         self.control = c;
-        self.link.nonce_r = nonce_r;
-        self.link.nonce_s = auth.map_or([0; control::NONCE_LEN], |(_, n)| n);
+        self.link.nonce_r = greeted.nonce_r;
+        self.link.nonce_s = greeted.nonce_s();
         Ok(())
     }
 

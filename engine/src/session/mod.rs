@@ -2,6 +2,7 @@
 //! rounds of dirty pages ending with a SYNC on every channel.
 
 pub mod auth;
+pub(crate) mod greet;
 pub mod handshake;
 pub mod recv;
 pub mod send;

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use pagewire_transport::control::{self, Hello, HelloAuth, Message};
+use pagewire_transport::control::{self, Hello, Message};
 use pagewire_transport::net;
 use pagewire_transport::wire::{BlockSpec, Compression, InitPacket};
 use tracing::{debug, info, info_span, warn};
@@ -22,7 +22,7 @@ use crate::config::{Config, ZeroCopy, ZERO_COPY_AUTO_MIN};
 use crate::error::{ChannelError, SessionError};
 use crate::memory::GuestMemory;
 use crate::pages::RoundPages;
-use crate::session::auth;
+use crate::session::greet::{greet, Greeting};
 use crate::session::tls::Dialer;
 use crate::stats::{thread_cpu_seconds, ChannelStats, Progress, SessionStats};
 use pagewire_transport::tls::Conn;
@@ -199,60 +199,6 @@ impl Sender {
             .tcp()
             .set_read_timeout(Some(cfg.idle_timeout))
             .map_err(control::ControlError::from)?;
-        // The receiver speaks first: its challenge nonce, and whether it wants a secret.
-        let first = control::read_message(&mut control).map_err(|e| match e {
-            control::ControlError::Io(io)
-                if cfg.tls.is_none()
-                    && matches!(
-                        io.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-            {
-                SessionError::Timeout(format!(
-                    "the receiver sent no challenge within {:.1} s (a receiver with --tls-dir waits for a TLS handshake: use --tls-dir on both sides)",
-                    cfg.idle_timeout.as_secs_f64()
-                ))
-            }
-            control::ControlError::Closed if cfg.tls.is_none() => SessionError::Handshake(
-                "the receiver closed the control connection before its challenge (a receiver with --tls-dir closes clear-text senders: use --tls-dir on both sides)".into(),
-            ),
-            other => other.into(),
-        })?;
-        let (nonce_r, secret_required) = match first {
-            Message::Challenge {
-                nonce,
-                secret_required,
-            } => (nonce, secret_required),
-            Message::Error { message } => return Err(SessionError::Peer(message)),
-            other => {
-                return Err(SessionError::Unexpected {
-                    expected: "challenge",
-                    got: other.name(),
-                })
-            }
-        };
-        let auth = match (&cfg.secret, secret_required) {
-            (None, true) => {
-                let e = "the receiver requires a shared secret and this sender has none (--secret-file)";
-                let _ = control::write_message(
-                    &mut control,
-                    &Message::Error {
-                        message: "authentication failed: the sender has no shared secret".into(),
-                    },
-                );
-                return Err(SessionError::Auth(e.into()));
-            }
-            (Some(_), false) => {
-                let e = "this sender has a shared secret but the receiver does not authenticate; refusing to send to an unauthenticated receiver";
-                let _ = control::write_message(&mut control, &Message::Error { message: "authentication failed: the sender requires a shared secret and this receiver has none (--secret-file)".into() });
-                return Err(SessionError::Auth(e.into()));
-            }
-            (Some(secret), true) => {
-                let nonce_s = auth::nonce()?;
-                Some((secret.clone(), nonce_s))
-            }
-            (None, false) => None,
-        };
         let hello = Hello {
             uuid,
             page_size: cfg.page_size,
@@ -267,39 +213,19 @@ impl Sender {
                     size: b.len() as u64,
                 })
                 .collect(),
-            auth: auth.as_ref().map(|(secret, nonce_s)| HelloAuth {
-                nonce: *nonce_s,
-                mac: secret.sender_proof(&nonce_r, nonce_s, &uuid),
-            }),
+            auth: None,
             // Every channel opens with a SYNC (SendChannel::new queues it), as QEMU's does.
             opening_sync: true,
         };
-        hello.validate()?;
-        let resume_hello = Hello {
-            auth: None,
-            ..hello.clone()
+        // A resumed control connection repeats the hello (with a fresh proof).
+        let resume_hello = hello.clone();
+        let greeting = Greeting::First {
+            tls: cfg.tls.is_some(),
+            idle_timeout: cfg.idle_timeout,
         };
-        control::write_message(&mut control, &Message::Hello(hello))?;
-        match control::read_message(&mut control)? {
-            Message::HelloOk { proof } => {
-                if let Some((secret, nonce_s)) = &auth {
-                    let ok =
-                        proof.is_some_and(|p| secret.check_receiver(&nonce_r, nonce_s, &uuid, &p));
-                    if !ok {
-                        return Err(SessionError::Auth(
-                            "the receiver did not prove it knows the shared secret".into(),
-                        ));
-                    }
-                }
-            }
-            Message::Error { message } => return Err(SessionError::Peer(message)),
-            other => {
-                return Err(SessionError::Unexpected {
-                    expected: "hello-ok",
-                    got: other.name(),
-                })
-            }
-        }
+        let greeted = greet(&mut control, cfg.secret.as_ref(), hello, greeting)?;
+        let (nonce_r, nonce_s) = (greeted.nonce_r, greeted.nonce_s());
+        let auth = greeted.auth;
         info!(
             channels = cfg.channels,
             codec = cfg.codec.name(),
@@ -394,7 +320,7 @@ impl Sender {
                 addr,
                 uuid,
                 nonce_r,
-                nonce_s: auth.as_ref().map_or([0; control::NONCE_LEN], |(_, n)| *n),
+                nonce_s,
                 hello: resume_hello,
             },
         })
