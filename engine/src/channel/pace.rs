@@ -27,7 +27,11 @@
 //! again: the channel settles on the mix that keeps the link busy with the fewest bytes. A
 //! fast link drains the backlog and every page goes raw. The drain rate is an average over
 //! [`RATE_TAU`] (a fraction of a second), measured only while there is a backlog, so a change
-//! of the link rate or of the page mix is followed within tens of milliseconds. Raw and
+//! of the link rate or of the page mix is followed within tens of milliseconds. The average
+//! is corrected for its start (each early sample weighs its share of the time measured so
+//! far): a first sample taken while the connection was getting going (on loopback the
+//! receiver's first milliseconds drain at ~10 MB/s) would otherwise hold the estimate low,
+//! and the channel compressing, for several [`RATE_TAU`]. Raw and
 //! compressed pages mix within a packet: in the qpl framing a page whose length is the page
 //! size is raw, so every choice stays a valid QEMU stream.
 
@@ -41,8 +45,9 @@ pub const RATE_TAU: f64 = 0.05;
 /// Above this share of its busy time limited by the receiver's window, a connection is
 /// receiver-bound: pages go raw.
 pub const MAX_RWND_SHARE: f64 = 0.5;
-/// Shortest interval over which a receiver-window sample is taken (TCP_INFO counts µs).
-const CHRONO_WINDOW: f64 = 1e-3;
+/// Shortest interval over which a receiver-window sample is taken (TCP_INFO counts µs, in
+/// steps of the kernel's tick). The loop need not read the counters more often than this.
+pub const CHRONO_WINDOW: f64 = 1e-3;
 /// Shortest interval over which a drain-rate sample is taken.
 const RATE_WINDOW: f64 = 0.2e-3;
 /// Cost of one page's compression assumed until one is measured (software DEFLATE level 1
@@ -97,6 +102,9 @@ pub struct Pacer {
     ratio: f64,
     /// Share of the connection's busy time limited by the receiver's window (average).
     rwnd_share: f64,
+    /// Weight the drain-rate samples so far hold in an average over [`RATE_TAU`] (0 before
+    /// the first: see [`debiased`]).
+    rate_weight: f64,
     /// Start of the current receiver-window sample: (time, busy µs, rwnd-limited µs).
     chrono_mark: Option<(f64, u64, u64)>,
 }
@@ -111,6 +119,7 @@ impl Pacer {
             cost: INITIAL_COST,
             ratio: INITIAL_RATIO,
             rwnd_share: 0.0,
+            rate_weight: 0.0,
             chrono_mark: None,
         }
     }
@@ -181,7 +190,7 @@ impl Pacer {
     }
 
     fn update(&mut self, sample: f64, dt: f64) {
-        let w = 1.0 - (-dt / RATE_TAU).exp();
+        let w = debiased(&mut self.rate_weight, dt);
         self.rate = Some(match self.rate {
             Some(r) => r + w * (sample - r),
             None => sample,
@@ -229,6 +238,23 @@ impl Pacer {
     pub fn yielded(&mut self, zlen: usize) {
         let r = (zlen as f64 / self.page_size).min(1.0);
         self.ratio += AVG_WEIGHT * (r - self.ratio);
+    }
+}
+
+/// The weight of a sample covering `dt` seconds in an exponential average over
+/// [`RATE_TAU`], corrected for the average's start: `total` is the weight the samples so far
+/// hold (updated here). The first sample gets weight 1 (it is the average), and until the
+/// samples cover several [`RATE_TAU`] each gets about its share of the time they cover, so
+/// a start-up transient (a first sample taken while the receiver was still getting going)
+/// does not dominate the average for several time constants. Once the samples cover a few
+/// [`RATE_TAU`], this is the plain exponential average's `1 - exp(-dt / RATE_TAU)`.
+fn debiased(total: &mut f64, dt: f64) -> f64 {
+    let w = 1.0 - (-dt.max(0.0) / RATE_TAU).exp();
+    *total = *total * (1.0 - w) + w;
+    if *total > 0.0 {
+        (w / *total).min(1.0)
+    } else {
+        1.0
     }
 }
 
@@ -524,5 +550,28 @@ mod tests {
             "{:?}",
             &choices[500..510]
         );
+    }
+
+    /// A first drain-rate sample taken during a start-up transient (the peer slow for the
+    /// first millisecond) does not hold the estimate down for several time constants: after
+    /// 10 ms at the real rate the estimate is most of the way there.
+    #[test]
+    fn a_slow_first_sample_is_outweighed_quickly() {
+        let mut p = Pacer::new(4096);
+        let mut drained = 0u64;
+        for i in 0..=50u64 {
+            let at = i as f64 * 0.2e-3;
+            p.observe(&Observation {
+                at,
+                queued: 1 << 20,
+                drained,
+                busy_us: 0,
+                rwnd_limited_us: 0,
+            });
+            // 10 MB/s for the first millisecond, then 1 GB/s.
+            drained += if at < 1e-3 { 2_000 } else { 200_000 };
+        }
+        let rate = p.link_rate().unwrap_or(0.0);
+        assert!(rate > 0.8e9, "estimate {rate:.3e} B/s after 10 ms");
     }
 }

@@ -22,13 +22,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types};
+use pagewire_transport::net::TcpChrono;
 use pagewire_transport::ring::{advance_iovecs, Ring};
 use pagewire_transport::wire::{self, Compression, HeaderFields};
 use slab::Slab;
 use tracing::trace;
 
 use super::limit::RateLimit;
-use super::pace::{Choice, Observation, Pacer};
+use super::pace::{Choice, Observation, Pacer, CHRONO_WINDOW};
 use crate::accel::{Accelerator, Completion, JobDesc, Outcome, Path, Submit};
 use crate::channel::stage::{Clear, SendStage};
 use crate::codec::entropy::likely_incompressible;
@@ -218,6 +219,10 @@ pub struct SendChannel {
     pacer: Option<Pacer>,
     /// Origin of the pacer's clock.
     epoch: Instant,
+    /// The connection's chrono counters as last read, and when (pacer clock): the pacer
+    /// samples them at most every [`CHRONO_WINDOW`], so TCP_INFO (a getsockopt that takes
+    /// the socket's lock) is read at most that often, not before every decision.
+    chrono: Option<(f64, TcpChrono)>,
     /// Bytes the kernel has accepted from this channel's sends.
     handed: u64,
     /// The bandwidth cap is in debt until this instant: the next packet waits.
@@ -294,6 +299,7 @@ impl SendChannel {
             stats,
             pacer,
             epoch: Instant::now(),
+            chrono: None,
             handed: 0,
             limited_until: None,
         };
@@ -592,12 +598,20 @@ impl SendChannel {
                 let choice = latched.unwrap_or_else(|| {
                     // An ioctl failure reads as an empty socket: raw, the safe side.
                     let unsent = pagewire_transport::net::unsent_bytes(fd).unwrap_or(0);
-                    let chrono = pagewire_transport::net::tcp_chrono(fd)
-                        .ok()
-                        .flatten()
-                        .unwrap_or_default();
+                    let at = epoch.elapsed().as_secs_f64();
+                    let chrono = match self.chrono {
+                        Some((t, c)) if at - t < CHRONO_WINDOW && at >= t => c,
+                        _ => {
+                            let c = pagewire_transport::net::tcp_chrono(fd)
+                                .ok()
+                                .flatten()
+                                .unwrap_or_default();
+                            self.chrono = Some((at, c));
+                            c
+                        }
+                    };
                     pacer.decide(&Observation {
-                        at: epoch.elapsed().as_secs_f64(),
+                        at,
                         queued: unsent + outside,
                         drained: handed.saturating_sub(unsent),
                         busy_us: chrono.busy_us,
