@@ -1,6 +1,6 @@
 //! The `pagewire` binary as an operator runs it: real processes over loopback.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -255,49 +255,7 @@ fn decode_rebuilds_image_from_recorded_send() {
     let dir = tempfile::tempdir().expect("tmp");
     let img = dir.path().join("guest.img");
     make_image(&img, 16 << 20, 3);
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    let caps_dir = dir.path().to_path_buf();
-    let rec = std::thread::spawn(move || {
-        let (mut ctl, _) = listener.accept().expect("control");
-        let challenge = Message::Challenge {
-            nonce: [7; 32],
-            secret_required: false,
-        };
-        control::write_message(&mut ctl, &challenge).expect("challenge");
-        let Message::Hello(h) = control::read_message(&mut ctl).expect("hello") else {
-            panic!("no hello")
-        };
-        control::write_message(&mut ctl, &Message::HelloOk { proof: None }).expect("ok");
-        let readers: Vec<_> = (0..h.channels)
-            .map(|i| {
-                let (mut s, _) = listener.accept().expect("channel");
-                let path = caps_dir.join(format!("chan{i}.bin"));
-                std::thread::spawn(move || {
-                    let mut v = Vec::new();
-                    s.read_to_end(&mut v).expect("read");
-                    std::fs::write(&path, v).expect("write capture");
-                    path
-                })
-            })
-            .collect();
-        loop {
-            match control::read_message(&mut ctl).expect("control") {
-                Message::RoundEnd { round } => {
-                    control::write_message(&mut ctl, &Message::RoundDone { round }).expect("rd")
-                }
-                Message::End => {
-                    control::write_message(&mut ctl, &Message::EndOk).expect("eo");
-                    break;
-                }
-                m => panic!("unexpected {m:?}"),
-            }
-        }
-        readers
-            .into_iter()
-            .map(|h| h.join().expect("reader"))
-            .collect::<Vec<_>>()
-    });
+    let (port, rec) = common::recorder();
     let send = Command::new(BIN)
         .args([
             "send",
@@ -314,7 +272,16 @@ fn decode_rebuilds_image_from_recorded_send() {
         "{}",
         String::from_utf8_lossy(&send.stderr)
     );
-    let caps = rec.join().expect("recorder");
+    let (_, streams) = rec.join().expect("recorder");
+    let caps: Vec<_> = streams
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let path = dir.path().join(format!("chan{i}.bin"));
+            std::fs::write(&path, v).expect("write capture");
+            path
+        })
+        .collect();
     let out = dir.path().join("decoded.img");
     let dec = Command::new(BIN)
         .args([

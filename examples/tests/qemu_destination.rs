@@ -20,7 +20,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pagewire_transport::control::{self, Message};
 use serde_json::{json, Value};
 
 mod common;
@@ -238,43 +237,7 @@ fn cadence(stream: &[u8]) -> String {
 /// `pagewire send` of `image` as `pc.ram` into a recorder that speaks the control protocol;
 /// returns the channel streams (QEMU's `-uuid` in their init packets, by `--vm-uuid`).
 fn record_pagewire(image: &Path, rounds: u32) -> Vec<Vec<u8>> {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    let rec = std::thread::spawn(move || {
-        let (mut ctl, _) = listener.accept().expect("control");
-        let challenge = Message::Challenge {
-            nonce: [3; 32],
-            secret_required: false,
-        };
-        control::write_message(&mut ctl, &challenge).expect("challenge");
-        let Message::Hello(h) = control::read_message(&mut ctl).expect("hello") else {
-            panic!("no hello")
-        };
-        assert!(h.opening_sync, "the hello announces the opening SYNC");
-        control::write_message(&mut ctl, &Message::HelloOk { proof: None }).expect("ok");
-        let readers: Vec<_> = (0..h.channels)
-            .map(|_| {
-                let (s, _) = listener.accept().expect("channel");
-                std::thread::spawn(move || read_all(s))
-            })
-            .collect();
-        loop {
-            match control::read_message(&mut ctl).expect("control") {
-                Message::RoundEnd { round } => {
-                    control::write_message(&mut ctl, &Message::RoundDone { round }).expect("rd")
-                }
-                Message::End => {
-                    control::write_message(&mut ctl, &Message::EndOk).expect("eo");
-                    break;
-                }
-                m => panic!("unexpected {m:?}"),
-            }
-        }
-        readers
-            .into_iter()
-            .map(|h| h.join().expect("reader"))
-            .collect::<Vec<_>>()
-    });
+    let (port, rec) = common::recorder();
     let out = Command::new(BIN)
         .args(["send", "--connect", &format!("127.0.0.1:{port}")])
         .args([
@@ -300,7 +263,8 @@ fn record_pagewire(image: &Path, rounds: u32) -> Vec<Vec<u8>> {
             u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("hex")
         })
         .collect();
-    let streams = rec.join().expect("recorder");
+    let (hello, streams) = rec.join().expect("recorder");
+    assert!(hello.opening_sync, "the hello announces the opening SYNC");
     for s in &streams {
         assert_eq!(&s[8..24], &want[..], "--vm-uuid in the init packet");
     }

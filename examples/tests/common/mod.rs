@@ -1,9 +1,14 @@
 //! Helpers shared by the binary's integration tests (each test file uses what it needs).
 #![allow(dead_code)]
 
+use std::io::Read;
+use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Output};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use pagewire_transport::control::{self, Hello, Message};
 
 use pagewire_synth::{self as synth, PageSet};
 
@@ -36,4 +41,56 @@ pub fn wait_output(mut child: Child, limit: Duration) -> Output {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// What [`recorder`] yields: the sender's hello and its channel streams.
+pub type Recording = (Hello, Vec<Vec<u8>>);
+
+/// A receiver that speaks just enough of the control protocol (no secret) to record a sender's
+/// channel streams verbatim: it takes the hello, accepts the channels, acknowledges every round
+/// and the end. Returns the port to send to and a handle that yields the hello and the channel
+/// streams, in the order the channels connected.
+pub fn recorder() -> (u16, JoinHandle<Recording>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let rec = std::thread::spawn(move || {
+        let (mut ctl, _) = listener.accept().expect("control");
+        let challenge = Message::Challenge {
+            nonce: [7; 32],
+            secret_required: false,
+        };
+        control::write_message(&mut ctl, &challenge).expect("challenge");
+        let Message::Hello(h) = control::read_message(&mut ctl).expect("hello") else {
+            panic!("no hello")
+        };
+        control::write_message(&mut ctl, &Message::HelloOk { proof: None }).expect("ok");
+        let readers: Vec<_> = (0..h.channels)
+            .map(|_| {
+                let (mut s, _) = listener.accept().expect("channel");
+                std::thread::spawn(move || {
+                    let mut v = Vec::new();
+                    s.read_to_end(&mut v).expect("read");
+                    v
+                })
+            })
+            .collect();
+        loop {
+            match control::read_message(&mut ctl).expect("control") {
+                Message::RoundEnd { round } => {
+                    control::write_message(&mut ctl, &Message::RoundDone { round }).expect("rd")
+                }
+                Message::End => {
+                    control::write_message(&mut ctl, &Message::EndOk).expect("eo");
+                    break;
+                }
+                m => panic!("unexpected {m:?}"),
+            }
+        }
+        let streams = readers
+            .into_iter()
+            .map(|h| h.join().expect("reader"))
+            .collect();
+        (h, streams)
+    });
+    (port, rec)
 }
