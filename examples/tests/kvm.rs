@@ -35,6 +35,27 @@ macro_rules! require_kvm {
     };
 }
 
+/// Run `pagewire ARGS` (a kvm-demo) to its end, at most 60 s.
+fn kvm_demo(args: &[&str]) -> Output {
+    let child = Command::new(BIN)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kvm-demo");
+    wait_output(child, Duration::from_secs(60))
+}
+
+/// `out` succeeded (else fail naming `what` with its stderr); its JSON summary.
+fn succeeded(out: &Output, what: &str) -> Value {
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    last_json(out)
+}
+
 fn last_json(out: &Output) -> Value {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let line = stdout.lines().last().unwrap_or("");
@@ -72,32 +93,21 @@ fn assert_continued(dest: &Value, source: &Value, ws_pages: u64) {
 #[test]
 fn migrates_a_running_guest_between_two_processes() {
     require_kvm!("migrates_a_running_guest_between_two_processes");
-    let child = Command::new(BIN)
-        .args([
-            "kvm-demo",
-            "--json",
-            "--codec",
-            "none",
-            "--memory",
-            "64MiB",
-            "--working-set",
-            "2048",
-            "--max-rounds",
-            "15",
-            "--downtime-limit",
-            "100",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn kvm-demo");
-    let out = wait_output(child, Duration::from_secs(60));
-    assert!(
-        out.status.success(),
-        "kvm-demo failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v = last_json(&out);
+    let out = kvm_demo(&[
+        "kvm-demo",
+        "--json",
+        "--codec",
+        "none",
+        "--memory",
+        "64MiB",
+        "--working-set",
+        "2048",
+        "--max-rounds",
+        "15",
+        "--downtime-limit",
+        "100",
+    ]);
+    let v = succeeded(&out, "kvm-demo");
     assert_eq!(v["verified"], Value::Bool(true), "{v}");
     let source = &v["source"];
     let rounds = source["rounds"].as_array().expect("rounds");
@@ -137,29 +147,18 @@ fn migrates_a_running_guest_between_two_processes() {
 fn postcopy_resumes_the_guest_before_its_memory_arrives() {
     require_kvm!("postcopy_resumes_the_guest_before_its_memory_arrives");
     for rounds in ["0", "1"] {
-        let child = Command::new(BIN)
-            .args([
-                "kvm-demo",
-                "--json",
-                "--memory",
-                "64MiB",
-                "--working-set",
-                "2048",
-                "--postcopy",
-                "--precopy-rounds",
-                rounds,
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn kvm-demo");
-        let out = wait_output(child, Duration::from_secs(60));
-        assert!(
-            out.status.success(),
-            "kvm-demo --postcopy failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v = last_json(&out);
+        let out = kvm_demo(&[
+            "kvm-demo",
+            "--json",
+            "--memory",
+            "64MiB",
+            "--working-set",
+            "2048",
+            "--postcopy",
+            "--precopy-rounds",
+            rounds,
+        ]);
+        let v = succeeded(&out, "kvm-demo --postcopy");
         let source = &v["source"];
         let dest = &v["dest"];
         assert_continued(dest, source, 2048);
@@ -321,26 +320,20 @@ fn memory_size_mismatch_is_refused() {
 #[test]
 fn unreachable_downtime_limit_gives_up() {
     require_kvm!("unreachable_downtime_limit_gives_up");
-    let child = Command::new(BIN)
-        .args([
-            "kvm-demo",
-            "--codec",
-            "deflate",
-            "--memory",
-            "32MiB",
-            "--working-set",
-            "2048",
-            "--max-rounds",
-            "3",
-            "--downtime-limit",
-            "0.01",
-            "--no-auto-converge",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn kvm-demo");
-    let out = wait_output(child, Duration::from_secs(60));
+    let out = kvm_demo(&[
+        "kvm-demo",
+        "--codec",
+        "deflate",
+        "--memory",
+        "32MiB",
+        "--working-set",
+        "2048",
+        "--max-rounds",
+        "3",
+        "--downtime-limit",
+        "0.01",
+        "--no-auto-converge",
+    ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     // The source's one line (the destination, a child process sharing stderr, adds its own:
@@ -392,13 +385,7 @@ fn postcopy_fallback_finishes_where_precopy_does_not_converge() {
         if fallback {
             args.push("--postcopy-fallback");
         }
-        let child = Command::new(BIN)
-            .args(&args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn kvm-demo");
-        wait_output(child, Duration::from_secs(60))
+        kvm_demo(&args)
     };
 
     let pre = run(false);
@@ -455,29 +442,18 @@ fn postcopy_fallback_finishes_where_precopy_does_not_converge() {
 #[test]
 fn postcopy_fallback_is_unused_when_precopy_converges() {
     require_kvm!("postcopy_fallback_is_unused_when_precopy_converges");
-    let child = Command::new(BIN)
-        .args([
-            "kvm-demo",
-            "--json",
-            "--memory",
-            "32MiB",
-            "--working-set",
-            "1024",
-            "--downtime-limit",
-            "200",
-            "--postcopy-fallback",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn kvm-demo");
-    let out = wait_output(child, Duration::from_secs(60));
-    assert!(
-        out.status.success(),
-        "kvm-demo --postcopy-fallback failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v = last_json(&out);
+    let out = kvm_demo(&[
+        "kvm-demo",
+        "--json",
+        "--memory",
+        "32MiB",
+        "--working-set",
+        "1024",
+        "--downtime-limit",
+        "200",
+        "--postcopy-fallback",
+    ]);
+    let v = succeeded(&out, "kvm-demo --postcopy-fallback");
     let source = &v["source"];
     assert_continued(&v["dest"], source, 1024);
     assert_eq!(source["decisions"]["stopped"].as_u64(), Some(1), "{source}");
