@@ -54,8 +54,12 @@ pub struct ChannelStats {
     /// compressed, or it carries raw pages faster than compressing them pays).
     pub pages_raw_chosen: u64,
     /// Of `pages_raw_chosen`: because compressing would not pay (the link carries raw pages
-    /// faster, or the receiver is the bottleneck); the rest: the link would have idled.
+    /// faster than the compressor saves link time); see also `pages_raw_receiver_bound`. The
+    /// rest: the link would have idled.
     pub pages_raw_link_fast: u64,
+    /// Of `pages_raw_chosen`: because the receiver, not the link, was the bottleneck (its
+    /// TCP window limited the connection most of its busy time).
+    pub pages_raw_receiver_bound: u64,
     /// Normal pages sent raw because they are incompressible (a sample showed it, or the
     /// compressed output did not fit in a page).
     pub pages_incompressible: u64,
@@ -90,6 +94,7 @@ macro_rules! u64_counters {
             zc_copied,
             pages_raw_chosen,
             pages_raw_link_fast,
+            pages_raw_receiver_bound,
             pages_incompressible,
             pages_zero_unread
         )
@@ -240,6 +245,7 @@ mod tests {
             cpu_seconds: 0.5,
             pages_raw_chosen: 20,
             pages_raw_link_fast: 21,
+            pages_raw_receiver_bound: 23,
             pages_incompressible: 22,
             link_rate: 0.0,
             compress_rate: 0.0,

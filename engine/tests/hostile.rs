@@ -1261,6 +1261,61 @@ fn rejected_length_array_leaves_memory_untouched() {
 // More positive control and control-connection misbehaviour.
 // ---------------------------------------------------------------------------------------------
 
+/// Packets far smaller than a full length array arrive back to back in one write, SYNC
+/// included: the receiver's read-ahead (a header's read takes up to a length array more)
+/// then holds the rest of a packet, the next packet's header and the SYNC, and every byte
+/// still goes where its own packet says.
+#[test]
+fn small_qpl_packets_in_one_write_land_exactly() {
+    let mem = patterned_memory(BLOCK_PAGES);
+    let srv = serve(ReceiveInto::Memory(mem.clone()));
+    let mut f = session(&srv, Compression::Qpl, 1);
+    let mut want = Vec::new();
+    let mut stream = Vec::new();
+    for i in 0..12u64 {
+        let page = text_page(40 + i as u32);
+        let off = i * PS as u64;
+        // Alternately compressed (a few hundred bytes) and raw, with a zero page now and then.
+        let mut pages = vec![if i % 2 == 0 {
+            Page::Deflate(off, deflate(&page))
+        } else {
+            Page::Raw(off, page.clone())
+        }];
+        if i % 3 == 0 {
+            pages.push(Page::Zero(off + 32 * PS as u64));
+        }
+        stream.extend(packet(Compression::Qpl, i, &pages).bytes());
+        want.push((off, page));
+    }
+    stream.extend(sync_packet(12));
+    f.send(0, &stream);
+    write_message(&mut f.control, &Message::RoundEnd { round: 1 }).unwrap();
+    assert_eq!(
+        read_message(&mut f.control).unwrap(),
+        Message::RoundDone { round: 1 }
+    );
+    f.chans.clear();
+    write_message(&mut f.control, &Message::End).unwrap();
+    assert_eq!(read_message(&mut f.control).unwrap(), Message::EndOk);
+    let got = srv.result().expect("a valid stream is accepted");
+    assert_eq!(got.stats.total.packets, 12);
+    assert_eq!(got.stats.total.sync_packets, 1);
+    assert_eq!(got.stats.total.pages_compressed, 6);
+    let bytes = mem.block(0).unwrap().to_vec();
+    for (off, page) in &want {
+        let o = *off as usize;
+        assert!(bytes[o..o + PSU] == page[..], "page at {off:#x}");
+    }
+    for i in [0u64, 3, 6, 9] {
+        let o = (i as usize + 32) * PSU;
+        assert!(bytes[o..o + PSU].iter().all(|&x| x == 0), "zero page {i}");
+    }
+    for page in 12..32usize {
+        let got = &bytes[page * PSU..(page + 1) * PSU];
+        assert!(got.iter().all(|&x| x == PATTERN), "page {page} was written");
+    }
+}
+
 #[test]
 fn valid_none_stream_with_qemu_style_sync_is_accepted() {
     let mem = patterned_memory(BLOCK_PAGES);

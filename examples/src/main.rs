@@ -549,6 +549,7 @@ fn pages_json(t: &pagewire::ChannelStats) -> serde_json::Value {
         "skipped": t.pages_skipped,
         "raw_chosen": t.pages_raw_chosen,
         "raw_link_fast": t.pages_raw_link_fast,
+        "raw_receiver_bound": t.pages_raw_receiver_bound,
         "incompressible": t.pages_incompressible,
         "zero_unread": t.pages_zero_unread,
     })
@@ -812,13 +813,22 @@ fn auto_line(codec: CodecKind, s: &SessionStats) -> Option<String> {
     let t = &s.total;
     let normal = t.pages_normal.max(1) as f64;
     let pct = |n: u64| 100.0 * n as f64 / normal;
-    let idle = t.pages_raw_chosen - t.pages_raw_link_fast.min(t.pages_raw_chosen);
+    let fast = t.pages_raw_link_fast;
+    let bound = t.pages_raw_receiver_bound;
+    let idle = t.pages_raw_chosen.saturating_sub(fast + bound);
     let why = if t.pages_raw_chosen == 0 {
         "the link stayed busy, so compression cost no time".to_string()
-    } else if t.pages_raw_link_fast >= idle {
+    } else if bound >= fast && bound >= idle {
+        format!(
+            "mostly raw because the receiver, not the link, was the bottleneck (its window \
+             limited the connection; link {:.2} GB/s, compressor {:.2} GB/s of pages)",
+            t.link_rate / 1e9,
+            t.compress_rate / 1e9
+        )
+    } else if fast >= idle {
         format!(
             "mostly raw because compressing would not pay: the link time a page saves was \
-             under a third of its compression time, or the receiver was the bottleneck \
+             under a third of its compression time \
              (link {:.2} GB/s, compressor {:.2} GB/s of pages)",
             t.link_rate / 1e9,
             t.compress_rate / 1e9

@@ -235,6 +235,9 @@ pub struct TcpChrono {
     pub rwnd_limited_us: u64,
     /// Of which: limited by our send buffer.
     pub sndbuf_limited_us: u64,
+    /// Room left in the peer's advertised receive window, bytes: the window less what is in
+    /// flight (unacknowledged segments × MSS). Linux 6.2+; `None` on older kernels.
+    pub peer_window: Option<u32>,
 }
 
 /// The chrono counters of TCP socket `fd`; `Ok(None)` where the kernel does not report them.
@@ -262,10 +265,18 @@ pub fn tcp_chrono(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<Option<TcpChron
     if (len as usize) < end {
         return Ok(None);
     }
+    let wnd_end = std::mem::offset_of!(libc::tcp_info, tcpi_snd_wnd) + 4;
     Ok(Some(TcpChrono {
         busy_us: info.tcpi_busy_time,
         rwnd_limited_us: info.tcpi_rwnd_limited,
         sndbuf_limited_us: info.tcpi_sndbuf_limited,
+        peer_window: ((len as usize) >= wnd_end).then(|| {
+            let in_flight = u64::from(info.tcpi_unacked) * u64::from(info.tcpi_snd_mss);
+            u64::from(info.tcpi_snd_wnd)
+                .saturating_sub(in_flight)
+                .try_into()
+                .unwrap_or(u32::MAX)
+        }),
     }))
 }
 
@@ -303,6 +314,10 @@ mod tests {
         if let Some(ch) = tcp_chrono(c.as_fd()).expect("TCP_INFO") {
             assert!(ch.busy_us > 0, "{ch:?}");
             assert!(ch.rwnd_limited_us > 0, "{ch:?}");
+            // ... and its advertised window has closed (kernels that report it).
+            if let Some(w) = ch.peer_window {
+                assert!(w < 64 << 10, "peer window {w} with the peer not reading");
+            }
         }
         drop(s);
     }

@@ -249,7 +249,12 @@ fn main() {
         for run in 0..runs {
             for (ci, codec) in codecs.iter().enumerate() {
                 port += 1;
-                match migrate(&bin, &link, port, &image, channels, codec, (&[], &[])) {
+                // A variant: `auto+--pages-per-packet=32` runs codec auto with extra `send`
+                // arguments (each `+`-separated, `=` splitting a flag from its value).
+                let mut parts = codec.split('+');
+                let name = parts.next().unwrap_or("none");
+                let extra: Vec<&str> = parts.flat_map(|p| p.splitn(2, '=')).collect();
+                match migrate(&bin, &link, port, &image, channels, name, (&extra, &[])) {
                     Ok((s, _)) => {
                         let t = s["seconds"].as_f64().unwrap_or(f64::NAN);
                         let normal = s["pages"]["normal"].as_f64().unwrap_or(0.0).max(1.0);
@@ -294,7 +299,7 @@ fn main() {
         let best_fixed = codecs
             .iter()
             .enumerate()
-            .filter(|(_, c)| *c != "auto")
+            .filter(|(_, c)| !c.starts_with("auto"))
             .filter_map(|(ci, c)| med(ci).map(|m| (m, c.clone())))
             .min_by(|a, b| a.0.total_cmp(&b.0));
         for (ci, codec) in codecs.iter().enumerate() {
@@ -322,10 +327,10 @@ fn main() {
                 "gbps": bytes as f64 / m / 1e9, "wire_ratio": w, "compressed_pct": c,
                 "vs_best_fixed": vs,
             }));
-            if codec == "auto" {
+            if codec.starts_with("auto") {
                 if let (Some(v), Some((_, best))) = (vs, &best_fixed) {
                     verdicts.push(format!(
-                        "{lname}: auto = {v:.2} × the best fixed codec ({best}): {}",
+                        "{lname}: {codec} = {v:.2} × the best fixed codec ({best}): {}",
                         if v <= 1.05 {
                             "met (≤ 1.05)"
                         } else {

@@ -22,6 +22,14 @@
 //!    connection most of its busy time (TCP_INFO's `tcpi_rwnd_limited`), the drain is slow
 //!    because the receiver does not keep up, and compressed pages would slow it further.
 //!
+//! Cost and yield are averages over the pages compressed, so they are kept honest two ways:
+//! one cost sample counts at most [`COST_CLAMP`] × the average (a page during which the
+//! thread was preempted for milliseconds would otherwise lift it many-fold: measured at
+//! 1 Gbit/s, one such page stopped one of two channels compressing for the rest of the
+//! migration), and while compression does not pay one page per [`PROBE_INTERVAL`] is
+//! compressed anyway, so an estimate from another moment (busier CPUs, another page mix)
+//! is corrected instead of deciding forever.
+//!
 //! A slow link fills the backlog, so pages are compressed until the compressor no longer
 //! keeps up and the backlog falls under the guard; then pages go raw until it builds up
 //! again: the channel settles on the mix that keeps the link busy with the fewest bytes. A
@@ -48,6 +56,14 @@ pub const MAX_RWND_SHARE: f64 = 0.5;
 /// Shortest interval over which a receiver-window sample is taken (TCP_INFO counts µs, in
 /// steps of the kernel's tick). The loop need not read the counters more often than this.
 pub const CHRONO_WINDOW: f64 = 1e-3;
+/// Link time the drain-rate samples must cover before any page is compressed.
+pub const MIN_SPAN: f64 = 2e-3;
+/// Before the drain rate is measured over [`MIN_SPAN`], pages are compressed only while this
+/// many bytes wait for the link (a quarter of a packet of 4 KiB pages) and the receiver's
+/// window is open.
+pub const UNKNOWN_BACKLOG: u64 = 128 << 10;
+/// A receiver advertising less than this window (bytes) is not taking data now.
+pub const CLOSED_WINDOW: u32 = 64 << 10;
 /// Shortest interval over which a drain-rate sample is taken.
 const RATE_WINDOW: f64 = 0.2e-3;
 /// Cost of one page's compression assumed until one is measured (software DEFLATE level 1
@@ -55,6 +71,15 @@ const RATE_WINDOW: f64 = 0.2e-3;
 const INITIAL_COST: f64 = 20e-6;
 /// Weight of one page in the cost and yield averages.
 const AVG_WEIGHT: f64 = 0.05;
+/// A cost sample counts at most this multiple of the average: a page during which the
+/// thread was preempted for milliseconds says little about the next page's cost, and one
+/// such sample would otherwise lift the average many-fold for dozens of pages.
+const COST_CLAMP: f64 = 3.0;
+/// While compression does not pay, one page is still compressed this often (seconds) to
+/// refresh the cost and yield estimates: without fresh samples a stale estimate (a cost
+/// measured while the CPUs were busy with other work, a yield measured on another page mix)
+/// would keep the channel raw for the rest of the session.
+pub const PROBE_INTERVAL: f64 = 0.01;
 /// Compressed/raw size assumed until a page is compressed.
 const INITIAL_RATIO: f64 = 0.4;
 
@@ -72,6 +97,9 @@ pub struct Observation {
     pub busy_us: u64,
     /// Of which the receiver's window limited it, µs (0 where unknown).
     pub rwnd_limited_us: u64,
+    /// The receiver's advertised window is closed right now: it is not taking data (false
+    /// where unknown, or not asked: the loop reads it only while [`Pacer::measuring`]).
+    pub window_closed: bool,
 }
 
 /// The answer for one page.
@@ -105,8 +133,14 @@ pub struct Pacer {
     /// Weight the drain-rate samples so far hold in an average over [`RATE_TAU`] (0 before
     /// the first: see [`debiased`]).
     rate_weight: f64,
+    /// Seconds of link time the drain-rate samples so far cover.
+    rate_span: f64,
+    /// As `rate_weight`, for the receiver-window share.
+    rwnd_weight: f64,
     /// Start of the current receiver-window sample: (time, busy µs, rwnd-limited µs).
     chrono_mark: Option<(f64, u64, u64)>,
+    /// When a page was last chosen for compression (a probe or not).
+    last_compress: Option<f64>,
 }
 
 impl Pacer {
@@ -120,8 +154,17 @@ impl Pacer {
             ratio: INITIAL_RATIO,
             rwnd_share: 0.0,
             rate_weight: 0.0,
+            rate_span: 0.0,
+            rwnd_weight: 0.0,
             chrono_mark: None,
+            last_compress: None,
         }
+    }
+
+    /// Whether the drain rate is still being measured (the loop then reads the receiver's
+    /// window before each decision: [`Observation::window_closed`]).
+    pub fn measuring(&self) -> bool {
+        self.rate.is_none() || self.rate_span < MIN_SPAN
     }
 
     /// Share of the connection's busy time that the receiver's window limited (average).
@@ -143,7 +186,9 @@ impl Pacer {
             self.chrono_mark = Some((o.at, o.busy_us, o.rwnd_limited_us));
         } else if dt >= CHRONO_WINDOW && busy > 0 {
             let share = (o.rwnd_limited_us.saturating_sub(r0) as f64 / busy as f64).min(1.0);
-            let w = 1.0 - (-dt / RATE_TAU).exp();
+            // Corrected for its start like the drain rate: a receiver that cannot keep up
+            // from the first millisecond is seen as such at once, not after several tau.
+            let w = debiased(&mut self.rwnd_weight, dt);
             self.rwnd_share += w * (share - self.rwnd_share);
             self.chrono_mark = Some((o.at, o.busy_us, o.rwnd_limited_us));
         }
@@ -191,6 +236,7 @@ impl Pacer {
 
     fn update(&mut self, sample: f64, dt: f64) {
         let w = debiased(&mut self.rate_weight, dt);
+        self.rate_span += dt;
         self.rate = Some(match self.rate {
             Some(r) => r + w * (sample - r),
             None => sample,
@@ -207,11 +253,19 @@ impl Pacer {
         if self.rwnd_share > MAX_RWND_SHARE {
             return Choice::RawReceiverBound;
         }
-        let Some(rate) = self.rate.filter(|r| *r > 0.0) else {
-            // A backlog, but no rate measured yet (the first half millisecond of one):
-            // compress while it is measured. A slow link would otherwise fill the socket
-            // buffer with raw pages first; on a fast link this costs a few pages' time once.
-            return Choice::Compress;
+        let Some(rate) = self.rate.filter(|r| *r > 0.0 && self.rate_span >= MIN_SPAN) else {
+            // No rate measured over [`MIN_SPAN`] yet. On loopback the first samples show the
+            // receiver getting going (faulting in fresh memory), not the link: compressing
+            // then only takes CPU from it. So raw, unless the backlog is already large
+            // ([`UNKNOWN_BACKLOG`]) while the receiver's window is open: then the link is
+            // slow, and raw pages queued now would cost it real time. (A closed window is a
+            // receiver still getting going: on loopback its first milliseconds, faulting in
+            // fresh memory, leave 1.2 MB queued before anything drains.)
+            if o.queued >= UNKNOWN_BACKLOG && !o.window_closed {
+                self.last_compress = Some(o.at);
+                return Choice::Compress;
+            }
+            return Choice::RawLinkIdle;
         };
         let backlog = o.queued as f64 / rate;
         if backlog < self.cost + GUARD_SECS {
@@ -219,8 +273,14 @@ impl Pacer {
         }
         let saved = (1.0 - self.ratio) * self.page_size / rate;
         if saved < MIN_GAIN * self.cost {
-            return Choice::RawLinkFast;
+            let probe = self
+                .last_compress
+                .is_none_or(|t| o.at - t >= PROBE_INTERVAL);
+            if !probe {
+                return Choice::RawLinkFast;
+            }
         }
+        self.last_compress = Some(o.at);
         Choice::Compress
     }
 
@@ -230,7 +290,8 @@ impl Pacer {
         // variant clamping each sample to 4 × the average compressed more on the loaded
         // benchmark host and was slower there at 10 Gbit/s: docs/benchmarks.md.)
         if secs.is_finite() && secs >= 0.0 {
-            self.cost += AVG_WEIGHT * (secs.min(0.01) - self.cost);
+            let sample = secs.min(COST_CLAMP * self.cost);
+            self.cost += AVG_WEIGHT * (sample - self.cost);
         }
     }
 
@@ -341,6 +402,7 @@ mod tests {
                         drained: (handed - sock) as u64,
                         busy_us: 0,
                         rwnd_limited_us: 0,
+                        window_closed: false,
                     };
                     let c = pacer.decide(&o);
                     let compress = policy.unwrap_or(c == Choice::Compress);
@@ -484,15 +546,29 @@ mod tests {
         let mut p = Pacer::new(4096);
         let o = Observation {
             at: 0.0,
-            queued: 1 << 20,
+            queued: UNKNOWN_BACKLOG / 2,
             drained: 0,
             busy_us: 0,
             rwnd_limited_us: 0,
+            window_closed: false,
+        };
+        assert_eq!(
+            p.decide(&o),
+            Choice::RawLinkIdle,
+            "a backlog, rate not measured yet: raw"
+        );
+        let o = Observation {
+            at: 0.0001,
+            queued: UNKNOWN_BACKLOG,
+            drained: 0,
+            busy_us: 0,
+            rwnd_limited_us: 0,
+            window_closed: false,
         };
         assert_eq!(
             p.decide(&o),
             Choice::Compress,
-            "backlog, rate being measured"
+            "a large backlog before the rate is measured: the link is slow"
         );
         assert_eq!(p.link_rate(), None);
         let o = Observation {
@@ -501,6 +577,7 @@ mod tests {
             drained: 1 << 20,
             busy_us: 0,
             rwnd_limited_us: 0,
+            window_closed: false,
         };
         // 100 MB/s measured, 10 ms of backlog: compress.
         assert_eq!(p.decide(&o), Choice::Compress);
@@ -513,6 +590,7 @@ mod tests {
             drained: 2 << 20,
             busy_us: 0,
             rwnd_limited_us: 0,
+            window_closed: false,
         };
         assert_eq!(p.decide(&o), Choice::RawLinkIdle, "nothing queued");
     }
@@ -536,6 +614,7 @@ mod tests {
                 drained: i * 50_000,
                 busy_us: busy,
                 rwnd_limited_us: rwnd,
+                window_closed: false,
             }));
         }
         assert!(
@@ -567,11 +646,119 @@ mod tests {
                 drained,
                 busy_us: 0,
                 rwnd_limited_us: 0,
+                window_closed: false,
             });
             // 10 MB/s for the first millisecond, then 1 GB/s.
             drained += if at < 1e-3 { 2_000 } else { 200_000 };
         }
         let rate = p.link_rate().unwrap_or(0.0);
         assert!(rate > 0.8e9, "estimate {rate:.3e} B/s after 10 ms");
+    }
+
+    /// Drive a pacer against a steadily draining link with a constant backlog: `yield_at(t)`
+    /// is the compressed size of a page compressed at time t, `cost_of(n)` the wall time the
+    /// n-th compression takes. Returns (time, choice) per page.
+    fn drive(
+        rate: f64,
+        secs: f64,
+        yield_at: &dyn Fn(f64) -> f64,
+        cost_of: &dyn Fn(usize) -> f64,
+    ) -> Vec<(f64, Choice)> {
+        let mut p = Pacer::new(4096);
+        let mut t = 0.0;
+        let mut n = 0;
+        let mut out = Vec::new();
+        while t < secs {
+            let c = p.decide(&Observation {
+                at: t,
+                queued: 4 << 20,
+                drained: (t * rate) as u64,
+                busy_us: 0,
+                rwnd_limited_us: 0,
+                window_closed: false,
+            });
+            if c == Choice::Compress {
+                let cost = cost_of(n);
+                n += 1;
+                p.cost(cost);
+                p.yielded((yield_at(t) * 4096.0) as usize);
+                t += cost;
+            } else {
+                t += 1e-6;
+            }
+            out.push((t, c));
+        }
+        out
+    }
+
+    fn share_between(v: &[(f64, Choice)], from: f64, to: f64) -> f64 {
+        let w: Vec<Choice> = v
+            .iter()
+            .filter(|(t, _)| *t >= from && *t < to)
+            .map(|(_, c)| *c)
+            .collect();
+        compressed_share(&w)
+    }
+
+    /// A page during which the thread was preempted (its compression took 5 ms of wall time
+    /// instead of 30 µs) does not stop compression on a link that needs it: one sample counts
+    /// at most [`COST_CLAMP`] × the average.
+    #[test]
+    fn a_preempted_page_does_not_stop_compression() {
+        // Half of 1 Gbit/s (one of two channels).
+        let v = drive(0.5 * GBIT, 0.2, &|_| 0.3, &|n| {
+            if n == 500 {
+                5e-3
+            } else {
+                30e-6
+            }
+        });
+        let late = share_between(&v, 0.1, 0.2);
+        assert!(late > 0.9, "compressed {late:.2} after the preempted page");
+    }
+
+    /// The page mix turns from incompressible to compressible while the channel sends raw
+    /// because compression did not pay: probes (one page per [`PROBE_INTERVAL`]) see the
+    /// new yield, and within a fraction of a second the channel compresses again.
+    #[test]
+    fn a_stale_yield_is_refreshed_by_probes() {
+        // Half of 2.5 Gbit/s; pages yield 0.98 for the first 0.2 s, then 0.3.
+        let v = drive(
+            1.25 * GBIT,
+            1.0,
+            &|t| if t < 0.2 { 0.98 } else { 0.3 },
+            &|_| 30e-6,
+        );
+        let early = share_between(&v, 0.1, 0.2);
+        assert!(early < 0.1, "incompressible phase: compressed {early:.2}");
+        let late = share_between(&v, 0.6, 1.0);
+        assert!(late > 0.9, "compressible phase: compressed {late:.2}");
+    }
+
+    /// Before the drain rate is known, a large backlog means a slow link only while the
+    /// receiver's window is open; behind a closed window (a receiver still starting) pages go
+    /// raw, and once the rate is measured the window is no longer consulted.
+    #[test]
+    fn a_closed_window_before_the_rate_is_known_means_raw() {
+        let mut p = Pacer::new(4096);
+        let mut o = Observation {
+            at: 0.0,
+            queued: 2 * UNKNOWN_BACKLOG,
+            drained: 0,
+            busy_us: 0,
+            rwnd_limited_us: 0,
+            window_closed: true,
+        };
+        assert!(p.measuring());
+        assert_eq!(p.decide(&o), Choice::RawLinkIdle);
+        o.at = 0.0001;
+        o.window_closed = false;
+        assert_eq!(p.decide(&o), Choice::Compress);
+        // 50 MB/s measured over 10 ms: a slow link, compressed whatever the window says.
+        o.at = 0.0101;
+        o.drained = 500_000;
+        o.window_closed = true;
+        assert_eq!(p.decide(&o), Choice::Compress);
+        assert!(!p.measuring());
     }
 }

@@ -1,7 +1,10 @@
 //! The receiving side of one channel: one thread, one io_uring, one TCP connection.
 //!
 //! Per packet: read the fixed-size header and validate every field (DESIGN.md §5) before
-//! reading anything else; for the qpl framing read and validate the length array; then one
+//! anything else of the packet lands in guest memory; for the qpl framing read and validate
+//! the length array (in clear text the header's read takes up to a full length array more
+//! of whatever has arrived, so a packet's header and length array usually cost one receive,
+//! as a `none` packet's header does; bytes read ahead wait in the header buffer); then one
 //! RECVMSG whose iovecs put raw pages straight into guest memory and compressed pages into
 //! the zbuf; then inflate into guest memory. Every wait is bounded by the idle timeout, and
 //! a peer that closes mid-packet is an error naming the channel, the packet and what was
@@ -62,7 +65,12 @@ pub struct RecvChannel {
     ring: Option<Ring>,
     set: RecvSettings,
     mem: Arc<GuestMemory>,
+    /// The packet header, and room after it for bytes read ahead (qpl framing in clear
+    /// text: up to a full length array). `header_buf[ahead.0..ahead.1]` are bytes received
+    /// past the current header and not consumed yet: the length array's, the payload's, the
+    /// next packet's.
     header_buf: Vec<u8>,
+    ahead: (usize, usize),
     zlen_buf: Vec<u8>,
     zbuf: Vec<u8>,
     header: PacketHeader,
@@ -111,11 +119,19 @@ impl RecvChannel {
     ) -> Result<RecvChannel, ChannelError> {
         let ppp = set.pages_per_packet as usize;
         let ps = set.page_size as usize;
+        // Read-ahead room for the qpl framing's length array (TLS: `with_tls` takes it away;
+        // the record reader buffers there).
+        let ahead_room = if set.compression == Compression::Qpl {
+            4 * ppp
+        } else {
+            0
+        };
         Ok(RecvChannel {
             id,
             stream,
             ring: None,
-            header_buf: vec![0; wire::header_len(set.pages_per_packet)],
+            header_buf: vec![0; wire::header_len(set.pages_per_packet) + ahead_room],
+            ahead: (0, 0),
             zlen_buf: vec![0; 4 * ppp],
             zbuf: vec![0; ppp * ps],
             header: PacketHeader {
@@ -148,6 +164,10 @@ impl RecvChannel {
     /// Receive TLS records through `reader` (from the connection's set-up, with whatever it
     /// has buffered) instead of clear text.
     pub fn with_tls(mut self, reader: Option<RecordReader>) -> RecvChannel {
+        if reader.is_some() {
+            self.header_buf
+                .truncate(wire::header_len(self.set.pages_per_packet));
+        }
         self.tls = reader;
         self
     }
@@ -220,9 +240,28 @@ impl RecvChannel {
                 ));
             }
             let index = self.packets;
-            let hlen = self.header_buf.len();
-            let hptr = self.header_buf.as_mut_ptr();
-            match self.recv_exact(hptr, hlen, "header", Place::Header { index })? {
+            let hlen = wire::header_len(self.set.pages_per_packet);
+            // What the previous packet's read brought past its end starts this header.
+            let (a, b) = self.ahead;
+            if a < b {
+                self.header_buf.copy_within(a..b, 0);
+            }
+            let have = b.saturating_sub(a);
+            let got = if have >= hlen {
+                Got::Full
+            } else {
+                let cap = self.header_buf.len();
+                // SAFETY: `have < hlen <= cap`: the destination stays inside header_buf.
+                let ptr = unsafe { self.header_buf.as_mut_ptr().add(have) };
+                let (got, n) =
+                    self.recv_some(ptr, hlen - have, cap - have, have, Place::Header { index })?;
+                self.ahead = (hlen.min(have + n), have + n);
+                got
+            };
+            if have >= hlen {
+                self.ahead = (hlen, have);
+            }
+            match got {
                 Got::Eof => {
                     if open > 0 {
                         let kind = ChannelErrorKind::OpenRound { packets: open };
@@ -239,8 +278,9 @@ impl RecvChannel {
                 compression: self.set.compression,
                 blocks: &self.set.blocks,
             };
-            if let Err(e) = self.header.decode_into(&self.header_buf, &rules) {
-                let place = match packet_num_of(&self.header_buf) {
+            let header = self.header_buf.get(..hlen).unwrap_or_default();
+            if let Err(e) = self.header.decode_into(header, &rules) {
+                let place = match packet_num_of(header) {
                     Some(packet_num) => Place::Packet { index, packet_num },
                     None => Place::Header { index },
                 };
@@ -272,16 +312,26 @@ impl RecvChannel {
             let qpl = self.set.compression == Compression::Qpl;
             if qpl && normal > 0 {
                 let n = 4 * normal as usize;
+                // Read ahead with the header: taken from there first.
+                let took = self.take_ahead(n);
                 let zptr = self.zlen_buf.as_mut_ptr();
-                if let Got::Eof = self.recv_exact(zptr, n, "length array", place)? {
-                    return Err(self.err(
-                        place,
-                        ChannelErrorKind::ClosedMid {
-                            what: "length array",
-                            got: 0,
-                            need: n,
-                        },
-                    ));
+                if took < n {
+                    // SAFETY: took < n <= 4 × pages_per_packet = zlen_buf.len() (normal was
+                    // checked against pages_alloc == pages_per_packet).
+                    let zptr = unsafe { zptr.add(took) };
+                    let got = self
+                        .recv_exact(zptr, n - took, "length array", place)
+                        .map_err(|e| counting_ahead(e, took))?;
+                    if let Got::Eof = got {
+                        return Err(self.err(
+                            place,
+                            ChannelErrorKind::ClosedMid {
+                                what: "length array",
+                                got: took,
+                                need: n,
+                            },
+                        ));
+                    }
                 }
                 let zl = self.zlen_buf.get(..n).unwrap_or_default();
                 wire::decode_zlens(
@@ -311,12 +361,21 @@ impl RecvChannel {
                     ));
                 }
                 let need: usize = self.iov.iter().map(|v| v.iov_len).sum();
-                if let Got::Eof = self.recv_iov(need, "payload", place)? {
+                // The header and the length array are checked: bytes of the payload read
+                // ahead may land now.
+                let early = self.ahead_into_iov(need);
+                let rest = if early < need {
+                    self.recv_iov(need - early, "payload", place)
+                        .map_err(|e| counting_ahead(e, early))?
+                } else {
+                    Got::Full
+                };
+                if let Got::Eof = rest {
                     return Err(self.err(
                         place,
                         ChannelErrorKind::ClosedMid {
                             what: "payload",
-                            got: 0,
+                            got: early,
                             need,
                         },
                     ));
@@ -384,10 +443,30 @@ impl RecvChannel {
         if self.tls.is_some() {
             return self.recv_tls(need, what, place);
         }
+        self.recv_iov_min(need, what, place).map(|(g, _)| g)
+    }
+
+    /// Receive at least `min` bytes into `self.iov` (clear text), and whatever more has
+    /// arrived up to the iovecs' size: one receive when `min` bytes are there already.
+    /// Returns the bytes received.
+    fn recv_iov_min(
+        &mut self,
+        min: usize,
+        what: &'static str,
+        place: Place,
+    ) -> Result<(Got, usize), ChannelError> {
         let fd = self.stream.as_raw_fd();
         let mut first = 0usize;
         let mut got = 0usize;
         let timeout = self.set.idle_timeout;
+        let total: usize = self.iov.iter().map(|v| v.iov_len).sum();
+        let need = min;
+        // MSG_WAITALL only when all of it is needed: otherwise take what is there.
+        let wait_all = if min >= total {
+            libc::MSG_WAITALL as u32
+        } else {
+            0
+        };
         while got < need {
             let rest = &mut self.iov[first..];
             // One destination inside a registered buffer: READ_FIXED; anything else (guest
@@ -416,7 +495,7 @@ impl RecvChannel {
                     self.msg.msg_iov = rest.as_mut_ptr();
                     self.msg.msg_iovlen = rest.len();
                     opcode::RecvMsg::new(types::Fd(fd), &mut *self.msg)
-                        .flags(libc::MSG_WAITALL as u32)
+                        .flags(wait_all)
                         .build()
                         .user_data(1)
                 }
@@ -456,14 +535,106 @@ impl RecvChannel {
             }
             if res == 0 {
                 if got == 0 && what == "header" {
-                    return Ok(Got::Eof);
+                    return Ok((Got::Eof, 0));
                 }
                 return Err(self.err(place, ChannelErrorKind::ClosedMid { what, got, need }));
             }
             got += res as usize;
             advance_iovecs(&mut self.iov, &mut first, res as usize);
         }
-        Ok(Got::Full)
+        Ok((Got::Full, got))
+    }
+
+    /// Receive the rest of a header (`min` bytes, `have` already in place) into `ptr`,
+    /// taking up to `max` bytes if they have arrived. Returns the bytes received.
+    fn recv_some(
+        &mut self,
+        ptr: *mut u8,
+        min: usize,
+        max: usize,
+        have: usize,
+        place: Place,
+    ) -> Result<(Got, usize), ChannelError> {
+        self.iov.clear();
+        if self.tls.is_some() || max <= min {
+            self.iov.push(libc::iovec {
+                iov_base: ptr.cast(),
+                iov_len: min,
+            });
+            let got = self.recv_iov(min, "header", place)?;
+            return match got {
+                Got::Eof if have > 0 => Err(self.err(
+                    place,
+                    ChannelErrorKind::ClosedMid {
+                        what: "header",
+                        got: have,
+                        need: have + min,
+                    },
+                )),
+                g => Ok((g, min)),
+            };
+        }
+        self.iov.push(libc::iovec {
+            iov_base: ptr.cast(),
+            iov_len: max,
+        });
+        match self.recv_iov_min(min, "header", place)? {
+            (Got::Eof, _) if have > 0 => Err(self.err(
+                place,
+                ChannelErrorKind::ClosedMid {
+                    what: "header",
+                    got: have,
+                    need: have + min,
+                },
+            )),
+            r => Ok(r),
+        }
+    }
+
+    /// Move up to `n` read-ahead bytes into the length-array buffer; returns how many.
+    fn take_ahead(&mut self, n: usize) -> usize {
+        let (a, b) = self.ahead;
+        let k = n.min(b.saturating_sub(a)).min(self.zlen_buf.len());
+        if let (Some(dst), Some(src)) = (self.zlen_buf.get_mut(..k), self.header_buf.get(a..a + k))
+        {
+            dst.copy_from_slice(src);
+            self.ahead = (a + k, b);
+            return k;
+        }
+        0
+    }
+
+    /// Copy read-ahead bytes into the start of `self.iov`'s destinations (at most `need`)
+    /// and drop what they fill from `self.iov`; returns how many.
+    fn ahead_into_iov(&mut self, need: usize) -> usize {
+        let (a, b) = self.ahead;
+        let k = need.min(b.saturating_sub(a));
+        if k == 0 {
+            return 0;
+        }
+        let mut src = a;
+        let mut left = k;
+        for v in self.iov.iter() {
+            if left == 0 {
+                break;
+            }
+            let n = left.min(v.iov_len);
+            let Some(bytes) = self.header_buf.get(src..src + n) else {
+                break;
+            };
+            // SAFETY: every iovec of the payload plan points at `iov_len` writable bytes inside
+            // guest memory (a page the header named and `payload_iovecs` bounds-checked) or
+            // the zbuf; `header_buf` is a separate allocation, so the ranges do not overlap.
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), v.iov_base.cast(), n) };
+            src += n;
+            left -= n;
+        }
+        let done = k - left;
+        let mut first = 0usize;
+        advance_iovecs(&mut self.iov, &mut first, done);
+        self.iov.drain(..first.min(self.iov.len()));
+        self.ahead = (a + done, b);
+        done
     }
 
     /// [`RecvChannel::recv_iov`] under TLS: receive ciphertext into the reader's buffer, open
@@ -608,6 +779,16 @@ impl RecvChannel {
     pub fn shutdown_handle(&self) -> std::io::Result<TcpStream> {
         self.stream.try_clone()
     }
+}
+
+/// A peer closing mid-way through something partly taken from read-ahead bytes: count those
+/// in what was received and needed.
+fn counting_ahead(mut e: ChannelError, ahead: usize) -> ChannelError {
+    if let ChannelErrorKind::ClosedMid { got, need, .. } = &mut e.kind {
+        *got += ahead;
+        *need += ahead;
+    }
+    e
 }
 
 /// packet_num of a header whose fixed part is present (for error messages).

@@ -29,7 +29,7 @@ use slab::Slab;
 use tracing::trace;
 
 use super::limit::RateLimit;
-use super::pace::{Choice, Observation, Pacer, CHRONO_WINDOW};
+use super::pace::{Choice, Observation, Pacer, CHRONO_WINDOW, CLOSED_WINDOW};
 use crate::accel::{Accelerator, Completion, JobDesc, Outcome, Path, Submit};
 use crate::channel::stage::{Clear, SendStage};
 use crate::codec::entropy::likely_incompressible;
@@ -600,7 +600,9 @@ impl SendChannel {
                     let unsent = pagewire_transport::net::unsent_bytes(fd).unwrap_or(0);
                     let at = epoch.elapsed().as_secs_f64();
                     let chrono = match self.chrono {
-                        Some((t, c)) if at - t < CHRONO_WINDOW && at >= t => c,
+                        Some((t, c)) if at - t < CHRONO_WINDOW && at >= t && !pacer.measuring() => {
+                            c
+                        }
                         _ => {
                             let c = pagewire_transport::net::tcp_chrono(fd)
                                 .ok()
@@ -616,6 +618,7 @@ impl SendChannel {
                         drained: handed.saturating_sub(unsent),
                         busy_us: chrono.busy_us,
                         rwnd_limited_us: chrono.rwnd_limited_us,
+                        window_closed: chrono.peer_window.is_some_and(|w| w < CLOSED_WINDOW),
                     })
                 });
                 if choice != Choice::Compress {
@@ -625,8 +628,10 @@ impl SendChannel {
                         *z = ps as u32;
                     }
                     self.stats.pages_raw_chosen += 1;
-                    if matches!(choice, Choice::RawLinkFast | Choice::RawReceiverBound) {
-                        self.stats.pages_raw_link_fast += 1;
+                    match choice {
+                        Choice::RawLinkFast => self.stats.pages_raw_link_fast += 1,
+                        Choice::RawReceiverBound => self.stats.pages_raw_receiver_bound += 1,
+                        _ => {}
                     }
                     slot.next += 1;
                     continue;
