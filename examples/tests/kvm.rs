@@ -89,6 +89,31 @@ fn assert_continued(dest: &Value, source: &Value, ws_pages: u64) {
     assert_eq!(dest["downtime_clock"], "monotonic", "{dest}");
 }
 
+/// `kvm-demo --codec auto`: the adaptive codec (not deflate under another name) migrates a
+/// running guest, and the destination verifies it continued.
+#[test]
+fn migrates_a_running_guest_with_codec_auto() {
+    require_kvm!("migrates_a_running_guest_with_codec_auto");
+    let out = kvm_demo(&[
+        "kvm-demo",
+        "--json",
+        "--codec",
+        "auto",
+        "--memory",
+        "64MiB",
+        "--working-set",
+        "2048",
+        "--max-rounds",
+        "15",
+        "--downtime-limit",
+        "100",
+    ]);
+    let v = succeeded(&out, "kvm-demo");
+    assert_eq!(v["codec"], "auto", "{v}");
+    assert_eq!(v["verified"], Value::Bool(true), "{v}");
+    assert_continued(&v["dest"], &v["source"], 2048);
+}
+
 /// `pagewire kvm-demo`: the destination is a child process of the source; raw pages.
 #[test]
 fn migrates_a_running_guest_between_two_processes() {

@@ -195,12 +195,13 @@ fn source_opts(o: &Opts, connect: SocketAddr) -> Res<source::SourceOpts> {
     // The engine compresses a private copy of each page, so every codec is safe on a
     // running guest.
     let codec = match o.codec.as_str() {
-        "auto" | "deflate" => CodecKind::Deflate,
+        "auto" => CodecKind::Auto,
+        "deflate" => CodecKind::Deflate,
         "none" => CodecKind::None,
         "qpl" => CodecKind::Qpl,
         c => {
             return Err(format!(
-                "--codec {c}: kvm-demo takes deflate, none, qpl or auto (deflate)"
+                "--codec {c}: kvm-demo takes auto, deflate, none or qpl"
             ))
         }
     };
