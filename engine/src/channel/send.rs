@@ -29,7 +29,7 @@ use slab::Slab;
 use tracing::trace;
 
 use super::limit::RateLimit;
-use super::pace::{Choice, Observation, Pacer, CHRONO_WINDOW, CLOSED_WINDOW};
+use super::pace::{Choice, Observation, Pacer, CLOSED_WINDOW, WINDOW_AGE};
 use crate::accel::{Accelerator, Completion, JobDesc, Outcome, Path, Submit};
 use crate::channel::stage::{Clear, SendStage};
 use crate::codec::entropy::likely_incompressible;
@@ -181,6 +181,8 @@ pub struct SendSettings {
     pub adaptive: bool,
     /// The session's bandwidth cap, shared by its channels.
     pub limit: Option<Arc<RateLimit>>,
+    /// This channel's share of the cap, bytes/s (codec auto takes it as the link's ceiling).
+    pub link_share: Option<f64>,
     /// Ask the kernel which pages of a batch hold data before reading them; the others go
     /// as zero pages unread (`datamap`).
     pub find_holes: bool,
@@ -219,9 +221,10 @@ pub struct SendChannel {
     pacer: Option<Pacer>,
     /// Origin of the pacer's clock.
     epoch: Instant,
-    /// The connection's chrono counters as last read, and when (pacer clock): the pacer
-    /// samples them at most every [`CHRONO_WINDOW`], so TCP_INFO (a getsockopt that takes
-    /// the socket's lock) is read at most that often, not before every decision.
+    /// The connection's TCP_INFO (chrono counters, the receiver's window) as last read, and
+    /// when (pacer clock): read again once older than [`WINDOW_AGE`], so TCP_INFO (a
+    /// getsockopt that takes the socket's lock) is read at most that often, not before every
+    /// decision (a compressed page's decision comes every 20-30 µs).
     chrono: Option<(f64, TcpChrono)>,
     /// Bytes the kernel has accepted from this channel's sends.
     handed: u64,
@@ -275,7 +278,13 @@ impl SendChannel {
             wire_bytes: wire::INIT_PACKET_LEN as u64,
             ..Default::default()
         };
-        let pacer = set.adaptive.then(|| Pacer::new(set.page_size));
+        let pacer = set.adaptive.then(|| {
+            let p = Pacer::new(set.page_size);
+            match set.link_share {
+                Some(r) => p.with_ceiling(r),
+                None => p,
+            }
+        });
         let mut chan = SendChannel {
             id,
             stream,
@@ -600,9 +609,7 @@ impl SendChannel {
                     let unsent = pagewire_transport::net::unsent_bytes(fd).unwrap_or(0);
                     let at = epoch.elapsed().as_secs_f64();
                     let chrono = match self.chrono {
-                        Some((t, c)) if at - t < CHRONO_WINDOW && at >= t && !pacer.measuring() => {
-                            c
-                        }
+                        Some((t, c)) if at - t < WINDOW_AGE && at >= t => c,
                         _ => {
                             let c = pagewire_transport::net::tcp_chrono(fd)
                                 .ok()

@@ -282,6 +282,9 @@ impl Sender {
                 skip_incompressible: cfg.skip_incompressible,
                 adaptive: cfg.codec == CodecKind::Auto,
                 limit: limit.clone(),
+                link_share: limit
+                    .as_ref()
+                    .map(|l| l.rate() / f64::from(cfg.channels.max(1))),
                 find_holes: cfg.find_holes,
                 page_size: cfg.page_size,
                 pages_per_packet: cfg.pages_per_packet,
