@@ -56,17 +56,8 @@ impl std::str::FromStr for CodecKind {
     }
 }
 
-/// The compressor behind `auto` on this host: `qpl` wherever libqpl.so.1 loads (on an IAA
-/// work queue where one is usable, else QPL's software path), else `deflate`. Returns the
-/// codec and why it was chosen.
-///
-/// QPL's software path (not only IAA) is preferred to deflate: measured end to end on the
-/// realistic mix it compresses 2.2 × more pages per CPU-second than libdeflate level 1, for
-/// 1.36 × the bytes (docs/benchmarks.md, "Links"), and auto compresses only what the link
-/// cannot carry raw, where speed counts for more than ratio; with it auto beat every fixed
-/// codec at 1 and 2.5 Gbit/s there, where with deflate behind it fixed qpl beat auto at
-/// 1 Gbit/s. (On links slower than about 0.6 Gbit/s, where every page is compressed
-/// whatever the compressor, deflate's smaller output would win: not measured.)
+/// The compressor behind `auto` on this host: `qpl` where an IAA work queue is usable through
+/// libqpl.so.1, else `deflate`. Returns the codec and why it was chosen.
 pub fn resolve_auto() -> (CodecKind, String) {
     match qpl_sys::Qpl::load() {
         Err(e) => (CodecKind::Deflate, format!("using deflate: {e}")),
@@ -78,10 +69,10 @@ pub fn resolve_auto() -> (CodecKind, String) {
             ),
         ),
         Ok(q) => (
-            CodecKind::Qpl,
+            CodecKind::Deflate,
             format!(
-                "using qpl's software path: QPL {} is installed but no IAA work queue is \
-                 available; its software path compresses faster than deflate (docs/benchmarks.md)",
+                "using deflate: QPL {} is installed but no IAA work queue is available \
+                 (see docs/benchmarks.md for the software paths compared)",
                 q.version()
             ),
         ),

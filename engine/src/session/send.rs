@@ -592,17 +592,12 @@ pub fn engine_for(cfg: &Config) -> Result<Option<Box<dyn Accelerator>>, SessionE
             s.hw_jobs = cfg.pages_per_packet as usize;
             Some(Box::new(QplCompressor::new(s)?))
         }
-        // The compressor behind auto: qpl where libqpl loads (IAA, else its software path),
-        // else deflate (`codec::resolve_auto`).
+        // The compressor behind auto: qpl on IAA hardware, else deflate.
         CodecKind::Auto => match crate::codec::resolve_auto().0 {
             CodecKind::Qpl => {
                 let mut s = cfg.qpl;
                 s.hw_jobs = cfg.pages_per_packet as usize;
-                s.path = if crate::accel::qpl::hardware_available() {
-                    crate::accel::qpl::QplPath::Hardware
-                } else {
-                    crate::accel::qpl::QplPath::Software
-                };
+                s.path = crate::accel::qpl::QplPath::Hardware;
                 Some(Box::new(QplCompressor::new(s)?))
             }
             _ => Some(Box::new(SoftwareDeflate::new(cfg.level)?)),
