@@ -71,6 +71,8 @@ pub struct RecvChannel {
     /// next packet's.
     header_buf: Vec<u8>,
     ahead: (usize, usize),
+    /// Populating fresh pages ahead of a receive failed once (old kernel, small pages): off.
+    populate_off: bool,
     zlen_buf: Vec<u8>,
     zbuf: Vec<u8>,
     header: PacketHeader,
@@ -132,6 +134,7 @@ impl RecvChannel {
             ring: None,
             header_buf: vec![0; wire::header_len(set.pages_per_packet) + ahead_room],
             ahead: (0, 0),
+            populate_off: false,
             zlen_buf: vec![0; 4 * ppp],
             zbuf: vec![0; ppp * ps],
             header: PacketHeader {
@@ -361,6 +364,7 @@ impl RecvChannel {
                     ));
                 }
                 let need: usize = self.iov.iter().map(|v| v.iov_len).sum();
+                self.populate_fresh();
                 // The header and the length array are checked: bytes of the payload read
                 // ahead may land now.
                 let early = self.ahead_into_iov(need);
@@ -589,6 +593,48 @@ impl RecvChannel {
             )),
             r => Ok(r),
         }
+    }
+
+    /// On fresh memory: fault this packet's still-fresh pages in with one call per run of
+    /// adjacent pages (MADV_POPULATE_WRITE) before the payload lands; the kernel's copy into
+    /// them (and the inflates) would otherwise take one page fault per page. Best effort: a
+    /// kernel without it, or a page size under the system's, just takes the faults.
+    fn populate_fresh(&mut self) {
+        let Some(fresh) = self.set.fresh.as_deref() else {
+            return;
+        };
+        if self.populate_off {
+            return;
+        }
+        let Some(block) = self.mem.block(self.header.block) else {
+            return;
+        };
+        let ps = u64::from(self.set.page_size);
+        let mut run: Option<(u64, u64)> = None;
+        let flush = |r: (u64, u64), off: &mut bool| {
+            if let Err(e) = block.populate_range(r.0, (r.1 - r.0) as usize) {
+                tracing::debug!(error = %e, "populating fresh pages ahead of a receive: off");
+                *off = true;
+            }
+        };
+        let mut off = false;
+        for &o in self.header.normal_offsets() {
+            if !fresh.is_fresh(self.header.block, o) {
+                continue;
+            }
+            run = match run {
+                Some((a, b)) if b == o => Some((a, o + ps)),
+                Some(r) => {
+                    flush(r, &mut off);
+                    Some((o, o + ps))
+                }
+                None => Some((o, o + ps)),
+            };
+        }
+        if let Some(r) = run {
+            flush(r, &mut off);
+        }
+        self.populate_off = off;
     }
 
     /// Move up to `n` read-ahead bytes into the length-array buffer; returns how many.
