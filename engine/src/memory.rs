@@ -133,27 +133,7 @@ impl Block {
     /// like QEMU's destination prealloc). Contents are unchanged. Fails on older kernels
     /// and on read-only blocks.
     pub fn populate(&self) -> std::io::Result<()> {
-        if !self.writable {
-            return Err(std::io::Error::other("read-only block"));
-        }
-        if self.len == 0 {
-            return Ok(());
-        }
-        // SAFETY: the range is this block's mapping, alive for `self`'s lifetime;
-        // MADV_POPULATE_WRITE only faults pages in (as a write of nothing would) and leaves
-        // their contents as they are.
-        let rc = unsafe {
-            libc::madvise(
-                self.ptr.as_ptr().cast(),
-                self.len,
-                libc::MADV_POPULATE_WRITE,
-            )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
-        }
+        self.populate_range(0, self.len)
     }
 
     /// Populate `len` bytes at `offset` (page-aligned, inside the block): as

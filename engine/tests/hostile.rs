@@ -237,6 +237,18 @@ impl Fake {
         let s = self.chans.remove(ch);
         drop(s);
     }
+    /// End round 1 as a sender does: `round-end`, expect `round-done`, close the channels,
+    /// then `end`, expect `end-ok`.
+    fn end_after_one_round(&mut self) {
+        write_message(&mut self.control, &Message::RoundEnd { round: 1 }).unwrap();
+        assert_eq!(
+            read_message(&mut self.control).unwrap(),
+            Message::RoundDone { round: 1 }
+        );
+        self.chans.clear();
+        write_message(&mut self.control, &Message::End).unwrap();
+        assert_eq!(read_message(&mut self.control).unwrap(), Message::EndOk);
+    }
 }
 
 /// The sender learns the failure on the control connection: a `Message::Error` whose text is
@@ -520,15 +532,8 @@ fn valid_hand_built_stream_is_accepted() {
     f.send(0, &p0.bytes());
     f.send(0, &p1.bytes());
     f.send(0, &sync_packet(2));
-    write_message(&mut f.control, &Message::RoundEnd { round: 1 }).unwrap();
-    assert_eq!(
-        read_message(&mut f.control).unwrap(),
-        Message::RoundDone { round: 1 }
-    );
     // The sender closes its channels, then says End.
-    f.chans.clear();
-    write_message(&mut f.control, &Message::End).unwrap();
-    assert_eq!(read_message(&mut f.control).unwrap(), Message::EndOk);
+    f.end_after_one_round();
 
     let got = srv.result().expect("a valid stream is accepted");
     assert!(Arc::ptr_eq(&got.memory, &mem));
@@ -1289,14 +1294,7 @@ fn small_qpl_packets_in_one_write_land_exactly() {
     }
     stream.extend(sync_packet(12));
     f.send(0, &stream);
-    write_message(&mut f.control, &Message::RoundEnd { round: 1 }).unwrap();
-    assert_eq!(
-        read_message(&mut f.control).unwrap(),
-        Message::RoundDone { round: 1 }
-    );
-    f.chans.clear();
-    write_message(&mut f.control, &Message::End).unwrap();
-    assert_eq!(read_message(&mut f.control).unwrap(), Message::EndOk);
+    f.end_after_one_round();
     let got = srv.result().expect("a valid stream is accepted");
     assert_eq!(got.stats.total.packets, 12);
     assert_eq!(got.stats.total.sync_packets, 1);
@@ -1345,15 +1343,8 @@ fn valid_none_stream_with_qemu_style_sync_is_accepted() {
         h[24..32].copy_from_slice(&num.to_be_bytes());
         f.send(ch, &h);
     }
-    write_message(&mut f.control, &Message::RoundEnd { round: 1 }).unwrap();
-    assert_eq!(
-        read_message(&mut f.control).unwrap(),
-        Message::RoundDone { round: 1 }
-    );
     // The sender closes its channels, then says End.
-    f.chans.clear();
-    write_message(&mut f.control, &Message::End).unwrap();
-    assert_eq!(read_message(&mut f.control).unwrap(), Message::EndOk);
+    f.end_after_one_round();
     let got = srv.result().expect("a valid stream is accepted");
     assert_eq!(got.stats.rounds, 1);
     assert_eq!(got.stats.total.sync_packets, 2);
@@ -1636,15 +1627,8 @@ fn signal_to_channel_thread_is_not_an_idle_timeout() {
         &packet(Compression::Qpl, 0, &[Page::Raw(0x2000, raw.clone())]).bytes(),
     );
     f.send(0, &sync_packet(1));
-    write_message(&mut f.control, &Message::RoundEnd { round: 1 }).unwrap();
-    assert_eq!(
-        read_message(&mut f.control).unwrap(),
-        Message::RoundDone { round: 1 }
-    );
     // The sender closes its channels, then says End.
-    f.chans.clear();
-    write_message(&mut f.control, &Message::End).unwrap();
-    assert_eq!(read_message(&mut f.control).unwrap(), Message::EndOk);
+    f.end_after_one_round();
     srv.result().expect("a signal is not a failure");
     assert!(mem.block(0).unwrap().to_vec()[0x2000..0x3000] == raw[..]);
 }

@@ -89,16 +89,14 @@ fn assert_continued(dest: &Value, source: &Value, ws_pages: u64) {
     assert_eq!(dest["downtime_clock"], "monotonic", "{dest}");
 }
 
-/// `kvm-demo --codec auto`: the adaptive codec (not deflate under another name) migrates a
-/// running guest, and the destination verifies it continued.
-#[test]
-fn migrates_a_running_guest_with_codec_auto() {
-    require_kvm!("migrates_a_running_guest_with_codec_auto");
-    let out = kvm_demo(&[
+/// `kvm-demo --json` with codec `codec` on a 64 MiB guest writing 2048 pages, at most 15
+/// rounds, a 100 ms downtime limit.
+fn small_guest(codec: &str) -> Output {
+    kvm_demo(&[
         "kvm-demo",
         "--json",
         "--codec",
-        "auto",
+        codec,
         "--memory",
         "64MiB",
         "--working-set",
@@ -107,7 +105,15 @@ fn migrates_a_running_guest_with_codec_auto() {
         "15",
         "--downtime-limit",
         "100",
-    ]);
+    ])
+}
+
+/// `kvm-demo --codec auto`: the adaptive codec (not deflate under another name) migrates a
+/// running guest, and the destination verifies it continued.
+#[test]
+fn migrates_a_running_guest_with_codec_auto() {
+    require_kvm!("migrates_a_running_guest_with_codec_auto");
+    let out = small_guest("auto");
     let v = succeeded(&out, "kvm-demo");
     assert_eq!(v["codec"], "auto", "{v}");
     assert_eq!(v["verified"], Value::Bool(true), "{v}");
@@ -118,20 +124,7 @@ fn migrates_a_running_guest_with_codec_auto() {
 #[test]
 fn migrates_a_running_guest_between_two_processes() {
     require_kvm!("migrates_a_running_guest_between_two_processes");
-    let out = kvm_demo(&[
-        "kvm-demo",
-        "--json",
-        "--codec",
-        "none",
-        "--memory",
-        "64MiB",
-        "--working-set",
-        "2048",
-        "--max-rounds",
-        "15",
-        "--downtime-limit",
-        "100",
-    ]);
+    let out = small_guest("none");
     let v = succeeded(&out, "kvm-demo");
     assert_eq!(v["verified"], Value::Bool(true), "{v}");
     let source = &v["source"];

@@ -215,7 +215,12 @@ impl Pacer {
     /// Drain rate of the link in bytes/s as the decisions use it (measured, capped by the
     /// ceiling), if known yet.
     pub fn link_rate(&self) -> Option<f64> {
-        match (self.rate, self.ceiling) {
+        self.capped(self.rate)
+    }
+
+    /// A rate estimate under the ceiling; the ceiling alone where there is no estimate.
+    fn capped(&self, rate: Option<f64>) -> Option<f64> {
+        match (rate, self.ceiling) {
             (Some(r), Some(c)) => Some(r.min(c)),
             (r, c) => r.or(c),
         }
@@ -287,12 +292,7 @@ impl Pacer {
             return Choice::RawReceiverBound;
         }
         let measured = self.rate.filter(|r| *r > 0.0 && self.rate_span >= MIN_SPAN);
-        let rate = match (measured, self.ceiling) {
-            (Some(r), Some(c)) => Some(r.min(c)),
-            (None, Some(c)) => Some(c),
-            (r, None) => r,
-        };
-        let Some(rate) = rate else {
+        let Some(rate) = self.capped(measured) else {
             // No rate measured over [`MIN_SPAN`] yet. On loopback the first samples show the
             // receiver getting going (faulting in fresh memory), not the link: compressing
             // then only takes CPU from it. So raw, unless the backlog is already large

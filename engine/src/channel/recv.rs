@@ -250,20 +250,18 @@ impl RecvChannel {
                 self.header_buf.copy_within(a..b, 0);
             }
             let have = b.saturating_sub(a);
-            let got = if have >= hlen {
-                Got::Full
+            let (got, filled) = if have >= hlen {
+                (Got::Full, have)
             } else {
                 let cap = self.header_buf.len();
                 // SAFETY: `have < hlen <= cap`: the destination stays inside header_buf.
                 let ptr = unsafe { self.header_buf.as_mut_ptr().add(have) };
                 let (got, n) =
                     self.recv_some(ptr, hlen - have, cap - have, have, Place::Header { index })?;
-                self.ahead = (hlen.min(have + n), have + n);
-                got
+                (got, have + n)
             };
-            if have >= hlen {
-                self.ahead = (hlen, have);
-            }
+            // What lies past this header is read ahead.
+            self.ahead = (hlen.min(filled), filled);
             match got {
                 Got::Eof => {
                     if open > 0 {
@@ -560,29 +558,18 @@ impl RecvChannel {
         place: Place,
     ) -> Result<(Got, usize), ChannelError> {
         self.iov.clear();
-        if self.tls.is_some() || max <= min {
-            self.iov.push(libc::iovec {
-                iov_base: ptr.cast(),
-                iov_len: min,
-            });
-            let got = self.recv_iov(min, "header", place)?;
-            return match got {
-                Got::Eof if have > 0 => Err(self.err(
-                    place,
-                    ChannelErrorKind::ClosedMid {
-                        what: "header",
-                        got: have,
-                        need: have + min,
-                    },
-                )),
-                g => Ok((g, min)),
-            };
-        }
+        // TLS, or no room to read ahead: exactly what is needed.
+        let exact = self.tls.is_some() || max <= min;
         self.iov.push(libc::iovec {
             iov_base: ptr.cast(),
-            iov_len: max,
+            iov_len: if exact { min } else { max },
         });
-        match self.recv_iov_min(min, "header", place)? {
+        let r = if exact {
+            (self.recv_iov(min, "header", place)?, min)
+        } else {
+            self.recv_iov_min(min, "header", place)?
+        };
+        match r {
             (Got::Eof, _) if have > 0 => Err(self.err(
                 place,
                 ChannelErrorKind::ClosedMid {
