@@ -626,7 +626,6 @@ fn postcopy_resumes_after_the_connections_are_cut() {
 /// (the front door authenticates it; its hello names the running session) and replaces the
 /// post-copy connections.
 #[test]
-#[ignore = "known race, 2-3 runs in 6 on a 2-vCPU host: after the control connection is cut and resumed the post-copy streams stall (nothing sent for the idle timeout); run with --ignored; see docs/design.md, Post-copy"]
 fn postcopy_resumes_after_control_and_data_connections_are_cut() {
     resume_after_cut(&[0, 3, 4, 5], cfg());
 }
@@ -634,7 +633,6 @@ fn postcopy_resumes_after_control_and_data_connections_are_cut() {
 /// As above with a shared secret: the resumed control connection and the new post-copy
 /// connections prove it over the receiver's new nonce.
 #[test]
-#[ignore = "known race, 2-3 runs in 6 on a 2-vCPU host: after the control connection is cut and resumed the post-copy streams stall (nothing sent for the idle timeout); run with --ignored; see docs/design.md, Post-copy"]
 fn postcopy_resumes_with_a_shared_secret() {
     let secret = pagewire::session::auth::Secret::new(vec![0x5A; 32]).expect("secret");
     resume_after_cut(

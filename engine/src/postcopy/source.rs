@@ -493,7 +493,6 @@ impl PostcopySender {
     }
 
     fn wait_done(&mut self) -> Result<(), SessionError> {
-        let fd = self.control.as_raw_fd();
         let idle = self.cfg.idle_timeout;
         let mut last = (u64::MAX, Instant::now());
         loop {
@@ -514,7 +513,10 @@ impl PostcopySender {
                     idle.as_secs_f64()
                 )));
             }
-            if !net::wait_readable(fd, Duration::from_millis(50))
+            // The control connection's fd is read each turn: a resume replaces the
+            // connection, and the old fd's number is reused by the next socket opened (the
+            // new urgent connection), which a stale copy would poll instead.
+            if !net::wait_readable(self.control.as_raw_fd(), Duration::from_millis(50))
                 .map_err(control::ControlError::from)?
             {
                 continue;
