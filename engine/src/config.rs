@@ -5,7 +5,7 @@ use std::time::Duration;
 use pagewire_transport::net::SocketOptions;
 
 use crate::accel::qpl::QplSettings;
-use crate::codec::CodecKind;
+use crate::codec::{AutoCompressor, CodecKind};
 use crate::pin::Pinning;
 use crate::session::auth::Secret;
 use crate::session::tls::TlsConfig;
@@ -56,6 +56,8 @@ pub struct Config {
     pub max_bandwidth: Option<u64>,
     /// DEFLATE level for the deflate codec.
     pub level: i32,
+    /// The compressor behind `Auto` (`Pick`: qpl on IAA hardware, else deflate).
+    pub auto_compressor: AutoCompressor,
     /// Settings of the qpl codec (Huffman mode, level, path).
     pub qpl: QplSettings,
     /// Receiver: which decoder inflates pages.
@@ -110,6 +112,7 @@ impl Default for Config {
             pages_per_packet: DEFAULT_PAGES_PER_PACKET,
             codec: CodecKind::Auto,
             level: crate::codec::deflate::DEFAULT_LEVEL,
+            auto_compressor: AutoCompressor::Pick,
             qpl: QplSettings::default(),
             decoder: Decoder::Auto,
             max_bandwidth: None,

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use pagewire::accel::qpl::{Huffman, QplPath, QplSettings};
+use pagewire::codec::AutoCompressor;
 use pagewire::config::{Decoder, ZeroCopy};
 use pagewire::decode::{decode_streams_with, DecodeStats};
 use pagewire::pin::Pinning;
@@ -209,6 +210,10 @@ struct Tuning {
     /// qpl codec: auto (IAA if present), hardware (IAA only) or software (QPL's CPU path).
     #[arg(long, default_value = "auto")]
     qpl_path: String,
+    /// Codec auto: the compressor for the pages it compresses: pick (qpl on IAA hardware,
+    /// else deflate), deflate, or qpl (IAA if present, else QPL's software path).
+    #[arg(long, default_value = "pick")]
+    auto_compressor: String,
     /// Pages per multifd packet.
     #[arg(long, default_value_t = pagewire::config::DEFAULT_PAGES_PER_PACKET)]
     pages_per_packet: u32,
@@ -383,10 +388,10 @@ fn main() -> ExitCode {
 }
 
 /// The codec a name asks for; for `auto`, the compressor behind it is logged with the reason.
-fn resolve_codec(name: &str) -> Res<(CodecKind, String)> {
+fn resolve_codec(name: &str, pref: AutoCompressor) -> Res<(CodecKind, String)> {
     match name {
         "auto" => {
-            let (compressor, why) = pagewire::codec::resolve_auto();
+            let (compressor, why) = pagewire::codec::resolve_auto(pref);
             tracing::info!(compressor = compressor.name(), "codec auto: {why}");
             Ok((CodecKind::Auto, why))
         }
@@ -403,7 +408,8 @@ fn config(t: &Tuning, c: &Common, channels: u16) -> Res<Config> {
             c.idle_timeout
         ));
     }
-    let (codec, _) = resolve_codec(&t.codec)?;
+    let auto_compressor = t.auto_compressor.parse::<AutoCompressor>()?;
+    let (codec, _) = resolve_codec(&t.codec, auto_compressor)?;
     let zero_copy = match t.zero_copy.as_str() {
         "auto" => ZeroCopy::Auto,
         "on" => ZeroCopy::On,
@@ -463,6 +469,7 @@ fn config(t: &Tuning, c: &Common, channels: u16) -> Res<Config> {
         tls: tls_config(c, None)?,
         codec,
         level,
+        auto_compressor,
         qpl,
         pages_per_packet: t.pages_per_packet,
         depth: t.depth,
@@ -639,7 +646,7 @@ fn demo(a: DemoArgs) -> Res<()> {
             "command": "demo",
             "tls": cfg.tls.is_some(),
             "codec": cfg.codec.name(),
-            "compressor": compressor(cfg.codec),
+            "compressor": compressor(&cfg),
             "auto_choice": auto_line(cfg.codec, &sstats),
             "max_bandwidth": cfg.max_bandwidth,
             "channels": cfg.channels,
@@ -767,7 +774,7 @@ fn send(a: SendArgs) -> Res<()> {
         v["command"] = json!("send");
         v["tls"] = json!(cfg.tls.is_some());
         v["codec"] = json!(cfg.codec.name());
-        v["compressor"] = json!(compressor(cfg.codec));
+        v["compressor"] = json!(compressor(&cfg));
         v["auto_choice"] = json!(auto_line(cfg.codec, &stats));
         v["max_bandwidth"] = json!(cfg.max_bandwidth);
         v["per_round"] = json!(per_round
@@ -796,10 +803,10 @@ fn send(a: SendArgs) -> Res<()> {
     Ok(())
 }
 
-/// The compressor a codec uses on this host (auto: qpl on IAA hardware, else deflate).
-fn compressor(codec: CodecKind) -> &'static str {
-    match codec {
-        CodecKind::Auto => pagewire::codec::resolve_auto().0.name(),
+/// The compressor a session's codec uses on this host (auto: see `codec::resolve_auto`).
+fn compressor(cfg: &Config) -> &'static str {
+    match cfg.codec {
+        CodecKind::Auto => pagewire::codec::resolve_auto(cfg.auto_compressor).0.name(),
         CodecKind::None => "none",
         c => c.name(),
     }

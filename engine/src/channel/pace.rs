@@ -28,7 +28,9 @@
 //! 1 Gbit/s, one such page stopped one of two channels compressing for the rest of the
 //! migration), and while compression does not pay one page per [`PROBE_INTERVAL`] is
 //! compressed anyway, so an estimate from another moment (busier CPUs, another page mix)
-//! is corrected instead of deciding forever.
+//! is corrected instead of deciding forever. A probe that confirms raw doubles the interval
+//! to the next (up to [`MAX_PROBE_INTERVAL`]: on a fast link probes were the largest part of
+//! auto's extra sender CPU), and a probe's sample weighs more than one page of a run.
 //!
 //! A slow link fills the backlog, so pages are compressed until the compressor no longer
 //! keeps up and the backlog falls under the guard; then pages go raw until it builds up
@@ -83,6 +85,14 @@ const COST_CLAMP: f64 = 3.0;
 /// measured while the CPUs were busy with other work, a yield measured on another page mix)
 /// would keep the channel raw for the rest of the session.
 pub const PROBE_INTERVAL: f64 = 0.01;
+/// Each probe that finds compression still not paying doubles the interval to the next, up
+/// to this (seconds). A probe is not cheap: 10 ms apart the compressor starts cold (measured
+/// on loopback: 70-100 µs a probe against 20 µs a page in a run, 13 probes a 75 ms
+/// migration).
+pub const MAX_PROBE_INTERVAL: f64 = 0.08;
+/// Weight of a probe's cost and yield in their averages: probes are few and far apart, so
+/// each one moves the estimates more than a page among many compressed in a row.
+const PROBE_WEIGHT: f64 = 0.25;
 /// Compressed/raw size assumed until a page is compressed.
 const INITIAL_RATIO: f64 = 0.4;
 
@@ -143,6 +153,12 @@ pub struct Pacer {
     chrono_mark: Option<(f64, u64, u64)>,
     /// When a page was last chosen for compression (a probe or not).
     last_compress: Option<f64>,
+    /// Seconds from the last compression to the next probe ([`PROBE_INTERVAL`] doubling up
+    /// to [`MAX_PROBE_INTERVAL`]).
+    probe_interval: f64,
+    /// Probes whose yield has not been reported yet: their cost and yield weigh
+    /// [`PROBE_WEIGHT`].
+    probes_pending: u32,
     /// This channel's share of a bandwidth cap, bytes/s: a ceiling on the link rate, known
     /// from the start (`None`: no cap).
     ceiling: Option<f64>,
@@ -162,6 +178,8 @@ impl Pacer {
             rate_span: 0.0,
             chrono_mark: None,
             last_compress: None,
+            probe_interval: PROBE_INTERVAL,
+            probes_pending: 0,
             ceiling: None,
         }
     }
@@ -312,10 +330,14 @@ impl Pacer {
         if saved < MIN_GAIN * self.cost {
             let probe = self
                 .last_compress
-                .is_none_or(|t| o.at - t >= PROBE_INTERVAL);
+                .is_none_or(|t| o.at - t >= self.probe_interval);
             if !probe {
                 return Choice::RawLinkFast;
             }
+            self.probe_interval = (2.0 * self.probe_interval).min(MAX_PROBE_INTERVAL);
+            self.probes_pending = self.probes_pending.saturating_add(1);
+        } else {
+            self.probe_interval = PROBE_INTERVAL;
         }
         self.last_compress = Some(o.at);
         Choice::Compress
@@ -328,14 +350,24 @@ impl Pacer {
         // benchmark host and was slower there at 10 Gbit/s: docs/benchmarks.md.)
         if secs.is_finite() && secs >= 0.0 {
             let sample = secs.min(COST_CLAMP * self.cost);
-            self.cost += AVG_WEIGHT * (sample - self.cost);
+            self.cost += self.weight() * (sample - self.cost);
         }
     }
 
     /// A compressed page came out `zlen` bytes long (the page size: it did not fit).
     pub fn yielded(&mut self, zlen: usize) {
         let r = (zlen as f64 / self.page_size).min(1.0);
-        self.ratio += AVG_WEIGHT * (r - self.ratio);
+        self.ratio += self.weight() * (r - self.ratio);
+        self.probes_pending = self.probes_pending.saturating_sub(1);
+    }
+
+    /// Weight of the next cost or yield sample in its average.
+    fn weight(&self) -> f64 {
+        if self.probes_pending > 0 {
+            PROBE_WEIGHT
+        } else {
+            AVG_WEIGHT
+        }
     }
 }
 
@@ -755,7 +787,7 @@ mod tests {
     }
 
     /// The page mix turns from incompressible to compressible while the channel sends raw
-    /// because compression did not pay: probes (one page per [`PROBE_INTERVAL`]) see the
+    /// because compression did not pay: probes (at most [`MAX_PROBE_INTERVAL`] apart) see the
     /// new yield, and within a fraction of a second the channel compresses again.
     #[test]
     fn a_stale_yield_is_refreshed_by_probes() {
@@ -770,6 +802,25 @@ mod tests {
         assert!(early < 0.1, "incompressible phase: compressed {early:.2}");
         let late = share_between(&v, 0.6, 1.0);
         assert!(late > 0.9, "compressible phase: compressed {late:.2}");
+    }
+
+    /// On a link where compression does not pay, probes back off: one second on a fast link
+    /// draws about 1 / [`MAX_PROBE_INTERVAL`] probes, not 1 / [`PROBE_INTERVAL`].
+    #[test]
+    fn probes_back_off_while_raw_is_right() {
+        // Half of 10 Gbit/s; pages yield 0.3 at 30 µs each: compression never pays.
+        let v = drive(5.0 * GBIT, 1.01, &|_| 0.3, &|_| 30e-6);
+        // After the start (pages compressed while the rate is measured).
+        let probes = v
+            .iter()
+            .filter(|(t, c)| *t >= 0.01 && *c == Choice::Compress)
+            .count();
+        // 1 / MAX_PROBE_INTERVAL = 12.5, plus the first doublings; fixed 10 ms probes: 100.
+        let most = 20;
+        assert!(
+            (5..=most).contains(&probes),
+            "{probes} probes in 1 s (expected 5..={most})"
+        );
     }
 
     /// While the drain rate is being measured a closed receiver window means raw (a receiver

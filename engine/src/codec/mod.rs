@@ -56,19 +56,75 @@ impl std::str::FromStr for CodecKind {
     }
 }
 
-/// The compressor behind `auto` on this host: `qpl` where an IAA work queue is usable through
-/// libqpl.so.1, else `deflate`. Returns the codec and why it was chosen.
-pub fn resolve_auto() -> (CodecKind, String) {
-    match qpl_sys::Qpl::load() {
-        Err(e) => (CodecKind::Deflate, format!("using deflate: {e}")),
-        Ok(q) if crate::accel::qpl::hardware_available() => (
+/// Which compressor `auto` uses for the pages it compresses ([`crate::Config::auto_compressor`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AutoCompressor {
+    /// Chosen for the host by [`resolve_auto`]: qpl on IAA hardware, else deflate.
+    #[default]
+    Pick,
+    /// The deflate codec's compressor (libdeflate).
+    Deflate,
+    /// QPL: IAA hardware where a work queue is usable, QPL's software path otherwise.
+    Qpl,
+}
+
+impl AutoCompressor {
+    /// Name as the CLI spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            AutoCompressor::Pick => "pick",
+            AutoCompressor::Deflate => "deflate",
+            AutoCompressor::Qpl => "qpl",
+        }
+    }
+}
+
+impl std::str::FromStr for AutoCompressor {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "pick" => Ok(AutoCompressor::Pick),
+            "deflate" => Ok(AutoCompressor::Deflate),
+            "qpl" => Ok(AutoCompressor::Qpl),
+            other => Err(format!(
+                "unknown compressor '{other}' for codec auto (expected pick, deflate or qpl)"
+            )),
+        }
+    }
+}
+
+/// The compressor behind `auto` on this host, given the embedder's preference: with
+/// [`AutoCompressor::Pick`], `qpl` where an IAA work queue is usable through libqpl.so.1,
+/// else `deflate`. Returns the codec and why it was chosen.
+pub fn resolve_auto(pref: AutoCompressor) -> (CodecKind, String) {
+    let qpl = qpl_sys::Qpl::load();
+    match (pref, qpl) {
+        (AutoCompressor::Deflate, _) => (CodecKind::Deflate, "using deflate: asked for".into()),
+        (AutoCompressor::Qpl, Ok(q)) => {
+            let path = if crate::accel::qpl::hardware_available() {
+                "IAA hardware path"
+            } else {
+                "software path: no IAA work queue is available"
+            };
+            (
+                CodecKind::Qpl,
+                format!("using qpl (asked for): QPL {}, {path}", q.version()),
+            )
+        }
+        (AutoCompressor::Qpl, Err(e)) => (
+            CodecKind::Deflate,
+            format!("using deflate: qpl was asked for but {e}"),
+        ),
+        (AutoCompressor::Pick, Err(e)) => (CodecKind::Deflate, format!("using deflate: {e}")),
+        (AutoCompressor::Pick, Ok(q)) if crate::accel::qpl::hardware_available() => (
             CodecKind::Qpl,
             format!(
                 "using qpl: IAA hardware path available (QPL {})",
                 q.version()
             ),
         ),
-        Ok(q) => (
+        (AutoCompressor::Pick, Ok(q)) => (
             CodecKind::Deflate,
             format!(
                 "using deflate: QPL {} is installed but no IAA work queue is available \
@@ -109,4 +165,41 @@ pub trait PageDecompressor: Send {
     /// Inflate `input` (exactly one raw DEFLATE stream, all of it used) into `out`, which it
     /// must fill exactly. Never panics and never writes outside `out`, whatever `input` is.
     fn decompress(&mut self, input: &[u8], out: &mut [u8]) -> Result<(), CodecError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_compressor_names_round_trip() {
+        for c in [
+            AutoCompressor::Pick,
+            AutoCompressor::Deflate,
+            AutoCompressor::Qpl,
+        ] {
+            assert_eq!(c.name().parse::<AutoCompressor>(), Ok(c));
+        }
+        let e = "zstd".parse::<AutoCompressor>();
+        assert!(
+            e.as_ref().is_err_and(|e| e.contains("pick, deflate or qpl")),
+            "{e:?}"
+        );
+    }
+
+    /// Deflate asked for is deflate on any host; qpl asked for is qpl where libqpl loads
+    /// (IAA or QPL's software path) and deflate, with the reason, where it does not.
+    #[test]
+    fn auto_compressor_preference_is_honoured() {
+        let (c, why) = resolve_auto(AutoCompressor::Deflate);
+        assert_eq!(c, CodecKind::Deflate, "{why}");
+        let (c, why) = resolve_auto(AutoCompressor::Qpl);
+        match qpl_sys::Qpl::load() {
+            Ok(_) => assert_eq!(c, CodecKind::Qpl, "{why}"),
+            Err(_) => {
+                assert_eq!(c, CodecKind::Deflate, "{why}");
+                assert!(why.contains("qpl was asked for"), "{why}");
+            }
+        }
+    }
 }
