@@ -182,7 +182,8 @@ mod tests {
         }
         let e = "zstd".parse::<AutoCompressor>();
         assert!(
-            e.as_ref().is_err_and(|e| e.contains("pick, deflate or qpl")),
+            e.as_ref()
+                .is_err_and(|e| e.contains("pick, deflate or qpl")),
             "{e:?}"
         );
     }
