@@ -30,7 +30,7 @@
 //! compressed anyway, so an estimate from another moment (busier CPUs, another page mix)
 //! is corrected instead of deciding forever. A probe that confirms raw doubles the interval
 //! to the next (up to [`MAX_PROBE_INTERVAL`]: on a fast link probes were the largest part of
-//! auto's extra sender CPU), and a probe's sample weighs more than one page of a run.
+//! auto's extra sender CPU), and a probe's yield weighs more than one page of a run.
 //!
 //! A slow link fills the backlog, so pages are compressed until the compressor no longer
 //! keeps up and the backlog falls under the guard; then pages go raw until it builds up
@@ -90,8 +90,8 @@ pub const PROBE_INTERVAL: f64 = 0.01;
 /// on loopback: 70-100 µs a probe against 20 µs a page in a run, 13 probes a 75 ms
 /// migration).
 pub const MAX_PROBE_INTERVAL: f64 = 0.08;
-/// Weight of a probe's cost and yield in their averages: probes are few and far apart, so
-/// each one moves the estimates more than a page among many compressed in a row.
+/// Weight of a probe's yield in its average: probes are few and far apart, so each one
+/// moves the estimate more than a page among many compressed in a row.
 const PROBE_WEIGHT: f64 = 0.25;
 /// Compressed/raw size assumed until a page is compressed.
 const INITIAL_RATIO: f64 = 0.4;
@@ -156,8 +156,7 @@ pub struct Pacer {
     /// Seconds from the last compression to the next probe ([`PROBE_INTERVAL`] doubling up
     /// to [`MAX_PROBE_INTERVAL`]).
     probe_interval: f64,
-    /// Probes whose yield has not been reported yet: their cost and yield weigh
-    /// [`PROBE_WEIGHT`].
+    /// Probes whose yield has not been reported yet: their yield weighs [`PROBE_WEIGHT`].
     probes_pending: u32,
     /// This channel's share of a bandwidth cap, bytes/s: a ceiling on the link rate, known
     /// from the start (`None`: no cap).
@@ -348,9 +347,12 @@ impl Pacer {
         // Wall time, preemptions included: on contended CPUs that is what a page costs. (A
         // variant clamping each sample to 4 × the average compressed more on the loaded
         // benchmark host and was slower there at 10 Gbit/s: docs/benchmarks.md.)
+        // A probe's cost weighs as one page: 10 ms or more after the last compression it
+        // runs on cold caches (70-100 µs against 20 µs in a run), which says little about a
+        // run of compressed pages; its yield (the page mix now) weighs more.
         if secs.is_finite() && secs >= 0.0 {
             let sample = secs.min(COST_CLAMP * self.cost);
-            self.cost += self.weight() * (sample - self.cost);
+            self.cost += AVG_WEIGHT * (sample - self.cost);
         }
     }
 
@@ -361,7 +363,7 @@ impl Pacer {
         self.probes_pending = self.probes_pending.saturating_sub(1);
     }
 
-    /// Weight of the next cost or yield sample in its average.
+    /// Weight of the next yield sample in its average.
     fn weight(&self) -> f64 {
         if self.probes_pending > 0 {
             PROBE_WEIGHT
