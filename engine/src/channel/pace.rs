@@ -59,7 +59,7 @@ pub const MAX_RWND_SHARE: f64 = 0.5;
 /// steps of the kernel's tick). The loop need not read the counters more often than this.
 pub const CHRONO_WINDOW: f64 = 1e-3;
 /// Link time the drain-rate samples must cover before any page is compressed.
-pub const MIN_SPAN: f64 = 2e-3;
+pub const MIN_SPAN: f64 = 5e-3;
 /// Before the drain rate is measured over [`MIN_SPAN`], pages are compressed only while this
 /// many bytes wait for the link (two packets of 4 KiB pages) and the receiver's window is
 /// open. (Under a bandwidth cap the cap's share stands for the rate from the start.)
@@ -128,6 +128,12 @@ pub enum Choice {
     /// Send it raw: the receiver, not the link, is the bottleneck (its window limits the
     /// connection most of the time); a compressed page would cost it more, not less.
     RawReceiverBound,
+    /// Decide later: the drain rate is still being measured, the receiver's window is closed
+    /// and at least [`UNKNOWN_BACKLOG`] waits for the link. Whether that is a receiver
+    /// getting going or a slow link is not known yet, and the link has enough to carry
+    /// meanwhile; a raw page queued now would cost a slow link its full size. The loop waits
+    /// for the link to take some of the backlog and asks again.
+    Wait,
 }
 
 /// The per-channel decision state.
@@ -294,32 +300,34 @@ impl Pacer {
         if o.queued == 0 {
             return Choice::RawLinkIdle;
         }
-        // The receiver's window has limited the connection most of the time, or, while the
-        // drain rate is still being measured and no cap says how fast the link is, it is
-        // closed now: the receiver is the bottleneck. In the first milliseconds the drain
-        // behind a closed window is a receiver still starting (faulting in fresh memory:
-        // 52 MB/s for 3 ms on loopback, which drew 60-200 compressed pages), not the link.
-        // Later a closed window is no such sign: through a slow link with a deep queue the
-        // connection is window-limited while the receiver's window grows (at 1 Gbit/s that
-        // sent 5 % of the pages raw); the average above covers a receiver that falls behind.
-        // Under a cap the link's rate is known from the start.
-        if self.rwnd_share > MAX_RWND_SHARE
-            || (o.window_closed && self.ceiling.is_none() && self.measuring())
-        {
+        // The receiver's window has limited the connection most of the time: the receiver
+        // is the bottleneck, and compressed pages would cost it more.
+        if self.rwnd_share > MAX_RWND_SHARE {
             return Choice::RawReceiverBound;
         }
         let measured = self.rate.filter(|r| *r > 0.0 && self.rate_span >= MIN_SPAN);
         let Some(rate) = self.capped(measured) else {
-            // No rate measured over [`MIN_SPAN`] yet. On loopback the first samples show the
-            // receiver getting going (faulting in fresh memory), not the link: compressing
-            // then only takes CPU from it. So raw, unless the backlog is already large
-            // ([`UNKNOWN_BACKLOG`]) (the window is open: checked above): then the link is
-            // slow, and raw pages queued now would cost it real time.
+            // No rate measured over [`MIN_SPAN`] yet (and no cap says it). The first
+            // milliseconds cannot tell a slow link from a receiver getting going (faulting in
+            // fresh memory: 52 MB/s for 3 ms on loopback, its window closed, as a slow link's
+            // is while it grows). Compressing then took CPU from such a receiver (60-200
+            // pages compressed a loopback migration); raw pages queued then cost a slow link
+            // their full size (at 1 Gbit/s through a 20 ms queue 3 % of the pages went raw,
+            // 7 % of the migration with QPL's software path behind auto). With a backlog the
+            // link has enough to carry meanwhile: wait for the measurement. Without one, raw.
             if o.queued >= UNKNOWN_BACKLOG {
+                if self.measuring() {
+                    return Choice::Wait;
+                }
+                // Measured, at a rate of zero: a stalled link; compressing costs it nothing.
                 self.last_compress = Some(o.at);
                 return Choice::Compress;
             }
-            return Choice::RawLinkIdle;
+            return if o.window_closed {
+                Choice::RawReceiverBound
+            } else {
+                Choice::RawLinkIdle
+            };
         };
         let backlog = o.queued as f64 / rate;
         if backlog < self.cost + GUARD_SECS {
@@ -466,16 +474,24 @@ mod tests {
             while done < pages {
                 let mut packet = 0.0;
                 for _ in 0..PPP.min(pages - done) {
-                    let queued = sock + waiting.iter().sum::<f64>();
-                    let o = Observation {
-                        at: t,
-                        queued: queued as u64,
-                        drained: (handed - sock) as u64,
-                        busy_us: 0,
-                        rwnd_limited_us: 0,
-                        window_closed: false,
+                    let c = loop {
+                        let queued = sock + waiting.iter().sum::<f64>();
+                        let o = Observation {
+                            at: t,
+                            queued: queued as u64,
+                            drained: (handed - sock) as u64,
+                            busy_us: 0,
+                            rwnd_limited_us: 0,
+                            window_closed: false,
+                        };
+                        match pacer.decide(&o) {
+                            // As the channel loop does: let the link drain, ask again.
+                            Choice::Wait if policy.is_none() => {
+                                pass(100e-6, &mut t, &mut sock, &mut waiting, &mut handed)
+                            }
+                            c => break c,
+                        }
                     };
-                    let c = pacer.decide(&o);
                     let compress = policy.unwrap_or(c == Choice::Compress);
                     choices.push(if policy.is_some() {
                         if compress {
@@ -638,8 +654,8 @@ mod tests {
         };
         assert_eq!(
             p.decide(&o),
-            Choice::Compress,
-            "a large backlog before the rate is measured: the link is slow"
+            Choice::Wait,
+            "a large backlog before the rate is measured: wait for the measurement"
         );
         assert_eq!(p.link_rate(), None);
         let o = Observation {
@@ -825,11 +841,11 @@ mod tests {
         );
     }
 
-    /// While the drain rate is being measured a closed receiver window means raw (a receiver
-    /// still starting, with a large backlog behind it); with the window open a large backlog
-    /// then means a slow link.
+    /// Before the drain rate is measured a large backlog waits (a slow link and a receiver
+    /// getting going look alike then), a small one goes raw; once the rate is measured the
+    /// pages are decided by it, whatever the window.
     #[test]
-    fn a_closed_window_while_measuring_means_raw() {
+    fn before_the_rate_is_measured_a_backlog_waits() {
         let mut p = Pacer::new(4096);
         let mut o = Observation {
             at: 0.0,
@@ -840,21 +856,52 @@ mod tests {
             window_closed: true,
         };
         assert!(p.measuring());
-        assert_eq!(p.decide(&o), Choice::RawReceiverBound);
+        assert_eq!(p.decide(&o), Choice::Wait);
         o.at = 0.0001;
         o.window_closed = false;
-        assert_eq!(p.decide(&o), Choice::Compress);
-        // 50 MB/s measured over 10 ms: a slow link, compressed while the window is open.
+        assert_eq!(p.decide(&o), Choice::Wait, "the window does not decide it");
+        o.queued = UNKNOWN_BACKLOG / 2;
+        assert_eq!(p.decide(&o), Choice::RawLinkIdle);
+        o.window_closed = true;
+        assert_eq!(p.decide(&o), Choice::RawReceiverBound);
+        // 50 MB/s measured over 10 ms: a slow link, compressed.
         o.at = 0.0101;
         o.drained = 500_000;
+        o.queued = 2 * UNKNOWN_BACKLOG;
         assert_eq!(p.decide(&o), Choice::Compress);
         assert!(!p.measuring());
         // Once the rate is known a closed window alone (a slow link's window-limited start)
         // changes nothing.
         o.at = 0.0102;
         o.drained = 510_000;
-        o.window_closed = true;
         assert_eq!(p.decide(&o), Choice::Compress);
+    }
+
+    /// Waiting ends: a link that takes nothing at all is measured (at zero) within
+    /// [`MIN_SPAN`] of samples, and the pages are decided then.
+    #[test]
+    fn a_stalled_link_does_not_wait_forever() {
+        let mut p = Pacer::new(4096);
+        let mut last = Choice::Wait;
+        for i in 0..1000u64 {
+            last = p.decide(&Observation {
+                at: i as f64 * 100e-6,
+                queued: 4 << 20,
+                drained: 0,
+                busy_us: 0,
+                rwnd_limited_us: 0,
+                window_closed: true,
+            });
+            if last != Choice::Wait {
+                assert!(
+                    i as f64 * 100e-6 < 4.0 * MIN_SPAN,
+                    "waited {:.1} ms",
+                    i as f64 * 0.1
+                );
+                break;
+            }
+        }
+        assert_ne!(last, Choice::Wait);
     }
 
     /// Under a bandwidth cap the channel's share of it is the link's rate from the first

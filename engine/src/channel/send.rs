@@ -52,6 +52,9 @@ const NOTIF_USAGE_ZC_COPIED: u32 = 1 << 31;
 
 /// Bits of a job tag that hold the page index; the slot key sits above them.
 const TAG_SHIFT: u32 = 16;
+/// How long codec auto's loop sleeps when it waits for the link ([`Choice::Wait`]) with no
+/// send in flight to wait on.
+const WAIT_STEP: Duration = Duration::from_micros(100);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
@@ -202,6 +205,8 @@ pub struct SendChannel {
     compressing: usize,
     /// The slot whose pages are being handed to the engine.
     feeding: Option<usize>,
+    /// Codec auto asked to decide the feeding slot's next page later ([`Choice::Wait`]).
+    waiting: bool,
     in_flight: Option<usize>,
     packet_num: Arc<AtomicU64>,
     packets: u64,
@@ -296,6 +301,7 @@ impl SendChannel {
             ready: VecDeque::new(),
             compressing: 0,
             feeding: None,
+            waiting: false,
             in_flight: None,
             packet_num,
             packets: 0,
@@ -379,6 +385,17 @@ impl SendChannel {
             self.poll_engine();
             self.feed();
             self.send_next()?;
+            if std::mem::take(&mut self.waiting) {
+                // Codec auto waits for the link to take some of its backlog (the rate is
+                // being measured): on the send in flight, else a short sleep.
+                if self.in_flight.is_some() {
+                    self.reap(true, progress)?;
+                } else {
+                    std::thread::sleep(WAIT_STEP);
+                    self.reap(false, progress)?;
+                }
+                continue;
+            }
             let engine_has_room = self
                 .accel
                 .as_ref()
@@ -628,6 +645,12 @@ impl SendChannel {
                         window_closed: chrono.peer_window.is_some_and(|w| w < CLOSED_WINDOW),
                     })
                 });
+                if choice == Choice::Wait {
+                    // The loop waits for the link to drain some of the backlog; this page is
+                    // decided again then.
+                    self.waiting = true;
+                    break;
+                }
                 if choice != Choice::Compress {
                     latched = Some(choice);
                     // zlens[i] is 0 while pending: page_size marks it raw.
