@@ -60,6 +60,9 @@ pub struct ChannelStats {
     /// Of `pages_raw_chosen`: because the receiver, not the link, was the bottleneck (its
     /// TCP window limited the connection most of its busy time).
     pub pages_raw_receiver_bound: u64,
+    /// Codec auto with a ladder: of the pages compressed, those the stronger compressor took
+    /// (the deflate codec's, behind QPL) while the link's backlog was long.
+    pub pages_compressed_strong: u64,
     /// Normal pages sent raw because they are incompressible (a sample showed it, or the
     /// compressed output did not fit in a page).
     pub pages_incompressible: u64,
@@ -95,6 +98,7 @@ macro_rules! u64_counters {
             pages_raw_chosen,
             pages_raw_link_fast,
             pages_raw_receiver_bound,
+            pages_compressed_strong,
             pages_incompressible,
             pages_zero_unread
         )
@@ -246,6 +250,7 @@ mod tests {
             pages_raw_chosen: 20,
             pages_raw_link_fast: 21,
             pages_raw_receiver_bound: 23,
+            pages_compressed_strong: 24,
             pages_incompressible: 22,
             link_rate: 0.0,
             compress_rate: 0.0,

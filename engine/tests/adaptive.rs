@@ -142,3 +142,52 @@ fn max_bandwidth_holds_the_wire_rate() {
         st.seconds
     );
 }
+
+/// A ladder (`AutoCompressor::Ladder`: the channel's own engine, here the scripted one, and
+/// the deflate codec's compressor as the stronger rung) under a cap far below what loopback
+/// carries: the backlog is long, so the stronger compressor takes pages; the stream stays
+/// byte-identical.
+#[test]
+fn a_ladder_under_a_tight_cap_uses_the_stronger_compressor() {
+    use pagewire::accel::testing::{Script, ScriptedAccel};
+    use pagewire::accel::Accelerator;
+    use pagewire::codec::AutoCompressor;
+    let src = memory(16 << 20, 7);
+    let cfg = Config {
+        channels: 2,
+        max_bandwidth: Some(20_000_000),
+        auto_compressor: AutoCompressor::Ladder,
+        ..Config::default()
+    };
+    let mut r = Receiver::bind("127.0.0.1:0".parse().expect("addr"), cfg.clone()).expect("bind");
+    r.set_accept_timeout(Some(Duration::from_secs(10)));
+    let addr = r.local_addr().expect("addr");
+    let rt = std::thread::spawn(move || r.serve(ReceiveInto::Allocate));
+    let engines = (0..cfg.channels)
+        .map(|_| {
+            let (a, _) = ScriptedAccel::new(Script::default()).expect("engine");
+            Some(Box::new(a) as Box<dyn Accelerator>)
+        })
+        .collect();
+    let mut s =
+        Sender::connect_with_engines(addr, cfg.clone(), src.clone(), engines).expect("connect");
+    let sizes = [src.total_len()];
+    let st = s
+        .send_round(RoundPages::all(&sizes, cfg.page_size, cfg.pages_per_packet))
+        .expect("round");
+    s.finish().expect("finish");
+    let got = rt.join().expect("join").expect("serve");
+    // SAFETY: the session is over; nothing writes either memory.
+    let same = unsafe {
+        src.block(0).expect("b").as_slice() == got.memory.block(0).expect("b").as_slice()
+    };
+    assert!(same, "receiver memory differs from the sender's");
+    assert_accounted(&st);
+    let t = &st.total;
+    assert!(
+        t.pages_compressed_strong > t.pages_compressed / 2,
+        "the stronger compressor took {} of {} compressed pages: {t:?}",
+        t.pages_compressed_strong,
+        t.pages_compressed
+    );
+}

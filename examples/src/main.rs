@@ -193,8 +193,9 @@ fn secret(c: &Common) -> Res<Option<Secret>> {
 
 #[derive(Args, Debug, Clone)]
 struct Tuning {
-    /// Codec: none, deflate, qpl, or auto (follows the link: each page compressed, with qpl
-    /// on IAA hardware if present, else deflate, only while the link is busy; else raw).
+    /// Codec: none, deflate, qpl, or auto (follows the link: each page compressed only while
+    /// the link is busy, else raw; with qpl where libqpl loads, deflate otherwise; see
+    /// --auto-compressor).
     #[arg(long, default_value = "auto")]
     codec: String,
     /// Cap on the session's wire rate over all channels, e.g. 2.5gbit, 800mbit, 300MB/s,
@@ -210,8 +211,9 @@ struct Tuning {
     /// qpl codec: auto (IAA if present), hardware (IAA only) or software (QPL's CPU path).
     #[arg(long, default_value = "auto")]
     qpl_path: String,
-    /// Codec auto: the compressor for the pages it compresses: pick (qpl on IAA hardware,
-    /// else deflate), deflate, or qpl (IAA if present, else QPL's software path).
+    /// Codec auto: the compressor for the pages it compresses: pick (the ladder where libqpl
+    /// loads, else deflate), deflate, qpl alone (IAA if present, else QPL's software path), or
+    /// ladder (qpl, and deflate for the pages a slow link waits for anyway).
     #[arg(long, default_value = "pick")]
     auto_compressor: String,
     /// Pages per multifd packet.
@@ -557,6 +559,7 @@ fn pages_json(t: &pagewire::ChannelStats) -> serde_json::Value {
         "raw_chosen": t.pages_raw_chosen,
         "raw_link_fast": t.pages_raw_link_fast,
         "raw_receiver_bound": t.pages_raw_receiver_bound,
+        "compressed_strong": t.pages_compressed_strong,
         "incompressible": t.pages_incompressible,
         "zero_unread": t.pages_zero_unread,
     })
@@ -806,6 +809,7 @@ fn send(a: SendArgs) -> Res<()> {
 /// The compressor a session's codec uses on this host (auto: see `codec::resolve_auto`).
 fn compressor(cfg: &Config) -> &'static str {
     match cfg.codec {
+        CodecKind::Auto if pagewire::codec::auto_ladder(cfg.auto_compressor) => "qpl+deflate",
         CodecKind::Auto => pagewire::codec::resolve_auto(cfg.auto_compressor).0.name(),
         CodecKind::None => "none",
         c => c.name(),
@@ -848,9 +852,17 @@ fn auto_line(codec: CodecKind, s: &SessionStats) -> Option<String> {
             t.compress_rate / 1e9
         )
     };
+    let strong = if t.pages_compressed_strong > 0 {
+        format!(
+            " ({:.0} % by the stronger deflate)",
+            pct(t.pages_compressed_strong)
+        )
+    } else {
+        String::new()
+    };
     Some(format!(
-        "auto: {:.0} % of the data pages compressed, {:.0} % raw by choice, {:.0} % raw as \
-         incompressible: {why}",
+        "auto: {:.0} % of the data pages compressed{strong}, {:.0} % raw by choice, {:.0} % raw \
+         as incompressible: {why}",
         pct(t.pages_compressed),
         pct(t.pages_raw_chosen),
         pct(t.pages_incompressible)

@@ -58,11 +58,12 @@ pub const MAX_RWND_SHARE: f64 = 0.5;
 /// Shortest interval over which a receiver-window sample is taken (TCP_INFO counts µs, in
 /// steps of the kernel's tick). The loop need not read the counters more often than this.
 pub const CHRONO_WINDOW: f64 = 1e-3;
-/// Link time the drain-rate samples must cover before any page is compressed.
+/// Link time the drain-rate samples must cover before any page is compressed (long enough
+/// that a loopback receiver's ~3 ms start is a minority of the first estimate).
 pub const MIN_SPAN: f64 = 5e-3;
-/// Before the drain rate is measured over [`MIN_SPAN`], pages are compressed only while this
-/// many bytes wait for the link (two packets of 4 KiB pages) and the receiver's window is
-/// open. (Under a bandwidth cap the cap's share stands for the rate from the start.)
+/// Before the drain rate is measured over [`MIN_SPAN`], a page waits ([`Choice::Wait`])
+/// while this many bytes wait for the link (two packets of 4 KiB pages), and goes raw
+/// otherwise. (Under a bandwidth cap the cap's share stands for the rate from the start.)
 pub const UNKNOWN_BACKLOG: u64 = 1 << 20;
 /// A receiver advertising less than this window (bytes) is not taking data now.
 pub const CLOSED_WINDOW: u32 = 64 << 10;
@@ -111,8 +112,8 @@ pub struct Observation {
     /// Of which the receiver's window limited it, µs (0 where unknown).
     pub rwnd_limited_us: u64,
     /// The receiver's advertised window is closed right now: it is not taking data (false
-    /// where unknown). The loop reads it at most [`WINDOW_AGE`] before the decision; it
-    /// counts while the drain rate is being measured ([`Pacer::measuring`]).
+    /// where unknown). The loop reads it at most [`WINDOW_AGE`] before the decision. It names
+    /// the reason of a raw page before the rate is measured (the receiver, not the link).
     pub window_closed: bool,
 }
 
@@ -128,6 +129,10 @@ pub enum Choice {
     /// Send it raw: the receiver, not the link, is the bottleneck (its window limits the
     /// connection most of the time); a compressed page would cost it more, not less.
     RawReceiverBound,
+    /// Compress it with the stronger compressor of a ladder ([`Pacer::with_strong`]): the
+    /// backlog outlasts a packet's worth of its compression, and the link time its better
+    /// yield saves pays for its extra cost.
+    CompressStrong,
     /// Decide later: the drain rate is still being measured, the receiver's window is closed
     /// and at least [`UNKNOWN_BACKLOG`] waits for the link. Whether that is a receiver
     /// getting going or a slow link is not known yet, and the link has enough to carry
@@ -167,6 +172,19 @@ pub struct Pacer {
     /// This channel's share of a bandwidth cap, bytes/s: a ceiling on the link rate, known
     /// from the start (`None`: no cap).
     ceiling: Option<f64>,
+    /// A second, stronger (slower, smaller output) compressor: its estimates.
+    strong: Option<Strong>,
+}
+
+/// The stronger compressor of a ladder: its own cost and yield averages, and the backlog it
+/// needs, in its pages.
+#[derive(Clone, Debug)]
+struct Strong {
+    cost: f64,
+    ratio: f64,
+    pages: f64,
+    /// When it last took a page.
+    last: Option<f64>,
 }
 
 impl Pacer {
@@ -186,7 +204,24 @@ impl Pacer {
             probe_interval: PROBE_INTERVAL,
             probes_pending: 0,
             ceiling: None,
+            strong: None,
         }
+    }
+
+    /// A ladder: besides the compressor measured by [`Pacer::cost`] and [`Pacer::yielded`], a
+    /// stronger one (better yield, more CPU; measured by [`Pacer::cost_strong`] and
+    /// [`Pacer::yielded_strong`]) takes the pages while the backlog lasts longer than
+    /// compressing `pages_per_packet` pages with it and its extra yield pays for its extra
+    /// cost. The backlog then settles where the mix of the two keeps the link busy: a slow
+    /// link gets the strong compressor's bytes, a faster one more of the fast one's.
+    pub fn with_strong(mut self, pages_per_packet: u32) -> Pacer {
+        self.strong = Some(Strong {
+            cost: INITIAL_COST,
+            ratio: INITIAL_RATIO,
+            pages: f64::from(pages_per_packet.max(1)),
+            last: None,
+        });
+        self
     }
 
     /// The link carries at most `bytes_per_sec` for this channel (its share of a bandwidth
@@ -227,8 +262,8 @@ impl Pacer {
             // A plain average from 0, not corrected for its start like the drain rate: the
             // first tick of a fresh connection is often fully receiver-limited (the receiver
             // starting), and started from it the share sent pages raw under a 20 MB/s cap,
-            // where compression is right. The start is covered by the window itself
-            // (`Observation::window_closed`).
+            // where compression is right. The start is covered by waiting for the rate's
+            // measurement (`Choice::Wait`).
             let w = 1.0 - (-dt / RATE_TAU).exp();
             self.rwnd_share += w * (share - self.rwnd_share);
             self.chrono_mark = Some((o.at, o.busy_us, o.rwnd_limited_us));
@@ -343,10 +378,27 @@ impl Pacer {
             }
             self.probe_interval = (2.0 * self.probe_interval).min(MAX_PROBE_INTERVAL);
             self.probes_pending = self.probes_pending.saturating_add(1);
-        } else {
-            self.probe_interval = PROBE_INTERVAL;
+            self.last_compress = Some(o.at);
+            return Choice::Compress;
         }
+        self.probe_interval = PROBE_INTERVAL;
         self.last_compress = Some(o.at);
+        if let Some(st) = self.strong.as_mut() {
+            // The extra link time the stronger compressor's smaller output saves must pay for
+            // its extra CPU as any compression must, and the backlog must outlast a packet of
+            // its pages: as the backlog shrinks the fast compressor takes over, and raw pages
+            // after it. Where the backlog allows it but the gain does not, it still takes a
+            // page every [`MAX_PROBE_INTERVAL`], so its estimates stay current.
+            let extra_saved = (self.ratio - st.ratio) * self.page_size / rate;
+            let extra_cost = (st.cost - self.cost).max(0.0);
+            let probe = st.last.is_none_or(|t| o.at - t >= MAX_PROBE_INTERVAL);
+            if backlog >= st.cost * st.pages + GUARD_SECS
+                && (probe || extra_saved >= MIN_GAIN * extra_cost)
+            {
+                st.last = Some(o.at);
+                return Choice::CompressStrong;
+            }
+        }
         Choice::Compress
     }
 
@@ -369,6 +421,24 @@ impl Pacer {
         let r = (zlen as f64 / self.page_size).min(1.0);
         self.ratio += self.weight() * (r - self.ratio);
         self.probes_pending = self.probes_pending.saturating_sub(1);
+    }
+
+    /// A page's compression with the stronger compressor of a ladder cost `secs` (wall time).
+    pub fn cost_strong(&mut self, secs: f64) {
+        if let Some(st) = self.strong.as_mut() {
+            if secs.is_finite() && secs >= 0.0 {
+                let sample = secs.min(COST_CLAMP * st.cost);
+                st.cost += AVG_WEIGHT * (sample - st.cost);
+            }
+        }
+    }
+
+    /// A page compressed by the stronger compressor came out `zlen` bytes long.
+    pub fn yielded_strong(&mut self, zlen: usize) {
+        let r = (zlen as f64 / self.page_size).min(1.0);
+        if let Some(st) = self.strong.as_mut() {
+            st.ratio += AVG_WEIGHT * (r - st.ratio);
+        }
     }
 
     /// Weight of the next yield sample in its average.
@@ -415,6 +485,16 @@ mod tests {
         ratio: f64,
         sndbuf: u64,
         depth: usize,
+        /// A ladder's stronger compressor: (cost, ratio).
+        strong: Option<(f64, f64)>,
+    }
+
+    /// A fixed choice for every page, to compare auto with.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Fixed {
+        Raw,
+        Fast,
+        Strong,
     }
 
     impl Sim {
@@ -424,16 +504,20 @@ mod tests {
                 ratio,
                 sndbuf: 2 << 20,
                 depth: 4,
+                strong: None,
             }
         }
 
         fn run(
             &self,
             pages: usize,
-            policy: Option<bool>,
+            policy: Option<Fixed>,
             link: &dyn Fn(f64) -> f64,
         ) -> (f64, Vec<Choice>) {
             let mut pacer = Pacer::new(PAGE as u32);
+            if self.strong.is_some() {
+                pacer = pacer.with_strong(PPP as u32);
+            }
             let mut t = 0.0f64;
             let mut sock = 0.0f64; // unsent bytes in the socket
             let mut waiting: VecDeque<f64> = VecDeque::new(); // packets behind the socket
@@ -492,21 +576,24 @@ mod tests {
                             c => break c,
                         }
                     };
-                    let compress = policy.unwrap_or(c == Choice::Compress);
-                    choices.push(if policy.is_some() {
-                        if compress {
-                            Choice::Compress
-                        } else {
-                            Choice::RawLinkIdle
-                        }
-                    } else {
-                        c
-                    });
-                    if compress {
+                    let c = match policy {
+                        None => c,
+                        Some(Fixed::Raw) => Choice::RawLinkIdle,
+                        Some(Fixed::Fast) => Choice::Compress,
+                        Some(Fixed::Strong) => Choice::CompressStrong,
+                    };
+                    choices.push(c);
+                    if c == Choice::Compress {
                         pass(self.cost, &mut t, &mut sock, &mut waiting, &mut handed);
                         pacer.cost(self.cost);
                         pacer.yielded((self.ratio * PAGE as f64) as usize);
                         packet += self.ratio * PAGE as f64;
+                    } else if c == Choice::CompressStrong {
+                        let (cost, ratio) = self.strong.unwrap_or((self.cost, self.ratio));
+                        pass(cost, &mut t, &mut sock, &mut waiting, &mut handed);
+                        pacer.cost_strong(cost);
+                        pacer.yielded_strong((ratio * PAGE as f64) as usize);
+                        packet += ratio * PAGE as f64;
                     } else {
                         pass(0.2e-6, &mut t, &mut sock, &mut waiting, &mut handed);
                         packet += PAGE as f64;
@@ -540,7 +627,7 @@ mod tests {
         let (t, c) = sim.run(20_000, None, &|_| 10.0 * GBIT);
         let share = compressed_share(&c);
         assert!(share < 0.1, "compressed {share:.2} of the pages");
-        let (raw, _) = sim.run(20_000, Some(false), &|_| 10.0 * GBIT);
+        let (raw, _) = sim.run(20_000, Some(Fixed::Raw), &|_| 10.0 * GBIT);
         assert!(t <= raw * 1.05, "auto {t:.4} s, raw {raw:.4} s");
     }
 
@@ -551,7 +638,7 @@ mod tests {
         let (t, c) = sim.run(20_000, None, &|_| 0.5 * GBIT);
         let share = compressed_share(&c);
         assert!(share > 0.8, "compressed {share:.2} of the pages");
-        let (all, _) = sim.run(20_000, Some(true), &|_| 0.5 * GBIT);
+        let (all, _) = sim.run(20_000, Some(Fixed::Fast), &|_| 0.5 * GBIT);
         assert!(t <= all * 1.05, "auto {t:.4} s, compress all {all:.4} s");
     }
 
@@ -562,8 +649,8 @@ mod tests {
         let link = |_| 1.5 * GBIT;
         let (t, c) = sim.run(40_000, None, &link);
         let share = compressed_share(&c);
-        let (raw, _) = sim.run(40_000, Some(false), &link);
-        let (all, _) = sim.run(40_000, Some(true), &link);
+        let (raw, _) = sim.run(40_000, Some(Fixed::Raw), &link);
+        let (all, _) = sim.run(40_000, Some(Fixed::Fast), &link);
         assert!(
             share > 0.2 && share < 0.9,
             "compressed {share:.2} of the pages"
@@ -581,13 +668,49 @@ mod tests {
         for gbit in [0.3, 1.0, 1.5, 2.5, 4.0, 6.0, 10.0, 25.0] {
             let link = move |_| gbit * GBIT;
             let (t, _) = sim.run(20_000, None, &link);
-            let (raw, _) = sim.run(20_000, Some(false), &link);
-            let (all, _) = sim.run(20_000, Some(true), &link);
+            let (raw, _) = sim.run(20_000, Some(Fixed::Raw), &link);
+            let (all, _) = sim.run(20_000, Some(Fixed::Fast), &link);
             eprintln!("{gbit:>5} Gbit/s: auto {t:.4} s, raw {raw:.4} s, compress all {all:.4} s");
             assert!(
                 t <= raw.min(all) * 1.05,
                 "{gbit} Gbit/s: auto {t:.4} s, raw {raw:.4} s, compress all {all:.4} s"
             );
+        }
+    }
+
+    /// A ladder (a fast compressor, 10 µs a page at 0.29, and a strong one, 20 µs at 0.21: QPL's
+    /// software path and libdeflate here) is never much worse than the best of raw, all fast
+    /// and all strong, over a sweep of link rates; on a slow link it sends the strong
+    /// compressor's bytes, on a mid link it beats both compressors alone.
+    #[test]
+    fn a_ladder_follows_the_link() {
+        let sim = Sim {
+            strong: Some((20e-6, 0.21)),
+            ..Sim::new(10e-6, 0.29)
+        };
+        for gbit in [0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 10.0] {
+            let link = move |_| gbit * GBIT;
+            // Long enough that the start (the first MiB raw, before the rate is measured) is
+            // a small part of the time on the slow links.
+            let n = (20_000.0 / f64::min(gbit, 1.0)) as usize;
+            let (t, c) = sim.run(n, None, &link);
+            let (raw, _) = sim.run(n, Some(Fixed::Raw), &link);
+            let (fast, _) = sim.run(n, Some(Fixed::Fast), &link);
+            let (strong, _) = sim.run(n, Some(Fixed::Strong), &link);
+            let share =
+                c.iter().filter(|&&x| x == Choice::CompressStrong).count() as f64 / c.len() as f64;
+            eprintln!(
+                "{gbit:>5} Gbit/s: auto {t:.4} s ({share:.2} strong), raw {raw:.4} s, \
+                 fast {fast:.4} s, strong {strong:.4} s"
+            );
+            let best = raw.min(fast).min(strong);
+            assert!(
+                t <= best * 1.05,
+                "{gbit} Gbit/s: auto {t:.4} s, raw {raw:.4} s, fast {fast:.4} s, strong {strong:.4} s"
+            );
+            if gbit <= 0.25 {
+                assert!(share > 0.8, "{gbit} Gbit/s: strong {share:.2}");
+            }
         }
     }
 

@@ -199,6 +199,9 @@ pub struct SendChannel {
     ring: Option<Ring>,
     set: SendSettings,
     accel: Option<Box<dyn Accelerator>>,
+    /// Codec auto's stronger compressor, if it has a ladder ([`SendChannel::with_strong`]):
+    /// run synchronously on this thread.
+    strong: Option<Box<dyn Accelerator>>,
     slots: Slab<Box<Slot>>,
     free: Vec<usize>,
     ready: VecDeque<usize>,
@@ -296,6 +299,7 @@ impl SendChannel {
             ring: None,
             set,
             accel,
+            strong: None,
             slots,
             free,
             ready: VecDeque::new(),
@@ -594,6 +598,17 @@ impl SendChannel {
         Ok(true)
     }
 
+    /// Codec auto with a ladder: `engine` (compressing synchronously, e.g. the deflate codec's
+    /// compressor behind QPL) takes the pages while the link's backlog is long and its better
+    /// yield pays for its extra CPU ([`Pacer::with_strong`]). No effect without codec auto.
+    pub fn with_strong(mut self, engine: Box<dyn Accelerator>) -> SendChannel {
+        if let Some(p) = self.pacer.take() {
+            self.pacer = Some(p.with_strong(self.set.pages_per_packet));
+            self.strong = Some(engine);
+        }
+        self
+    }
+
     /// Submit the feeding slot's next pages while the engine has room. A page the engine
     /// answers busy is asked again [`BUSY_RETRIES`] times, then compressed on the CPU.
     fn feed(&mut self) {
@@ -620,6 +635,7 @@ impl SendChannel {
         let mut latched: Option<Choice> = None;
         while slot.next < slot.pages.len() && accel.in_flight() < accel.capacity() {
             let i = slot.next;
+            let mut strong = false;
             if let Some(pacer) = self.pacer.as_mut() {
                 let choice = latched.unwrap_or_else(|| {
                     // An ioctl failure reads as an empty socket: raw, the safe side.
@@ -651,7 +667,8 @@ impl SendChannel {
                     self.waiting = true;
                     break;
                 }
-                if choice != Choice::Compress {
+                strong = choice == Choice::CompressStrong;
+                if choice != Choice::Compress && !strong {
                     latched = Some(choice);
                     // zlens[i] is 0 while pending: page_size marks it raw.
                     if let Some(z) = slot.zlens.get_mut(i) {
@@ -685,6 +702,30 @@ impl SendChannel {
                 self.stats.pages_skipped += 1;
                 self.stats.pages_incompressible += 1;
                 slot.next += 1;
+                continue;
+            }
+            if let (true, Some(st)) = (strong, self.strong.as_mut()) {
+                // The ladder's stronger compressor, here and now.
+                let t = Instant::now();
+                let (Some(out), Some(z)) = (
+                    slot.zbuf.get_mut(i * ps..(i + 1) * ps - 1),
+                    slot.zlens.get_mut(i),
+                ) else {
+                    break;
+                };
+                let o = st.fallback(copy, out);
+                record(&mut self.stats, z, o, Path::Software, ps);
+                if (*z as usize) < ps {
+                    self.stats.pages_compressed_strong += 1;
+                }
+                if let Some(p) = self.pacer.as_mut() {
+                    p.cost_strong(t.elapsed().as_secs_f64());
+                    p.yielded_strong(*z as usize);
+                }
+                slot.next += 1;
+                if started.elapsed() > Duration::from_micros(10) {
+                    break;
+                }
                 continue;
             }
             let input = copy.as_ptr();

@@ -60,13 +60,18 @@ impl std::str::FromStr for CodecKind {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AutoCompressor {
-    /// Chosen for the host by [`resolve_auto`]: qpl on IAA hardware, else deflate.
+    /// Chosen for the host by [`resolve_auto`]: qpl (with deflate as a ladder's stronger
+    /// rung) where libqpl loads, else deflate.
     #[default]
     Pick,
     /// The deflate codec's compressor (libdeflate).
     Deflate,
     /// QPL: IAA hardware where a work queue is usable, QPL's software path otherwise.
     Qpl,
+    /// A ladder: qpl (as [`AutoCompressor::Qpl`]; or the engine an embedder passes to
+    /// [`crate::Sender::connect_with_engines`]) and the deflate codec's compressor for the
+    /// pages a slow link waits for anyway.
+    Ladder,
 }
 
 impl AutoCompressor {
@@ -76,6 +81,7 @@ impl AutoCompressor {
             AutoCompressor::Pick => "pick",
             AutoCompressor::Deflate => "deflate",
             AutoCompressor::Qpl => "qpl",
+            AutoCompressor::Ladder => "ladder",
         }
     }
 }
@@ -87,51 +93,57 @@ impl std::str::FromStr for AutoCompressor {
             "pick" => Ok(AutoCompressor::Pick),
             "deflate" => Ok(AutoCompressor::Deflate),
             "qpl" => Ok(AutoCompressor::Qpl),
+            "ladder" => Ok(AutoCompressor::Ladder),
             other => Err(format!(
-                "unknown compressor '{other}' for codec auto (expected pick, deflate or qpl)"
+                "unknown compressor '{other}' for codec auto (expected pick, deflate, qpl or ladder)"
             )),
         }
     }
 }
 
-/// The compressor behind `auto` on this host, given the embedder's preference: with
-/// [`AutoCompressor::Pick`], `qpl` where an IAA work queue is usable through libqpl.so.1,
-/// else `deflate`. Returns the codec and why it was chosen.
+/// The compressor behind `auto` on this host, given the embedder's preference, and why.
+/// [`AutoCompressor::Pick`] takes `qpl` wherever libqpl.so.1 loads (IAA hardware if a work
+/// queue is usable, else QPL's software path), with the deflate codec's compressor as the
+/// stronger rung of a ladder for slow links ([`auto_ladder`]); `deflate` where it does not.
 pub fn resolve_auto(pref: AutoCompressor) -> (CodecKind, String) {
     let qpl = qpl_sys::Qpl::load();
+    let path = || {
+        if crate::accel::qpl::hardware_available() {
+            "IAA hardware path"
+        } else {
+            "software path (no IAA work queue is available)"
+        }
+    };
     match (pref, qpl) {
         (AutoCompressor::Deflate, _) => (CodecKind::Deflate, "using deflate: asked for".into()),
-        (AutoCompressor::Qpl, Ok(q)) => {
-            let path = if crate::accel::qpl::hardware_available() {
-                "IAA hardware path"
-            } else {
-                "software path: no IAA work queue is available"
-            };
-            (
-                CodecKind::Qpl,
-                format!("using qpl (asked for): QPL {}, {path}", q.version()),
-            )
-        }
-        (AutoCompressor::Qpl, Err(e)) => (
+        (AutoCompressor::Qpl | AutoCompressor::Ladder, Ok(q)) => (
+            CodecKind::Qpl,
+            format!("using qpl (asked for): QPL {}, {}", q.version(), path()),
+        ),
+        (AutoCompressor::Qpl | AutoCompressor::Ladder, Err(e)) => (
             CodecKind::Deflate,
             format!("using deflate: qpl was asked for but {e}"),
         ),
         (AutoCompressor::Pick, Err(e)) => (CodecKind::Deflate, format!("using deflate: {e}")),
-        (AutoCompressor::Pick, Ok(q)) if crate::accel::qpl::hardware_available() => (
+        (AutoCompressor::Pick, Ok(q)) => (
             CodecKind::Qpl,
             format!(
-                "using qpl: IAA hardware path available (QPL {})",
-                q.version()
+                "using qpl: QPL {}, {}; deflate takes the pages while the link's backlog is long",
+                q.version(),
+                path()
             ),
         ),
-        (AutoCompressor::Pick, Ok(q)) => (
-            CodecKind::Deflate,
-            format!(
-                "using deflate: QPL {} is installed but no IAA work queue is available \
-                 (see docs/benchmarks.md for the software paths compared)",
-                q.version()
-            ),
-        ),
+    }
+}
+
+/// Whether `auto` runs a ladder of two compressors: qpl, and the deflate codec's compressor
+/// for the pages a slow link waits for anyway (it sends fewer bytes at more CPU): asked for,
+/// or picked where qpl is. (A channel whose compressor is deflate anyway runs it alone.)
+pub fn auto_ladder(pref: AutoCompressor) -> bool {
+    match pref {
+        AutoCompressor::Ladder => true,
+        AutoCompressor::Pick => resolve_auto(pref).0 == CodecKind::Qpl,
+        AutoCompressor::Deflate | AutoCompressor::Qpl => false,
     }
 }
 
@@ -177,15 +189,34 @@ mod tests {
             AutoCompressor::Pick,
             AutoCompressor::Deflate,
             AutoCompressor::Qpl,
+            AutoCompressor::Ladder,
         ] {
             assert_eq!(c.name().parse::<AutoCompressor>(), Ok(c));
         }
         let e = "zstd".parse::<AutoCompressor>();
         assert!(
             e.as_ref()
-                .is_err_and(|e| e.contains("pick, deflate or qpl")),
+                .is_err_and(|e| e.contains("pick, deflate, qpl or ladder")),
             "{e:?}"
         );
+    }
+
+    /// The pick is qpl, with deflate as a ladder's stronger rung, exactly where libqpl loads;
+    /// a compressor asked for runs alone.
+    #[test]
+    fn the_pick_is_a_ladder_where_qpl_loads() {
+        let loads = qpl_sys::Qpl::load().is_ok();
+        assert_eq!(auto_ladder(AutoCompressor::Pick), loads);
+        assert!(!auto_ladder(AutoCompressor::Deflate));
+        assert!(!auto_ladder(AutoCompressor::Qpl));
+        assert!(auto_ladder(AutoCompressor::Ladder));
+        let (c, why) = resolve_auto(AutoCompressor::Pick);
+        let want = if loads {
+            CodecKind::Qpl
+        } else {
+            CodecKind::Deflate
+        };
+        assert_eq!(c, want, "{why}");
     }
 
     /// Deflate asked for is deflate on any host; qpl asked for is qpl where libqpl loads

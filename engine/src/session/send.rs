@@ -246,6 +246,10 @@ impl Sender {
             .map(|rate| Arc::new(RateLimit::new(rate, Instant::now())));
         let (reply_tx, replies) = mpsc::channel::<Reply>();
         let mut workers = Vec::new();
+        // Codec auto with qpl picked: deflate as the stronger rung (for the pages a slow link
+        // waits for anyway).
+        let ladder_picked =
+            cfg.codec == CodecKind::Auto && crate::codec::auto_ladder(cfg.auto_compressor);
         for id in 0..cfg.channels {
             let mut stream = dialer.connect(addr, &cfg.socket, cfg.idle_timeout)?;
             if let Some((secret, nonce_s)) = &auth {
@@ -267,6 +271,7 @@ impl Sender {
                 s.push(c);
             }
             let compressor = engines.next().flatten();
+            let compressor_name = compressor.as_ref().map(|e| e.name());
             if let Some(e) = &compressor {
                 info!(channel = id, engine = e.name(), "compression engine");
             }
@@ -293,8 +298,11 @@ impl Sender {
                 idle_timeout: cfg.idle_timeout,
             };
             let (stream, stage) = crate::channel::stage::for_sending(stream);
-            let chan = SendChannel::new(id, stream, set, compressor, packet_num.clone())?
+            let mut chan = SendChannel::new(id, stream, set, compressor, packet_num.clone())?
                 .with_stage(stage);
+            if ladder_picked && compressor_name.is_some_and(|n| n != "deflate") {
+                chan = chan.with_strong(Box::new(SoftwareDeflate::new(cfg.level)?));
+            }
             let (tx, rx) = mpsc::channel::<Cmd>();
             let reply = reply_tx.clone();
             let mem = mem.clone();
