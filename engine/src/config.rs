@@ -56,7 +56,8 @@ pub struct Config {
     pub max_bandwidth: Option<u64>,
     /// DEFLATE level for the deflate codec.
     pub level: i32,
-    /// The compressor behind `Auto` (`Pick`: qpl on IAA hardware, else deflate).
+    /// The compressor behind `Auto` (`Pick`: qpl with deflate as a ladder's stronger rung where
+    /// libqpl loads, else deflate).
     pub auto_compressor: AutoCompressor,
     /// Settings of the qpl codec (Huffman mode, level, path).
     pub qpl: QplSettings,

@@ -24,7 +24,7 @@ pub enum CodecKind {
     Deflate,
     /// Intel QPL: IAA hardware where present, QPL's software path otherwise (flag 0x08).
     Qpl,
-    /// Follows the link: each page compressed (qpl on IAA hardware, else deflate) or sent
+    /// Follows the link: each page compressed (see [`resolve_auto`] for the compressor) or sent
     /// raw, decided per page by the channel loop (`channel::pace`); qpl framing (flag 0x08).
     Auto,
 }

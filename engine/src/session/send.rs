@@ -600,7 +600,7 @@ pub fn engine_for(cfg: &Config) -> Result<Option<Box<dyn Accelerator>>, SessionE
             s.hw_jobs = cfg.pages_per_packet as usize;
             Some(Box::new(QplCompressor::new(s)?))
         }
-        // The compressor behind auto: qpl on IAA hardware (or when asked for), else deflate.
+        // The compressor behind auto: qpl where libqpl loads (or when asked for), else deflate.
         CodecKind::Auto => match crate::codec::resolve_auto(cfg.auto_compressor).0 {
             CodecKind::Qpl => {
                 let mut s = cfg.qpl;
