@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use pagewire::accel::Accelerator;
 use pagewire::{
     Block, CodecKind, Config, GuestMemory, ReceiveInto, Receiver, RoundPages, Sender, SessionStats,
 };
@@ -42,11 +43,25 @@ fn memory(size: usize, seed: u64) -> Arc<GuestMemory> {
 }
 
 fn run(src: &Arc<GuestMemory>, cfg: Config) -> SessionStats {
+    run_with(src, cfg, None)
+}
+
+/// One round of all of `src`, checked byte for byte; `engines`: the channels' compression
+/// engines (`None`: the ones `cfg` asks for).
+fn run_with(
+    src: &Arc<GuestMemory>,
+    cfg: Config,
+    engines: Option<Vec<Option<Box<dyn Accelerator>>>>,
+) -> SessionStats {
     let mut r = Receiver::bind("127.0.0.1:0".parse().expect("addr"), cfg.clone()).expect("bind");
     r.set_accept_timeout(Some(Duration::from_secs(10)));
     let addr = r.local_addr().expect("addr");
     let rt = std::thread::spawn(move || r.serve(ReceiveInto::Allocate));
-    let mut s = Sender::connect(addr, cfg.clone(), src.clone()).expect("connect");
+    let mut s = match engines {
+        Some(e) => Sender::connect_with_engines(addr, cfg.clone(), src.clone(), e),
+        None => Sender::connect(addr, cfg.clone(), src.clone()),
+    }
+    .expect("connect");
     let sizes = [src.total_len()];
     let round = s
         .send_round(RoundPages::all(&sizes, cfg.page_size, cfg.pages_per_packet))
@@ -150,7 +165,6 @@ fn max_bandwidth_holds_the_wire_rate() {
 #[test]
 fn a_ladder_under_a_tight_cap_uses_the_stronger_compressor() {
     use pagewire::accel::testing::{Script, ScriptedAccel};
-    use pagewire::accel::Accelerator;
     use pagewire::codec::AutoCompressor;
     let src = memory(16 << 20, 7);
     let cfg = Config {
@@ -159,29 +173,13 @@ fn a_ladder_under_a_tight_cap_uses_the_stronger_compressor() {
         auto_compressor: AutoCompressor::Ladder,
         ..Config::default()
     };
-    let mut r = Receiver::bind("127.0.0.1:0".parse().expect("addr"), cfg.clone()).expect("bind");
-    r.set_accept_timeout(Some(Duration::from_secs(10)));
-    let addr = r.local_addr().expect("addr");
-    let rt = std::thread::spawn(move || r.serve(ReceiveInto::Allocate));
     let engines = (0..cfg.channels)
         .map(|_| {
             let (a, _) = ScriptedAccel::new(Script::default()).expect("engine");
             Some(Box::new(a) as Box<dyn Accelerator>)
         })
         .collect();
-    let mut s =
-        Sender::connect_with_engines(addr, cfg.clone(), src.clone(), engines).expect("connect");
-    let sizes = [src.total_len()];
-    let st = s
-        .send_round(RoundPages::all(&sizes, cfg.page_size, cfg.pages_per_packet))
-        .expect("round");
-    s.finish().expect("finish");
-    let got = rt.join().expect("join").expect("serve");
-    // SAFETY: the session is over; nothing writes either memory.
-    let same = unsafe {
-        src.block(0).expect("b").as_slice() == got.memory.block(0).expect("b").as_slice()
-    };
-    assert!(same, "receiver memory differs from the sender's");
+    let st = run_with(&src, cfg, Some(engines));
     assert_accounted(&st);
     let t = &st.total;
     assert!(
