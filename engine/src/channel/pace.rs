@@ -133,11 +133,11 @@ pub enum Choice {
     /// backlog outlasts a packet's worth of its compression, and the link time its better
     /// yield saves pays for its extra cost.
     CompressStrong,
-    /// Decide later: the drain rate is still being measured, the receiver's window is closed
-    /// and at least [`UNKNOWN_BACKLOG`] waits for the link. Whether that is a receiver
-    /// getting going or a slow link is not known yet, and the link has enough to carry
-    /// meanwhile; a raw page queued now would cost a slow link its full size. The loop waits
-    /// for the link to take some of the backlog and asks again.
+    /// Decide later: the drain rate is still being measured and at least [`UNKNOWN_BACKLOG`]
+    /// waits for the link. Whether that is a receiver getting going or a slow link is not
+    /// known yet, and the link has enough to carry meanwhile; a raw page queued now would
+    /// cost a slow link its full size. The loop waits for the link to take some of the
+    /// backlog and asks again.
     Wait,
 }
 
@@ -149,10 +149,8 @@ pub struct Pacer {
     rate: Option<f64>,
     /// Start of the current rate sample: (time, drained), taken with a backlog.
     mark: Option<(f64, u64)>,
-    /// Seconds per compressed page (average).
-    cost: f64,
-    /// Compressed size / page size (average over attempts; 1.0 for a page that did not fit).
-    ratio: f64,
+    /// The compressor's cost and yield (the first rung, with a ladder).
+    fast: Estimate,
     /// Share of the connection's busy time limited by the receiver's window (average).
     rwnd_share: f64,
     /// Weight the drain-rate samples so far hold in an average over [`RATE_TAU`] (0 before
@@ -176,12 +174,40 @@ pub struct Pacer {
     strong: Option<Strong>,
 }
 
-/// The stronger compressor of a ladder: its own cost and yield averages, and the backlog it
-/// needs, in its pages.
+/// What a compressor costs and yields, averaged over the pages it compressed.
+#[derive(Clone, Debug)]
+struct Estimate {
+    /// Seconds per compressed page (wall time).
+    cost: f64,
+    /// Compressed size / page size (1.0 for a page that did not fit).
+    ratio: f64,
+}
+
+impl Estimate {
+    const INITIAL: Estimate = Estimate {
+        cost: INITIAL_COST,
+        ratio: INITIAL_RATIO,
+    };
+
+    /// One page's cost: it counts at most [`COST_CLAMP`] × the average.
+    fn cost_sample(&mut self, secs: f64) {
+        if secs.is_finite() && secs >= 0.0 {
+            let sample = secs.min(COST_CLAMP * self.cost);
+            self.cost += AVG_WEIGHT * (sample - self.cost);
+        }
+    }
+
+    /// One page's yield `r` (compressed / page size), at `weight` in the average.
+    fn yield_sample(&mut self, r: f64, weight: f64) {
+        self.ratio += weight * (r - self.ratio);
+    }
+}
+
+/// The stronger compressor of a ladder: its own estimates, and the backlog it needs, in its
+/// pages.
 #[derive(Clone, Debug)]
 struct Strong {
-    cost: f64,
-    ratio: f64,
+    est: Estimate,
     pages: f64,
     /// When it last took a page.
     last: Option<f64>,
@@ -194,8 +220,7 @@ impl Pacer {
             page_size: f64::from(page_size.max(1)),
             rate: None,
             mark: None,
-            cost: INITIAL_COST,
-            ratio: INITIAL_RATIO,
+            fast: Estimate::INITIAL,
             rwnd_share: 0.0,
             rate_weight: 0.0,
             rate_span: 0.0,
@@ -216,8 +241,7 @@ impl Pacer {
     /// link gets the strong compressor's bytes, a faster one more of the fast one's.
     pub fn with_strong(mut self, pages_per_packet: u32) -> Pacer {
         self.strong = Some(Strong {
-            cost: INITIAL_COST,
-            ratio: INITIAL_RATIO,
+            est: Estimate::INITIAL,
             pages: f64::from(pages_per_packet.max(1)),
             last: None,
         });
@@ -286,7 +310,7 @@ impl Pacer {
 
     /// Measured compression speed in page bytes per second.
     pub fn compress_rate(&self) -> f64 {
-        self.page_size / self.cost
+        self.page_size / self.fast.cost
     }
 
     /// Take an observation into the drain-rate average (also done by [`Pacer::decide`]).
@@ -365,11 +389,12 @@ impl Pacer {
             };
         };
         let backlog = o.queued as f64 / rate;
-        if backlog < self.cost + GUARD_SECS {
+        let fast = &self.fast;
+        if backlog < fast.cost + GUARD_SECS {
             return Choice::RawLinkIdle;
         }
-        let saved = (1.0 - self.ratio) * self.page_size / rate;
-        if saved < MIN_GAIN * self.cost {
+        let saved = (1.0 - fast.ratio) * self.page_size / rate;
+        if saved < MIN_GAIN * fast.cost {
             let probe = self
                 .last_compress
                 .is_none_or(|t| o.at - t >= self.probe_interval);
@@ -389,10 +414,10 @@ impl Pacer {
             // its pages: as the backlog shrinks the fast compressor takes over, and raw pages
             // after it. Where the backlog allows it but the gain does not, it still takes a
             // page every [`MAX_PROBE_INTERVAL`], so its estimates stay current.
-            let extra_saved = (self.ratio - st.ratio) * self.page_size / rate;
-            let extra_cost = (st.cost - self.cost).max(0.0);
+            let extra_saved = (self.fast.ratio - st.est.ratio) * self.page_size / rate;
+            let extra_cost = (st.est.cost - self.fast.cost).max(0.0);
             let probe = st.last.is_none_or(|t| o.at - t >= MAX_PROBE_INTERVAL);
-            if backlog >= st.cost * st.pages + GUARD_SECS
+            if backlog >= st.est.cost * st.pages + GUARD_SECS
                 && (probe || extra_saved >= MIN_GAIN * extra_cost)
             {
                 st.last = Some(o.at);
@@ -402,7 +427,7 @@ impl Pacer {
         Choice::Compress
     }
 
-    /// A page's compression cost this thread `secs` of CPU.
+    /// A page's compression took this thread `secs` (wall time).
     pub fn cost(&mut self, secs: f64) {
         // Wall time, preemptions included: on contended CPUs that is what a page costs. (A
         // variant clamping each sample to 4 × the average compressed more on the loaded
@@ -410,44 +435,38 @@ impl Pacer {
         // A probe's cost weighs as one page: 10 ms or more after the last compression it
         // runs on cold caches (70-100 µs against 20 µs in a run), which says little about a
         // run of compressed pages; its yield (the page mix now) weighs more.
-        if secs.is_finite() && secs >= 0.0 {
-            let sample = secs.min(COST_CLAMP * self.cost);
-            self.cost += AVG_WEIGHT * (sample - self.cost);
-        }
+        self.fast.cost_sample(secs);
     }
 
     /// A compressed page came out `zlen` bytes long (the page size: it did not fit).
     pub fn yielded(&mut self, zlen: usize) {
-        let r = (zlen as f64 / self.page_size).min(1.0);
-        self.ratio += self.weight() * (r - self.ratio);
+        let weight = if self.probes_pending > 0 {
+            PROBE_WEIGHT
+        } else {
+            AVG_WEIGHT
+        };
+        self.fast.yield_sample(self.page_ratio(zlen), weight);
         self.probes_pending = self.probes_pending.saturating_sub(1);
     }
 
     /// A page's compression with the stronger compressor of a ladder cost `secs` (wall time).
     pub fn cost_strong(&mut self, secs: f64) {
         if let Some(st) = self.strong.as_mut() {
-            if secs.is_finite() && secs >= 0.0 {
-                let sample = secs.min(COST_CLAMP * st.cost);
-                st.cost += AVG_WEIGHT * (sample - st.cost);
-            }
+            st.est.cost_sample(secs);
         }
     }
 
     /// A page compressed by the stronger compressor came out `zlen` bytes long.
     pub fn yielded_strong(&mut self, zlen: usize) {
-        let r = (zlen as f64 / self.page_size).min(1.0);
+        let r = self.page_ratio(zlen);
         if let Some(st) = self.strong.as_mut() {
-            st.ratio += AVG_WEIGHT * (r - st.ratio);
+            st.est.yield_sample(r, AVG_WEIGHT);
         }
     }
 
-    /// Weight of the next yield sample in its average.
-    fn weight(&self) -> f64 {
-        if self.probes_pending > 0 {
-            PROBE_WEIGHT
-        } else {
-            AVG_WEIGHT
-        }
+    /// `zlen` as a share of the page (at most 1).
+    fn page_ratio(&self, zlen: usize) -> f64 {
+        (zlen as f64 / self.page_size).min(1.0)
     }
 }
 
@@ -474,6 +493,18 @@ mod tests {
     use std::collections::VecDeque;
 
     const PAGE: u64 = 4096;
+
+    /// What the loop sees, with no TCP_INFO: at `at`, `queued` bytes waiting, `drained` taken.
+    fn obs(at: f64, queued: u64, drained: u64) -> Observation {
+        Observation {
+            at,
+            queued,
+            drained,
+            busy_us: 0,
+            rwnd_limited_us: 0,
+            window_closed: false,
+        }
+    }
     const PPP: usize = 128;
 
     /// One channel against a simulated link: a socket buffer of `sndbuf` bytes drained at
@@ -560,14 +591,7 @@ mod tests {
                 for _ in 0..PPP.min(pages - done) {
                     let c = loop {
                         let queued = sock + waiting.iter().sum::<f64>();
-                        let o = Observation {
-                            at: t,
-                            queued: queued as u64,
-                            drained: (handed - sock) as u64,
-                            busy_us: 0,
-                            rwnd_limited_us: 0,
-                            window_closed: false,
-                        };
+                        let o = obs(t, queued as u64, (handed - sock) as u64);
                         match pacer.decide(&o) {
                             // As the channel loop does: let the link drain, ask again.
                             Choice::Wait if policy.is_none() => {
@@ -754,54 +778,26 @@ mod tests {
     #[test]
     fn empty_queue_means_raw() {
         let mut p = Pacer::new(4096);
-        let o = Observation {
-            at: 0.0,
-            queued: UNKNOWN_BACKLOG / 2,
-            drained: 0,
-            busy_us: 0,
-            rwnd_limited_us: 0,
-            window_closed: false,
-        };
+        let o = obs(0.0, UNKNOWN_BACKLOG / 2, 0);
         assert_eq!(
             p.decide(&o),
             Choice::RawLinkIdle,
             "a backlog, rate not measured yet: raw"
         );
-        let o = Observation {
-            at: 0.0001,
-            queued: UNKNOWN_BACKLOG,
-            drained: 0,
-            busy_us: 0,
-            rwnd_limited_us: 0,
-            window_closed: false,
-        };
+        let o = obs(0.0001, UNKNOWN_BACKLOG, 0);
         assert_eq!(
             p.decide(&o),
             Choice::Wait,
             "a large backlog before the rate is measured: wait for the measurement"
         );
         assert_eq!(p.link_rate(), None);
-        let o = Observation {
-            at: 0.01,
-            queued: 1 << 20,
-            drained: 1 << 20,
-            busy_us: 0,
-            rwnd_limited_us: 0,
-            window_closed: false,
-        };
+        let o = obs(0.01, 1 << 20, 1 << 20);
         // 100 MB/s measured, 10 ms of backlog: compress.
         assert_eq!(p.decide(&o), Choice::Compress);
         assert!(p
             .link_rate()
             .is_some_and(|r| (r - 104_857_600.0).abs() < 1.0));
-        let o = Observation {
-            at: 0.011,
-            queued: 0,
-            drained: 2 << 20,
-            busy_us: 0,
-            rwnd_limited_us: 0,
-            window_closed: false,
-        };
+        let o = obs(0.011, 0, 2 << 20);
         assert_eq!(p.decide(&o), Choice::RawLinkIdle, "nothing queued");
     }
 
@@ -850,14 +846,7 @@ mod tests {
         let mut drained = 0u64;
         for i in 0..=50u64 {
             let at = i as f64 * 0.2e-3;
-            p.observe(&Observation {
-                at,
-                queued: 1 << 20,
-                drained,
-                busy_us: 0,
-                rwnd_limited_us: 0,
-                window_closed: false,
-            });
+            p.observe(&obs(at, 1 << 20, drained));
             // 10 MB/s for the first millisecond, then 1 GB/s.
             drained += if at < 1e-3 { 2_000 } else { 200_000 };
         }
@@ -879,14 +868,7 @@ mod tests {
         let mut n = 0;
         let mut out = Vec::new();
         while t < secs {
-            let c = p.decide(&Observation {
-                at: t,
-                queued: 4 << 20,
-                drained: (t * rate) as u64,
-                busy_us: 0,
-                rwnd_limited_us: 0,
-                window_closed: false,
-            });
+            let c = p.decide(&obs(t, 4 << 20, (t * rate) as u64));
             if c == Choice::Compress {
                 let cost = cost_of(n);
                 n += 1;
@@ -971,12 +953,8 @@ mod tests {
     fn before_the_rate_is_measured_a_backlog_waits() {
         let mut p = Pacer::new(4096);
         let mut o = Observation {
-            at: 0.0,
-            queued: 2 * UNKNOWN_BACKLOG,
-            drained: 0,
-            busy_us: 0,
-            rwnd_limited_us: 0,
             window_closed: true,
+            ..obs(0.0, 2 * UNKNOWN_BACKLOG, 0)
         };
         assert!(p.measuring());
         assert_eq!(p.decide(&o), Choice::Wait);
@@ -1008,12 +986,8 @@ mod tests {
         let mut last = Choice::Wait;
         for i in 0..1000u64 {
             last = p.decide(&Observation {
-                at: i as f64 * 100e-6,
-                queued: 4 << 20,
-                drained: 0,
-                busy_us: 0,
-                rwnd_limited_us: 0,
                 window_closed: true,
+                ..obs(i as f64 * 100e-6, 4 << 20, 0)
             });
             if last != Choice::Wait {
                 assert!(
@@ -1033,14 +1007,7 @@ mod tests {
     #[test]
     fn a_cap_is_the_link_from_the_start() {
         let mut p = Pacer::new(4096).with_ceiling(10e6);
-        let mut o = Observation {
-            at: 0.0,
-            queued: 256 << 10,
-            drained: 0,
-            busy_us: 0,
-            rwnd_limited_us: 0,
-            window_closed: false,
-        };
+        let mut o = obs(0.0, 256 << 10, 0);
         assert_eq!(
             p.decide(&o),
             Choice::Compress,
