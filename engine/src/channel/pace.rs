@@ -67,9 +67,6 @@ pub const MIN_SPAN: f64 = 5e-3;
 pub const UNKNOWN_BACKLOG: u64 = 1 << 20;
 /// A receiver advertising less than this window (bytes) is not taking data now.
 pub const CLOSED_WINDOW: u32 = 64 << 10;
-/// The receiver's window as the loop read it is used for this long (seconds); then it is
-/// read again (TCP_INFO, with the chrono counters). A drain-rate sample window.
-pub const WINDOW_AGE: f64 = 0.2e-3;
 /// Shortest interval over which a drain-rate sample is taken.
 const RATE_WINDOW: f64 = 0.2e-3;
 /// Cost of one page's compression assumed until one is measured (software DEFLATE level 1
@@ -112,7 +109,7 @@ pub struct Observation {
     /// Of which the receiver's window limited it, µs (0 where unknown).
     pub rwnd_limited_us: u64,
     /// The receiver's advertised window is closed right now: it is not taking data (false
-    /// where unknown). The loop reads it at most [`WINDOW_AGE`] before the decision. It names
+    /// where unknown). The loop reads it at most [`CHRONO_WINDOW`] before the decision. It names
     /// the reason of a raw page before the rate is measured (the receiver, not the link).
     pub window_closed: bool,
 }

@@ -29,7 +29,7 @@ use slab::Slab;
 use tracing::trace;
 
 use super::limit::RateLimit;
-use super::pace::{Choice, Observation, Pacer, CLOSED_WINDOW, WINDOW_AGE};
+use super::pace::{Choice, Observation, Pacer, CHRONO_WINDOW, CLOSED_WINDOW};
 use crate::accel::{Accelerator, Completion, JobDesc, Outcome, Path, Submit};
 use crate::channel::stage::{Clear, SendStage};
 use crate::codec::entropy::likely_incompressible;
@@ -230,9 +230,10 @@ pub struct SendChannel {
     /// Origin of the pacer's clock.
     epoch: Instant,
     /// The connection's TCP_INFO (chrono counters, the receiver's window) as last read, and
-    /// when (pacer clock): read again once older than [`WINDOW_AGE`], so TCP_INFO (a
-    /// getsockopt that takes the socket's lock) is read at most that often, not before every
-    /// decision (a compressed page's decision comes every 20-30 µs).
+    /// when (pacer clock): read again once older than [`CHRONO_WINDOW`] (the receiver-window
+    /// share samples no more often; the window itself only names why a page went raw before
+    /// the rate is measured), so TCP_INFO (a getsockopt that takes the socket's lock) is read
+    /// at most that often, not before every decision (one comes every 20-30 µs).
     chrono: Option<(f64, TcpChrono)>,
     /// Bytes the kernel has accepted from this channel's sends.
     handed: u64,
@@ -642,7 +643,7 @@ impl SendChannel {
                     let unsent = pagewire_transport::net::unsent_bytes(fd).unwrap_or(0);
                     let at = epoch.elapsed().as_secs_f64();
                     let chrono = match self.chrono {
-                        Some((t, c)) if at - t < WINDOW_AGE && at >= t => c,
+                        Some((t, c)) if at - t < CHRONO_WINDOW && at >= t => c,
                         _ => {
                             let c = pagewire_transport::net::tcp_chrono(fd)
                                 .ok()
