@@ -809,8 +809,11 @@ fn send(a: SendArgs) -> Res<()> {
 /// The compressor a session's codec uses on this host (auto: see `codec::resolve_auto`).
 fn compressor(cfg: &Config) -> &'static str {
     match cfg.codec {
-        CodecKind::Auto if pagewire::codec::auto_ladder(cfg.auto_compressor) => "qpl+deflate",
-        CodecKind::Auto => pagewire::codec::resolve_auto(cfg.auto_compressor).0.name(),
+        CodecKind::Auto => match pagewire::codec::resolve_auto(cfg.auto_compressor).0 {
+            // The session adds deflate beside qpl (not beside deflate, where qpl is missing).
+            CodecKind::Qpl if pagewire::codec::auto_ladder(cfg.auto_compressor) => "qpl+deflate",
+            c => c.name(),
+        },
         CodecKind::None => "none",
         c => c.name(),
     }
