@@ -145,4 +145,25 @@ pub enum SessionError {
     /// `abort()` was called.
     #[error("session aborted")]
     Aborted,
+    /// Sender: every round was acknowledged and `End` was sent, but the receiver's answer
+    /// (`EndOk` or an error) did not arrive. The destination may hold everything and have
+    /// completed, or may have failed while committing: this side cannot know.
+    #[error(
+        "outcome unknown: every round was acknowledged and the end was sent, but the \
+         destination's confirmation did not arrive ({0}); it may or may not have completed"
+    )]
+    Unconfirmed(String),
+    /// Receiver: every page arrived, but committing what was received (the embedder's commit
+    /// step, e.g. writing the memory to a file) failed; the sender was told.
+    #[error("the session's data arrived but could not be committed: {0}")]
+    Commit(String),
+}
+
+impl SessionError {
+    /// True when the session's outcome on the other side is unknown
+    /// ([`SessionError::Unconfirmed`]): a sender should neither discard the source (the
+    /// destination may not have completed) nor assume failure (it may have).
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(self, SessionError::Unconfirmed(_))
+    }
 }

@@ -204,7 +204,7 @@ pub use error::{ChannelError, SessionError};
 pub use memory::{Block, GuestMemory, MemoryError};
 pub use pages::{BlockPages, RoundPages};
 pub use postcopy::{PostcopySender, PostcopySourceStats, PostcopyStart, PostcopyStats};
-pub use session::{AbortHandle, ReceiveInto, Received, Receiver, Rejection, Sender};
+pub use session::{AbortHandle, CommitError, ReceiveInto, Received, Receiver, Rejection, Sender};
 pub use stats::{ChannelStats, Progress, SessionStats};
 
 /// The README's examples compile as doctests.

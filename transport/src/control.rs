@@ -59,6 +59,7 @@ pub mod msg_type {
     pub const POSTCOPY_READY: u8 = 12;
     pub const POSTCOPY_DONE: u8 = 13;
     pub const POSTCOPY_RECONNECT: u8 = 14;
+    pub const END_PENDING: u8 = 15;
 }
 
 /// The sender's half of the handshake's authentication, carried at the end of a hello when
@@ -402,6 +403,7 @@ fn type_name(t: u8) -> &'static str {
         msg_type::POSTCOPY_READY => "postcopy-ready",
         msg_type::POSTCOPY_DONE => "postcopy-done",
         msg_type::POSTCOPY_RECONNECT => "postcopy-reconnect",
+        msg_type::END_PENDING => "end-pending",
         _ => "frame",
     }
 }
@@ -444,6 +446,11 @@ pub enum Message {
     End,
     /// Receiver → sender: end acknowledged, everything applied.
     EndOk,
+    /// Receiver → sender, after `End` and before `EndOk`: every page is applied and the
+    /// receiving side is still committing what it received (e.g. writing it to disk, loading
+    /// the device state); sent at least once per third of the idle timeout so the sender keeps
+    /// waiting for `EndOk` (or `Error`). Body: empty.
+    EndPending,
     /// Either direction: the session failed. Body: UTF-8 text, at most MAX_ERROR_MESSAGE bytes.
     Error { message: String },
     /// Sender → receiver, before `Postcopy`: pages of block `block` that the destination does
@@ -523,6 +530,7 @@ impl Message {
             Message::State { data } => out.extend_from_slice(data),
             Message::End
             | Message::EndOk
+            | Message::EndPending
             | Message::PostcopyReady
             | Message::PostcopyDone
             | Message::PostcopyReconnect => {}
@@ -555,6 +563,7 @@ impl Message {
             Message::RoundDone { .. } => msg_type::ROUND_DONE,
             Message::End => msg_type::END,
             Message::EndOk => msg_type::END_OK,
+            Message::EndPending => msg_type::END_PENDING,
             Message::Error { .. } => msg_type::ERROR,
             Message::PostcopyPages { .. } => msg_type::POSTCOPY_PAGES,
             Message::Postcopy { .. } => msg_type::POSTCOPY,
@@ -627,6 +636,7 @@ impl Message {
             msg_type::ROUND_DONE => Ok(Message::RoundDone { round: round()? }),
             msg_type::END => empty(Message::End),
             msg_type::END_OK => empty(Message::EndOk),
+            msg_type::END_PENDING => empty(Message::EndPending),
             msg_type::POSTCOPY_READY => empty(Message::PostcopyReady),
             msg_type::POSTCOPY_DONE => empty(Message::PostcopyDone),
             msg_type::POSTCOPY_RECONNECT => empty(Message::PostcopyReconnect),
@@ -906,6 +916,7 @@ mod tests {
             ),
             (Message::End, vec![0, 0, 0, 1, 5]),
             (Message::EndOk, vec![0, 0, 0, 1, 6]),
+            (Message::EndPending, vec![0, 0, 0, 1, 15]),
             (
                 Message::Error {
                     message: "no".into(),
@@ -934,6 +945,7 @@ mod tests {
             (Message::RoundDone { round: 0 }, "round-done"),
             (Message::End, "end"),
             (Message::EndOk, "end-ok"),
+            (Message::EndPending, "end-pending"),
             (
                 Message::Error {
                     message: "x".into(),
@@ -1216,7 +1228,7 @@ mod tests {
 
     #[test]
     fn unknown_type_and_empty_frame() {
-        for t in [0u8, 15, 0xFF] {
+        for t in [0u8, 16, 0xFF] {
             assert!(matches!(
                 Message::decode(&[t, 1, 2]),
                 Err(ControlError::UnknownType(x)) if x == t
@@ -1294,6 +1306,7 @@ mod tests {
             Message::RoundDone { round: 1 },
             Message::End,
             Message::EndOk,
+            Message::EndPending,
             Message::Error {
                 message: "bye".into(),
             },

@@ -470,17 +470,7 @@ impl PostcopySender {
             return Err(e);
         }
         let seconds = self.switched.elapsed().as_secs_f64();
-        control::write_message(&mut self.control, &Message::End)?;
-        match control::read_message(&mut self.control)? {
-            Message::EndOk => {}
-            Message::Error { message } => return Err(SessionError::Peer(message)),
-            other => {
-                return Err(SessionError::Unexpected {
-                    expected: "end-ok",
-                    got: other.name(),
-                })
-            }
-        }
+        crate::session::end_session(&mut self.control)?;
         Ok(PostcopySourceStats {
             precopy: std::mem::take(&mut self.precopy),
             pages: self.pages,

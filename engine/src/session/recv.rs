@@ -138,6 +138,26 @@ impl Receiver {
     /// session and every page is in memory, or with the first error (which is also sent to
     /// the sender).
     pub fn serve(&self, into: ReceiveInto) -> Result<Received, SessionError> {
+        self.serve_and_commit(into, |_, _| Ok(()))
+    }
+
+    /// [`Receiver::serve`], with a last step before the sender is told the session completed:
+    /// once every page is in memory and the sender has ended the session, `commit` runs with
+    /// the memory and the device state (write the memory out, load the state, start the
+    /// guest's devices...). Only when it returns `Ok` does the sender's
+    /// [`Sender::finish`](crate::Sender::finish) return `Ok`; an error is sent to the sender
+    /// (its `finish` fails with it) and returned here as [`SessionError::Commit`]. While it
+    /// runs the sender is told every third of the idle timeout that the destination is still
+    /// committing, so `commit` may take longer than the idle timeout (writing a large image).
+    pub fn serve_and_commit<F>(
+        &self,
+        into: ReceiveInto,
+        commit: F,
+    ) -> Result<Received, SessionError>
+    where
+        F: FnOnce(&GuestMemory, &[Vec<u8>]) -> Result<(), CommitError> + Send,
+    {
+        let mut commit = Some(commit);
         let span = info_span!("recv");
         let _g = span.enter();
         let wait = self
@@ -272,7 +292,8 @@ impl Receiver {
                         })
                 })
                 .collect();
-            let control_result = self.control_loop(&mut control, gate_ref, &mut states, &mut pc);
+            let control_result =
+                self.control_loop(&mut control, gate_ref, &mut states, &mut pc, &mut commit);
             if let Err(e) = control_result {
                 gate_ref.fail(e);
             }
@@ -451,13 +472,17 @@ impl Receiver {
         Ok(slots.into_iter().flatten().collect())
     }
 
-    fn control_loop(
+    fn control_loop<F>(
         &self,
         control: &mut Conn,
         gate: &Gate,
         states: &mut Vec<Vec<u8>>,
         pc: &mut PostcopyCtx<'_, '_>,
-    ) -> Result<(), SessionError> {
+        commit: &mut Option<F>,
+    ) -> Result<(), SessionError>
+    where
+        F: FnOnce(&GuestMemory, &[Vec<u8>]) -> Result<(), CommitError> + Send,
+    {
         // Rounds can take long, so the control connection may be silent for as long as the
         // channels make progress (their idle timeouts bound a stalled sender). Once a channel
         // has closed, the sender owes its End within the idle timeout. A failing channel shuts
@@ -530,8 +555,7 @@ impl Receiver {
                             self.cfg.idle_timeout.as_secs_f64()
                         )));
                     }
-                    control::write_message(control, &Message::EndOk)?;
-                    return Ok(());
+                    return self.commit_and_end(control, pc.memory, states, commit);
                 }
                 Message::PostcopyPages { block, runs } => {
                     pc.announced
@@ -567,10 +591,7 @@ impl Receiver {
                     )?;
                     pc.stats = Some(Box::new(st));
                     return match control::read_message(control)? {
-                        Message::End => {
-                            control::write_message(control, &Message::EndOk)?;
-                            Ok(())
-                        }
+                        Message::End => self.commit_and_end(control, pc.memory, states, commit),
                         Message::Error { message } => Err(SessionError::Peer(message)),
                         other => Err(SessionError::Unexpected {
                             expected: "end",
@@ -589,6 +610,55 @@ impl Receiver {
         }
     }
 }
+
+impl Receiver {
+    /// The session's last step on this side: run the embedder's commit (telling the sender
+    /// every third of the idle timeout that it is still running), then `EndOk`.
+    fn commit_and_end<F>(
+        &self,
+        control: &mut Conn,
+        memory: &GuestMemory,
+        states: &[Vec<u8>],
+        commit: &mut Option<F>,
+    ) -> Result<(), SessionError>
+    where
+        F: FnOnce(&GuestMemory, &[Vec<u8>]) -> Result<(), CommitError> + Send,
+    {
+        let Some(commit) = commit.take() else {
+            return Err(SessionError::Internal("the session ended twice".into()));
+        };
+        let beat = (self.cfg.idle_timeout / 3).max(Duration::from_millis(10));
+        std::thread::scope(|s| {
+            let (tx, rx) = mpsc::channel();
+            let worker = std::thread::Builder::new()
+                .name("pw-commit".into())
+                .spawn_scoped(s, move || {
+                    let _ = tx.send(commit(memory, states));
+                })
+                .map_err(|e| SessionError::Internal(format!("starting the commit thread: {e}")))?;
+            let result = loop {
+                match rx.recv_timeout(beat) {
+                    Ok(r) => break r.map_err(|e| SessionError::Commit(e.to_string())),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        debug!("still committing: end-pending");
+                        // A sender that went away cannot be told; the commit goes on.
+                        let _ = control::write_message(control, &Message::EndPending);
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        break Err(SessionError::Internal("the commit step panicked".into()))
+                    }
+                }
+            };
+            let _ = worker.join();
+            result
+        })?;
+        control::write_message(control, &Message::EndOk)?;
+        Ok(())
+    }
+}
+
+/// What an embedder's commit step ([`Receiver::serve_and_commit`]) may fail with.
+pub type CommitError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Without a shared secret, a receiver accepts only loopback peers unless `insecure` is set.
 pub fn peer_allowed(cfg: &Config, peer: &SocketAddr) -> Result<(), SessionError> {

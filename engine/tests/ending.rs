@@ -1,0 +1,194 @@
+//! How a session ends: the receiver's commit step decides what the sender's `finish` says, a
+//! commit longer than the idle timeout keeps the sender waiting, and a confirmation lost after
+//! the end is "outcome unknown", not "failed".
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pagewire::{
+    Block, CodecKind, Config, GuestMemory, ReceiveInto, Receiver, RoundPages, Sender, SessionError,
+};
+use pagewire_synth::{self as synth, PageSet};
+
+const PS: u32 = 4096;
+const SIZE: usize = 4 << 20;
+
+fn memory(seed: u64) -> Arc<GuestMemory> {
+    let b = Block::anonymous("pc.ram", SIZE).expect("map");
+    // SAFETY: fresh block, not shared yet.
+    synth::fill(
+        PageSet::Realistic,
+        unsafe { b.as_mut_slice() },
+        PS as usize,
+        seed,
+    );
+    Arc::new(GuestMemory::new(vec![b]).expect("layout"))
+}
+
+fn cfg(idle: Duration) -> Config {
+    Config {
+        codec: CodecKind::None,
+        channels: 2,
+        idle_timeout: idle,
+        ..Config::default()
+    }
+}
+
+fn receiver(c: &Config) -> (Receiver, SocketAddr) {
+    let mut r = Receiver::bind("127.0.0.1:0".parse().expect("addr"), c.clone()).expect("bind");
+    r.set_accept_timeout(Some(Duration::from_secs(20)));
+    let addr = r.local_addr().expect("addr");
+    (r, addr)
+}
+
+/// One round of every page, then `finish`.
+fn migrate(addr: SocketAddr, c: &Config, src: &Arc<GuestMemory>) -> Result<(), SessionError> {
+    let mut s = Sender::connect(addr, c.clone(), src.clone())?;
+    s.send_round(RoundPages::all(&[SIZE as u64], PS, c.pages_per_packet))?;
+    s.finish().map(|_| ())
+}
+
+fn same(a: &GuestMemory, b: &GuestMemory) -> bool {
+    // SAFETY: both sessions are over; nothing writes either memory.
+    unsafe { a.blocks()[0].as_slice() == b.blocks()[0].as_slice() }
+}
+
+#[test]
+fn a_failed_commit_fails_the_senders_finish() {
+    let c = cfg(Duration::from_secs(10));
+    let src = memory(1);
+    let (r, addr) = receiver(&c);
+    let rt = std::thread::spawn(move || {
+        r.serve_and_commit(ReceiveInto::Allocate, |_, _| {
+            Err("writing received.img: No space left on device".into())
+        })
+    });
+    let e = migrate(addr, &c, &src).expect_err("the sender succeeded though the commit failed");
+    assert!(!e.outcome_unknown(), "{e}");
+    assert!(
+        matches!(&e, SessionError::Peer(m) if m.contains("No space left on device")),
+        "sender: {e}"
+    );
+    let r_err = rt.join().expect("join").expect_err("receiver succeeded");
+    assert!(
+        matches!(r_err, SessionError::Commit(_)),
+        "receiver: {r_err}"
+    );
+}
+
+#[test]
+fn a_commit_longer_than_the_idle_timeout_keeps_the_sender_waiting() {
+    // The commit takes three idle timeouts; the receiver's end-pending messages (every third
+    // of one) keep the sender from giving up, and it returns only after the commit.
+    let idle = Duration::from_millis(600);
+    let c = cfg(idle);
+    let src = memory(2);
+    let committed = Arc::new(AtomicBool::new(false));
+    let flag = committed.clone();
+    let (r, addr) = receiver(&c);
+    let rt = std::thread::spawn(move || {
+        r.serve_and_commit(ReceiveInto::Allocate, move |mem, state| {
+            assert!(state.is_empty());
+            assert_eq!(mem.total_len(), SIZE as u64);
+            std::thread::sleep(idle * 3);
+            flag.store(true, Ordering::SeqCst);
+            Ok(())
+        })
+    });
+    migrate(addr, &c, &src).expect("finish");
+    assert!(
+        committed.load(Ordering::SeqCst),
+        "finish returned before the commit completed"
+    );
+    let got = rt.join().expect("join").expect("serve");
+    assert!(same(&src, &got.memory));
+}
+
+/// A proxy for the control connection (the first one accepted) that forwards everything but
+/// cuts both directions once the sender's `end` frame has gone through, so the receiver's
+/// `end-ok` never arrives. Every other connection is forwarded verbatim.
+fn cut_after_end(to: SocketAddr) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for (i, c) in l.incoming().enumerate() {
+            let Ok(down) = c else { return };
+            let Ok(up) = TcpStream::connect(to) else {
+                return;
+            };
+            let (mut d2, mut u2) = (
+                down.try_clone().expect("clone"),
+                up.try_clone().expect("clone"),
+            );
+            let control = i == 0;
+            let cut = Arc::new(AtomicBool::new(false));
+            let cut2 = cut.clone();
+            // Receiver -> sender.
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 64 << 10];
+                loop {
+                    let n = match u2.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if cut2.load(Ordering::SeqCst) || d2.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = d2.shutdown(Shutdown::Both);
+            });
+            // Sender -> receiver, frame by frame on the control connection.
+            std::thread::spawn(move || {
+                let (mut from, mut to) = (down, up);
+                if !control {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(Shutdown::Write);
+                    return;
+                }
+                loop {
+                    let mut len = [0u8; 4];
+                    if from.read_exact(&mut len).is_err() {
+                        break;
+                    }
+                    let mut frame = vec![0u8; u32::from_be_bytes(len) as usize];
+                    if from.read_exact(&mut frame).is_err() {
+                        break;
+                    }
+                    let end = frame == [5];
+                    if end {
+                        // From now on nothing goes back to the sender.
+                        cut.store(true, Ordering::SeqCst);
+                    }
+                    if to.write_all(&len).is_err() || to.write_all(&frame).is_err() {
+                        break;
+                    }
+                    if end {
+                        // Let the receiver answer, then cut the sender off.
+                        std::thread::sleep(Duration::from_millis(300));
+                        let _ = from.shutdown(Shutdown::Both);
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_confirmation_lost_after_the_end_is_outcome_unknown() {
+    let c = cfg(Duration::from_secs(10));
+    let src = memory(3);
+    let (r, raddr) = receiver(&c);
+    let rt = std::thread::spawn(move || r.serve(ReceiveInto::Allocate));
+    let paddr = cut_after_end(raddr);
+    let e = migrate(paddr, &c, &src).expect_err("the sender saw a confirmation");
+    assert!(e.outcome_unknown(), "sender: {e}");
+    assert!(e.to_string().contains("outcome unknown"), "{e}");
+    // The receiver did complete, with every page.
+    let got = rt.join().expect("join").expect("serve");
+    assert!(same(&src, &got.memory));
+}
