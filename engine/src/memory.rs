@@ -45,6 +45,42 @@ pub enum MemoryError {
     NoBlock(String),
     #[error("memory of {requested} bytes exceeds the limit of {limit} bytes")]
     TooLarge { requested: u64, limit: u64 },
+    /// A file that cannot be guest memory: a directory, a character device, a pipe...
+    #[error(
+        "block '{name}': the file is {what}; guest memory must be a regular file or a block device"
+    )]
+    NotMappable { name: String, what: &'static str },
+    #[error("block '{name}': the file is empty")]
+    EmptyFile { name: String },
+    #[error("block '{name}': reading the file's size: {source}")]
+    FileSize {
+        name: String,
+        source: std::io::Error,
+    },
+    /// The file behind a block became shorter than the block while it was being sent: the
+    /// pages past its new end were not sent (they would have read as zeros, or faulted).
+    #[error(
+        "block '{name}': its file shrank from {was} to {now} bytes while being sent (truncated by another process?); the pages past byte {now} were not sent"
+    )]
+    FileShrank { name: String, was: u64, now: u64 },
+}
+
+/// What kind of file `ft` is, in words.
+fn file_kind(ft: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_dir() {
+        "a directory"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else if ft.is_fifo() {
+        "a pipe (FIFO)"
+    } else if ft.is_socket() {
+        "a socket"
+    } else if ft.is_symlink() {
+        "a symbolic link"
+    } else {
+        "not a regular file"
+    }
 }
 
 enum Backing {
@@ -171,14 +207,28 @@ impl Block {
         copy_on_write: bool,
     ) -> Result<Block, MemoryError> {
         check_name(name)?;
-        let len = file
-            .metadata()
-            .map(|m| m.len())
-            .map_err(|source| MemoryError::Map {
+        let size_err = |source| MemoryError::FileSize {
+            name: name.to_string(),
+            source,
+        };
+        let meta = file.metadata().map_err(size_err)?;
+        let ft = meta.file_type();
+        let len = if ft.is_file() {
+            meta.len()
+        } else if std::os::unix::fs::FileTypeExt::is_block_device(&ft) {
+            // A block device's metadata says 0: its size is where its end is.
+            std::io::Seek::seek(&mut &*file, std::io::SeekFrom::End(0)).map_err(size_err)?
+        } else {
+            return Err(MemoryError::NotMappable {
                 name: name.to_string(),
-                size: 0,
-                source,
-            })?;
+                what: file_kind(&ft),
+            });
+        };
+        if len == 0 {
+            return Err(MemoryError::EmptyFile {
+                name: name.to_string(),
+            });
+        }
         let map_err = |source| MemoryError::Map {
             name: name.to_string(),
             size: len,
@@ -220,6 +270,29 @@ impl Block {
             release_sent: false,
             _backing: backing,
         })
+    }
+
+    /// A file-backed block whose regular file is now shorter than the block.
+    fn check_file(&self) -> Result<(), MemoryError> {
+        let Contents::File { file, offset, .. } = &self.contents else {
+            return Ok(());
+        };
+        let Ok(meta) = file.metadata() else {
+            return Ok(());
+        };
+        // Block devices report 0 and cannot shrink under a mapping the way files do.
+        if !meta.is_file() {
+            return Ok(());
+        }
+        let was = offset.saturating_add(self.len as u64);
+        if meta.len() < was {
+            return Err(MemoryError::FileShrank {
+                name: self.name.clone(),
+                was,
+                now: meta.len(),
+            });
+        }
+        Ok(())
     }
 
     /// Memory the embedding VMM owns (its guest RAM mapping).
@@ -411,6 +484,13 @@ pub struct GuestMemory {
 }
 
 impl GuestMemory {
+    /// Check that no block's file has become shorter than the block since it was mapped
+    /// ([`MemoryError::FileShrank`]). The sender runs it after every round: a truncated
+    /// image's missing pages would otherwise be sent as zeros without a word.
+    pub fn check_files(&self) -> Result<(), MemoryError> {
+        self.blocks.iter().try_for_each(Block::check_file)
+    }
+
     /// A layout from blocks; names must be unique.
     pub fn new(blocks: Vec<Block>) -> Result<GuestMemory, MemoryError> {
         for (i, b) in blocks.iter().enumerate() {

@@ -429,6 +429,21 @@ impl Sender {
                 }
             }
         }
+        // A file truncated under its mapping: its missing pages were sent as zeros (holes past
+        // the end) or failed the channel (EFAULT). Either way the round is not the guest's
+        // memory; say why to both ends instead of a symptom.
+        if let Err(e) = self.mem.check_files() {
+            let err = SessionError::Memory(e);
+            let _ = control::write_message(
+                &mut self.control,
+                &Message::Error {
+                    message: format!("the sender failed: {err}"),
+                },
+            );
+            self.failed = true;
+            self.abort.stop(1);
+            return Err(err);
+        }
         if let Some(e) = first_err {
             let err = if self.abort.is_aborted() {
                 SessionError::Aborted
@@ -514,8 +529,10 @@ impl Sender {
         Ok(())
     }
 
-    /// End the session: End on the control connection, wait for the receiver's EndOk, close
-    /// the channels. Returns the whole session's counters.
+    /// End the session: End on the control connection, wait for the receiver's EndOk (for as
+    /// long as the receiver says it is still committing), close the channels. Returns the
+    /// whole session's counters. `Ok` means the destination has every page and completed;
+    /// [`SessionError::Unconfirmed`] that its answer was lost, so the outcome is unknown.
     pub fn finish(mut self) -> Result<SessionStats, SessionError> {
         if self.failed {
             return Err(SessionError::Config("session already failed".into()));
@@ -527,17 +544,7 @@ impl Sender {
                 let _ = s.shutdown(std::net::Shutdown::Write);
             }
         }
-        control::write_message(&mut self.control, &Message::End)?;
-        match control::read_message(&mut self.control)? {
-            Message::EndOk => {}
-            Message::Error { message } => return Err(SessionError::Peer(message)),
-            other => {
-                return Err(SessionError::Unexpected {
-                    expected: "end-ok",
-                    got: other.name(),
-                })
-            }
-        }
+        super::end_session(&mut self.control)?;
         let seconds = self.started.elapsed().as_secs_f64();
         let workers = std::mem::take(&mut self.workers);
         for w in workers {
