@@ -46,6 +46,9 @@ pub enum CredentialsError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// `generate` found credentials in the directory and was not asked to replace them.
+    #[error("{dir} already holds {}; refusing to replace them", files.join(", "))]
+    Exists { dir: PathBuf, files: Vec<String> },
 }
 
 /// TLS settings of a session: where the credentials are and which name the receiver's
@@ -151,6 +154,10 @@ pub struct GenerateSpec {
     /// Validity of every certificate, relative to now (seconds; negative is the past).
     pub valid_from_secs: i64,
     pub valid_until_secs: i64,
+    /// Replace credentials already in the directory (default: refuse with
+    /// [`CredentialsError::Exists`]). Replacing `ca-cert.pem` means certificates issued by
+    /// the old CA are no longer accepted by hosts using the new one.
+    pub replace: bool,
 }
 
 impl Default for GenerateSpec {
@@ -159,13 +166,35 @@ impl Default for GenerateSpec {
             hosts: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
             valid_from_secs: -3600,
             valid_until_secs: 365 * 24 * 3600,
+            replace: false,
         }
     }
 }
 
+/// The credential files [`generate`] writes, in QEMU's `tls-creds-x509` layout.
+pub const CREDENTIAL_FILES: [&str; 5] = [CA_CERT, SERVER_CERT, SERVER_KEY, CLIENT_CERT, CLIENT_KEY];
+
+/// Which of [`CREDENTIAL_FILES`] exist in `dir`.
+pub fn existing_credentials(dir: &Path) -> Vec<String> {
+    CREDENTIAL_FILES
+        .iter()
+        .filter(|f| dir.join(f).symlink_metadata().is_ok())
+        .map(|f| (*f).to_string())
+        .collect()
+}
+
 /// Write a CA and a server and a client certificate signed by it into `dir` (created if
-/// missing), in the `tls-creds-x509` layout. Keys are written with mode 0600.
+/// missing), in the `tls-creds-x509` layout. Keys are written with mode 0600. Credentials
+/// already there are refused ([`CredentialsError::Exists`]) unless `spec.replace`; each file
+/// is written beside its name and renamed over it, so none is ever left half-written.
 pub fn generate(dir: &Path, spec: &GenerateSpec) -> Result<(), CredentialsError> {
+    let existing = existing_credentials(dir);
+    if !existing.is_empty() && !spec.replace {
+        return Err(CredentialsError::Exists {
+            dir: dir.to_path_buf(),
+            files: existing,
+        });
+    }
     use rcgen::{
         BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
         IsCa, Issuer, KeyPair, KeyUsagePurpose,
@@ -246,12 +275,20 @@ pub fn generate(dir: &Path, spec: &GenerateSpec) -> Result<(), CredentialsError>
 fn write_file(path: &Path, data: &[u8], secret: bool) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".pagewire-{}.partial", std::process::id()));
+    let tmp = PathBuf::from(tmp);
     let mut o = std::fs::OpenOptions::new();
     o.write(true).create(true).truncate(true);
-    if secret {
-        o.mode(0o600);
+    o.mode(if secret { 0o600 } else { 0o644 });
+    let written = o
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(data).and_then(|()| f.sync_all()))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
-    o.open(path)?.write_all(data)
+    written
 }
 
 /// Opens the sender's connections: TCP, then (with TLS configured) the client handshake.
