@@ -24,6 +24,8 @@ use pagewire_synth::{self as synth, PageSet};
 use serde_json::json;
 
 mod format;
+mod output;
+mod sigbus;
 use format::{parse_size, summary_table};
 #[cfg(target_arch = "x86_64")]
 mod kvm;
@@ -157,8 +159,13 @@ struct TempCerts(PathBuf);
 impl TempCerts {
     fn new() -> Res<TempCerts> {
         let dir = std::env::temp_dir().join(format!("pagewire-demo-certs-{}", std::process::id()));
-        pagewire::session::tls::generate(&dir, &GenerateSpec::default())
-            .map_err(|e| e.to_string())?;
+        // This process's own directory (named by its pid): whatever a dead process of the
+        // same pid left there is replaced.
+        let spec = GenerateSpec {
+            replace: true,
+            ..GenerateSpec::default()
+        };
+        pagewire::session::tls::generate(&dir, &spec).map_err(|e| e.to_string())?;
         Ok(TempCerts(dir))
     }
 }
@@ -175,7 +182,22 @@ fn gen_certs(a: GenCertsArgs) -> Res<()> {
         spec.hosts = a.hosts.clone();
     }
     spec.valid_until_secs = i64::from(a.days.max(1)) * 24 * 3600;
-    pagewire::session::tls::generate(&a.dir, &spec).map_err(|e| e.to_string())?;
+    spec.replace = a.force;
+    let replaced = pagewire::session::tls::existing_credentials(&a.dir);
+    pagewire::session::tls::generate(&a.dir, &spec).map_err(|e| match e {
+        pagewire::session::tls::CredentialsError::Exists { .. } => {
+            format!("gen-certs: {e} (pass --force to replace them)")
+        }
+        e => format!("gen-certs: {e}"),
+    })?;
+    if replaced.iter().any(|f| f == "ca-cert.pem") {
+        eprintln!(
+            "pagewire gen-certs: warning: replaced the CA in {}: certificates the old CA issued \
+             are no longer accepted by hosts using this directory; copy the new ca-cert.pem and \
+             certificates to every host of the migration",
+            a.dir.display()
+        );
+    }
     println!(
         "pagewire gen-certs: wrote ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem, client-key.pem to {} (server valid for: {})",
         a.dir.display(),
@@ -284,9 +306,13 @@ struct SendArgs {
     /// Seed of the simulated guest's writes.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Write the sender's final memory (after the last round's rewrites) to this file.
+    /// Write the sender's final memory (after the last round's rewrites) to this file (a new
+    /// one: an existing file is refused unless --force).
     #[arg(long)]
     final_image: Option<PathBuf>,
+    /// Let --final-image replace an existing file.
+    #[arg(long)]
+    force: bool,
     #[command(flatten)]
     tuning: Tuning,
     #[command(flatten)]
@@ -298,9 +324,15 @@ struct RecvArgs {
     /// Address to listen on, host:port.
     #[arg(long)]
     listen: String,
-    /// Write the received memory (blocks in hello order) to this file.
+    /// Write the received memory (blocks in hello order) to this file once the session has
+    /// completed: into a new file beside it, renamed over it only when complete (the sender
+    /// succeeds only then). An existing file is refused unless --force.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Let --out replace an existing file (only once the session has completed; it is never
+    /// touched otherwise).
+    #[arg(long)]
+    force: bool,
     /// Largest guest memory a sender may ask for (default: this host's RAM).
     #[arg(long)]
     max_memory: Option<String>,
@@ -326,8 +358,13 @@ struct RecvArgs {
 
 #[derive(Args, Debug)]
 struct GenCertsArgs {
-    /// Directory to write (created if missing; existing files are replaced).
+    /// Directory to write (created if missing). Credentials already there are refused
+    /// unless --force.
     dir: PathBuf,
+    /// Replace credentials already in DIR (a replaced CA invalidates every certificate the
+    /// old one issued: a warning says so).
+    #[arg(long)]
+    force: bool,
     /// A DNS name or IP address the receiver's certificate is valid for; repeat for several
     /// (default: localhost, 127.0.0.1, ::1).
     #[arg(long = "host")]
@@ -342,9 +379,13 @@ struct DecodeArgs {
     /// A memory block, NAME=SIZE (SIZE in bytes or with KiB/MiB/GiB); repeat for several.
     #[arg(long = "block", required = true)]
     blocks: Vec<String>,
-    /// Output image: the blocks in the order given.
+    /// Output image: the blocks in the order given (a new file: an existing one is refused
+    /// unless --force, and replaced only once the decode has succeeded).
     #[arg(long)]
     out: PathBuf,
+    /// Let --out replace an existing file.
+    #[arg(long)]
+    force: bool,
     /// Page size of the streams.
     #[arg(long, default_value_t = 4096)]
     page_size: u32,
@@ -362,6 +403,37 @@ struct DecodeArgs {
 
 type Res<T> = Result<T, String>;
 
+/// Exit statuses (README, "Exit status").
+mod exit {
+    /// Failed: the migration did not complete.
+    pub const FAILED: u8 = 1;
+    /// `send` only: every round was acknowledged and the end sent, but the destination's
+    /// confirmation never came; whether it completed is unknown.
+    pub const OUTCOME_UNKNOWN: u8 = 3;
+}
+
+/// A failure and the exit status it maps to.
+#[derive(Debug)]
+struct Failure {
+    message: String,
+    status: u8,
+}
+
+impl From<&str> for Failure {
+    fn from(message: &str) -> Self {
+        Failure::from(message.to_string())
+    }
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Failure {
+            message,
+            status: exit::FAILED,
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -369,22 +441,24 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colours only for a terminal: a log redirected to a file stays plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
-    let res = match cli.cmd {
-        Cmd::Demo(a) => demo(a),
+    let res: Result<(), Failure> = match cli.cmd {
+        Cmd::Demo(a) => demo(a).map_err(Failure::from),
         Cmd::Send(a) => send(a),
-        Cmd::Recv(a) => recv(a),
-        Cmd::Decode(a) => decode(a),
-        Cmd::GenCerts(a) => gen_certs(a),
+        Cmd::Recv(a) => recv(a).map_err(Failure::from),
+        Cmd::Decode(a) => decode(a).map_err(Failure::from),
+        Cmd::GenCerts(a) => gen_certs(a).map_err(Failure::from),
         #[cfg(target_arch = "x86_64")]
-        Cmd::KvmDemo(a) => kvm::run(a),
+        Cmd::KvmDemo(a) => kvm::run(a).map_err(Failure::from),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("pagewire: error: {}", e.replace('\n', " "));
-            ExitCode::FAILURE
+        Err(f) => {
+            eprintln!("pagewire: error: {}", f.message.replace('\n', " "));
+            ExitCode::from(f.status)
         }
     }
 }
@@ -588,6 +662,20 @@ fn demo(a: DemoArgs) -> Res<()> {
         ));
     }
     let size = usize::try_from(size).map_err(|_| "size too large for this host".to_string())?;
+    // Both ends live in this process: the sender's generated memory and the receiver's copy.
+    if let Some(avail) = format::available_memory() {
+        let need = 2 * size as u64;
+        if need > avail {
+            return Err(format!(
+                "--size {}: the demo holds both ends' copies of the guest in this process \
+                 (about {}), but this host has {} of memory available; choose --size {}MiB or less",
+                a.size,
+                human(need),
+                human(avail),
+                (avail / 2) >> 20
+            ));
+        }
+    }
     let gen0 = Instant::now();
     let block = Block::anonymous("pc.ram", size).map_err(|e| e.to_string())?;
     // SAFETY: the block was just created and nothing else references it yet.
@@ -694,29 +782,44 @@ fn demo(a: DemoArgs) -> Res<()> {
     Ok(())
 }
 
-fn send(a: SendArgs) -> Res<()> {
+/// `pagewire send`: exit status 0 only once the destination confirmed it has every page and
+/// completed; [`exit::OUTCOME_UNKNOWN`] when that confirmation was lost after the end.
+fn send(a: SendArgs) -> Result<(), Failure> {
     let channels = a.channels.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1, |n| n.get().min(255) as u16)
     });
     let mut cfg = config(&a.tuning, &a.common, channels)?;
     cfg.pinning = pinning(&a.common, Pinning::Auto)?;
     if a.rounds == 0 {
-        return Err("--rounds must be at least 1".into());
+        return Err(Failure::from("--rounds must be at least 1".to_string()));
     }
     if !(0.0..=1.0).contains(&a.dirty_fraction) {
-        return Err(format!(
+        return Err(Failure::from(format!(
             "--dirty-fraction {} must be in 0..=1",
             a.dirty_fraction
-        ));
+        )));
     }
     let addr = pagewire_transport::net::resolve(&a.connect).map_err(|e| e.to_string())?;
     cfg.tls = tls_config(&a.common, Some(&a.connect))?;
+    let final_image = a
+        .final_image
+        .as_deref()
+        .map(|p| output::Output::check(p, a.force))
+        .transpose()?;
     let file = File::open(&a.image).map_err(|e| format!("{}: {e}", a.image.display()))?;
     // Several rounds rewrite pages between rounds: map the image copy-on-write so the file
     // itself is never modified. One round only reads it.
     let cow = a.rounds > 1;
     let block = Block::from_file(&a.block_name, &file, false, cow)
         .map_err(|e| format!("{}: {e}", a.image.display()))?;
+    // Reading a page of the mapping past the file's end (the image truncated by someone else
+    // during the send) raises SIGBUS: name it instead of dying silently.
+    if let Err(e) = sigbus::name_bus_errors(&format!(
+        "{}: the image file became shorter while it was being sent (truncated by another process?); the migration did not complete",
+        a.image.display()
+    )) {
+        tracing::warn!("cannot install a SIGBUS handler: {e}");
+    }
     // A read-only mapping loses nothing by dropping sent pages: resident memory stays bounded
     // by the packets in flight, not the image's size.
     let block = if cow {
@@ -767,10 +870,16 @@ fn send(a: SendArgs) -> Res<()> {
     let res = res.and_then(|()| sender.finish());
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = ph.join();
-    let stats = res.map_err(|e| e.to_string())?;
-    if let Some(path) = &a.final_image {
-        let f = File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        write_memory(&mem, f).map_err(|e| format!("{}: {e}", path.display()))?;
+    let stats = res.map_err(|e| Failure {
+        status: if e.outcome_unknown() {
+            exit::OUTCOME_UNKNOWN
+        } else {
+            exit::FAILED
+        },
+        message: e.to_string(),
+    })?;
+    if let Some(out) = &final_image {
+        out.write(|f| write_memory(&mem, f))?;
     }
     if a.common.json {
         let mut v = stats_json(&stats);
@@ -999,29 +1108,35 @@ fn recv(a: RecvArgs) -> Res<()> {
         // Fail at start, not when the first sender arrives.
         pagewire::session::recv::decoder_for(Decoder::Qpl).map_err(|e| e.to_string())?;
     }
-    // Fail early on an unwritable output, before the sender spends its time.
-    let out = match &a.out {
-        Some(p) => Some((
-            p.clone(),
-            File::create(p).map_err(|e| format!("{}: {e}", p.display()))?,
-        )),
-        None => None,
-    };
+    // Fail early on an output that cannot be written or must not be replaced, before the
+    // sender spends its time; the target itself is not touched until the session completes.
+    let out = a
+        .out
+        .as_deref()
+        .map(|p| output::Output::check(p, a.force))
+        .transpose()?;
     let tls_on = cfg.tls.is_some();
     let mut receiver = Receiver::bind(addr, cfg).map_err(|e| e.to_string())?;
     if let Some(t) = a.accept_timeout {
         receiver.set_accept_timeout(Some(Duration::from_secs_f64(t.max(0.0))));
     }
     tracing::info!(addr = %receiver.local_addr().map_err(|e| e.to_string())?, "listening");
+    // The memory is written out before the sender is told the session completed: a sender
+    // that exits 0 means the file is complete.
+    let write_secs = std::sync::Mutex::new(0.0);
     let done = receiver
-        .serve(ReceiveInto::Allocate)
+        .serve_and_commit(ReceiveInto::Allocate, |memory, _state| {
+            if let Some(out) = &out {
+                let t = Instant::now();
+                out.write(|file| write_memory(memory, file))?;
+                if let Ok(mut w) = write_secs.lock() {
+                    *w = t.elapsed().as_secs_f64();
+                }
+            }
+            Ok(())
+        })
         .map_err(|e| e.to_string())?;
-    let mut write_secs = 0.0;
-    if let Some((path, file)) = out {
-        let t = Instant::now();
-        write_memory(&done.memory, file).map_err(|e| format!("{}: {e}", path.display()))?;
-        write_secs = t.elapsed().as_secs_f64();
-    }
+    let write_secs = write_secs.into_inner().unwrap_or(0.0);
     if a.common.json {
         let mut v = stats_json(&done.stats);
         v["command"] = json!("recv");
@@ -1088,6 +1203,7 @@ fn write_memory(mem: &GuestMemory, file: File) -> std::io::Result<()> {
 }
 
 fn decode(a: DecodeArgs) -> Res<()> {
+    let out = output::Output::check(&a.out, a.force)?;
     let mut blocks = Vec::new();
     for spec in &a.blocks {
         let (name, size) = spec
@@ -1112,8 +1228,7 @@ fn decode(a: DecodeArgs) -> Res<()> {
     let stats: DecodeStats = decode_streams_with(&mem, captures, a.page_size, a.pages_per_packet)
         .map_err(|e| e.to_string())?;
     let secs = t.elapsed().as_secs_f64();
-    let file = File::create(&a.out).map_err(|e| format!("{}: {e}", a.out.display()))?;
-    write_memory(&mem, file).map_err(|e| format!("{}: {e}", a.out.display()))?;
+    out.write(|file| write_memory(&mem, file))?;
     if a.json {
         let v = json!({
             "command": "decode",

@@ -96,6 +96,11 @@ struct Opts {
     /// time held back), as QEMU's auto-converge does.
     #[arg(long, global = true)]
     no_auto_converge: bool,
+    /// Before each dirty-log collection, wait until the guest has rewritten its working set
+    /// this many times since the previous one (source; 0: never wait). Makes each round's
+    /// dirty set the guest's whole working set whatever else loads the host (tests use it).
+    #[arg(long, global = true, default_value_t = 0)]
+    min_passes_per_round: u64,
     /// Post-copy (source): after --precopy-rounds live rounds, pause the guest, send its vCPU
     /// state and let it resume on the destination at once; the pages it lacks follow, those
     /// it touches first.
@@ -243,6 +248,7 @@ fn source_opts(o: &Opts, connect: SocketAddr) -> Res<source::SourceOpts> {
         downtime_limit: Duration::from_secs_f64(o.downtime_limit / 1e3),
         warmup: secs(o.warmup, "warmup")?,
         auto_converge: !o.no_auto_converge,
+        min_passes_per_round: o.min_passes_per_round,
         postcopy,
     })
 }

@@ -32,6 +32,10 @@ pub struct SourceOpts {
     pub warmup: Duration,
     /// Throttle the guest when rounds do not converge (QEMU's auto-converge).
     pub auto_converge: bool,
+    /// Before each dirty-log collection, wait until the guest has made this many passes over
+    /// its working set since the previous one (0: do not wait). A round's dirty set then
+    /// follows the guest's program, not how much CPU the host gave the guest.
+    pub min_passes_per_round: u64,
     /// Whether and when the migration ends with post-copy instead of a final paused round.
     pub postcopy: PostcopyMode,
 }
@@ -158,6 +162,9 @@ struct KvmVmm<'a, F: FnMut(&RoundRow)> {
     /// The driver may hand over to post-copy.
     postcopy: bool,
     throttle: u8,
+    min_passes: u64,
+    /// The guest's passes at the last collection.
+    passes_at_collect: u64,
     /// KVM_GET_DIRTY_LOG durations, µs, one per collection.
     dirty_log_us: Vec<f64>,
     rows: Vec<RoundRow>,
@@ -171,9 +178,28 @@ struct KvmVmm<'a, F: FnMut(&RoundRow)> {
 
 impl<F: FnMut(&RoundRow)> Vmm for KvmVmm<'_, F> {
     fn collect_dirty(&mut self, log: &mut DirtyLog) -> Result<(), VmmError> {
+        if let (Some(running), true) = (&self.running, self.min_passes > 0) {
+            let want = self.passes_at_collect + self.min_passes;
+            let t = Instant::now();
+            while running.passes() < want {
+                if t.elapsed() > MIN_PASSES_WAIT {
+                    return Err(format!(
+                        "the guest made {} of the {} passes over its working set asked for \
+                         (--min-passes-per-round) within {MIN_PASSES_WAIT:?}",
+                        running.passes() - self.passes_at_collect,
+                        self.min_passes
+                    )
+                    .into());
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
         let t = Instant::now();
         let bitmap = self.vm.dirty_log()?;
         self.dirty_log_us.push(t.elapsed().as_secs_f64() * 1e6);
+        if let Some(running) = &self.running {
+            self.passes_at_collect = running.passes();
+        }
         // One memory slot: slot 0 is block 0.
         log.add_bitmap(0, &bitmap)?;
         Ok(())
@@ -250,6 +276,9 @@ impl<F: FnMut(&RoundRow)> Vmm for KvmVmm<'_, F> {
     }
 }
 
+/// The longest wait for the guest's passes before a collection (`min_passes_per_round`).
+const MIN_PASSES_WAIT: Duration = Duration::from_secs(30);
+
 /// Run the source. `on_round` sees each live round as it finishes (for printing).
 pub fn run(o: &SourceOpts, on_round: impl FnMut(&RoundRow)) -> Result<SourceReport, String> {
     let layout = o.layout;
@@ -270,6 +299,8 @@ pub fn run(o: &SourceOpts, on_round: impl FnMut(&RoundRow)) -> Result<SourceRepo
         auto_converge: o.auto_converge,
         postcopy: o.postcopy != PostcopyMode::Off,
         throttle: 0,
+        min_passes: o.min_passes_per_round,
+        passes_at_collect: 0,
         dirty_log_us: Vec::new(),
         rows: Vec::new(),
         on_round,

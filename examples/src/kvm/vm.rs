@@ -11,7 +11,7 @@
 //! half-finished exit (the checkpoint's MMIO store) without running guest code, so the
 //! registers read afterwards are those of an instruction boundary.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -207,6 +207,8 @@ pub struct Running {
     ended: mpsc::Receiver<()>,
     /// Percent of each [`THROTTLE_PERIOD`] the vCPU sleeps (0: never).
     throttle: Arc<AtomicU32>,
+    /// Checkpoint exits so far (passes over the working set), readable while it runs.
+    passes: Arc<AtomicU64>,
 }
 
 /// The throttling period: with throttle p %, the vCPU runs (100 - p) % of each period, then
@@ -238,11 +240,13 @@ impl Running {
         let (ending, ended) = mpsc::channel::<()>();
         let throttle = Arc::new(AtomicU32::new(0));
         let pct = throttle.clone();
+        let passes = Arc::new(AtomicU64::new(0));
+        let counted = passes.clone();
         let handle = std::thread::Builder::new()
             .name("vcpu0".into())
             .spawn(move || {
                 let _ending = ending;
-                run_loop(vcpu, stop_at, &flag, &pct)
+                run_loop(vcpu, stop_at, &flag, &pct, &counted)
             })
             .map_err(|e| format!("spawning the vCPU thread: {e}"))?;
         Ok(Running {
@@ -250,7 +254,13 @@ impl Running {
             stop,
             ended,
             throttle,
+            passes,
         })
+    }
+
+    /// Passes over the working set (checkpoint exits) the guest has completed so far.
+    pub fn passes(&self) -> u64 {
+        self.passes.load(Ordering::SeqCst)
     }
 
     /// Throttle the guest: from now on it sleeps `pct` % (at most 99) of every
@@ -332,6 +342,7 @@ fn run_loop(
     stop_at: StopAt,
     stop: &AtomicBool,
     throttle: &AtomicU32,
+    passes: &AtomicU64,
 ) -> Result<(Vcpu, RunStats), String> {
     let mut stats = RunStats {
         entered_mono_ns: mono_ns(),
@@ -376,6 +387,7 @@ fn run_loop(
         };
         if checkpoint {
             stats.checkpoints += 1;
+            passes.store(stats.checkpoints, Ordering::SeqCst);
             if let StopAt::CheckpointAbove(min) = stop_at {
                 // SAFETY: this thread's KVM_RUN has returned, so the guest (one vCPU) is
                 // stopped; nothing else writes guest memory while the vCPU runs.

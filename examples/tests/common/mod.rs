@@ -51,6 +51,12 @@ pub type Recording = (Hello, Vec<Vec<u8>>);
 /// and the end. Returns the port to send to and a handle that yields the hello and the channel
 /// streams, in the order the channels connected.
 pub fn recorder() -> (u16, JoinHandle<Recording>) {
+    recorder_ending(true)
+}
+
+/// [`recorder`], which at the sender's `end` answers `end-ok` (`confirm`) or closes the
+/// control connection without a word (a confirmation lost on the way).
+pub fn recorder_ending(confirm: bool) -> (u16, JoinHandle<Recording>) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let rec = std::thread::spawn(move || {
@@ -80,7 +86,9 @@ pub fn recorder() -> (u16, JoinHandle<Recording>) {
                     control::write_message(&mut ctl, &Message::RoundDone { round }).expect("rd")
                 }
                 Message::End => {
-                    control::write_message(&mut ctl, &Message::EndOk).expect("eo");
+                    if confirm {
+                        control::write_message(&mut ctl, &Message::EndOk).expect("eo");
+                    }
                     break;
                 }
                 m => panic!("unexpected {m:?}"),
