@@ -835,6 +835,36 @@ mod tests {
         assert_eq!(s.key_updates(), 24, "100 records, 4 per key");
     }
 
+    #[test]
+    fn matches_only_the_keys_its_secret_gives() {
+        use rustls::crypto::cipher::{AeadKey, Iv};
+        let d = dir(0, MAX_RECORDS);
+        let k = KeyBytes::derive(Suite::Aes256GcmSha384, &d.secret).unwrap();
+        let mut key = [0u8; 32];
+        key.copy_from_slice(k.key());
+        let same = ConnectionTrafficSecrets::Aes256Gcm {
+            key: AeadKey::from(key),
+            iv: Iv::from(k.iv),
+        };
+        assert!(d.matches(&same));
+        let mut other = key;
+        other[31] ^= 1;
+        let wrong_key = ConnectionTrafficSecrets::Aes256Gcm {
+            key: AeadKey::from(other),
+            iv: Iv::from(k.iv),
+        };
+        assert!(!d.matches(&wrong_key));
+        let wrong_suite = ConnectionTrafficSecrets::Chacha20Poly1305 {
+            key: AeadKey::from(key),
+            iv: Iv::from(k.iv),
+        };
+        assert!(!d.matches(&wrong_suite));
+        assert!(
+            Direction::new(Suite::Aes128GcmSha256, &[1; 48]).is_err(),
+            "SHA-256 secrets have 32 bytes"
+        );
+    }
+
     /// A reader with `records_per_key`, fed `wire` whole.
     fn reader_with(wire: &[u8], records_per_key: u64) -> RecordReader {
         let mut r = RecordReader::new(dir(0, records_per_key), 1 << 16);
