@@ -41,6 +41,8 @@ pub struct ChannelStats {
     pub zc_sends: u64,
     /// Receives done with READ_FIXED into registered buffers (receiver).
     pub reads_fixed: u64,
+    /// TLS 1.3 KeyUpdates: sent (sender) or received (receiver) on the channel.
+    pub tls_key_updates: u64,
     /// Zero-copy notifications received.
     pub zc_notifications: u64,
     /// Notifications reporting that the kernel copied the data anyway (always, on loopback).
@@ -93,6 +95,7 @@ macro_rules! u64_counters {
             jobs_failed,
             zc_sends,
             reads_fixed,
+            tls_key_updates,
             zc_notifications,
             zc_copied,
             pages_raw_chosen,
@@ -243,6 +246,7 @@ mod tests {
             jobs_failed: 14,
             zc_sends: 15,
             reads_fixed: 16,
+            tls_key_updates: 25,
             zc_notifications: 17,
             zc_copied: 18,
             pages_zero_unread: 19,

@@ -90,6 +90,16 @@ fn round_trip(codec: CodecKind, channels: u16, record_size: usize) {
     if let Some(t) = t.as_mut() {
         t.record_size = record_size;
     }
+    round_trip_with(codec, channels, t);
+}
+
+/// Three rounds over TLS configured as `t`, byte-identical; returns the sender's and the
+/// receiver's counters.
+fn round_trip_with(
+    codec: CodecKind,
+    channels: u16,
+    t: Option<TlsConfig>,
+) -> (pagewire::stats::SessionStats, pagewire::stats::SessionStats) {
     // Zero copy asked for: TLS must not use it (the records are sealed copies anyway).
     let c = Config {
         zero_copy: pagewire::config::ZeroCopy::On,
@@ -137,6 +147,7 @@ fn round_trip(codec: CodecKind, channels: u16, record_size: usize) {
     assert!(same, "{codec:?} x{channels}: receiver memory differs");
     assert_eq!(total.rounds, 3);
     assert_eq!(total.total.zc_sends, 0, "zero copy used under TLS");
+    (total, got.stats)
 }
 
 #[test]
@@ -163,6 +174,92 @@ fn round_trips_deflate_2_channels_small_records() {
 fn round_trips_none_odd_record_size() {
     // Records that end in the middle of headers, length arrays and pages.
     round_trip(CodecKind::None, 1, 1000);
+}
+
+#[test]
+fn long_sessions_update_keys_on_every_channel() {
+    let dir = certs(&GenerateSpec::default());
+    let mut t = tls(dir.path()).unwrap();
+    // 2 KiB records, a KeyUpdate every 64 records (128 KiB): about 24 per channel in this
+    // session (some 3 MB on each channel's wire).
+    t.record_size = 2048;
+    t.records_per_key = 128;
+    let (sent, got) = round_trip_with(CodecKind::None, 2, Some(t));
+    assert_eq!(sent.channels.len(), 2);
+    for c in &sent.channels {
+        eprintln!(
+            "channel {}: {} wire bytes, {} key updates",
+            c.channel, c.wire_bytes, c.tls_key_updates
+        );
+        assert!(
+            c.tls_key_updates >= 10,
+            "channel {}: {} key updates for {} wire bytes",
+            c.channel,
+            c.tls_key_updates,
+            c.wire_bytes
+        );
+        let r = got
+            .channels
+            .iter()
+            .find(|r| r.channel == c.channel)
+            .unwrap();
+        assert_eq!(
+            r.tls_key_updates, c.tls_key_updates,
+            "channel {}: the receiver took every KeyUpdate the sender sent",
+            c.channel
+        );
+    }
+}
+
+/// pagewire's record layer against rustls' own: rustls opens records sealed across many
+/// pagewire key updates, and pagewire follows rustls' KeyUpdates (update_requested), answering
+/// each with its own before its next data.
+#[test]
+fn key_updates_interoperate_with_rustls() {
+    use pagewire_transport::tls::{self as ptls, RecordConfig};
+    let dir = certs(&GenerateSpec::default());
+    let t = tls(dir.path()).unwrap();
+    let (server_cfg, client_cfg) = (t.server_config().unwrap(), t.client_config().unwrap());
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let data: Vec<u8> = (0..30_000u32).map(|i| (i % 251) as u8).collect();
+    let sent = data.clone();
+    let server = std::thread::spawn(move || {
+        let (tcp, _) = l.accept().unwrap();
+        let records = RecordConfig {
+            record_size: 1000,
+            records_per_key: 6,
+        };
+        let mut s = ptls::server(tcp, server_cfg, records).unwrap();
+        s.write_all(&sent).unwrap();
+        for _ in 0..3 {
+            let mut echo = vec![0u8; 5000];
+            s.read_exact(&mut echo).unwrap();
+            s.write_all(&echo).unwrap();
+        }
+        s.key_updates()
+    });
+    let tcp = TcpStream::connect(addr).unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(client_cfg, name).unwrap();
+    let mut c = rustls::StreamOwned::new(conn, tcp);
+    let mut ready = [0u8; 1];
+    c.read_exact(&mut ready).unwrap();
+    let mut got = vec![0u8; data.len()];
+    c.read_exact(&mut got).unwrap();
+    assert!(got == data, "rustls read back what pagewire sealed");
+    for i in 0..3u8 {
+        c.conn.refresh_traffic_keys().unwrap();
+        let msg = vec![i + 1; 5000];
+        c.write_all(&msg).unwrap();
+        let mut echo = vec![0u8; 5000];
+        c.read_exact(&mut echo).unwrap();
+        assert!(echo == msg, "round {i}");
+    }
+    let (tx, rx) = server.join().unwrap();
+    // 30 records at 3 per key, then 15 more each preceded by an update answering rustls.
+    assert!(tx >= 9 + 3, "pagewire sent {tx} key updates");
+    assert_eq!(rx, 3, "pagewire followed each of rustls' key updates");
 }
 
 /// Run a session expected to fail; returns (sender error, receiver error).

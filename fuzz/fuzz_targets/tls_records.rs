@@ -8,6 +8,8 @@
 //!   (record size from the input), then the recipe's edits applied to the sealed stream (flip,
 //!   drop, duplicate or truncate bytes).
 //!
+//! Both sides update their keys every 8 records (KeyUpdate records in the sealed stream).
+//!
 //! Properties, for any input: no panic; the reader only ever exposes plaintext of records
 //! that verified, so the plaintext read is always a prefix of what was sealed (recipe mode),
 //! and an unedited stream reads back exactly.
@@ -15,19 +17,13 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use pagewire_transport::tls::rustls::crypto::cipher::{AeadKey, Iv};
-use pagewire_transport::tls::rustls::ConnectionTrafficSecrets;
-use pagewire_transport::tls::{Direction, RecordReader, Sealer};
+use pagewire_transport::tls::{Direction, RecordReader, Sealer, Suite};
 
+/// Keys updated every 8 records, so that sealed streams carry KeyUpdate records.
 fn dir() -> Direction {
-    Direction::new(
-        0,
-        ConnectionTrafficSecrets::Aes256Gcm {
-            key: AeadKey::from([0x42; 32]),
-            iv: Iv::from([0x24; 12]),
-        },
-    )
-    .expect("key")
+    Direction::new(Suite::Aes256GcmSha384, &[0x42; 48])
+        .expect("key")
+        .with_records_per_key(16)
 }
 
 /// Feed `wire` in chunks of `chunk` bytes; return the plaintext read and whether it ended

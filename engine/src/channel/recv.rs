@@ -715,6 +715,7 @@ impl RecvChannel {
                 got += n;
                 advance_iovecs(&mut self.iov, &mut first, n);
             }
+            self.stats.tls_key_updates = rd.key_updates();
             if got >= need {
                 return Ok(Got::Full);
             }

@@ -966,6 +966,7 @@ impl SendChannel {
             return Err(self.err(kind));
         }
         slot.staged = true;
+        self.stats.tls_key_updates = self.stage.key_updates();
         Ok(true)
     }
 
@@ -981,6 +982,7 @@ impl SendChannel {
             if let Err(kind) = unsafe { self.stage.prepare(&mut slot.iov, &mut slot.sealed) } {
                 return Err(self.err(kind));
             }
+            self.stats.tls_key_updates = self.stage.key_updates();
         }
         slot.staged = false;
         slot.first = 0;

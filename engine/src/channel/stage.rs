@@ -29,6 +29,9 @@ pub trait SendStage: Send + std::fmt::Debug {
 
     /// Bytes on the wire for a packet of `plain` bytes.
     fn wire_len(&self, plain: usize) -> usize;
+
+    /// TLS KeyUpdates sent so far (clear text: none).
+    fn key_updates(&self) -> u64;
 }
 
 /// Clear text: the pieces go out as they are.
@@ -50,6 +53,10 @@ impl SendStage for Clear {
 
     fn wire_len(&self, plain: usize) -> usize {
         plain
+    }
+
+    fn key_updates(&self) -> u64 {
+        0
     }
 }
 
@@ -96,6 +103,10 @@ impl SendStage for TlsSeal {
 
     fn wire_len(&self, plain: usize) -> usize {
         self.sealer.sealed_len(plain)
+    }
+
+    fn key_updates(&self) -> u64 {
+        self.sealer.key_updates()
     }
 }
 

@@ -62,6 +62,10 @@ pub struct TlsConfig {
     pub server_name: Option<String>,
     /// Plaintext bytes per TLS record (at most 16384).
     pub record_size: usize,
+    /// Records one key may protect; each side updates its sending key (TLS 1.3 KeyUpdate) at
+    /// half of it. Tests lower it from AES-GCM's limit to see many updates in a short session.
+    #[doc(hidden)]
+    pub records_per_key: u64,
 }
 
 impl TlsConfig {
@@ -71,6 +75,7 @@ impl TlsConfig {
             dir: dir.into(),
             server_name: None,
             record_size: tls::DEFAULT_RECORD_SIZE,
+            records_per_key: tls::record::MAX_RECORDS,
         }
     }
 
@@ -108,6 +113,13 @@ impl TlsConfig {
                 source,
             }
         })
+    }
+
+    fn records(&self) -> tls::RecordConfig {
+        tls::RecordConfig {
+            record_size: self.record_size,
+            records_per_key: self.records_per_key,
+        }
     }
 
     /// The name the sender checks the receiver's certificate against.
@@ -293,7 +305,7 @@ fn write_file(path: &Path, data: &[u8], secret: bool) -> std::io::Result<()> {
 
 /// Opens the sender's connections: TCP, then (with TLS configured) the client handshake.
 pub(crate) struct Dialer {
-    client: Option<(Arc<ClientConfig>, ServerName<'static>, usize)>,
+    client: Option<(Arc<ClientConfig>, ServerName<'static>, tls::RecordConfig)>,
 }
 
 impl Dialer {
@@ -304,7 +316,7 @@ impl Dialer {
         addr: &SocketAddr,
     ) -> Result<Dialer, crate::error::SessionError> {
         let client = match &cfg.tls {
-            Some(t) => Some((t.client_config()?, t.name_for(addr)?, t.record_size)),
+            Some(t) => Some((t.client_config()?, t.name_for(addr)?, t.records())),
             None => {
                 if !pagewire_transport::net::is_loopback(addr) {
                     tracing::warn!(
@@ -331,13 +343,13 @@ impl Dialer {
         timeout: std::time::Duration,
     ) -> Result<tls::Conn, crate::error::SessionError> {
         let tcp = pagewire_transport::net::connect(addr, opts)?;
-        let Some((cfg, name, record_size)) = &self.client else {
+        let Some((cfg, name, records)) = &self.client else {
             return Ok(tls::Conn::Clear(tcp));
         };
         let io = |e: std::io::Error| TlsError::Io(e);
         tcp.set_read_timeout(Some(timeout)).map_err(io)?;
         tcp.set_write_timeout(Some(timeout)).map_err(io)?;
-        let t = tls::client(tcp, cfg.clone(), name.clone(), *record_size)?;
+        let t = tls::client(tcp, cfg.clone(), name.clone(), *records)?;
         tracing::debug!(%addr, suite = t.suite(), "TLS established");
         let conn = tls::Conn::Tls(Box::new(t));
         // As a clear-text connection leaves `connect`: the caller sets what it needs.
@@ -350,7 +362,7 @@ impl Dialer {
 /// Runs the receiver's side of the TLS handshake when TLS is configured.
 #[derive(Clone)]
 pub(crate) struct Acceptor {
-    server: Option<(Arc<ServerConfig>, usize)>,
+    server: Option<(Arc<ServerConfig>, tls::RecordConfig)>,
 }
 
 impl std::fmt::Debug for Acceptor {
@@ -365,7 +377,7 @@ impl Acceptor {
     pub fn new(cfg: &crate::config::Config) -> Result<Acceptor, CredentialsError> {
         Ok(Acceptor {
             server: match &cfg.tls {
-                Some(t) => Some((t.server_config()?, t.record_size)),
+                Some(t) => Some((t.server_config()?, t.records())),
                 None => None,
             },
         })
@@ -380,10 +392,10 @@ impl Acceptor {
     pub fn accept(&self, tcp: std::net::TcpStream) -> Result<tls::Conn, TlsError> {
         match &self.server {
             None => Ok(tls::Conn::Clear(tcp)),
-            Some((cfg, record_size)) => Ok(tls::Conn::Tls(Box::new(tls::server(
+            Some((cfg, records)) => Ok(tls::Conn::Tls(Box::new(tls::server(
                 tcp,
                 cfg.clone(),
-                *record_size,
+                *records,
             )?))),
         }
     }

@@ -7,21 +7,29 @@
 //! arrive in the same read as its Finished message. The ready record also carries the
 //! server's alert to the client when the server refuses the client's certificate (TLS 1.3
 //! clients finish their side of the handshake before the server has checked them).
+//!
+//! The record layer needs the application traffic secrets themselves, not only the key and
+//! IV `dangerous_extract_secrets` returns: a key update derives the next generation from the
+//! secret (RFC 8446 §7.2). rustls hands them to a connection's [`KeyLog`] as
+//! `CLIENT_TRAFFIC_SECRET_0` and `SERVER_TRAFFIC_SECRET_0`, so each connection runs with a
+//! copy of the configuration whose key log keeps those two, and the key and IV derived from
+//! them are checked against the ones rustls extracted before any record is sealed.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{
-    ClientConfig, ClientConnection, Connection, RootCertStore, ServerConfig, ServerConnection,
+    ClientConfig, ClientConnection, Connection, KeyLog, RootCertStore, ServerConfig,
+    ServerConnection,
 };
 
-use super::{RecordReader, Sealer, TlsError, TlsStream, READ_BUFFER};
-use crate::tls::record::Direction;
+use super::{RecordConfig, RecordReader, Sealer, TlsError, TlsStream, READ_BUFFER};
+use crate::tls::record::{Direction, Suite};
 
 /// The plaintext of the server's first record.
 pub const READY: u8 = 0x5a;
@@ -92,10 +100,13 @@ pub fn client(
     tcp: TcpStream,
     cfg: Arc<ClientConfig>,
     name: ServerName<'static>,
-    record_size: usize,
+    records: RecordConfig,
 ) -> Result<TlsStream, TlsError> {
-    let conn = ClientConnection::new(cfg, name).map_err(TlsError::Handshake)?;
-    let mut stream = finish(tcp, Connection::Client(conn), record_size)?;
+    let secrets = Arc::new(TrafficSecrets::default());
+    let mut cfg = (*cfg).clone();
+    cfg.key_log = secrets.clone();
+    let conn = ClientConnection::new(Arc::new(cfg), name).map_err(TlsError::Handshake)?;
+    let mut stream = finish(tcp, Connection::Client(conn), &secrets, records)?;
     let mut b = [0u8; 1];
     match stream.read(&mut b) {
         Ok(1) if b[0] == READY => Ok(stream),
@@ -113,10 +124,13 @@ pub fn client(
 pub fn server(
     tcp: TcpStream,
     cfg: Arc<ServerConfig>,
-    record_size: usize,
+    records: RecordConfig,
 ) -> Result<TlsStream, TlsError> {
-    let conn = ServerConnection::new(cfg).map_err(TlsError::Handshake)?;
-    let mut stream = finish(tcp, Connection::Server(conn), record_size)?;
+    let secrets = Arc::new(TrafficSecrets::default());
+    let mut cfg = (*cfg).clone();
+    cfg.key_log = secrets.clone();
+    let conn = ServerConnection::new(Arc::new(cfg)).map_err(TlsError::Handshake)?;
+    let mut stream = finish(tcp, Connection::Server(conn), &secrets, records)?;
     stream.write_all(&[READY])?;
     Ok(stream)
 }
@@ -133,10 +147,79 @@ pub fn unwrap_io(e: std::io::Error) -> TlsError {
     }
 }
 
+/// One connection's application traffic secrets, as rustls logs them during its handshake.
+#[derive(Default)]
+struct TrafficSecrets {
+    /// The client's application_traffic_secret_0.
+    client: Mutex<Option<Vec<u8>>>,
+    /// The server's.
+    server: Mutex<Option<Vec<u8>>>,
+}
+
+const CLIENT_SECRET: &str = "CLIENT_TRAFFIC_SECRET_0";
+const SERVER_SECRET: &str = "SERVER_TRAFFIC_SECRET_0";
+
+impl std::fmt::Debug for TrafficSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TrafficSecrets")
+    }
+}
+
+impl KeyLog for TrafficSecrets {
+    fn log(&self, label: &str, _client_random: &[u8], secret: &[u8]) {
+        let slot = match label {
+            CLIENT_SECRET => &self.client,
+            SERVER_SECRET => &self.server,
+            _ => return,
+        };
+        if let Ok(mut slot) = slot.lock() {
+            *slot = Some(secret.to_vec());
+        }
+    }
+
+    fn will_log(&self, label: &str) -> bool {
+        label == CLIENT_SECRET || label == SERVER_SECRET
+    }
+}
+
+impl TrafficSecrets {
+    /// The direction the client (`client`) or the server seals with; its key and IV must be
+    /// the ones rustls extracted.
+    fn direction(
+        &self,
+        client: bool,
+        extracted: &rustls::ConnectionTrafficSecrets,
+        records_per_key: u64,
+    ) -> Result<Direction, TlsError> {
+        let suite = Suite::of(extracted)?;
+        let mut slot = if client { &self.client } else { &self.server }
+            .lock()
+            .map_err(|_| TlsError::Setup("traffic secrets: poisoned lock".into()))?;
+        let Some(mut secret) = slot.take() else {
+            return Err(TlsError::Setup(
+                "rustls did not pass on an application traffic secret".into(),
+            ));
+        };
+        let dir = Direction::new(suite, &secret);
+        secret.fill(0);
+        std::hint::black_box(&mut secret);
+        let dir = dir?;
+        if !dir.matches(extracted) {
+            return Err(TlsError::Setup(
+                "the application traffic secret rustls logged does not give the keys it \
+                 extracted"
+                    .into(),
+            ));
+        }
+        Ok(dir.with_records_per_key(records_per_key))
+    }
+}
+
 fn finish(
     mut tcp: TcpStream,
     mut conn: Connection,
-    record_size: usize,
+    logged: &TrafficSecrets,
+    records: RecordConfig,
 ) -> Result<TlsStream, TlsError> {
     let server = matches!(conn, Connection::Server(_));
     let mut first = true;
@@ -213,11 +296,16 @@ fn finish(
     let secrets = conn
         .dangerous_extract_secrets()
         .map_err(TlsError::Handshake)?;
-    let tx = Direction::new(secrets.tx.0, secrets.tx.1)?;
-    let rx = Direction::new(secrets.rx.0, secrets.rx.1)?;
+    if secrets.tx.0 != 0 || secrets.rx.0 != 0 {
+        return Err(TlsError::Setup(
+            "rustls already sealed or opened application data records".into(),
+        ));
+    }
+    let tx = logged.direction(!server, &secrets.tx.1, records.records_per_key)?;
+    let rx = logged.direction(server, &secrets.rx.1, records.records_per_key)?;
     Ok(TlsStream::new(
         tcp,
-        Sealer::new(tx, record_size),
+        Sealer::new(tx, records.record_size),
         RecordReader::new(rx, READ_BUFFER),
     ))
 }

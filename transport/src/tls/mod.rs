@@ -18,7 +18,7 @@ use std::net::TcpStream;
 use thiserror::Error;
 
 pub use handshake::{client, server};
-pub use record::{Direction, Need, RecordReader, Sealer};
+pub use record::{Direction, Need, RecordReader, Sealer, Suite};
 /// The rustls this layer is built on (its key types build a [`Direction`]).
 pub use rustls;
 
@@ -26,6 +26,26 @@ pub use rustls;
 pub const DEFAULT_RECORD_SIZE: usize = record::MAX_PLAINTEXT;
 /// Bytes of ciphertext a reader buffers (several records per receive).
 pub const READ_BUFFER: usize = 32 * (record::HEADER_LEN + record::MAX_BODY);
+
+/// Record-layer settings of a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordConfig {
+    /// Plaintext bytes per record (clamped to 1..=16384).
+    pub record_size: usize,
+    /// Records one key may protect (each side updates its sending key at half of it). Only
+    /// tests lower it from [`record::MAX_RECORDS`], to see many key updates in a short session.
+    #[doc(hidden)]
+    pub records_per_key: u64,
+}
+
+impl Default for RecordConfig {
+    fn default() -> Self {
+        RecordConfig {
+            record_size: DEFAULT_RECORD_SIZE,
+            records_per_key: record::MAX_RECORDS,
+        }
+    }
+}
 
 /// Errors of the TLS layer.
 #[derive(Debug, Error)]
@@ -46,8 +66,8 @@ pub enum TlsError {
     BadRecord { record: u64, detail: String },
     #[error("TLS: the connection ended in the middle of a record ({have} of {want} bytes)")]
     Truncated { have: usize, want: usize },
-    #[error("TLS: this connection's key has sealed as many records as AES-GCM allows; pagewire does not renew keys")]
-    KeyExhausted,
+    #[error("TLS: {limit} records under one key without a KeyUpdate, the most AES-GCM allows (RFC 8446 §5.5)")]
+    KeyExhausted { limit: u64 },
     #[error("TLS set-up: {0}")]
     Setup(String),
     #[error("TLS I/O: {0}")]
@@ -86,13 +106,21 @@ impl TlsStream {
 
     /// The parts, for a channel loop that does its own I/O (the reader keeps whatever it
     /// has buffered beyond what was read so far).
-    pub fn into_parts(self) -> (TcpStream, Sealer, RecordReader) {
+    pub fn into_parts(mut self) -> (TcpStream, Sealer, RecordReader) {
+        if self.rx.take_update_request() {
+            self.tx.request_key_update();
+        }
         (self.tcp, self.tx, self.rx)
     }
 
     /// The AEAD negotiated.
     pub fn suite(&self) -> &'static str {
         self.tx.suite()
+    }
+
+    /// KeyUpdates (sent, received) so far.
+    pub fn key_updates(&self) -> (u64, u64) {
+        (self.tx.key_updates(), self.rx.key_updates())
     }
 }
 
@@ -110,6 +138,9 @@ impl Read for TlsStream {
                 return Ok(n);
             }
             if self.rx.open_next()? {
+                if self.rx.take_update_request() {
+                    self.tx.request_key_update();
+                }
                 continue;
             }
             let space = self.rx.space();

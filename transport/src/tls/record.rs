@@ -1,19 +1,30 @@
 //! The TLS 1.3 record layer (RFC 8446 §5), sans-IO: sealing plaintext into records and
 //! opening records in place, with the traffic keys rustls derived during the handshake.
 //!
-//! rustls runs the handshake; its traffic secrets are then taken out of it
-//! (`dangerous_extract_secrets`) and the records are sealed and opened here, so that the
+//! rustls runs the handshake; the two application traffic secrets are then taken out of it
+//! (see [`super::handshake`]) and the records are sealed and opened here, so that the
 //! sender seals a packet's pieces (header, length array, guest pages, compressed pages)
 //! straight into its slot's own send buffer and the receiver opens records in its own
-//! buffer and copies each page once, to its destination. The same extracted keys are what
-//! kernel TLS (`setsockopt(SOL_TLS, TLS_TX)`) takes, so a kTLS stage can replace [`Sealer`]
-//! without touching the handshake.
+//! buffer and copies each page once, to its destination. The same keys are what kernel TLS
+//! (`setsockopt(SOL_TLS, TLS_TX)`) takes, so a kTLS stage can replace [`Sealer`] without
+//! touching the handshake.
 //!
 //! A record on the wire: `23 3 3 len_hi len_lo` (5-byte header, also the AEAD's additional
 //! data), then `len` bytes: AEAD(plaintext ‖ inner content type) ‖ 16-byte tag. The nonce is
 //! the 12-byte IV XOR the 64-bit record sequence number (left-padded).
+//!
+//! Key updates (RFC 8446 §4.6.3, §7.2): a [`Sealer`] sends a KeyUpdate when its key has
+//! protected half of [`MAX_RECORDS`] records — one record of inner content type handshake
+//! (22) holding exactly `24 0 0 1 0` (key_update, length 1, update_not_requested), sealed
+//! with the old key — and seals everything after it with application_traffic_secret_N+1 =
+//! HKDF-Expand-Label(secret_N, "traffic upd", "", Hash.length), sequence number 0. A
+//! [`RecordReader`] accepts such a record, switches its receiving key right after it, and
+//! remembers a peer's update_requested for the connection's sealer to answer
+//! ([`RecordReader::take_update_request`], [`Sealer::request_key_update`]). Anything else
+//! after the handshake in a handshake record is refused.
 
 use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
+use aws_lc_rs::hkdf::{self, Prk};
 use rustls::ConnectionTrafficSecrets;
 
 use super::TlsError;
@@ -33,18 +44,149 @@ const CT_ALERT: u8 = 21;
 const CT_HANDSHAKE: u8 = 22;
 const CT_APPLICATION_DATA: u8 = 23;
 
-/// Records one key may seal before it must be replaced: AES-GCM's confidentiality limit
-/// (RFC 8446 §5.5: 2^24.5 full-size records). pagewire does not send KeyUpdate, so a
-/// connection ends with an error at this point instead of exceeding it (with 16 KiB records
-/// that is after about 380 GiB on one channel).
+/// Handshake message type key_update (RFC 8446 §4).
+const HT_KEY_UPDATE: u8 = 24;
+/// A KeyUpdate message with update_not_requested: type, 24-bit length 1, request_update 0.
+const KEY_UPDATE: [u8; 5] = [HT_KEY_UPDATE, 0, 0, 1, 0];
+/// Bytes a KeyUpdate record takes on the wire.
+pub const KEY_UPDATE_LEN: usize = KEY_UPDATE.len() + OVERHEAD;
+
+/// Records one key may protect: AES-GCM's confidentiality limit (RFC 8446 §5.5: 2^24.5
+/// full-size records; with 16 KiB records about 380 GiB). A sealer updates its key at half
+/// of it; a reader refuses a peer that exceeds it.
 pub const MAX_RECORDS: u64 = 23_726_566;
 
-/// One direction's traffic key, IV and record sequence number.
+/// A TLS 1.3 cipher suite: the AEAD and the hash of its key schedule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Suite {
+    Aes128GcmSha256,
+    Aes256GcmSha384,
+    Chacha20Poly1305Sha256,
+}
+
+impl Suite {
+    /// The suite of keys rustls extracted (TLS 1.3 pairs each AEAD with one hash).
+    pub fn of(secrets: &ConnectionTrafficSecrets) -> Result<Suite, TlsError> {
+        match secrets {
+            ConnectionTrafficSecrets::Aes128Gcm { .. } => Ok(Suite::Aes128GcmSha256),
+            ConnectionTrafficSecrets::Aes256Gcm { .. } => Ok(Suite::Aes256GcmSha384),
+            ConnectionTrafficSecrets::Chacha20Poly1305 { .. } => Ok(Suite::Chacha20Poly1305Sha256),
+            _ => Err(TlsError::Setup(
+                "negotiated an AEAD this record layer lacks".into(),
+            )),
+        }
+    }
+
+    /// The AEAD's name (for logs).
+    pub fn name(self) -> &'static str {
+        match self {
+            Suite::Aes128GcmSha256 => "AES-128-GCM",
+            Suite::Aes256GcmSha384 => "AES-256-GCM",
+            Suite::Chacha20Poly1305Sha256 => "CHACHA20-POLY1305",
+        }
+    }
+
+    fn aead(self) -> &'static aead::Algorithm {
+        match self {
+            Suite::Aes128GcmSha256 => &aead::AES_128_GCM,
+            Suite::Aes256GcmSha384 => &aead::AES_256_GCM,
+            Suite::Chacha20Poly1305Sha256 => &aead::CHACHA20_POLY1305,
+        }
+    }
+
+    fn hkdf(self) -> hkdf::Algorithm {
+        match self {
+            Suite::Aes128GcmSha256 | Suite::Chacha20Poly1305Sha256 => hkdf::HKDF_SHA256,
+            Suite::Aes256GcmSha384 => hkdf::HKDF_SHA384,
+        }
+    }
+
+    /// Bytes of a traffic secret (the hash's output).
+    pub fn secret_len(self) -> usize {
+        hkdf::KeyType::len(&self.hkdf())
+    }
+}
+
+/// An output length for HKDF-Expand.
+struct Len(usize);
+
+impl hkdf::KeyType for Len {
+    fn len(&self) -> usize {
+        self.0
+    }
+}
+
+/// HKDF-Expand-Label(secret, label, "", len) (RFC 8446 §7.1): `expand` gets the HkdfLabel
+/// (the info of HKDF-Expand) for `len` bytes of output.
+fn with_label<R>(
+    label: &[u8],
+    len: usize,
+    expand: impl FnOnce(&[&[u8]]) -> Result<R, aws_lc_rs::error::Unspecified>,
+) -> Result<R, TlsError> {
+    let err = || {
+        TlsError::Setup(format!(
+            "HKDF-Expand-Label({})",
+            String::from_utf8_lossy(label)
+        ))
+    };
+    let len = u16::try_from(len).map_err(|_| err())?.to_be_bytes();
+    let label_len = [u8::try_from(6 + label.len()).map_err(|_| err())?];
+    expand(&[&len, &label_len, b"tls13 ", label, &[0]]).map_err(|_| err())
+}
+
+/// HKDF-Expand-Label(secret, label, "", out.len()) into `out`.
+fn expand_label(secret: &Prk, label: &[u8], out: &mut [u8]) -> Result<(), TlsError> {
+    with_label(label, out.len(), |info| {
+        secret.expand(info, Len(out.len()))?.fill(out)
+    })
+}
+
+/// Key bytes derived from a traffic secret, overwritten when dropped.
+struct KeyBytes {
+    key: [u8; 32],
+    len: usize,
+    iv: [u8; 12],
+}
+
+impl KeyBytes {
+    /// RFC 8446 §7.3: key = HKDF-Expand-Label(secret, "key", "", key_length), iv likewise.
+    fn derive(suite: Suite, secret: &Prk) -> Result<KeyBytes, TlsError> {
+        let mut k = KeyBytes {
+            key: [0; 32],
+            len: suite.aead().key_len().min(32),
+            iv: [0; 12],
+        };
+        let len = k.len;
+        expand_label(secret, b"key", &mut k.key[..len])?;
+        expand_label(secret, b"iv", &mut k.iv)?;
+        Ok(k)
+    }
+
+    fn key(&self) -> &[u8] {
+        self.key.get(..self.len).unwrap_or_default()
+    }
+}
+
+impl Drop for KeyBytes {
+    fn drop(&mut self) {
+        self.key.fill(0);
+        self.iv.fill(0);
+        std::hint::black_box(&mut *self);
+    }
+}
+
+/// One direction's traffic secret, key, IV and record sequence number.
 pub struct Direction {
     key: LessSafeKey,
     iv: [u8; 12],
     seq: u64,
-    suite: &'static str,
+    suite: Suite,
+    /// application_traffic_secret_N, the next generation's source.
+    secret: Prk,
+    /// Records one key may protect.
+    limit: u64,
+    /// Key updates so far (N).
+    updates: u64,
 }
 
 impl std::fmt::Debug for Direction {
@@ -52,54 +194,96 @@ impl std::fmt::Debug for Direction {
         f.debug_struct("Direction")
             .field("suite", &self.suite)
             .field("seq", &self.seq)
+            .field("updates", &self.updates)
             .finish_non_exhaustive()
     }
 }
 
 impl Direction {
-    /// The key material rustls extracted for one direction, at sequence number `seq`.
-    pub fn new(seq: u64, secrets: ConnectionTrafficSecrets) -> Result<Direction, TlsError> {
-        let (alg, suite, key, iv) = match &secrets {
-            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => {
-                (&aead::AES_128_GCM, "AES-128-GCM", key.as_ref(), iv.as_ref())
-            }
-            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => {
-                (&aead::AES_256_GCM, "AES-256-GCM", key.as_ref(), iv.as_ref())
-            }
-            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (
-                &aead::CHACHA20_POLY1305,
-                "CHACHA20-POLY1305",
-                key.as_ref(),
-                iv.as_ref(),
-            ),
-            _ => {
-                return Err(TlsError::Setup(
-                    "negotiated an AEAD this record layer lacks".into(),
-                ))
-            }
-        };
-        let key = UnboundKey::new(alg, key)
-            .map_err(|_| TlsError::Setup("traffic key of the wrong length".into()))?;
-        let iv: [u8; 12] = iv
-            .try_into()
-            .map_err(|_| TlsError::Setup("traffic IV is not 12 bytes".into()))?;
+    /// A direction from its application traffic secret (`Suite::secret_len` bytes), at
+    /// sequence number 0.
+    pub fn new(suite: Suite, secret: &[u8]) -> Result<Direction, TlsError> {
+        if secret.len() != suite.secret_len() {
+            return Err(TlsError::Setup(format!(
+                "a {} traffic secret has {} bytes; this one has {}",
+                suite.name(),
+                suite.secret_len(),
+                secret.len()
+            )));
+        }
+        Direction::from_prk(suite, Prk::new_less_safe(suite.hkdf(), secret))
+    }
+
+    pub(crate) fn from_prk(suite: Suite, secret: Prk) -> Result<Direction, TlsError> {
+        let k = KeyBytes::derive(suite, &secret)?;
         Ok(Direction {
-            key: LessSafeKey::new(key),
-            iv,
-            seq,
+            key: aead_key(suite, &k)?,
+            iv: k.iv,
+            seq: 0,
             suite,
+            secret,
+            limit: MAX_RECORDS,
+            updates: 0,
         })
+    }
+
+    /// Lower the number of records one key may protect (tests: many key updates in a short
+    /// session). Clamped to 2..=[`MAX_RECORDS`].
+    #[doc(hidden)]
+    pub fn with_records_per_key(mut self, records: u64) -> Direction {
+        self.limit = records.clamp(2, MAX_RECORDS);
+        self
+    }
+
+    /// Whether these are the key and IV rustls derived (`secrets`, at sequence number 0).
+    pub fn matches(&self, secrets: &ConnectionTrafficSecrets) -> bool {
+        let (key, iv) = match secrets {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv }
+            | ConnectionTrafficSecrets::Aes256Gcm { key, iv }
+            | ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (key.as_ref(), iv.as_ref()),
+            _ => return false,
+        };
+        match KeyBytes::derive(self.suite, &self.secret) {
+            Ok(k) => Suite::of(secrets).ok() == Some(self.suite) && k.key() == key && k.iv == iv,
+            Err(_) => false,
+        }
     }
 
     /// The AEAD in use (for logs).
     pub fn suite(&self) -> &'static str {
-        self.suite
+        self.suite.name()
+    }
+
+    /// Key updates so far.
+    pub fn key_updates(&self) -> u64 {
+        self.updates
+    }
+
+    /// Whether a sealer should update its key before its next record (half the limit used).
+    fn update_due(&self) -> bool {
+        self.seq >= self.limit / 2
+    }
+
+    /// Move to the next generation: secret_N+1 = HKDF-Expand-Label(secret_N, "traffic upd",
+    /// "", Hash.length), its key and IV, sequence number 0.
+    fn update(&mut self) -> Result<(), TlsError> {
+        let hash = self.suite.hkdf();
+        let next = with_label(b"traffic upd", hkdf::KeyType::len(&hash), |info| {
+            self.secret.expand(info, hash).map(Prk::from)
+        })?;
+        let k = KeyBytes::derive(self.suite, &next)?;
+        self.key = aead_key(self.suite, &k)?;
+        self.iv = k.iv;
+        self.secret = next;
+        self.seq = 0;
+        self.updates += 1;
+        Ok(())
     }
 
     /// The nonce of the next record; advances the sequence number.
     fn next_nonce(&mut self) -> Result<Nonce, TlsError> {
-        if self.seq >= MAX_RECORDS {
-            return Err(TlsError::KeyExhausted);
+        if self.seq >= self.limit {
+            return Err(TlsError::KeyExhausted { limit: self.limit });
         }
         let mut n = self.iv;
         for (b, s) in n[4..].iter_mut().zip(self.seq.to_be_bytes()) {
@@ -110,11 +294,20 @@ impl Direction {
     }
 }
 
-/// Seals plaintext into application-data records.
+fn aead_key(suite: Suite, k: &KeyBytes) -> Result<LessSafeKey, TlsError> {
+    let key = UnboundKey::new(suite.aead(), k.key())
+        .map_err(|_| TlsError::Setup("traffic key of the wrong length".into()))?;
+    Ok(LessSafeKey::new(key))
+}
+
+/// Seals plaintext into application-data records, updating its key (a KeyUpdate record
+/// first) when the key has protected half the records it may, or when the peer asked.
 #[derive(Debug)]
 pub struct Sealer {
     dir: Direction,
     record_size: usize,
+    /// The peer sent update_requested: send a KeyUpdate before the next record.
+    update_requested: bool,
 }
 
 impl Sealer {
@@ -124,6 +317,7 @@ impl Sealer {
         Sealer {
             dir,
             record_size: record_size.clamp(1, MAX_PLAINTEXT),
+            update_requested: false,
         }
     }
 
@@ -137,9 +331,30 @@ impl Sealer {
         self.dir.suite()
     }
 
-    /// Bytes on the wire for `plain` bytes of plaintext.
+    /// KeyUpdates sent so far.
+    pub fn key_updates(&self) -> u64 {
+        self.dir.key_updates()
+    }
+
+    /// The peer asked for a key update (RFC 8446 §4.6.3: answer before the next application
+    /// data): the next record is preceded by this side's KeyUpdate.
+    pub fn request_key_update(&mut self) {
+        self.update_requested = true;
+    }
+
+    /// Bytes on the wire for `plain` bytes of plaintext sealed next (KeyUpdate records
+    /// included).
     pub fn sealed_len(&self, plain: usize) -> usize {
-        plain + plain.div_ceil(self.record_size) * OVERHEAD
+        let records = plain.div_ceil(self.record_size) as u64;
+        // Each key carries `per_key` application records, then a KeyUpdate.
+        let per_key = (self.dir.limit / 2).max(1);
+        let before_first = if self.update_requested {
+            0
+        } else {
+            per_key.saturating_sub(self.dir.seq)
+        };
+        let updates = records.saturating_sub(before_first).div_ceil(per_key);
+        plain + records as usize * OVERHEAD + updates as usize * KEY_UPDATE_LEN
     }
 
     /// Seal the concatenation of `pieces` into records appended to `out` (cleared first).
@@ -156,6 +371,9 @@ impl Sealer {
         for mut piece in pieces {
             while !piece.is_empty() {
                 if record_start.is_none() {
+                    if self.update_requested || self.dir.update_due() {
+                        self.key_update(out)?;
+                    }
                     record_start = Some(out.len());
                     out.extend_from_slice(&[CT_APPLICATION_DATA, 3, 3, 0, 0]);
                     room = self.record_size;
@@ -167,20 +385,33 @@ impl Sealer {
                 room -= take;
                 if room == 0 {
                     if let Some(start) = record_start.take() {
-                        self.close_record(out, start)?;
+                        self.close_record(out, start, CT_APPLICATION_DATA)?;
                     }
                 }
             }
         }
         if let Some(start) = record_start {
-            self.close_record(out, start)?;
+            self.close_record(out, start, CT_APPLICATION_DATA)?;
         }
         Ok(())
     }
 
+    /// Append a KeyUpdate record (update_not_requested) sealed with the current key, then
+    /// switch to the next generation.
+    fn key_update(&mut self, out: &mut Vec<u8>) -> Result<(), TlsError> {
+        let start = out.len();
+        out.extend_from_slice(&[CT_APPLICATION_DATA, 3, 3, 0, 0]);
+        out.extend_from_slice(&KEY_UPDATE);
+        self.close_record(out, start, CT_HANDSHAKE)?;
+        self.dir.update()?;
+        self.update_requested = false;
+        tracing::debug!(updates = self.dir.updates, "TLS: sent KeyUpdate");
+        Ok(())
+    }
+
     /// Finish the record that starts at `out[start]`: inner content type, length, seal, tag.
-    fn close_record(&mut self, out: &mut Vec<u8>, start: usize) -> Result<(), TlsError> {
-        out.push(CT_APPLICATION_DATA);
+    fn close_record(&mut self, out: &mut Vec<u8>, start: usize, ctype: u8) -> Result<(), TlsError> {
+        out.push(ctype);
         let body = out.len() - start - HEADER_LEN + TAG_LEN;
         let len = u16::try_from(body).map_err(|_| TlsError::Setup("record too long".into()))?;
         let mut header = [CT_APPLICATION_DATA, 3, 3, 0, 0];
@@ -223,6 +454,8 @@ pub struct RecordReader {
     p0: usize,
     p1: usize,
     records: u64,
+    /// The peer's last KeyUpdate had update_requested, not yet taken.
+    update_requested: bool,
 }
 
 impl std::fmt::Debug for RecordReader {
@@ -246,6 +479,7 @@ impl RecordReader {
             p0: 0,
             p1: 0,
             records: 0,
+            update_requested: false,
         }
     }
 
@@ -263,6 +497,18 @@ impl RecordReader {
     /// The AEAD in use.
     pub fn suite(&self) -> &'static str {
         self.dir.suite()
+    }
+
+    /// KeyUpdates received so far.
+    pub fn key_updates(&self) -> u64 {
+        self.dir.key_updates()
+    }
+
+    /// Whether the peer asked for a key update since the last call (its KeyUpdate had
+    /// update_requested); the connection's [`Sealer::request_key_update`] answers it. A
+    /// channel's receiver, which never sends, ignores it.
+    pub fn take_update_request(&mut self) -> bool {
+        std::mem::take(&mut self.update_requested)
     }
 
     /// Authenticated plaintext ready to be consumed.
@@ -358,6 +604,8 @@ impl RecordReader {
             });
         };
         let ctype = plain[type_at];
+        // A handshake record after the handshake must be exactly one KeyUpdate.
+        let update = (ctype == CT_HANDSHAKE).then(|| parse_key_update(&plain[..type_at]));
         self.records += 1;
         self.start = body_start + len;
         match ctype {
@@ -370,12 +618,24 @@ impl RecordReader {
                 let desc = plain.get(1).copied().unwrap_or(0);
                 Err(TlsError::Alert(rustls::AlertDescription::from(desc)))
             }
-            CT_HANDSHAKE => Err(TlsError::BadRecord {
-                record,
-                detail:
-                    "post-handshake message (key update or ticket), which pagewire does not use"
-                        .into(),
-            }),
+            CT_HANDSHAKE => {
+                let requested = match update {
+                    Some(Ok(r)) => r,
+                    Some(Err(detail)) => return Err(TlsError::BadRecord { record, detail }),
+                    None => false,
+                };
+                // The peer seals everything after this record with its next key.
+                self.dir.update()?;
+                self.update_requested |= requested;
+                self.p0 = self.start;
+                self.p1 = self.start;
+                tracing::debug!(
+                    updates = self.dir.updates,
+                    requested,
+                    "TLS: received KeyUpdate"
+                );
+                Ok(true)
+            }
             other => Err(TlsError::BadRecord {
                 record,
                 detail: format!("content type {other}"),
@@ -384,21 +644,56 @@ impl RecordReader {
     }
 }
 
+/// The handshake bytes of one record after the handshake: `Ok(update_requested)` for a
+/// well-formed KeyUpdate that fills the record, else what is wrong with them.
+fn parse_key_update(msg: &[u8]) -> Result<bool, String> {
+    let Some((&kind, rest)) = msg.split_first() else {
+        return Err("an empty handshake record".into());
+    };
+    if kind != HT_KEY_UPDATE {
+        return Err(format!(
+            "handshake message type {kind} after the handshake; only key_update (24) may follow it"
+        ));
+    }
+    let Some((len, body)) = rest.split_first_chunk::<3>() else {
+        return Err(format!(
+            "a key_update cut at its record's end ({} bytes); it must fill one record",
+            msg.len()
+        ));
+    };
+    let len = u32::from_be_bytes([0, len[0], len[1], len[2]]);
+    if len != 1 {
+        return Err(format!("a key_update of length {len}; it must be 1"));
+    }
+    match body {
+        [0] => Ok(false),
+        [1] => Ok(true),
+        [v] => Err(format!(
+            "key_update request_update {v}; it must be 0 or 1"
+        )),
+        [] => Err("a key_update cut at its record's end (4 bytes); it must fill one record".into()),
+        [_, more @ ..] => Err(format!(
+            "a key_update followed by {} more handshake bytes in its record; it must end its record",
+            more.len()
+        )),
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // tests: a panic is the failure report
 mod tests {
     use super::*;
-    use rustls::crypto::cipher::{AeadKey, Iv};
+
+    fn dir(seq: u64, records_per_key: u64) -> Direction {
+        let mut d = Direction::new(Suite::Aes256GcmSha384, &[7u8; 48])
+            .unwrap()
+            .with_records_per_key(records_per_key);
+        d.seq = seq;
+        d
+    }
 
     fn pair(seq: u64) -> (Direction, Direction) {
-        let mk = || ConnectionTrafficSecrets::Aes256Gcm {
-            key: AeadKey::from([7u8; 32]),
-            iv: Iv::from([9u8; 12]),
-        };
-        (
-            Direction::new(seq, mk()).unwrap(),
-            Direction::new(seq, mk()).unwrap(),
-        )
+        (dir(seq, MAX_RECORDS), dir(seq, MAX_RECORDS))
     }
 
     fn read_all(r: &mut RecordReader, wire: &[u8], chunk: usize) -> Result<Vec<u8>, TlsError> {
@@ -519,12 +814,209 @@ mod tests {
 
     #[test]
     fn key_use_is_bounded() {
-        let (tx, _) = pair(MAX_RECORDS);
-        let mut s = Sealer::new(tx, 4096);
-        let mut wire = Vec::new();
+        // A reader refuses a peer that keeps one key past the limit.
+        let mut d = dir(0, 8);
+        for _ in 0..8 {
+            d.next_nonce().unwrap();
+        }
         assert!(matches!(
-            s.seal([&[1u8; 10][..]], &mut wire),
-            Err(TlsError::KeyExhausted)
+            d.next_nonce(),
+            Err(TlsError::KeyExhausted { limit: 8 })
         ));
+        // A sealer updates its key instead (the KeyUpdate record uses the old key's last
+        // allowed sequence number at most).
+        let (tx, rx) = (dir(0, 8), dir(0, 8));
+        let mut s = Sealer::new(tx, 16);
+        let mut r = RecordReader::new(rx, 1 << 16);
+        let data = vec![3u8; 16 * 100];
+        let mut wire = Vec::new();
+        s.seal([&data[..]], &mut wire).unwrap();
+        assert_eq!(read_all(&mut r, &wire, 999).unwrap(), data);
+        assert_eq!(s.key_updates(), 24, "100 records, 4 per key");
+    }
+
+    #[test]
+    fn matches_only_the_keys_its_secret_gives() {
+        use rustls::crypto::cipher::{AeadKey, Iv};
+        let d = dir(0, MAX_RECORDS);
+        let k = KeyBytes::derive(Suite::Aes256GcmSha384, &d.secret).unwrap();
+        let mut key = [0u8; 32];
+        key.copy_from_slice(k.key());
+        let same = ConnectionTrafficSecrets::Aes256Gcm {
+            key: AeadKey::from(key),
+            iv: Iv::from(k.iv),
+        };
+        assert!(d.matches(&same));
+        let mut other = key;
+        other[31] ^= 1;
+        let wrong_key = ConnectionTrafficSecrets::Aes256Gcm {
+            key: AeadKey::from(other),
+            iv: Iv::from(k.iv),
+        };
+        assert!(!d.matches(&wrong_key));
+        let wrong_suite = ConnectionTrafficSecrets::Chacha20Poly1305 {
+            key: AeadKey::from(key),
+            iv: Iv::from(k.iv),
+        };
+        assert!(!d.matches(&wrong_suite));
+        assert!(
+            Direction::new(Suite::Aes128GcmSha256, &[1; 48]).is_err(),
+            "SHA-256 secrets have 32 bytes"
+        );
+    }
+
+    /// A reader with `records_per_key`, fed `wire` whole.
+    fn reader_with(wire: &[u8], records_per_key: u64) -> RecordReader {
+        let mut r = RecordReader::new(dir(0, records_per_key), 1 << 16);
+        r.space()[..wire.len()].copy_from_slice(wire);
+        r.filled(wire.len());
+        r
+    }
+
+    #[test]
+    fn seals_and_opens_across_many_key_updates() {
+        for (rs, per_key) in [(1000, 10), (16384, 3), (4096, 2), (777, 301)] {
+            let mut s = Sealer::new(dir(0, per_key), rs);
+            let mut r = RecordReader::new(dir(0, per_key), 40_000);
+            let mut sent = Vec::new();
+            let mut got = Vec::new();
+            let mut records = 0;
+            for i in 0..60u32 {
+                let piece: Vec<u8> = (0..(i * 2999) % 70_000 + 1)
+                    .map(|j| (j ^ i) as u8)
+                    .collect();
+                let mut wire = Vec::new();
+                let want = s.sealed_len(piece.len());
+                s.seal(
+                    [&piece[..4.min(piece.len())], &piece[4.min(piece.len())..]],
+                    &mut wire,
+                )
+                .unwrap();
+                assert_eq!(wire.len(), want, "sealed_len counts the KeyUpdate records");
+                records += piece.len().div_ceil(rs) as u64;
+                got.extend(read_all(&mut r, &wire, 1500).unwrap());
+                sent.extend(piece);
+            }
+            assert_eq!(got, sent, "record size {rs}, {per_key} records per key");
+            let per = per_key / 2;
+            assert_eq!(s.key_updates(), (records - 1) / per, "{rs}/{per_key}");
+            assert_eq!(r.key_updates(), s.key_updates());
+            assert!(s.key_updates() >= 10, "{rs}/{per_key}: {}", s.key_updates());
+            assert_eq!(r.need(), Need::Boundary);
+        }
+    }
+
+    #[test]
+    fn key_update_is_one_handshake_record_as_rfc_8446_says() {
+        // Two records per key: the third record is preceded by a KeyUpdate.
+        let mut s = Sealer::new(dir(0, 4), 10);
+        let mut wire = Vec::new();
+        s.seal([&[1u8; 30][..]], &mut wire).unwrap();
+        let rec = 10 + OVERHEAD;
+        assert_eq!(wire.len(), 3 * rec + KEY_UPDATE_LEN);
+        let ku = &wire[2 * rec..2 * rec + KEY_UPDATE_LEN];
+        assert_eq!(
+            ku[..HEADER_LEN],
+            [23, 3, 3, 0, 22],
+            "outer header: application data"
+        );
+        // Opened with the old key at sequence number 2: key_update, length 1,
+        // update_not_requested, inner content type handshake.
+        let mut old = dir(2, 4);
+        let nonce = old.next_nonce().unwrap();
+        let mut body = ku[HEADER_LEN..].to_vec();
+        let header: [u8; 5] = ku[..HEADER_LEN].try_into().unwrap();
+        let plain = old
+            .key
+            .open_in_place(nonce, Aad::from(header), &mut body)
+            .unwrap();
+        assert_eq!(plain, [24, 0, 0, 1, 0, 22]);
+        // The record after it is sealed with secret_1 at sequence number 0.
+        let mut next = dir(0, 4);
+        next.update().unwrap();
+        let nonce = next.next_nonce().unwrap();
+        let tail = &wire[2 * rec + KEY_UPDATE_LEN..];
+        let header: [u8; 5] = tail[..HEADER_LEN].try_into().unwrap();
+        let mut body = tail[HEADER_LEN..].to_vec();
+        let plain = next
+            .key
+            .open_in_place(nonce, Aad::from(header), &mut body)
+            .unwrap();
+        assert_eq!(plain[..10], [1u8; 10]);
+    }
+
+    #[test]
+    fn a_requested_update_is_answered_before_the_next_record() {
+        let mut s = Sealer::new(dir(0, MAX_RECORDS), 100);
+        let mut wire = Vec::new();
+        s.request_key_update();
+        assert_eq!(s.sealed_len(50), 50 + OVERHEAD + KEY_UPDATE_LEN);
+        s.seal([&[5u8; 50][..]], &mut wire).unwrap();
+        assert_eq!(wire.len(), 50 + OVERHEAD + KEY_UPDATE_LEN);
+        assert_eq!(s.key_updates(), 1);
+        let mut r = reader_with(&wire, MAX_RECORDS);
+        assert!(r.open_next().unwrap(), "the KeyUpdate record comes first");
+        assert!(r.plaintext().is_empty());
+        assert_eq!(r.key_updates(), 1);
+        assert!(r.open_next().unwrap());
+        assert_eq!(r.plaintext(), [5u8; 50]);
+        // Answered once.
+        s.seal([&[5u8; 50][..]], &mut wire).unwrap();
+        assert_eq!(wire.len(), 50 + OVERHEAD);
+        assert_eq!(s.key_updates(), 1);
+    }
+
+    /// A stream of one record whose inner plaintext is `msg` with content type handshake,
+    /// sealed with the initial key.
+    fn handshake_record(msg: &[u8]) -> Vec<u8> {
+        let mut s = Sealer::new(dir(0, MAX_RECORDS), MAX_PLAINTEXT);
+        let mut out = vec![CT_APPLICATION_DATA, 3, 3, 0, 0];
+        out.extend_from_slice(msg);
+        s.close_record(&mut out, 0, CT_HANDSHAKE).unwrap();
+        out
+    }
+
+    #[test]
+    fn a_peers_update_request_is_remembered_for_the_sealer() {
+        let mut r = reader_with(&handshake_record(&[24, 0, 0, 1, 1]), MAX_RECORDS);
+        assert!(r.open_next().unwrap());
+        assert!(r.plaintext().is_empty());
+        assert_eq!(r.key_updates(), 1);
+        assert!(r.take_update_request());
+        assert!(!r.take_update_request(), "taken once");
+        let mut r = reader_with(&handshake_record(&[24, 0, 0, 1, 0]), MAX_RECORDS);
+        assert!(r.open_next().unwrap());
+        assert!(!r.take_update_request());
+    }
+
+    #[test]
+    fn malformed_key_updates_are_refused() {
+        for (msg, says) in [
+            (&[][..], "empty handshake record"),
+            (&[4, 0, 0, 1, 0][..], "type 4 after the handshake"),
+            (&[24, 0, 0, 2, 0, 0][..], "length 2"),
+            (&[24, 0, 0, 0][..], "length 0"),
+            (&[24, 0, 0, 1, 2][..], "request_update 2"),
+            (&[24, 0, 0, 1, 0xff][..], "request_update 255"),
+            (&[24, 0, 0][..], "cut at its record's end (3 bytes)"),
+            (&[24, 0, 0, 1][..], "cut at its record's end (4 bytes)"),
+            (
+                &[24, 0, 0, 1, 0, 24, 0, 0, 1, 0][..],
+                "followed by 5 more handshake bytes",
+            ),
+        ] {
+            let mut r = reader_with(&handshake_record(msg), MAX_RECORDS);
+            let err = r.open_next().unwrap_err();
+            let text = err.to_string();
+            assert!(
+                matches!(err, TlsError::BadRecord { record: 0, .. }) && text.contains(says),
+                "{msg:?}: {text}"
+            );
+            assert!(!text.contains('\n'), "one line: {text}");
+            assert_eq!(r.key_updates(), 0, "{msg:?}: no key change");
+        }
+        // An all-zero handshake record has no content type at all.
+        let mut r = reader_with(&handshake_record(&[0, 0, 0]), MAX_RECORDS);
+        assert!(r.open_next().is_err());
     }
 }
