@@ -1,7 +1,7 @@
 //! The `pagewire` binary as an operator runs it: real processes over loopback.
 
 use std::io::Write;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -10,27 +10,7 @@ use pagewire_transport::control::{self, Hello, Message};
 use pagewire_transport::wire::{self, BlockSpec, Compression, HeaderFields, InitPacket};
 
 mod common;
-use common::{make_image, wait_output, BIN};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-/// Whether something listens on 127.0.0.1:`port` (read from /proc, without connecting: a
-/// probe connection would be taken for the session's control connection).
-fn listening(port: u16) -> bool {
-    let want = format!(":{port:04X}");
-    std::fs::read_to_string("/proc/net/tcp").is_ok_and(|t| {
-        t.lines().skip(1).any(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 3 && f[1].ends_with(&want) && f[3] == "0A"
-        })
-    })
-}
+use common::{free_port, listening, make_image, wait_output, BIN};
 
 fn spawn_recv(port: u16, extra: &[&str]) -> std::process::Child {
     let child = Command::new(BIN)

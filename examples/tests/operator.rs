@@ -1,32 +1,12 @@
 //! Nothing an operator does loses data, and exit statuses and messages tell the truth: the
 //! `pagewire` binary run as an operator would, mistakes included.
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{make_image, wait_output, BIN};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-/// Whether something listens on 127.0.0.1:`port` (read from /proc, without connecting).
-fn listening(port: u16) -> bool {
-    let want = format!(":{port:04X}");
-    std::fs::read_to_string("/proc/net/tcp").is_ok_and(|t| {
-        t.lines().skip(1).any(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 3 && f[1].ends_with(&want) && f[3] == "0A"
-        })
-    })
-}
+use common::{free_port, listening, make_image, wait_output, BIN};
 
 fn recv(port: u16, extra: &[&str]) -> std::process::Child {
     let child = Command::new(BIN)

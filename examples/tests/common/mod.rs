@@ -15,6 +15,27 @@ use pagewire_synth::{self as synth, PageSet};
 /// The `pagewire` binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_pagewire");
 
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// Whether something listens on 127.0.0.1:`port` (read from /proc, without connecting: a
+/// probe connection would be taken for the session's control connection).
+pub fn listening(port: u16) -> bool {
+    let want = format!(":{port:04X}");
+    std::fs::read_to_string("/proc/net/tcp").is_ok_and(|t| {
+        t.lines().skip(1).any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1].ends_with(&want) && f[3] == "0A"
+        })
+    })
+}
+
 /// Write `size` bytes of the realistic page mix (seeded) to `path`.
 pub fn make_image(path: &Path, size: usize, seed: u64) {
     let mut v = vec![0u8; size];
