@@ -133,6 +133,20 @@ pub enum SessionError {
         refused: u64,
         last: String,
     },
+    /// Receiver: a connection did not complete its handshake (control preamble, challenge
+    /// and hello; or a channel's token and init packet) within the handshake timeout (the
+    /// idle timeout), counted from when it was accepted; it was closed.
+    #[error("connection from {peer} did not complete its handshake within {secs:.1} s (still waiting for {waiting_for}); closed")]
+    HandshakeTimeout {
+        peer: String,
+        secs: f64,
+        /// What the receiver was waiting for: "its first bytes", "its hello", ...
+        waiting_for: &'static str,
+    },
+    /// Receiver: a control connection for another session arrived while a session runs;
+    /// a receiver serves one session at a time. A sender sees this text as the peer's error.
+    #[error("this receiver is busy with another session (one at a time); try again when it ends")]
+    Busy,
     /// A peer did not do what the protocol requires in time.
     #[error("timed out: {0}")]
     Timeout(String),

@@ -11,7 +11,9 @@ use pagewire::{
     Block, CodecKind, Config, GuestMemory, ReceiveInto, Receiver, RoundPages, Sender, SessionError,
 };
 use pagewire_synth::{self as synth, PageSet};
-use pagewire_transport::control::{read_message, write_message, Hello, HelloAuth, Message};
+use pagewire_transport::control::{
+    read_message, write_message, write_preamble, Hello, HelloAuth, Message,
+};
 use pagewire_transport::wire::{BlockSpec, Compression, InitPacket};
 
 const SIZE: usize = 2 << 20;
@@ -177,6 +179,7 @@ fn channel_with_wrong_token_refused() {
     let dst = patterned();
     let (addr, rej, _rt) = serve(cfg(Some(sec.clone())), ReceiveInto::Memory(dst.clone()));
     let mut ctl = TcpStream::connect(addr).expect("connect");
+    write_preamble(&mut ctl).expect("preamble");
     let Message::Challenge {
         nonce: nonce_r,
         secret_required: true,

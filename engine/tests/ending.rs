@@ -148,6 +148,11 @@ fn cut_after_end(to: SocketAddr) -> SocketAddr {
                     let _ = to.shutdown(Shutdown::Write);
                     return;
                 }
+                // The sender's preamble, then frames.
+                let mut preamble = [0u8; 8];
+                if from.read_exact(&mut preamble).is_err() || to.write_all(&preamble).is_err() {
+                    return;
+                }
                 loop {
                     let mut len = [0u8; 4];
                     if from.read_exact(&mut len).is_err() {

@@ -46,6 +46,7 @@ fn cfg(channels: u16) -> Config {
 fn recorder(listener: TcpListener) -> std::thread::JoinHandle<([u8; 16], Vec<Vec<u8>>)> {
     std::thread::spawn(move || {
         let (mut ctl, _) = listener.accept().expect("accept control");
+        control::read_preamble(&mut ctl).expect("preamble");
         let challenge = Message::Challenge {
             nonce: [7; 32],
             secret_required: false,
@@ -236,6 +237,7 @@ fn channel_token_of_another_hello_refused_with_the_same_uuid() {
     let rej = r.watch_rejections();
     let _rt = std::thread::spawn(move || r.serve(ReceiveInto::Allocate));
     let mut ctl = TcpStream::connect(addr).expect("connect");
+    control::write_preamble(&mut ctl).expect("preamble");
     let Message::Challenge { nonce: nonce_r, .. } = read_message(&mut ctl).expect("challenge")
     else {
         panic!("expected a challenge");

@@ -199,6 +199,7 @@ fn rounds_resend_changed_pages() {
 fn recorder(listener: TcpListener, channels: usize) -> std::thread::JoinHandle<Vec<Vec<u8>>> {
     std::thread::spawn(move || {
         let (mut ctl, _) = listener.accept().expect("accept control");
+        control::read_preamble(&mut ctl).expect("preamble");
         let challenge = Message::Challenge {
             nonce: [7; 32],
             secret_required: false,

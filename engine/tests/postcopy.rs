@@ -390,6 +390,7 @@ fn postcopy_keeps_to_the_bandwidth_cap() {
 /// connection and the control connection.
 fn fake_destination(listener: &TcpListener) -> (TcpStream, TcpStream) {
     let (mut control, _) = listener.accept().expect("control");
+    control::read_preamble(&mut control).expect("preamble");
     control::write_message(
         &mut control,
         &Message::Challenge {
@@ -711,6 +712,7 @@ fn fake_source(addr: SocketAddr, packet: Vec<u8>) -> Option<String> {
     control
         .set_read_timeout(Some(Duration::from_secs(20)))
         .expect("timeout");
+    control::write_preamble(&mut control).expect("preamble");
     match control::read_message(&mut control).expect("challenge") {
         Message::Challenge { .. } => {}
         other => panic!("expected challenge, got {}", other.name()),

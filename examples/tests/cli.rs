@@ -157,6 +157,25 @@ fn bad_arguments_are_one_line_errors() {
     assert!(err.contains("/nonexistent/x.img"), "{err}");
 }
 
+/// `--accept-timeout` is the wait that ran out, and the message says so (not the idle
+/// timeout, 30 s here).
+#[test]
+fn recv_accept_timeout_message_quotes_the_accept_timeout() {
+    let port = free_port();
+    let child = Command::new(BIN)
+        .args(["recv", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--accept-timeout", "1", "--idle-timeout", "30"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn recv");
+    let out = wait_output(child, Duration::from_secs(60));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("timed out after 1.0 s"), "{err}");
+    assert!(!err.contains("30.0 s"), "{err}");
+}
+
 /// A sender that breaks a §5 rule: recv exits non-zero with one line naming the channel,
 /// the packet and the field.
 #[test]
@@ -165,6 +184,7 @@ fn recv_rejects_a_bad_offset_with_one_line() {
     let recv = spawn_recv(port, &["--idle-timeout", "5"]);
     let uuid = [7u8; 16];
     let mut ctl = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    control::write_preamble(&mut ctl).expect("preamble");
     assert!(matches!(
         control::read_message(&mut ctl).expect("challenge"),
         Message::Challenge {

@@ -19,8 +19,15 @@ use crate::wire::{BlockSpec, Compression, MAX_BLOCK_NAME};
 
 /// First four bytes of a hello body.
 pub const HELLO_MAGIC: [u8; 4] = *b"PWCP";
-/// The control protocol version this build speaks.
-pub const CONTROL_VERSION: u16 = 2;
+/// The control protocol version this build speaks (3: the control connection opens with
+/// [`CONTROL_PREAMBLE`]).
+pub const CONTROL_VERSION: u16 = 3;
+/// The first bytes a sender writes on a control connection (after TLS, when used), before it
+/// reads the receiver's challenge. They tell a receiver at once that the connection is a
+/// control connection and not a channel (whose first bytes are a token or an init packet,
+/// `0x11223344...`), so a receiver serving a session can answer a second sender "busy" at
+/// once instead of waiting for a channel's init packet that never comes.
+pub const CONTROL_PREAMBLE: [u8; 8] = *b"PWCTRL\r\n";
 /// Length of the session nonces.
 pub const NONCE_LEN: usize = 32;
 /// Length of an HMAC-SHA256 tag.
@@ -729,6 +736,32 @@ pub fn read_message<R: Read>(r: &mut R) -> Result<Message, ControlError> {
     Message::decode(&frame)
 }
 
+/// Write the [`CONTROL_PREAMBLE`]: a sender's first bytes on a control connection.
+pub fn write_preamble<W: Write>(w: &mut W) -> Result<(), ControlError> {
+    w.write_all(&CONTROL_PREAMBLE)?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Read and check the [`CONTROL_PREAMBLE`] (a receiver-side helper for peers that know the
+/// connection is a control connection; the receiver's front door reads the first bytes itself
+/// to tell control connections from channels).
+pub fn read_preamble<R: Read>(r: &mut R) -> Result<(), ControlError> {
+    let mut got = [0u8; CONTROL_PREAMBLE.len()];
+    r.read_exact(&mut got).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => ControlError::Truncated { msg: "preamble" },
+        _ => ControlError::Io(e),
+    })?;
+    if got != CONTROL_PREAMBLE {
+        return Err(invalid(
+            "preamble",
+            "bytes",
+            format!("{got:02x?}, expected {CONTROL_PREAMBLE:02x?} (\"PWCTRL\\r\\n\")"),
+        ));
+    }
+    Ok(())
+}
+
 /// Write one message as a single frame.
 pub fn write_message<W: Write>(w: &mut W, msg: &Message) -> Result<(), ControlError> {
     w.write_all(&msg.encode())?;
@@ -817,7 +850,7 @@ mod tests {
     fn hello_layout_is_pinned() {
         let mut body = Vec::new();
         body.extend_from_slice(b"PWCP");
-        body.extend_from_slice(&[0, 2]); // version
+        body.extend_from_slice(&[0, 3]); // version
         body.extend_from_slice(&hello().uuid);
         body.extend_from_slice(&[0, 0, 0x10, 0]); // page_size
         body.extend_from_slice(&[0, 0, 0, 128]); // pages_per_packet
@@ -1099,15 +1132,29 @@ mod tests {
                 e,
                 ControlError::UnsupportedVersion {
                     got: 1,
-                    supported: 2
+                    supported: 3
                 }
             ),
             "{e:?}"
         );
         assert_eq!(
             e.to_string(),
-            "hello: control protocol version 1 not supported (this build speaks 2)"
+            "hello: control protocol version 1 not supported (this build speaks 3)"
         );
+    }
+
+    #[test]
+    fn preamble_round_trips_and_anything_else_is_refused() {
+        let mut out = Vec::new();
+        write_preamble(&mut out).unwrap();
+        assert_eq!(out, b"PWCTRL\r\n");
+        read_preamble(&mut &out[..]).unwrap();
+        let e = read_preamble(&mut &b"GET / HT"[..]).unwrap_err();
+        assert!(e.to_string().contains("preamble"), "{e}");
+        assert!(matches!(
+            read_preamble(&mut &b"PWC"[..]),
+            Err(ControlError::Truncated { msg: "preamble" })
+        ));
     }
 
     #[test]

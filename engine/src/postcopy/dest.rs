@@ -19,7 +19,7 @@ use super::{AtomicBitmap, Latencies, PageRequest, PostcopyError, MAX_BACKGROUND}
 use crate::config::Config;
 use crate::error::SessionError;
 use crate::memory::GuestMemory;
-use crate::session::handshake::{Door, Expect};
+use crate::session::handshake::{Door, Keys};
 use crate::uffd::{discard, Uffd, Wakeup};
 
 /// What the embedder gets when post-copy starts on the destination: the memory to run the
@@ -83,7 +83,6 @@ pub(crate) struct DestArgs<'a> {
     pub memory: &'a Arc<GuestMemory>,
     pub hello: &'a Hello,
     pub cfg: &'a Config,
-    pub nonce_r: [u8; NONCE_LEN],
     pub hook: &'a PostcopyHook,
     pub state: &'a [Vec<u8>],
 }
@@ -468,8 +467,7 @@ impl Placer<'_> {
 /// Accept the urgent and `background` background connections of this session (ids
 /// `first_id ..= first_id + background`); returns them urgent first.
 fn accept_connections(
-    door: &mut Door<'_>,
-    expect: &Expect,
+    door: &mut Door,
     first_id: u32,
     background: u16,
     idle: Duration,
@@ -478,7 +476,7 @@ fn accept_connections(
     let mut slots: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
     let deadline = Instant::now() + idle;
     for _ in 0..n {
-        let c = door.next_channel(deadline, expect)?;
+        let c = door.next_channel(deadline)?;
         let id = c.init.channel_id as u32;
         let slot = id
             .checked_sub(first_id)
@@ -537,15 +535,14 @@ fn install(placer: &Placer<'_>, streams: &[TcpStream]) -> Result<(), SessionErro
 
 /// Wait (up to the idle timeout) for the sender to come back on a new control connection:
 /// the front door authenticates it as for a new session; its hello must be this session's
-/// (same uuid and parameters). Replaces `control` and returns the new receiver and sender
-/// nonces (the new post-copy connections' tokens cover both; the sender's is zero without a
-/// secret).
+/// (same uuid and parameters). Replaces `control`; the door then expects the new post-copy
+/// connections' tokens over the new receiver and sender nonces.
 fn accept_resume(
-    door: &mut Door<'_>,
+    door: &mut Door,
     control: &mut TcpStream,
     hello: &Hello,
     cfg: &Config,
-) -> Result<([u8; NONCE_LEN], [u8; NONCE_LEN]), SessionError> {
+) -> Result<(), SessionError> {
     let deadline = Instant::now() + cfg.idle_timeout;
     let plain = |h: &Hello| Hello {
         auth: None,
@@ -578,11 +575,15 @@ fn accept_resume(
         stream
             .set_read_timeout(Some(cfg.idle_timeout))
             .map_err(control::ControlError::from)?;
+        door.expect(Keys {
+            uuid: hello.uuid,
+            nonce_r: c.nonce_r,
+            nonce_s: c.hello.auth.as_ref().map_or([0; NONCE_LEN], |a| a.nonce),
+        });
         control::write_message(&mut stream, &Message::HelloOk { proof })?;
         info!(peer = %c.peer, "post-copy: control connection resumed");
         *control = stream;
-        let nonce_s = c.hello.auth.as_ref().map_or([0; NONCE_LEN], |a| a.nonce);
-        return Ok((c.nonce_r, nonce_s));
+        return Ok(());
     }
 }
 
@@ -618,7 +619,7 @@ fn missing_runs(placer: &Placer<'_>) -> Vec<Message> {
 /// The destination's post-copy phase, run by the receiver's control loop when `Postcopy`
 /// arrives. Returns once every page is placed and `PostcopyDone` is sent.
 pub(crate) fn run(
-    door: &mut Door<'_>,
+    door: &mut Door,
     control: &mut TcpStream,
     args: DestArgs<'_>,
     announced: &Announced,
@@ -631,7 +632,6 @@ pub(crate) fn run(
         memory,
         hello,
         cfg,
-        nonce_r,
         hook,
         state,
     } = args;
@@ -676,13 +676,8 @@ pub(crate) fn run(
     }
     // 3. The urgent and background connections (the sender opens them after this).
     control::write_message(control, &Message::PostcopyReady)?;
-    let expect = Expect::Channel {
-        uuid: hello.uuid,
-        nonce_r,
-        nonce_s: hello.auth.as_ref().map_or([0; NONCE_LEN], |a| a.nonce),
-    };
     let idle = cfg.idle_timeout;
-    let streams = accept_connections(door, &expect, first_id, background, idle)?;
+    let streams = accept_connections(door, first_id, background, idle)?;
     info!(pages = to_place, background, "post-copy: guest may run");
 
     let placer = Placer {
@@ -723,7 +718,6 @@ pub(crate) fn run(
     let placer_ref = &placer;
     let blocks_ref = &blocks[..];
     let mut reconnects = 0u32;
-    let mut expect = expect;
     let mut lost = false;
     let result = std::thread::scope(|s| {
         let spawn_receivers = |streams: Vec<TcpStream>| {
@@ -789,12 +783,7 @@ pub(crate) fn run(
                         if lost {
                             // The control connection broke too: the sender comes back on a
                             // new one, authenticated like the first, naming this session.
-                            let (nonce_r, nonce_s) = accept_resume(door, control, hello, cfg)?;
-                            expect = Expect::Channel {
-                                uuid: hello.uuid,
-                                nonce_r,
-                                nonce_s,
-                            };
+                            accept_resume(door, control, hello, cfg)?;
                             resumed = true;
                             lost = false;
                         }
@@ -821,7 +810,7 @@ pub(crate) fn run(
                     control::write_message(control, &m)?;
                 }
                 control::write_message(control, &Message::PostcopyReady)?;
-                let streams = accept_connections(door, &expect, first_id, background, idle)?;
+                let streams = accept_connections(door, first_id, background, idle)?;
                 install(placer_ref, &streams)?;
                 Ok(streams)
             };

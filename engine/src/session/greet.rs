@@ -53,7 +53,9 @@ pub(crate) fn greet<S: Read + Write>(
     mut hello: Hello,
     greeting: Greeting,
 ) -> Result<Greeted, SessionError> {
-    // The receiver speaks first: its challenge nonce, and whether it wants a secret.
+    // The sender's preamble says "control connection"; then the receiver's challenge nonce,
+    // and whether it wants a secret.
+    control::write_preamble(stream)?;
     let first = control::read_message(stream).map_err(|e| challenge_error(e, greeting))?;
     let (nonce_r, secret_required) = match first {
         Message::Challenge {
@@ -125,9 +127,15 @@ fn challenge_error(e: ControlError, greeting: Greeting) -> SessionError {
                 idle_timeout.as_secs_f64()
             ))
         }
+        // Closed, or reset over the preamble it did not read.
         ControlError::Closed => SessionError::Handshake(
             "the receiver closed the control connection before its challenge (a receiver with --tls-dir closes clear-text senders: use --tls-dir on both sides)".into(),
         ),
+        ControlError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionReset => {
+            SessionError::Handshake(
+                "the receiver reset the control connection before its challenge (a receiver with --tls-dir resets clear-text senders: use --tls-dir on both sides)".into(),
+            )
+        }
         other => other.into(),
     }
 }

@@ -1,24 +1,35 @@
 //! The receiver's front door: accepting connections and running their handshakes before
 //! they belong to a session.
 //!
-//! Every connection is handed to its own short-lived handshake thread (at most
-//! [`MAX_HANDSHAKES`] at once, small stacks), bounded by the handshake timeout. Whatever a
-//! connection does before it has authenticated and said a valid hello (control) or init packet
-//! (channel) — garbage, an HTTP request, a port scan, silence — costs one logged line and a
-//! closed socket; it never ends the session and never blocks other connections' handshakes.
-//! Memory per pending connection is bounded by the largest control frame, whatever the peer
-//! claims, and arrives only as the peer's bytes do.
+//! One thread (`pw-door`) accepts for as long as the receiver serves, during a session too,
+//! and hands every connection to its own short-lived handshake thread (`pw-handshake`, small
+//! stacks). A connection says what it is with its first bytes: a control connection opens
+//! with [`CONTROL_PREAMBLE`](pagewire_transport::control::CONTROL_PREAMBLE), a channel with its
+//! token or init packet. Whatever a connection does before it has authenticated and said a
+//! valid hello (control) or init packet (channel) — garbage, an HTTP request, a port scan,
+//! silence — costs one logged line and a closed socket; it never ends the session and never
+//! blocks other connections' handshakes. A second sender while a session runs is told at once
+//! that this receiver is busy.
+//!
+//! Bounds: at most [`MAX_HANDSHAKES`] handshakes are pending (a further connection closes the
+//! oldest pending one), at most twice that many handshake threads exist, and every pending
+//! connection is closed when the handshake timeout (the idle timeout) has passed since it was
+//! accepted, whatever it sends meanwhile. Memory per pending connection is bounded by the
+//! largest control frame, whatever the peer claims, and arrives only as the peer's bytes do.
 
+use std::cell::Cell;
+use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use pagewire_transport::control::{self, Hello, Message, MAC_LEN, NONCE_LEN};
-use pagewire_transport::net::{self, SocketOptions};
+use pagewire_transport::control::{self, Hello, Message, CONTROL_PREAMBLE, MAC_LEN, NONCE_LEN};
+use pagewire_transport::net;
 use pagewire_transport::wire::{Field, InitPacket, WireError, INIT_PACKET_LEN};
 use tracing::{debug, warn};
 
@@ -28,10 +39,14 @@ use crate::session::auth::{self, Secret};
 use crate::session::tls::Acceptor;
 use pagewire_transport::tls::Conn;
 
-/// Most handshakes in progress at once; further connections are closed at once.
+/// Most handshakes pending at once; a further connection closes the oldest pending one.
 pub const MAX_HANDSHAKES: usize = 64;
+/// Most handshake threads at once (closed handshakes whose threads have not yet ended count).
+const MAX_HANDSHAKE_THREADS: usize = 2 * MAX_HANDSHAKES;
 /// Stack of a handshake thread (it parses at most one control frame).
 const HANDSHAKE_STACK: usize = 128 << 10;
+/// At most one log line per this period about connections closed under a flood.
+const FLOOD_LOG_PERIOD: Duration = Duration::from_secs(1);
 
 /// A connection refused before it joined a session.
 #[derive(Debug)]
@@ -59,16 +74,14 @@ pub(crate) struct ChannelCandidate {
     pub init: InitPacket,
 }
 
-/// What a handshake thread expects of a new connection.
-#[derive(Clone)]
-pub(crate) enum Expect {
-    Control,
-    Channel {
-        uuid: [u8; 16],
-        nonce_r: [u8; NONCE_LEN],
-        /// The sender's hello nonce (zero without authentication).
-        nonce_s: [u8; NONCE_LEN],
-    },
+/// What the running session's channel connections must prove: they name its uuid and (with
+/// a secret) carry a token over both nonces.
+#[derive(Clone, Debug)]
+pub(crate) struct Keys {
+    pub uuid: [u8; 16],
+    pub nonce_r: [u8; NONCE_LEN],
+    /// The sender's hello nonce (zero without authentication).
+    pub nonce_s: [u8; NONCE_LEN],
 }
 
 enum Outcome {
@@ -76,101 +89,138 @@ enum Outcome {
     Channel(ChannelCandidate),
 }
 
-/// Accepts connections and runs their handshakes on separate threads.
-pub(crate) struct Door<'a> {
-    listener: &'a TcpListener,
-    cfg: &'a Config,
-    acceptor: Acceptor,
-    pending: Arc<AtomicUsize>,
-    /// Handles on the pending handshakes' sockets, oldest first, to evict under a flood.
-    inflight: std::collections::VecDeque<(u64, TcpStream)>,
+/// The pending handshakes: a handle on each socket (to close it at its deadline or under a
+/// flood), oldest first, and the number of handshake threads alive.
+#[derive(Default)]
+struct Pending {
     next_id: u64,
-    done_ids: Arc<Mutex<Vec<u64>>>,
-    tx: mpsc::Sender<Outcome>,
-    rx: mpsc::Receiver<Outcome>,
-    /// Handshake threads write a byte here after sending an outcome, so the serving thread's
-    /// poll wakes at once (it also polls the listener).
-    wake_rx: UnixStream,
-    wake_tx: UnixStream,
-    watch: Arc<Mutex<Option<mpsc::Sender<Rejection>>>>,
-    refused: u64,
-    /// Connections whose handshake thread refused them.
-    handshakes_refused: Arc<std::sync::atomic::AtomicU64>,
-    last_refusal_error: Arc<Mutex<Option<String>>>,
+    sockets: VecDeque<(u64, Instant, TcpStream)>,
+    threads: usize,
 }
 
-impl<'a> Door<'a> {
-    pub fn new(
-        listener: &'a TcpListener,
-        cfg: &'a Config,
+/// What the door thread and the handshake threads share with the serving thread.
+struct Shared {
+    secret: Option<Secret>,
+    insecure: bool,
+    timeout: Duration,
+    socket: net::SocketOptions,
+    acceptor: Acceptor,
+    /// The running session (`None` before its hello is accepted).
+    keys: Mutex<Option<Keys>>,
+    pending: Mutex<Pending>,
+    watch: Arc<Mutex<Option<mpsc::Sender<Rejection>>>>,
+    refused: AtomicU64,
+    last_refusal_error: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn report(&self, peer: SocketAddr, error: SessionError) {
+        self.refused.fetch_add(1, Ordering::SeqCst);
+        report(&self.watch, &self.last_refusal_error, peer, error);
+    }
+}
+
+/// Accepts connections on its own thread and runs their handshakes; the serving thread takes
+/// the results with [`Door::next_control`] and [`Door::next_channel`]. Dropping the door
+/// stops the thread and closes every pending connection.
+pub(crate) struct Door {
+    local: SocketAddr,
+    shared: Arc<Shared>,
+    rx: mpsc::Receiver<Outcome>,
+    stop: UnixStream,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Door {
+    /// Start accepting on `listener` (which must be non-blocking).
+    pub fn open(
+        listener: &TcpListener,
+        cfg: &Config,
         watch: Arc<Mutex<Option<mpsc::Sender<Rejection>>>>,
-    ) -> Result<Door<'a>, SessionError> {
-        let (tx, rx) = mpsc::channel();
-        let (wake_rx, wake_tx) =
-            UnixStream::pair().map_err(|e| SessionError::Internal(format!("wake-up pipe: {e}")))?;
-        wake_rx
-            .set_nonblocking(true)
-            .map_err(|e| SessionError::Internal(format!("wake-up pipe: {e}")))?;
-        Ok(Door {
-            listener,
-            cfg,
+    ) -> Result<Door, SessionError> {
+        let internal =
+            |what: &str, e: std::io::Error| SessionError::Internal(format!("{what}: {e}"));
+        let local = listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let listener = listener
+            .try_clone()
+            .map_err(|e| internal("front door listener", e))?;
+        let (stop_rx, stop) =
+            UnixStream::pair().map_err(|e| internal("front door stop pipe", e))?;
+        let shared = Arc::new(Shared {
+            secret: cfg.secret.clone(),
+            insecure: cfg.insecure,
+            timeout: cfg.idle_timeout,
+            socket: cfg.socket,
             acceptor: Acceptor::new(cfg)?,
-            pending: Arc::new(AtomicUsize::new(0)),
-            inflight: std::collections::VecDeque::new(),
-            next_id: 0,
-            done_ids: Arc::new(Mutex::new(Vec::new())),
-            tx,
-            rx,
+            keys: Mutex::new(None),
+            pending: Mutex::new(Pending::default()),
             watch,
-            refused: 0,
-            handshakes_refused: Arc::default(),
-            last_refusal_error: Arc::new(Mutex::new(None)),
-            wake_rx,
-            wake_tx,
+            refused: AtomicU64::new(0),
+            last_refusal_error: Mutex::new(None),
+        });
+        let (tx, rx) = mpsc::channel();
+        let sh = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("pw-door".into())
+            .spawn(move || accept_loop(&listener, &stop_rx, &sh, &tx))
+            .map_err(|e| internal("cannot start the front door thread", e))?;
+        Ok(Door {
+            local,
+            shared,
+            rx,
+            stop,
+            thread: Some(thread),
         })
+    }
+
+    /// The running session: from now on channel connections are checked against `keys`, and
+    /// a control connection naming another session is told this receiver is busy.
+    pub fn expect(&self, keys: Keys) {
+        if let Ok(mut k) = self.shared.keys.lock() {
+            *k = Some(keys);
+        }
     }
 
     /// Connections refused so far, and the last reason.
     pub fn refused(&self) -> (u64, Option<String>) {
-        let last = self.last_refusal_error.lock().ok().and_then(|g| g.clone());
-        (
-            self.refused + self.handshakes_refused.load(Ordering::SeqCst),
-            last,
-        )
+        let last = self
+            .shared
+            .last_refusal_error
+            .lock()
+            .ok()
+            .and_then(|g| g.clone());
+        (self.shared.refused.load(Ordering::SeqCst), last)
     }
 
     /// Report a refusal decided by the session (e.g. a hello that does not fit this memory).
     pub fn refuse(&mut self, peer: SocketAddr, stream: &mut Conn, error: SessionError) {
         let error = tell_peer(stream, error);
-        self.refused += 1;
-        report(&self.watch, &self.last_refusal_error, peer, error);
+        self.shared.report(peer, error);
     }
 
     /// Wait for the next control connection that authenticated and sent a hello.
     pub fn next_control(&mut self, deadline: Instant) -> Result<ControlCandidate, SessionError> {
         loop {
-            match self.next(deadline, &Expect::Control)? {
+            match self.next(deadline)? {
                 Outcome::Control(c) => return Ok(c),
                 Outcome::Channel(c) => {
-                    debug!(peer = %c.peer, "channel connection before any session; closed")
+                    debug!(peer = %c.peer, "channel connection while no channel is awaited; closed")
                 }
             }
         }
     }
 
-    /// Wait for the next channel connection of the session `expect` describes.
-    pub fn next_channel(
-        &mut self,
-        deadline: Instant,
-        expect: &Expect,
-    ) -> Result<ChannelCandidate, SessionError> {
+    /// Wait for the next channel connection of the session set with [`Door::expect`].
+    pub fn next_channel(&mut self, deadline: Instant) -> Result<ChannelCandidate, SessionError> {
         loop {
-            match self.next(deadline, expect)? {
+            match self.next(deadline)? {
                 Outcome::Channel(c) => return Ok(c),
                 Outcome::Control(c) => {
                     let mut s = c.stream;
                     let e = SessionError::Handshake(format!(
-                        "a session is already running; {} refused",
+                        "a control connection of this session from {} while its channels connect",
                         c.peer
                     ));
                     self.refuse(c.peer, &mut s, e);
@@ -179,137 +229,191 @@ impl<'a> Door<'a> {
         }
     }
 
-    fn next(&mut self, deadline: Instant, expect: &Expect) -> Result<Outcome, SessionError> {
-        let local = self
-            .listener
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-        loop {
-            if let Ok(o) = self.rx.try_recv() {
-                return Ok(o);
+    fn next(&mut self, deadline: Instant) -> Result<Outcome, SessionError> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match self.rx.recv_timeout(left) {
+            Ok(o) => Ok(o),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                Err(SessionError::Net(net::NetError::AcceptTimeout {
+                    addr: self.local,
+                    secs: left.as_secs_f64(),
+                }))
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(SessionError::Net(net::NetError::AcceptTimeout {
-                    addr: local,
-                    secs: self.cfg.idle_timeout.as_secs_f64(),
-                }));
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                Err(SessionError::Internal("the front door thread ended".into()))
             }
-            let fds = [self.listener.as_raw_fd(), self.wake_rx.as_raw_fd()];
-            let ready = net::wait_readable_any(&fds, left).map_err(|source| {
-                SessionError::Net(net::NetError::Accept {
-                    addr: local,
-                    source,
-                })
-            })?;
-            if ready == Some(1) {
-                // A handshake finished: drain the wake-ups; its outcome is in the channel.
-                let mut sink = [0u8; 64];
-                while matches!((&self.wake_rx).read(&mut sink), Ok(n) if n > 0) {}
-                continue;
+        }
+    }
+}
+
+impl Drop for Door {
+    fn drop(&mut self) {
+        let _ = self.stop.write_all(&[1]);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        // Handshakes still pending end now (their threads see the sockets shut).
+        if let Ok(p) = self.shared.pending.lock() {
+            for (_, _, s) in &p.sockets {
+                let _ = s.shutdown(std::net::Shutdown::Both);
             }
-            if ready.is_none() {
-                continue;
-            }
-            let (stream, peer) = match self.listener.accept() {
-                Ok(x) => x,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+        }
+    }
+}
+
+/// The door thread: accept until `stop` is readable; close pending handshakes at their
+/// deadline.
+fn accept_loop(
+    listener: &TcpListener,
+    stop: &UnixStream,
+    shared: &Arc<Shared>,
+    tx: &mpsc::Sender<Outcome>,
+) {
+    let fds = [listener.as_raw_fd(), stop.as_raw_fd()];
+    // Often enough that a pending connection outlives its deadline by a quarter at most.
+    let tick = (shared.timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let mut flood = FloodLog::default();
+    loop {
+        match net::wait_readable_any(&fds, tick) {
+            Ok(Some(1)) => return,
+            Ok(Some(_)) => match listener.accept() {
+                Ok((stream, peer)) => admit(shared, tx, stream, peer, &mut flood),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                    ) => {}
                 // A connection reset before we took it, or out of descriptors: log and go on.
                 Err(e) => {
                     warn!(error = %e, "accept failed");
                     std::thread::sleep(Duration::from_millis(10));
-                    continue;
                 }
-            };
-            self.forget_finished();
-            if self.pending.load(Ordering::SeqCst) >= 2 * MAX_HANDSHAKES {
-                // Evicted handshakes have not finished exiting yet: hard bound on threads.
-                self.refused += 1;
-                warn!(%peer, "handshake threads at their bound; connection closed");
-                drop(stream);
-                continue;
+            },
+            Ok(None) => {}
+            Err(e) => {
+                warn!(error = %e, "front door: poll failed");
+                std::thread::sleep(Duration::from_millis(10));
             }
-            if self.pending.load(Ordering::SeqCst) >= MAX_HANDSHAKES {
-                // A flood: the oldest pending handshake makes room (its thread sees its socket
-                // shut and ends). A real peer completes its handshake in a round trip, so it
-                // is not the oldest for long; the flood's idle connections are.
-                if let Some((_, old)) = self.inflight.pop_front() {
-                    let _ = old.shutdown(std::net::Shutdown::Both);
-                }
-                self.refused += 1;
-                warn!(%peer, "{MAX_HANDSHAKES} handshakes in progress: the oldest was closed to make room");
-            }
-            self.spawn(stream, peer, expect.clone());
+        }
+        expire(shared);
+        flood.flush();
+    }
+}
+
+/// Close every pending connection whose handshake timeout has passed: its thread's next read
+/// fails and it reports [`SessionError::HandshakeTimeout`].
+fn expire(shared: &Shared) {
+    let Ok(p) = shared.pending.lock() else { return };
+    for (_, since, s) in &p.sockets {
+        if since.elapsed() >= shared.timeout {
+            let _ = s.shutdown(std::net::Shutdown::Both);
         }
     }
+}
 
-    /// Drop the handles of handshakes that have finished.
-    fn forget_finished(&mut self) {
-        let done: Vec<u64> = self
-            .done_ids
-            .lock()
-            .map(|mut d| std::mem::take(&mut *d))
-            .unwrap_or_default();
-        if !done.is_empty() {
-            self.inflight.retain(|(id, _)| !done.contains(id));
+/// Counts of connections closed under a flood, logged at most once per [`FLOOD_LOG_PERIOD`].
+#[derive(Default)]
+struct FloodLog {
+    evicted: u64,
+    dropped: u64,
+    since: Option<Instant>,
+}
+
+impl FloodLog {
+    fn flush(&mut self) {
+        let Some(since) = self.since else { return };
+        if since.elapsed() < FLOOD_LOG_PERIOD {
+            return;
         }
+        warn!(
+            evicted = self.evicted,
+            dropped = self.dropped,
+            "connection flood: {MAX_HANDSHAKES} handshakes pending; {} oldest pending connection(s) closed to make room, {} closed at once (handshake threads at their bound) in the last {:.1} s",
+            self.evicted,
+            self.dropped,
+            since.elapsed().as_secs_f64()
+        );
+        *self = FloodLog::default();
     }
 
-    fn spawn(&mut self, stream: TcpStream, peer: SocketAddr, expect: Expect) {
-        let id = self.next_id;
-        self.next_id += 1;
-        if let Ok(h) = stream.try_clone() {
-            self.inflight.push_back((id, h));
+    fn note(&mut self, evicted: bool) {
+        if evicted {
+            self.evicted += 1;
+        } else {
+            self.dropped += 1;
         }
-        let done_ids = self.done_ids.clone();
-        let pending = self.pending.clone();
-        pending.fetch_add(1, Ordering::SeqCst);
-        let tx = self.tx.clone();
-        let wake = self.wake_tx.try_clone().ok();
-        let watch = self.watch.clone();
-        let last = self.last_refusal_error.clone();
-        let secret = self.cfg.secret.clone();
-        let insecure = self.cfg.insecure;
-        let timeout = self.cfg.idle_timeout;
-        let socket = self.cfg.socket;
-        let acceptor = self.acceptor.clone();
-        let handshakes_refused = self.handshakes_refused.clone();
-        let spawned = std::thread::Builder::new()
-            .name("pw-handshake".into())
-            .stack_size(HANDSHAKE_STACK)
-            .spawn(move || {
-                let res = handshake(
-                    stream,
-                    peer,
-                    &expect,
-                    secret.as_ref(),
-                    insecure,
-                    timeout,
-                    &socket,
-                    &acceptor,
-                );
-                match res {
-                    Ok(o) => {
-                        let _ = tx.send(o);
-                        if let Some(mut w) = wake {
-                            let _ = w.write_all(&[1]);
-                        }
-                    }
-                    Err(e) => {
-                        handshakes_refused.fetch_add(1, Ordering::SeqCst);
-                        report(&watch, &last, peer, e)
-                    }
-                }
-                if let Ok(mut d) = done_ids.lock() {
-                    d.push(id);
-                }
-                pending.fetch_sub(1, Ordering::SeqCst);
-            });
-        if let Err(e) = spawned {
-            self.pending.fetch_sub(1, Ordering::SeqCst);
-            warn!(%peer, error = %e, "cannot start a handshake thread; connection closed");
+        self.since.get_or_insert_with(Instant::now);
+    }
+}
+
+/// Start the handshake of a new connection, within the bounds.
+fn admit(
+    shared: &Arc<Shared>,
+    tx: &mpsc::Sender<Outcome>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    flood: &mut FloodLog,
+) {
+    let id = {
+        let Ok(mut p) = shared.pending.lock() else {
+            return;
+        };
+        if p.threads >= MAX_HANDSHAKE_THREADS {
+            // Closed handshakes have not finished exiting yet: a hard bound on threads.
+            shared.refused.fetch_add(1, Ordering::SeqCst);
+            flood.note(false);
+            return;
         }
+        if p.sockets.len() >= MAX_HANDSHAKES {
+            // A flood: the oldest pending handshake makes room (its thread sees its socket
+            // shut and ends). A real peer completes its handshake in a round trip, so it is
+            // not the oldest for long; the flood's idle connections are.
+            if let Some((_, _, old)) = p.sockets.pop_front() {
+                let _ = old.shutdown(std::net::Shutdown::Both);
+            }
+            shared.refused.fetch_add(1, Ordering::SeqCst);
+            flood.note(true);
+        }
+        let id = p.next_id;
+        p.next_id += 1;
+        match stream.try_clone() {
+            Ok(h) => p.sockets.push_back((id, Instant::now(), h)),
+            Err(e) => {
+                warn!(%peer, error = %e, "cannot keep a handle on a new connection; closed");
+                return;
+            }
+        }
+        p.threads += 1;
+        id
+    };
+    let sh = shared.clone();
+    let tx = tx.clone();
+    let spawned = std::thread::Builder::new()
+        .name("pw-handshake".into())
+        .stack_size(HANDSHAKE_STACK)
+        .spawn(move || {
+            let res = handshake(stream, peer, &sh);
+            // Off the pending list (closing its handle) before the outcome is handed on, so a
+            // deadline or a flood never shuts a connection that completed its handshake.
+            finished(&sh, id);
+            match res {
+                Ok(o) => {
+                    let _ = tx.send(o);
+                }
+                Err(e) => sh.report(peer, e),
+            }
+        });
+    if let Err(e) = spawned {
+        finished(shared, id);
+        warn!(%peer, error = %e, "cannot start a handshake thread; connection closed");
+    }
+}
+
+/// A handshake ended: drop its handle (closing that descriptor) and its thread's count.
+fn finished(shared: &Shared, id: u64) {
+    if let Ok(mut p) = shared.pending.lock() {
+        p.sockets.retain(|(i, _, _)| *i != id);
+        p.threads = p.threads.saturating_sub(1);
     }
 }
 
@@ -339,6 +443,25 @@ pub(crate) fn tell_peer<W: Write>(stream: &mut W, e: SessionError) -> SessionErr
     e
 }
 
+/// [`tell_peer`] on a connection whose peer still has bytes in flight (a TLS ClientHello):
+/// half-close, then read (at most 64 KiB, for at most a second) until the peer closes, so the
+/// kernel delivers the error instead of resetting the connection over unread bytes.
+fn refuse_lingering(stream: &mut Conn, e: SessionError) -> SessionError {
+    let e = tell_peer(stream, e);
+    let mut tcp = stream.tcp();
+    let _ = tcp.shutdown(std::net::Shutdown::Write);
+    let _ = tcp.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut sink = [0u8; 4096];
+    let mut left = 64usize << 10;
+    while left > 0 {
+        match tcp.read(&mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => left = left.saturating_sub(n),
+        }
+    }
+    e
+}
+
 /// Log a refusal (one line) and tell a watcher, if any.
 fn report(
     watch: &Mutex<Option<mpsc::Sender<Rejection>>>,
@@ -357,140 +480,214 @@ fn report(
     }
 }
 
-/// The handshake of one connection, on its own thread.
-#[allow(clippy::too_many_arguments)] // the door's settings, copied into the thread one by one
-fn handshake(
+/// The handshake of one connection, on its own thread. Whatever fails once the handshake
+/// timeout has passed (a read timed out, or the door closed the socket at the deadline) is
+/// reported as [`SessionError::HandshakeTimeout`].
+fn handshake(tcp: TcpStream, peer: SocketAddr, sh: &Shared) -> Result<Outcome, SessionError> {
+    let started = Instant::now();
+    let stage = Cell::new("the TLS handshake");
+    match open(tcp, peer, sh, &stage) {
+        // A failed proof stands; anything else past the deadline (a read that timed out, or
+        // saw the socket the door shut at the deadline) is the handshake's timeout.
+        Err(e) if started.elapsed() >= sh.timeout && !matches!(e, SessionError::Auth(_)) => {
+            debug!(%peer, error = %e, "handshake past its deadline");
+            Err(SessionError::HandshakeTimeout {
+                peer: peer.to_string(),
+                secs: sh.timeout.as_secs_f64(),
+                waiting_for: stage.get(),
+            })
+        }
+        other => other,
+    }
+}
+
+/// True when `first` starts a TLS ClientHello record: content type 22, version 3.x, then a
+/// `client_hello` handshake message shorter than 64 KiB. A channel's token matches it with
+/// probability 2^-38, its init packet (magic `0x11223344`) never.
+fn looks_like_client_hello(first: &[u8; CONTROL_PREAMBLE.len()]) -> bool {
+    first[0] == 0x16
+        && first[1] == 0x03
+        && (1..=4).contains(&first[2])
+        && first[5] == 0x01
+        && first[6] == 0x00
+}
+
+/// The handshake proper; `stage` says what it waits for (for the timeout's message).
+fn open(
     mut tcp: TcpStream,
     peer: SocketAddr,
-    expect: &Expect,
-    secret: Option<&Secret>,
-    insecure: bool,
-    timeout: Duration,
-    socket: &SocketOptions,
-    acceptor: &Acceptor,
+    sh: &Shared,
+    stage: &Cell<&'static str>,
 ) -> Result<Outcome, SessionError> {
     // Certificates authenticate a TLS peer as a shared secret does a clear-text one.
-    let authenticated = secret.is_some() || acceptor.is_tls();
-    if let Err(e) = peer_allowed_with(authenticated, insecure, &peer) {
+    let authenticated = sh.secret.is_some() || sh.acceptor.is_tls();
+    if let Err(e) = peer_allowed_with(authenticated, sh.insecure, &peer) {
         return Err(tell_peer(&mut tcp, e));
     }
-    net::configure(&tcp, socket)?;
-    tcp.set_read_timeout(Some(timeout))
+    net::configure(&tcp, &sh.socket)?;
+    tcp.set_read_timeout(Some(sh.timeout))
         .map_err(control::ControlError::from)?;
-    tcp.set_write_timeout(Some(timeout))
+    tcp.set_write_timeout(Some(sh.timeout))
         .map_err(control::ControlError::from)?;
-    let mut stream = acceptor.accept(tcp)?;
-    match expect {
-        Expect::Control => {
-            let nonce_r = auth::nonce()?;
-            control::write_message(
+    let mut stream = sh.acceptor.accept(tcp)?;
+    stage.set("its first bytes");
+    // The peer speaks first: a control connection's preamble, or a channel's token or init
+    // packet.
+    let mut first = [0u8; CONTROL_PREAMBLE.len()];
+    stream.read_exact(&mut first).map_err(|e| {
+        SessionError::Handshake(format!(
+            "connection from {peer}: reading its first bytes: {e}"
+        ))
+    })?;
+    if !stream.is_tls() && looks_like_client_hello(&first) {
+        let e = SessionError::Handshake(format!(
+            "connection from {peer} starts a TLS handshake, but this receiver has no TLS credentials (--tls-dir)"
+        ));
+        return Err(refuse_lingering(&mut stream, e));
+    }
+    if first == CONTROL_PREAMBLE {
+        stage.set("its hello");
+        control_handshake(stream, peer, sh)
+    } else {
+        stage.set(if sh.secret.is_some() {
+            "its channel token and init packet"
+        } else {
+            "its init packet"
+        });
+        channel_handshake(stream, peer, first, sh)
+    }
+}
+
+/// A control connection after its preamble: challenge, hello, proof.
+fn control_handshake(
+    mut stream: Conn,
+    peer: SocketAddr,
+    sh: &Shared,
+) -> Result<Outcome, SessionError> {
+    let secret = sh.secret.as_ref();
+    let nonce_r = auth::nonce()?;
+    control::write_message(
+        &mut stream,
+        &Message::Challenge {
+            nonce: nonce_r,
+            secret_required: secret.is_some(),
+        },
+    )?;
+    let hello = match control::read_message(&mut stream) {
+        Ok(Message::Hello(h)) => h,
+        Ok(Message::Error { message }) => return Err(SessionError::Peer(message)),
+        Ok(other) => {
+            return Err(tell_peer(
                 &mut stream,
-                &Message::Challenge {
-                    nonce: nonce_r,
-                    secret_required: secret.is_some(),
+                SessionError::Unexpected {
+                    expected: "hello",
+                    got: other.name(),
                 },
-            )?;
-            if !stream.is_tls() {
-                let mut first = [0u8; 1];
-                // A TLS ClientHello starts with a handshake record (0x16): say so rather than
-                // "frame too large".
-                match stream.tcp().peek(&mut first) {
-                    Ok(1) if first[0] == 0x16 => {
-                        return Err(SessionError::Handshake(format!(
-                            "control connection from {peer} starts a TLS handshake, but this receiver has no TLS credentials (--tls-dir)"
-                        )));
-                    }
-                    Ok(_) => {}
-                    // Silence or a reset: what reading the hello would report.
-                    Err(e) => return Err(control::ControlError::Io(e).into()),
-                }
-            }
-            let hello = match control::read_message(&mut stream) {
-                Ok(Message::Hello(h)) => h,
-                Ok(Message::Error { message }) => return Err(SessionError::Peer(message)),
-                Ok(other) => {
-                    return Err(tell_peer(
-                        &mut stream,
-                        SessionError::Unexpected {
-                            expected: "hello",
-                            got: other.name(),
-                        },
-                    ))
-                }
-                Err(e) => return Err(tell_peer(&mut stream, e.into())),
-            };
-            match (secret, &hello.auth) {
-                (None, _) => {}
-                (Some(_), None) => {
-                    let e = SessionError::Auth(format!(
-                        "control connection from {peer}: the sender sent no proof of the shared secret"
-                    ));
-                    return Err(tell_peer(&mut stream, e));
-                }
-                (Some(sec), Some(a)) => {
-                    if !sec.check_sender(&nonce_r, &a.nonce, &hello.uuid, &a.mac) {
-                        let e = SessionError::Auth(format!(
-                            "control connection from {peer}: the sender's proof does not match this receiver's shared secret"
-                        ));
-                        return Err(tell_peer(&mut stream, e));
-                    }
-                }
-            }
-            Ok(Outcome::Control(ControlCandidate {
-                stream,
-                peer,
-                nonce_r,
-                hello,
-            }))
+            ))
         }
-        Expect::Channel {
-            uuid,
-            nonce_r,
-            nonce_s,
-        } => {
-            let mut token = [0u8; MAC_LEN];
-            if secret.is_some() {
-                stream.read_exact(&mut token).map_err(|e| {
-                    SessionError::Auth(format!(
-                        "channel connection from {peer}: reading its token: {e}"
-                    ))
-                })?;
+        Err(e) => return Err(tell_peer(&mut stream, e.into())),
+    };
+    match (secret, &hello.auth) {
+        (None, _) => {}
+        (Some(_), None) => {
+            let e = SessionError::Auth(format!(
+                "control connection from {peer}: the sender sent no proof of the shared secret"
+            ));
+            return Err(tell_peer(&mut stream, e));
+        }
+        (Some(sec), Some(a)) => {
+            if !sec.check_sender(&nonce_r, &a.nonce, &hello.uuid, &a.mac) {
+                let e = SessionError::Auth(format!(
+                    "control connection from {peer}: the sender's proof does not match this receiver's shared secret"
+                ));
+                return Err(tell_peer(&mut stream, e));
             }
-            let mut buf = [0u8; INIT_PACKET_LEN];
-            stream.read_exact(&mut buf).map_err(|e| {
-                SessionError::Handshake(format!(
-                    "channel connection from {peer}: reading init packet: {e}"
-                ))
-            })?;
-            let init = InitPacket::parse(&buf).map_err(|source| SessionError::Init {
-                peer: peer.to_string(),
-                source,
-            })?;
-            if let Some(sec) = secret {
-                if !sec.check_channel(nonce_r, nonce_s, uuid, init.channel_id, &token) {
-                    return Err(SessionError::Auth(format!(
-                        "channel connection from {peer}: its token does not match this receiver's shared secret"
-                    )));
-                }
-            }
-            if &init.uuid != uuid {
-                return Err(SessionError::Init {
-                    peer: peer.to_string(),
-                    source: WireError::Invalid {
-                        field: Field::Uuid,
-                        detail: "not this session's uuid (a stray or stale connection)".into(),
-                    },
-                });
-            }
-            stream
-                .tcp()
-                .set_read_timeout(None)
-                .map_err(control::ControlError::from)?;
-            stream
-                .tcp()
-                .set_write_timeout(None)
-                .map_err(control::ControlError::from)?;
-            Ok(Outcome::Channel(ChannelCandidate { stream, peer, init }))
         }
     }
+    // While a session runs, only that session may open a control connection (post-copy's
+    // resumption); any other sender is told at once.
+    let running = sh.keys.lock().ok().and_then(|k| k.as_ref().map(|k| k.uuid));
+    if running.is_some_and(|uuid| uuid != hello.uuid) {
+        return Err(tell_peer(&mut stream, SessionError::Busy));
+    }
+    Ok(Outcome::Control(ControlCandidate {
+        stream,
+        peer,
+        nonce_r,
+        hello,
+    }))
+}
+
+/// A channel connection: `first` holds its first bytes (of its token, or of its init packet
+/// without a secret).
+fn channel_handshake(
+    mut stream: Conn,
+    peer: SocketAddr,
+    first: [u8; CONTROL_PREAMBLE.len()],
+    sh: &Shared,
+) -> Result<Outcome, SessionError> {
+    let Some(keys) = sh.keys.lock().ok().and_then(|k| k.clone()) else {
+        return Err(SessionError::Handshake(format!(
+            "connection from {peer} is not a control connection (no pagewire control preamble) and no session is running for a channel to join"
+        )));
+    };
+    let secret = sh.secret.as_ref();
+    let read_init = |stream: &mut Conn, into: &mut [u8]| {
+        stream.read_exact(into).map_err(|e| {
+            SessionError::Handshake(format!(
+                "channel connection from {peer}: reading init packet: {e}"
+            ))
+        })
+    };
+    // Both buffers are longer than the first bytes (constants).
+    let n = first.len();
+    let mut token = [0u8; MAC_LEN];
+    let mut buf = [0u8; INIT_PACKET_LEN];
+    if secret.is_some() {
+        token[..n].copy_from_slice(&first);
+        stream.read_exact(&mut token[n..]).map_err(|e| {
+            SessionError::Auth(format!(
+                "channel connection from {peer}: reading its token: {e}"
+            ))
+        })?;
+        read_init(&mut stream, &mut buf)?;
+    } else {
+        buf[..n].copy_from_slice(&first);
+        read_init(&mut stream, &mut buf[n..])?;
+    }
+    let init = InitPacket::parse(&buf).map_err(|source| SessionError::Init {
+        peer: peer.to_string(),
+        source,
+    })?;
+    if let Some(sec) = secret {
+        if !sec.check_channel(
+            &keys.nonce_r,
+            &keys.nonce_s,
+            &keys.uuid,
+            init.channel_id,
+            &token,
+        ) {
+            return Err(SessionError::Auth(format!(
+                "channel connection from {peer}: its token does not match this receiver's shared secret"
+            )));
+        }
+    }
+    if init.uuid != keys.uuid {
+        return Err(SessionError::Init {
+            peer: peer.to_string(),
+            source: WireError::Invalid {
+                field: Field::Uuid,
+                detail: "not this session's uuid (a stray or stale connection)".into(),
+            },
+        });
+    }
+    stream
+        .tcp()
+        .set_read_timeout(None)
+        .map_err(control::ControlError::from)?;
+    stream
+        .tcp()
+        .set_write_timeout(None)
+        .map_err(control::ControlError::from)?;
+    Ok(Outcome::Channel(ChannelCandidate { stream, peer, init }))
 }

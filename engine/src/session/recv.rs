@@ -21,7 +21,7 @@ use crate::fresh::FreshMap;
 use crate::memory::GuestMemory;
 use crate::postcopy::dest::{Announced, DestArgs};
 use crate::postcopy::{PostcopyHook, PostcopyStart, PostcopyStats};
-use crate::session::handshake::{self, Door, Expect, Rejection};
+use crate::session::handshake::{self, Door, Keys, Rejection};
 use crate::stats::{thread_cpu_seconds, Progress, SessionStats};
 
 /// Most device-state bytes one session may carry.
@@ -72,10 +72,9 @@ pub struct Receiver {
 }
 
 /// What the control loop needs to run post-copy.
-struct PostcopyCtx<'a, 'b> {
-    door: &'a mut Door<'b>,
+struct PostcopyCtx<'a> {
+    door: &'a mut Door,
     hello: &'a Hello,
-    nonce_r: [u8; control::NONCE_LEN],
     memory: &'a Arc<GuestMemory>,
     announced: Announced,
     stats: Option<Box<PostcopyStats>>,
@@ -174,7 +173,7 @@ impl Receiver {
                 source,
             })
         })?;
-        let mut door = Door::new(&self.listener, &self.cfg, self.watch.clone())?;
+        let mut door = Door::open(&self.listener, &self.cfg, self.watch.clone())?;
         // 1. A control connection that authenticated and whose hello fits this receiver.
         //    Anything else is refused (one logged line) and the receiver keeps waiting.
         let (mut control, peer, nonce_r, hello, memory) = loop {
@@ -208,6 +207,15 @@ impl Receiver {
             .tcp()
             .set_read_timeout(Some(self.cfg.idle_timeout))
             .map_err(control::ControlError::from)?;
+        // Channels may connect as soon as the sender reads hello-ok.
+        door.expect(Keys {
+            uuid: hello.uuid,
+            nonce_r,
+            nonce_s: hello
+                .auth
+                .as_ref()
+                .map_or([0; control::NONCE_LEN], |a| a.nonce),
+        });
         control::write_message(&mut control, &Message::HelloOk { proof })?;
         info!(
             channels = hello.channels,
@@ -219,7 +227,7 @@ impl Receiver {
 
         // 2. Its channels. Strangers are refused as above; a connection that knows the
         //    session (uuid, token) but breaks a rule ends the session.
-        let streams = match self.accept_channels(&mut door, &hello, &nonce_r) {
+        let streams = match self.accept_channels(&mut door, &hello) {
             Ok(s) => s,
             Err(e) => return Err(reject(&mut control, e)),
         };
@@ -264,7 +272,6 @@ impl Receiver {
         let mut pc = PostcopyCtx {
             door: &mut door,
             hello: &hello,
-            nonce_r,
             memory: &memory,
             announced: Announced::default(),
             stats: None,
@@ -414,28 +421,13 @@ impl Receiver {
         }
     }
 
-    /// Accept `hello.channels` connections, read and check each init packet; return the
-    /// streams ordered by channel id.
     /// Accept `hello.channels` channel connections; return the streams ordered by channel id.
-    fn accept_channels(
-        &self,
-        door: &mut Door<'_>,
-        hello: &Hello,
-        nonce_r: &[u8; control::NONCE_LEN],
-    ) -> Result<Vec<Conn>, SessionError> {
+    fn accept_channels(&self, door: &mut Door, hello: &Hello) -> Result<Vec<Conn>, SessionError> {
         let n = hello.channels as usize;
         let mut slots: Vec<Option<Conn>> = (0..n).map(|_| None).collect();
         let deadline = Instant::now() + self.cfg.idle_timeout;
-        let expect = Expect::Channel {
-            uuid: hello.uuid,
-            nonce_r: *nonce_r,
-            nonce_s: hello
-                .auth
-                .as_ref()
-                .map_or([0; control::NONCE_LEN], |a| a.nonce),
-        };
         for got in 0..n {
-            let c = door.next_channel(deadline, &expect).map_err(|e| match e {
+            let c = door.next_channel(deadline).map_err(|e| match e {
                 SessionError::Net(net::NetError::AcceptTimeout { .. }) => {
                     SessionError::Timeout(format!(
                         "only {got} of {n} channels connected within {:.1} s",
@@ -477,7 +469,7 @@ impl Receiver {
         control: &mut Conn,
         gate: &Gate,
         states: &mut Vec<Vec<u8>>,
-        pc: &mut PostcopyCtx<'_, '_>,
+        pc: &mut PostcopyCtx<'_>,
         commit: &mut Option<F>,
     ) -> Result<(), SessionError>
     where
@@ -575,7 +567,6 @@ impl Receiver {
                         memory: pc.memory,
                         hello: pc.hello,
                         cfg: &self.cfg,
-                        nonce_r: pc.nonce_r,
                         hook: &self.postcopy_hook,
                         state: states,
                     };
@@ -686,9 +677,18 @@ pub fn decoder_for(d: Decoder) -> Result<Box<dyn PageDecompressor>, SessionError
 
 /// The error for "no session came": the wait's own error, or, when connections were refused
 /// meanwhile, how many and why the last one was.
-fn no_session(e: SessionError, waited: Duration, door: &Door<'_>) -> SessionError {
+fn no_session(e: SessionError, waited: Duration, door: &Door) -> SessionError {
     match door.refused() {
-        (0, _) | (_, None) => e,
+        (0, _) | (_, None) => match e {
+            // The whole wait, not the last call's share of it.
+            SessionError::Net(net::NetError::AcceptTimeout { addr, .. }) => {
+                SessionError::Net(net::NetError::AcceptTimeout {
+                    addr,
+                    secs: waited.as_secs_f64(),
+                })
+            }
+            e => e,
+        },
         (refused, Some(last)) => SessionError::NoSession {
             waited: waited.as_secs_f64(),
             refused,

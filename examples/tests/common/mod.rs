@@ -82,6 +82,7 @@ pub fn recorder_ending(confirm: bool) -> (u16, JoinHandle<Recording>) {
     let port = listener.local_addr().expect("addr").port();
     let rec = std::thread::spawn(move || {
         let (mut ctl, _) = listener.accept().expect("control");
+        control::read_preamble(&mut ctl).expect("preamble");
         let challenge = Message::Challenge {
             nonce: [7; 32],
             secret_required: false,
