@@ -41,6 +41,11 @@ pub const DEFAULT_PAGES_PER_PACKET: u32 = 128;
 /// Default page size.
 pub const DEFAULT_PAGE_SIZE: u32 = 4096;
 
+/// A receiver allocating the memory maps a guest up to this many times its `max_memory`
+/// (which bounds the bytes the session's data commits): the map's bookkeeping, one bit per
+/// page, is then at most 1/128 of `max_memory` (4 KiB pages).
+pub const MAX_SIZE_PER_COMMITTED: u64 = 256;
+
 /// How a session runs. Sender and receiver each have one; the sender's page size, pages per
 /// packet, codec and channel count travel in the hello and the receiver adopts them.
 #[derive(Clone, Debug)]
@@ -96,8 +101,11 @@ pub struct Config {
     /// TLS 1.3 with mutual certificate authentication on every connection (`None`: clear
     /// text). Both sides must agree.
     pub tls: Option<TlsConfig>,
-    /// Receiver: largest total guest memory a hello may ask for when the receiver allocates
-    /// the memory itself.
+    /// Receiver allocating the memory itself: the most guest memory the session's data may
+    /// commit, counted page by page as data lands (pages never written, zero pages among
+    /// them, cost nothing; a session going over fails with `ChannelErrorKind::MemoryLimit`).
+    /// The guest itself may be up to [`MAX_SIZE_PER_COMMITTED`] (256) times larger; with
+    /// `prealloc` (which commits every page) it must fit in `max_memory`.
     pub max_memory: u64,
     /// The VM's identity (QEMU's `-uuid`). The sender puts it in the hello and in every
     /// channel's init packet (random per session when `None`); a receiver with one set refuses

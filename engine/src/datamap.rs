@@ -405,6 +405,36 @@ impl DataProbe {
         true
     }
 
+    /// Where the hole this round's answers found around block offset `from` ends (block
+    /// offset), when `from` lies in one: a file mapped shared whose last `lseek` found a hole
+    /// there, or anonymous memory whose last pagemap read-ahead shows nothing present from
+    /// `from` to its end. `None`: nothing known (then ask [`DataProbe::data_ranges`]). Good for
+    /// this round only, as every answer.
+    pub fn hole_end(&self, contents: &Contents, addr: usize, from: u64) -> Option<u64> {
+        match contents {
+            Contents::Unknown => None,
+            Contents::Anonymous => {
+                let (at, covered, present) = self.ahead.as_ref()?;
+                let inside = *at == addr && covered.start <= from && from < covered.end;
+                (inside && present.iter().all(|p| p.end <= from)).then_some(covered.end)
+            }
+            Contents::File {
+                file,
+                offset,
+                shared,
+            } => {
+                // A private mapping's written pages are not in the file: pagemap must answer.
+                if !shared {
+                    return None;
+                }
+                let (id, h) = self.hole.as_ref()?;
+                let at = offset.checked_add(from)?;
+                (*id == Arc::as_ptr(file) as usize && h.start <= at && at < h.end)
+                    .then(|| h.end - offset)
+            }
+        }
+    }
+
     fn query(
         &mut self,
         contents: &Contents,

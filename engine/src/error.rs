@@ -71,6 +71,12 @@ pub enum ChannelErrorKind {
     Ring(#[from] RingError),
     #[error("stopped: the session failed elsewhere")]
     Aborted,
+    /// Receiver-allocated memory: the pages written so far would take the committed memory
+    /// over `Config::max_memory`.
+    #[error(
+        "the sender's data would commit {committed} bytes of guest memory, over this receiver's limit of {limit} bytes (max_memory; pages never written cost nothing)"
+    )]
+    MemoryLimit { committed: u64, limit: u64 },
     #[error("{0}")]
     Tls(#[from] pagewire_transport::tls::TlsError),
 }

@@ -30,6 +30,9 @@ pub struct RoundPages {
     pages: u64,
     /// Per block index: byte ranges the VMM says hold nothing this round (sorted, merged).
     known_zero: Vec<(usize, Vec<Range<u64>>)>,
+    /// Pages known never written go in no packet (the session's first round, to a receiver
+    /// whose memory is all zero).
+    skip_unwritten: bool,
 }
 
 #[derive(Debug)]
@@ -119,6 +122,7 @@ impl RoundPages {
             cursor: AtomicUsize::new(0),
             pages,
             known_zero: Vec::new(),
+            skip_unwritten: false,
         }
     }
 
@@ -153,6 +157,65 @@ impl RoundPages {
             .map(|b| (b, BlockPages::All))
             .collect();
         RoundPages::new(sel, block_sizes, page_size, pages_per_packet)
+    }
+
+    /// Leave pages known never written (the kernel's holes, the VMM's known-zero ranges) out
+    /// of every packet: set by the sender for a session's first round when the receiver's
+    /// memory is all zero.
+    pub(crate) fn set_skip_unwritten(&mut self, skip: bool) {
+        self.skip_unwritten = skip;
+    }
+
+    /// Whether pages known never written are left out of the packets.
+    pub fn skip_unwritten(&self) -> bool {
+        self.skip_unwritten
+    }
+
+    /// Pass over the chunks of block `block` that lie wholly before byte offset `end` and
+    /// that no channel has taken yet (a hole found by the caller, whose pages a round that
+    /// leaves out unwritten pages sends nothing of). Returns the pages passed over. Only for
+    /// a block selected whole ([`BlockPages::All`]); otherwise nothing is passed over.
+    pub(crate) fn skip_until(&self, block: usize, end: u64) -> u64 {
+        let Some(pos) = self.blocks.iter().position(|(b, _)| *b == block) else {
+            return 0;
+        };
+        let (Some((_, c)), Some(&start)) = (self.blocks.get(pos), self.chunk_starts.get(pos))
+        else {
+            return 0;
+        };
+        if c.offsets.is_some() || c.page_size == 0 {
+            return 0;
+        }
+        let pc = c.per_chunk as u64;
+        let n_chunks = c.npages.div_ceil(pc);
+        // Chunks wholly before `end`: those ending at or before its page (the last one,
+        // perhaps short, ends at the block's end).
+        let end_page = end / c.page_size;
+        let local = if end_page >= c.npages {
+            n_chunks
+        } else {
+            end_page / pc
+        };
+        let target = start + local as usize;
+        // Move the cursor from inside this block to `target`, never backwards and never from
+        // another block (a caller asks only about a block it took a chunk of).
+        let mut prev = self.cursor.load(Ordering::Relaxed);
+        loop {
+            if prev >= target || prev < start {
+                return 0;
+            }
+            match self.cursor.compare_exchange_weak(
+                prev,
+                target,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => break,
+                Err(now) => prev = now,
+            }
+        }
+        let first_page = ((prev - start) as u64) * pc;
+        (local * pc).min(c.npages).saturating_sub(first_page)
     }
 
     /// Pages in this round.
@@ -195,6 +258,41 @@ mod tests {
             out.push((b, v.clone()));
         }
         out
+    }
+
+    #[test]
+    fn skip_until_passes_over_whole_untaken_chunks_of_one_block_only() {
+        // Block 0: 10 pages (chunks of 4: 0-3, 4-7, 8-9); block 1: 8 pages.
+        let r = RoundPages::all(&[10 * 4096, 8 * 4096], 4096, 4);
+        let mut v = Vec::new();
+        assert_eq!(r.next_batch(&mut v), Some(0));
+        assert_eq!(v, vec![0, 4096, 2 * 4096, 3 * 4096]);
+        // A hole up to page 9: chunk 4-7 is wholly before it, chunk 8-9 is not.
+        assert_eq!(r.skip_until(0, 9 * 4096), 4);
+        // Asked again: nothing more to pass over.
+        assert_eq!(r.skip_until(0, 9 * 4096), 0);
+        assert_eq!(r.next_batch(&mut v), Some(0));
+        assert_eq!(v, vec![8 * 4096, 9 * 4096]);
+        // A hole past the block's end never reaches into block 1.
+        assert_eq!(r.skip_until(0, 1 << 40), 0);
+        let rest = drain(&r);
+        assert_eq!(rest.len(), 2);
+        assert!(rest.iter().all(|(b, _)| *b == 1));
+        // A block given as offsets is never passed over.
+        let sel = vec![(0, BlockPages::Offsets(vec![0, 4096, 8192, 12288, 16384]))];
+        let r = RoundPages::new(sel, &[8 * 4096], 4096, 2);
+        assert_eq!(r.next_batch(&mut v), Some(0));
+        assert_eq!(r.skip_until(0, 8 * 4096), 0);
+    }
+
+    #[test]
+    fn skip_until_counts_a_last_partial_chunk() {
+        // 10 pages in chunks of 4: a hole to the end passes over 4-7 and 8-9 (6 pages).
+        let r = RoundPages::all(&[10 * 4096], 4096, 4);
+        let mut v = Vec::new();
+        assert_eq!(r.next_batch(&mut v), Some(0));
+        assert_eq!(r.skip_until(0, 10 * 4096), 6);
+        assert_eq!(r.next_batch(&mut v), None);
     }
 
     #[test]

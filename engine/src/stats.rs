@@ -21,7 +21,9 @@ pub struct ChannelStats {
     pub pages_raw: u64,
     /// Normal pages sent compressed.
     pub pages_compressed: u64,
-    /// Guest memory bytes covered (pages × page size).
+    /// Guest memory bytes covered (pages × page size). The sender counts the pages it left
+    /// out (`pages_left_out`: already right on the receiver); the receiver, the pages that
+    /// arrived.
     pub memory_bytes: u64,
     /// Bytes on the wire: init packet, headers, length arrays, payloads.
     pub wire_bytes: u64,
@@ -50,6 +52,11 @@ pub struct ChannelStats {
     /// Zero pages handled without reading the page: on the sender, pages the kernel (or the
     /// VMM) reported never written; on the receiver, zero pages on fresh memory, left untouched.
     pub pages_zero_unread: u64,
+    /// Sender: zero pages of the session's first round in no packet at all (the receiver's
+    /// memory is all zero, hello-ok's `fresh`, so they are right there already): holes and
+    /// pages read and found zero. Counted in `pages_zero` (holes also in `pages_zero_unread`)
+    /// and `memory_bytes` too; the receiver sees none of them.
+    pub pages_left_out: u64,
     /// CPU time of the channel's thread.
     pub cpu_seconds: f64,
     /// Codec auto: normal pages sent raw by choice (the link would have idled while they were
@@ -103,7 +110,8 @@ macro_rules! u64_counters {
             pages_raw_receiver_bound,
             pages_compressed_strong,
             pages_incompressible,
-            pages_zero_unread
+            pages_zero_unread,
+            pages_left_out
         )
     };
 }
@@ -250,6 +258,7 @@ mod tests {
             zc_notifications: 17,
             zc_copied: 18,
             pages_zero_unread: 19,
+            pages_left_out: 26,
             cpu_seconds: 0.5,
             pages_raw_chosen: 20,
             pages_raw_link_fast: 21,
@@ -264,6 +273,7 @@ mod tests {
         assert_eq!(two.packets, 2);
         assert_eq!(two.zc_copied, 36);
         assert_eq!(two.pages_incompressible, 44);
+        assert_eq!(two.pages_left_out, 52);
         assert_eq!(two.cpu_seconds, 1.0);
         assert_eq!(
             two.since(&one),

@@ -207,7 +207,7 @@ fn channel_with_wrong_token_refused() {
     };
     write_message(&mut ctl, &Message::Hello(hello)).expect("hello");
     match read_message(&mut ctl).expect("hello-ok") {
-        Message::HelloOk { proof: Some(p) } => {
+        Message::HelloOk { proof: Some(p), .. } => {
             assert!(sec.check_receiver(&nonce_r, &nonce_s, &uuid, &p))
         }
         other => panic!("{other:?}"),

@@ -56,7 +56,14 @@ fn recorder(listener: TcpListener) -> std::thread::JoinHandle<([u8; 16], Vec<Vec
             Message::Hello(h) => h,
             other => panic!("expected hello, got {other:?}"),
         };
-        control::write_message(&mut ctl, &Message::HelloOk { proof: None }).expect("hello-ok");
+        control::write_message(
+            &mut ctl,
+            &Message::HelloOk {
+                proof: None,
+                fresh: false,
+            },
+        )
+        .expect("hello-ok");
         let readers: Vec<_> = (0..hello.channels)
             .map(|_| {
                 let (mut s, _): (TcpStream, _) = listener.accept().expect("accept channel");
@@ -263,7 +270,7 @@ fn channel_token_of_another_hello_refused_with_the_same_uuid() {
     write_message(&mut ctl, &Message::Hello(hello)).expect("hello");
     assert!(matches!(
         read_message(&mut ctl).expect("hello-ok"),
-        Message::HelloOk { proof: Some(_) }
+        Message::HelloOk { proof: Some(_), .. }
     ));
     // The token an earlier session (sender nonce [5; 32]) would have sent for channel 0.
     let old = sec.channel_token(&nonce_r, &[5u8; 32], &uuid, 0);

@@ -403,7 +403,14 @@ fn fake_destination(listener: &TcpListener) -> (TcpStream, TcpStream) {
         Message::Hello(h) => h,
         other => panic!("expected hello, got {}", other.name()),
     };
-    control::write_message(&mut control, &Message::HelloOk { proof: None }).expect("ok");
+    control::write_message(
+        &mut control,
+        &Message::HelloOk {
+            proof: None,
+            fresh: false,
+        },
+    )
+    .expect("ok");
     let read_init = |s: &mut TcpStream| {
         let mut b = [0u8; 64];
         s.read_exact(&mut b).expect("init");

@@ -127,6 +127,11 @@ fn rows(out: &mut String, s: &SessionStats, r: Option<&SessionStats>) {
     add("  of which not read", &|s| {
         s.total.pages_zero_unread.to_string()
     });
+    if s.total.pages_left_out > 0 {
+        add("pages left out (never written)", &|s| {
+            s.total.pages_left_out.to_string()
+        });
+    }
     add("pages: compressed", &|s| {
         s.total.pages_compressed.to_string()
     });

@@ -333,7 +333,9 @@ struct RecvArgs {
     /// touched otherwise).
     #[arg(long)]
     force: bool,
-    /// Largest guest memory a sender may ask for (default: this host's RAM).
+    /// Most guest memory the sender's data may commit here (default: this host's RAM). Pages
+    /// never written cost nothing: a guest up to 256 times larger is accepted (with
+    /// --prealloc, which commits every page, it must fit).
     #[arg(long)]
     max_memory: Option<String>,
     /// Give up if no sender connects within this many seconds (default: wait).
@@ -636,6 +638,7 @@ fn pages_json(t: &pagewire::ChannelStats) -> serde_json::Value {
         "compressed_strong": t.pages_compressed_strong,
         "incompressible": t.pages_incompressible,
         "zero_unread": t.pages_zero_unread,
+        "left_out": t.pages_left_out,
     })
 }
 

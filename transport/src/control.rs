@@ -442,9 +442,14 @@ pub enum Message {
         nonce: [u8; NONCE_LEN],
         secret_required: bool,
     },
-    /// Receiver → sender: hello accepted; channels may connect. Body: empty, or (when the
-    /// hello authenticated) the receiver's own proof [32] over the sender's nonce.
-    HelloOk { proof: Option<[u8; MAC_LEN]> },
+    /// Receiver → sender: hello accepted; channels may connect. Body: flags u8 (bit 0:
+    /// `fresh`, the receiver's memory is all zero and unwritten, so the sender's first round
+    /// may leave out pages it knows were never written; other bits 0), then (when the hello
+    /// authenticated) the receiver's own proof [32] over the sender's nonce.
+    HelloOk {
+        proof: Option<[u8; MAC_LEN]>,
+        fresh: bool,
+    },
     /// Sender → receiver: every channel has sent its SYNC for `round`. Body: round u64.
     RoundEnd { round: u64 },
     /// Receiver → sender: every page of `round` is in guest memory. Body: round u64.
@@ -522,7 +527,8 @@ impl Message {
             Message::RoundEnd { round } | Message::RoundDone { round } => {
                 out.extend_from_slice(&round.to_be_bytes());
             }
-            Message::HelloOk { proof } => {
+            Message::HelloOk { proof, fresh } => {
+                out.push(u8::from(*fresh));
                 if let Some(p) = proof {
                     out.extend_from_slice(p);
                 }
@@ -605,20 +611,34 @@ impl Message {
         };
         match t {
             msg_type::HELLO => Ok(Message::Hello(Hello::decode_body(body)?)),
-            msg_type::HELLO_OK => match body.len() {
-                0 => Ok(Message::HelloOk { proof: None }),
-                MAC_LEN => {
-                    let mut r = Cursor::new(body, name);
-                    let proof = r.array()?;
-                    r.finish()?;
-                    Ok(Message::HelloOk { proof: Some(proof) })
+            msg_type::HELLO_OK => {
+                let mut r = Cursor::new(body, name);
+                let flags = r.u8()?;
+                if flags > 1 {
+                    return Err(invalid(
+                        "hello-ok",
+                        "flags",
+                        format!("{flags:#04x}, expected 0 or 1"),
+                    ));
                 }
-                n => Err(invalid(
-                    "hello-ok",
-                    "proof",
-                    format!("{n} bytes, expected 0 or {MAC_LEN}"),
-                )),
-            },
+                let fresh = flags == 1;
+                match body.len() - 1 {
+                    0 => Ok(Message::HelloOk { proof: None, fresh }),
+                    MAC_LEN => {
+                        let proof = r.array()?;
+                        r.finish()?;
+                        Ok(Message::HelloOk {
+                            proof: Some(proof),
+                            fresh,
+                        })
+                    }
+                    n => Err(invalid(
+                        "hello-ok",
+                        "proof",
+                        format!("{n} bytes, expected 0 or {MAC_LEN}"),
+                    )),
+                }
+            }
             msg_type::STATE => Ok(Message::State {
                 data: body.to_vec(),
             }),
@@ -924,19 +944,36 @@ mod tests {
         );
         let ok = Message::HelloOk {
             proof: Some([9; 32]),
+            fresh: true,
         };
-        assert_eq!(ok.encode(), frame(2, &[9; 32]));
-        assert_eq!(Message::decode(&frame(2, &[9; 32])[4..]).unwrap(), ok);
+        let mut body = vec![1];
+        body.extend_from_slice(&[9; 32]);
+        assert_eq!(ok.encode(), frame(2, &body));
+        assert_eq!(Message::decode(&frame(2, &body)[4..]).unwrap(), ok);
         assert_eq!(
-            invalid_field(Message::decode(&frame(2, &[9; 5])[4..])),
+            invalid_field(Message::decode(&frame(2, &[0, 9, 9, 9, 9, 9])[4..])),
             "proof"
         );
+        assert_eq!(
+            invalid_field(Message::decode(&frame(2, &[2])[4..])),
+            "flags"
+        );
+        assert!(matches!(
+            Message::decode(&frame(2, &[])[4..]),
+            Err(ControlError::Truncated { .. })
+        ));
     }
 
     #[test]
     fn small_messages_layout_is_pinned() {
         let cases = [
-            (Message::HelloOk { proof: None }, vec![0, 0, 0, 1, 2]),
+            (
+                Message::HelloOk {
+                    proof: None,
+                    fresh: false,
+                },
+                vec![0, 0, 0, 2, 2, 0],
+            ),
             (
                 Message::RoundEnd {
                     round: 0x0102_0304_0506_0708,
@@ -973,7 +1010,13 @@ mod tests {
     fn names() {
         let all = [
             (Message::Hello(hello()), "hello"),
-            (Message::HelloOk { proof: None }, "hello-ok"),
+            (
+                Message::HelloOk {
+                    proof: None,
+                    fresh: true,
+                },
+                "hello-ok",
+            ),
             (Message::RoundEnd { round: 0 }, "round-end"),
             (Message::RoundDone { round: 0 }, "round-done"),
             (Message::End, "end"),
@@ -1348,7 +1391,10 @@ mod tests {
     fn write_then_read_sequence() {
         let msgs = [
             Message::Hello(hello()),
-            Message::HelloOk { proof: None },
+            Message::HelloOk {
+                proof: None,
+                fresh: false,
+            },
             Message::RoundEnd { round: 1 },
             Message::RoundDone { round: 1 },
             Message::End,

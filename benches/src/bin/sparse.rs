@@ -44,6 +44,7 @@ fn size(s: &str) -> u64 {
         "kib" | "k" => 1 << 10,
         "mib" | "m" => 1 << 20,
         "gib" | "g" => 1 << 30,
+        "tib" | "t" => 1 << 40,
         u => panic!("unknown unit {u}"),
     }
 }
@@ -124,6 +125,7 @@ struct Run {
     send_rss: u64,
     recv_rss: u64,
     unread: u64,
+    left_out: u64,
 }
 
 fn one(bin: &Path, image: &Path) -> Run {
@@ -167,6 +169,7 @@ fn one(bin: &Path, image: &Path) -> Run {
         send_rss: s.maxrss,
         recv_rss: r.maxrss,
         unread: sj["pages"]["zero_unread"].as_u64().unwrap_or(0),
+        left_out: sj["pages"]["left_out"].as_u64().unwrap_or(0),
     }
 }
 
@@ -290,6 +293,7 @@ fn main() {
                 "sender_peak_rss_bytes": m(&|r| r.send_rss as f64),
                 "receiver_peak_rss_bytes": m(&|r| r.recv_rss as f64),
                 "pages_zero_unread": m(&|r| r.unread as f64),
+                "pages_left_out": m(&|r| r.left_out as f64),
             }));
         }
     }
@@ -319,7 +323,7 @@ fn main() {
         data >> 20
     );
     println!(
-        "  {:<9} {:<7} {:>8} {:>9} {:>9} {:>9} {:>10} {:>10} {:>10}",
+        "  {:<9} {:<7} {:>8} {:>9} {:>9} {:>9} {:>10} {:>10} {:>10} {:>10}",
         "binary",
         "case",
         "wall s",
@@ -328,11 +332,12 @@ fn main() {
         "recv CPU",
         "send RSS",
         "recv RSS",
-        "unread"
+        "unread",
+        "left out"
     );
     for r in &rows {
         println!(
-            "  {:<9} {:<7} {:>8.3} {:>9.3} {:>9.2} {:>9.2} {:>6.0} MiB {:>6.0} MiB {:>10}",
+            "  {:<9} {:<7} {:>8.3} {:>9.3} {:>9.2} {:>9.2} {:>6.0} MiB {:>6.0} MiB {:>10} {:>10}",
             r["binary"].as_str().unwrap_or(""),
             r["case"].as_str().unwrap_or(""),
             r["wall_seconds"].as_f64().unwrap_or(0.0),
@@ -342,6 +347,7 @@ fn main() {
             r["sender_peak_rss_bytes"].as_f64().unwrap_or(0.0) / (1u64 << 20) as f64,
             r["receiver_peak_rss_bytes"].as_f64().unwrap_or(0.0) / (1u64 << 20) as f64,
             r["pages_zero_unread"].as_f64().unwrap_or(0.0),
+            r["pages_left_out"].as_f64().unwrap_or(0.0),
         );
     }
     println!("  sparse / dense wall time (pagewire): {ratio:.2} (target <= 2)");

@@ -71,7 +71,8 @@ pub fn payload_iovecs(
 /// page and zero every zero page that is not already zero. Counts pages into `stats`.
 ///
 /// `fresh`: the map of pages this session has written, when the memory was all zero at the
-/// start (receiver-allocated); a zero page still fresh is left untouched (not even read).
+/// start (receiver-allocated); a zero page still fresh is left untouched (not even read). The
+/// packet's normal pages were claimed in it before their data landed.
 /// `None`: nothing is known of the memory, every zero page is checked.
 #[allow(clippy::too_many_arguments)] // the receiver's and the decoder's buffers, passed as they own them
 pub fn finish_packet(
@@ -124,11 +125,6 @@ pub fn finish_packet(
         }
     } else {
         stats.pages_raw += header.normal_pages as u64;
-    }
-    if let Some(f) = fresh {
-        for &off in header.normal_offsets() {
-            f.mark_written(header.block, off);
-        }
     }
     for (j, &off) in header.zero_offsets().iter().enumerate() {
         if fresh.is_some_and(|f| f.is_fresh(header.block, off)) {

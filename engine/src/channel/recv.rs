@@ -362,7 +362,7 @@ impl RecvChannel {
                     ));
                 }
                 let need: usize = self.iov.iter().map(|v| v.iov_len).sum();
-                self.populate_fresh();
+                self.claim_fresh().map_err(|k| self.err(place, k))?;
                 // The header and the length array are checked: bytes of the payload read
                 // ahead may land now.
                 let early = self.ahead_into_iov(need);
@@ -582,46 +582,59 @@ impl RecvChannel {
         }
     }
 
-    /// On fresh memory: fault this packet's still-fresh pages in with one call per run of
-    /// adjacent pages (MADV_POPULATE_WRITE) before the payload lands; the kernel's copy into
-    /// them (and the inflates) would otherwise take one page fault per page. Best effort: a
-    /// kernel without it, or a page size under the system's, just takes the faults.
-    fn populate_fresh(&mut self) {
+    /// On fresh memory: claim this packet's still-fresh pages (counted against `max_memory`,
+    /// refused over it before any data lands) and fault them in with one call per run of
+    /// adjacent pages (MADV_POPULATE_WRITE); the kernel's copy into them (and the inflates)
+    /// would otherwise take one page fault per page. Faulting in is best effort: a kernel
+    /// without it, or a page size under the system's, just takes the faults.
+    fn claim_fresh(&mut self) -> Result<(), ChannelErrorKind> {
         let Some(fresh) = self.set.fresh.as_deref() else {
-            return;
+            return Ok(());
         };
-        if self.populate_off {
-            return;
-        }
         let Some(block) = self.mem.block(self.header.block) else {
-            return;
+            return Ok(());
         };
         let ps = u64::from(self.set.page_size);
         let mut run: Option<(u64, u64)> = None;
-        let flush = |r: (u64, u64), off: &mut bool| {
+        let mut off = self.populate_off;
+        let mut flush = |r: (u64, u64)| {
+            if off {
+                return;
+            }
             if let Err(e) = block.populate_range(r.0, (r.1 - r.0) as usize) {
                 tracing::debug!(error = %e, "populating fresh pages ahead of a receive: off");
-                *off = true;
+                off = true;
             }
         };
-        let mut off = false;
+        let mut result = Ok(());
         for &o in self.header.normal_offsets() {
-            if !fresh.is_fresh(self.header.block, o) {
-                continue;
+            match fresh.claim(self.header.block, o) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    result = Err(ChannelErrorKind::MemoryLimit {
+                        committed: e.committed,
+                        limit: e.limit,
+                    });
+                    break;
+                }
             }
             run = match run {
                 Some((a, b)) if b == o => Some((a, o + ps)),
                 Some(r) => {
-                    flush(r, &mut off);
+                    flush(r);
                     Some((o, o + ps))
                 }
                 None => Some((o, o + ps)),
             };
         }
-        if let Some(r) = run {
-            flush(r, &mut off);
+        if result.is_ok() {
+            if let Some(r) = run {
+                flush(r);
+            }
         }
         self.populate_off = off;
+        result
     }
 
     /// Move up to `n` read-ahead bytes into the length-array buffer; returns how many.

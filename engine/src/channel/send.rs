@@ -408,7 +408,7 @@ impl SendChannel {
             // One slot is fed at a time (codec auto returns to this loop between pages).
             if !exhausted && engine_has_room && self.feeding.is_none() {
                 if let Some(key) = self.free.pop() {
-                    match self.start_packet(key, mem, round) {
+                    match self.start_packet(key, mem, round, progress) {
                         Ok(true) => continue,
                         Ok(false) => {
                             self.free.push(key);
@@ -510,12 +510,15 @@ impl SendChannel {
     }
 
     /// Start slot `key` on the next batch of `round`: zero pages listed, the others handed
-    /// to the engine (or referenced raw). `Ok(false)`: the round has no more pages.
+    /// to the engine (or referenced raw). Where the round leaves out unwritten pages
+    /// ([`RoundPages::skip_unwritten`]), pages known never written are in no packet, and a
+    /// batch of nothing else is passed over. `Ok(false)`: the round has no more pages.
     fn start_packet(
         &mut self,
         key: usize,
         mem: &GuestMemory,
         round: &RoundPages,
+        progress: &Progress,
     ) -> Result<bool, ChannelError> {
         let ps = self.set.page_size as usize;
         let qpl = self.set.compression == Compression::Qpl;
@@ -523,63 +526,107 @@ impl SendChannel {
             return Err(self.err(ChannelErrorKind::Aborted));
         };
         let slot: &mut Slot = slot;
-        let Some(block_idx) = round.next_batch(&mut slot.batch) else {
-            return Ok(false);
-        };
-        let Some(block) = mem.block(block_idx) else {
-            return Err(ChannelError {
-                channel: self.id,
-                place: Place::Between {
-                    index: self.packets,
-                },
-                kind: ChannelErrorKind::Io(std::io::Error::other(
-                    "round names a block the memory lacks",
-                )),
-            });
-        };
+        let skip = round.skip_unwritten();
         // The slot is free: the kernel no longer reads its previous packet's pages.
         release_sent(slot, mem, ps as u64);
-        slot.block = block_idx;
-        slot.release = block.releases_after_send();
-        slot.offsets.clear();
-        slot.zero.clear();
-        slot.zlens.clear();
-        slot.pages.clear();
-        // Which pages hold data, asked now, just before they are read: a page written after
-        // this answer was dirtied, and a later round sends it (a map is never kept across
-        // batches or rounds).
-        let known = self.set.find_holes
-            && self.probe.data_ranges(
-                block.contents(),
-                block.as_ptr() as usize,
-                block.len(),
-                &slot.batch,
-                ps as u64,
-                &mut self.data,
-            );
-        let hint = round.known_zero(block_idx);
-        for &off in &slot.batch {
-            let Some(ptr) = block.range_ptr(off, ps) else {
-                continue;
+        loop {
+            let Some(block_idx) = round.next_batch(&mut slot.batch) else {
+                return Ok(false);
             };
-            if (known && !overlaps(&self.data, off, ps as u64)) || covered(hint, off, ps as u64) {
-                // Never written (the kernel says) or declared empty (the VMM says): a zero
-                // page, not read.
-                slot.zero.push(off);
-                self.stats.pages_zero_unread += 1;
+            let Some(block) = mem.block(block_idx) else {
+                return Err(ChannelError {
+                    channel: self.id,
+                    place: Place::Between {
+                        index: self.packets,
+                    },
+                    kind: ChannelErrorKind::Io(std::io::Error::other(
+                        "round names a block the memory lacks",
+                    )),
+                });
+            };
+            slot.block = block_idx;
+            slot.release = block.releases_after_send();
+            slot.offsets.clear();
+            slot.zero.clear();
+            slot.zlens.clear();
+            slot.pages.clear();
+            // Which pages hold data, asked now, just before they are read: a page written after
+            // this answer was dirtied, and a later round sends it (a map is never kept across
+            // batches or rounds).
+            let known = self.set.find_holes
+                && self.probe.data_ranges(
+                    block.contents(),
+                    block.as_ptr() as usize,
+                    block.len(),
+                    &slot.batch,
+                    ps as u64,
+                    &mut self.data,
+                );
+            let hint = round.known_zero(block_idx);
+            let batch_pages = slot.batch.len() as u64;
+            if skip && known && self.data.is_empty() {
+                // Nothing in the whole batch was ever written: no packet. Where the answer
+                // covers a longer hole, the round's untaken chunks inside it are passed over
+                // too (a sparse guest's holes cost one question to the kernel per hole).
+                let mut n = batch_pages;
+                if let Some(&last) = slot.batch.last() {
+                    if let Some(end) = self.probe.hole_end(
+                        block.contents(),
+                        block.as_ptr() as usize,
+                        last + ps as u64,
+                    ) {
+                        n += round.skip_until(block_idx, end);
+                    }
+                }
+                count_left_out(&mut self.stats, ps as u64, n, n, progress);
                 continue;
             }
-            // SAFETY: ptr..ptr+ps is inside the block, mapped readable for `mem`'s lifetime.
-            // The guest may change the page while we read it; a torn page is resent by the
-            // next round (DESIGN.md §2), so this read-only view is the documented window.
-            let page = unsafe { std::slice::from_raw_parts(ptr, ps) };
-            if is_zero_page(page) {
-                slot.zero.push(off);
-            } else {
-                slot.offsets.push(off);
-                slot.pages.push(ptr);
-                slot.zlens.push(ps as u32);
+            let (mut left_out, mut left_out_unread) = (0u64, 0u64);
+            for &off in &slot.batch {
+                let Some(ptr) = block.range_ptr(off, ps) else {
+                    continue;
+                };
+                if (known && !overlaps(&self.data, off, ps as u64)) || covered(hint, off, ps as u64)
+                {
+                    // Never written (the kernel says) or declared empty (the VMM says): a zero
+                    // page, not read; left out altogether where the receiver's memory is zero.
+                    if skip {
+                        left_out += 1;
+                        left_out_unread += 1;
+                    } else {
+                        slot.zero.push(off);
+                        self.stats.pages_zero_unread += 1;
+                    }
+                    continue;
+                }
+                // SAFETY: ptr..ptr+ps is inside the block, mapped readable for `mem`'s lifetime.
+                // The guest may change the page while we read it; a torn page is resent by the
+                // next round (DESIGN.md §2), so this read-only view is the documented window.
+                let page = unsafe { std::slice::from_raw_parts(ptr, ps) };
+                if is_zero_page(page) {
+                    // Read and found zero: as right already on a zero receiver.
+                    if skip {
+                        left_out += 1;
+                    } else {
+                        slot.zero.push(off);
+                    }
+                } else {
+                    slot.offsets.push(off);
+                    slot.pages.push(ptr);
+                    slot.zlens.push(ps as u32);
+                }
             }
+            count_left_out(
+                &mut self.stats,
+                ps as u64,
+                left_out,
+                left_out_unread,
+                progress,
+            );
+            if slot.zero.is_empty() && slot.offsets.is_empty() {
+                continue;
+            }
+            break;
         }
         slot.state = State::Compressing;
         slot.jobs_left = 0;
@@ -1160,6 +1207,20 @@ fn iov_bytes(iov: &[libc::iovec]) -> u64 {
 
 /// Drop a sent slot's normal pages from a block that releases sent pages, in runs of
 /// contiguous pages (one madvise per run).
+/// Count `pages` zero pages of a round left out of every packet (`unread` of them never read):
+/// they are the round's zero pages as much as listed ones, so they count in `pages_zero`
+/// (holes in `pages_zero_unread`) and `memory_bytes` too.
+fn count_left_out(stats: &mut ChannelStats, ps: u64, pages: u64, unread: u64, progress: &Progress) {
+    if pages == 0 {
+        return;
+    }
+    stats.pages_left_out += pages;
+    stats.pages_zero += pages;
+    stats.pages_zero_unread += unread;
+    stats.memory_bytes += pages * ps;
+    progress.add(pages, 0);
+}
+
 fn release_sent(slot: &mut Slot, mem: &GuestMemory, ps: u64) {
     if !std::mem::take(&mut slot.release) {
         return;

@@ -580,7 +580,14 @@ fn accept_resume(
             nonce_r: c.nonce_r,
             nonce_s: c.hello.auth.as_ref().map_or([0; NONCE_LEN], |a| a.nonce),
         });
-        control::write_message(&mut stream, &Message::HelloOk { proof })?;
+        // Resuming: the memory holds the session's pages by now.
+        control::write_message(
+            &mut stream,
+            &Message::HelloOk {
+                proof,
+                fresh: false,
+            },
+        )?;
         info!(peer = %c.peer, "post-copy: control connection resumed");
         *control = stream;
         return Ok(());

@@ -35,6 +35,8 @@ pub(crate) struct Greeted {
     pub nonce_r: [u8; NONCE_LEN],
     /// The shared secret and the sender's hello nonce, when the session authenticates.
     pub auth: Option<(Secret, [u8; NONCE_LEN])>,
+    /// The receiver's memory is all zero and unwritten (hello-ok's `fresh`).
+    pub fresh: bool,
 }
 
 impl Greeted {
@@ -84,8 +86,8 @@ pub(crate) fn greet<S: Read + Write>(
     hello.validate()?;
     let uuid = hello.uuid;
     control::write_message(stream, &Message::Hello(hello))?;
-    match control::read_message(stream)? {
-        Message::HelloOk { proof } => {
+    let fresh = match control::read_message(stream)? {
+        Message::HelloOk { proof, fresh } => {
             if let Some((secret, nonce_s)) = &auth {
                 let ok = proof.is_some_and(|p| secret.check_receiver(&nonce_r, nonce_s, &uuid, &p));
                 if !ok {
@@ -94,6 +96,7 @@ pub(crate) fn greet<S: Read + Write>(
                     ));
                 }
             }
+            fresh
         }
         Message::Error { message } => return Err(SessionError::Peer(message)),
         other => {
@@ -102,8 +105,12 @@ pub(crate) fn greet<S: Read + Write>(
                 got: other.name(),
             })
         }
-    }
-    Ok(Greeted { nonce_r, auth })
+    };
+    Ok(Greeted {
+        nonce_r,
+        auth,
+        fresh,
+    })
 }
 
 /// The error for a failed read of the challenge.

@@ -216,7 +216,9 @@ impl Receiver {
                 .as_ref()
                 .map_or([0; control::NONCE_LEN], |a| a.nonce),
         });
-        control::write_message(&mut control, &Message::HelloOk { proof })?;
+        // Memory this receiver mapped itself is all zero and unwritten.
+        let fresh = matches!(into, ReceiveInto::Allocate);
+        control::write_message(&mut control, &Message::HelloOk { proof, fresh })?;
         info!(
             channels = hello.channels,
             page_size = hello.page_size,
@@ -248,7 +250,7 @@ impl Receiver {
             registered_buffers: self.cfg.registered_buffers,
             // Memory this receiver mapped itself is all zero until a packet writes it.
             fresh: matches!(into, ReceiveInto::Allocate)
-                .then(|| Arc::new(FreshMap::new(&memory, hello.page_size))),
+                .then(|| Arc::new(FreshMap::new(&memory, hello.page_size, self.cfg.max_memory))),
             opening_sync: hello.opening_sync,
         };
         let gate = Gate::new(hello.channels, &streams, &control);
@@ -363,7 +365,30 @@ impl Receiver {
             .collect();
         match into {
             ReceiveInto::Allocate => {
-                let mem = GuestMemory::anonymous(&layout, self.cfg.max_memory)?;
+                // Pages never written cost nothing (mapped MAP_NORESERVE, never faulted in):
+                // `max_memory` bounds what the session commits (counted page by page as data
+                // lands), and the guest's size only the map's bookkeeping (a bit per page).
+                let max = self.cfg.max_memory;
+                let bound = if self.cfg.prealloc {
+                    max
+                } else {
+                    max.saturating_mul(crate::config::MAX_SIZE_PER_COMMITTED)
+                };
+                let mem = GuestMemory::anonymous(&layout, bound).map_err(|e| match e {
+                    crate::memory::MemoryError::TooLarge { requested, .. } => {
+                        SessionError::Handshake(if self.cfg.prealloc {
+                            format!(
+                                "the sender's guest memory is {requested} bytes, over this receiver's max_memory of {max} bytes (prealloc commits all of it)"
+                            )
+                        } else {
+                            format!(
+                                "the sender's guest memory is {requested} bytes, over {bound} bytes, the most this receiver maps ({} x its max_memory of {max} bytes)",
+                                crate::config::MAX_SIZE_PER_COMMITTED
+                            )
+                        })
+                    }
+                    e => e.into(),
+                })?;
                 if self.cfg.prealloc {
                     let t = std::time::Instant::now();
                     for b in mem.blocks() {

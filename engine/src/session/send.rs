@@ -108,6 +108,9 @@ pub struct Sender {
     abort: AbortHandle,
     totals: Vec<ChannelStats>,
     rounds: u64,
+    /// The receiver's memory was all zero and unwritten at the start (hello-ok): the first
+    /// round leaves out the pages known never written.
+    receiver_fresh: bool,
     started: Instant,
     failed: bool,
     /// What post-copy needs to open more connections of this session.
@@ -226,6 +229,7 @@ impl Sender {
         let greeted = greet(&mut control, cfg.secret.as_ref(), hello, greeting)?;
         let (nonce_r, nonce_s) = (greeted.nonce_r, greeted.nonce_s());
         let auth = greeted.auth;
+        let receiver_fresh = greeted.fresh;
         info!(
             channels = cfg.channels,
             codec = cfg.codec.name(),
@@ -325,6 +329,7 @@ impl Sender {
             abort,
             totals: Vec::new(),
             rounds: 0,
+            receiver_fresh,
             started: Instant::now(),
             failed: false,
             link: Link {
@@ -401,6 +406,10 @@ impl Sender {
         let span = info_span!("round", round);
         let _g = span.enter();
         let t0 = Instant::now();
+        let mut pages = pages;
+        // Nothing was sent before the first round: where the receiver's memory is all zero,
+        // a page never written on this side is already right there.
+        pages.set_skip_unwritten(round == 1 && self.receiver_fresh);
         let pages = Arc::new(pages);
         debug!(pages = pages.pages(), "round starts");
         for w in &self.workers {

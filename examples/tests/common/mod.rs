@@ -91,7 +91,14 @@ pub fn recorder_ending(confirm: bool) -> (u16, JoinHandle<Recording>) {
         let Message::Hello(h) = control::read_message(&mut ctl).expect("hello") else {
             panic!("no hello")
         };
-        control::write_message(&mut ctl, &Message::HelloOk { proof: None }).expect("ok");
+        control::write_message(
+            &mut ctl,
+            &Message::HelloOk {
+                proof: None,
+                fresh: false,
+            },
+        )
+        .expect("ok");
         let readers: Vec<_> = (0..h.channels)
             .map(|_| {
                 let (mut s, _) = listener.accept().expect("channel");
