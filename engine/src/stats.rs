@@ -152,6 +152,10 @@ pub struct SessionStats {
     pub total: ChannelStats,
     /// Per channel.
     pub channels: Vec<ChannelStats>,
+    /// [`Sender::finish`](crate::Sender::finish) only: seconds from the call to the
+    /// destination's `end-ok` (it has every page and the state). The sender's own teardown
+    /// (its channel threads exiting) comes after and is not counted.
+    pub end_seconds: f64,
 }
 
 impl SessionStats {
@@ -189,6 +193,7 @@ impl SessionStats {
             seconds,
             total,
             channels,
+            end_seconds: 0.0,
         }
     }
 }

@@ -546,6 +546,7 @@ impl Sender {
         if self.failed {
             return Err(SessionError::Config("session already failed".into()));
         }
+        let t_end = Instant::now();
         // Close every channel (FIN after the last packet) before End: the receiver answers
         // EndOk once each channel has ended cleanly at a packet boundary.
         if let Ok(socks) = self.abort.sockets.lock() {
@@ -554,6 +555,7 @@ impl Sender {
             }
         }
         super::end_session(&mut self.control)?;
+        let end_seconds = t_end.elapsed().as_secs_f64();
         let seconds = self.started.elapsed().as_secs_f64();
         let workers = std::mem::take(&mut self.workers);
         for w in workers {
@@ -563,7 +565,9 @@ impl Sender {
             }
         }
         let totals = std::mem::take(&mut self.totals);
-        Ok(SessionStats::sum(totals, self.rounds, seconds))
+        let mut stats = SessionStats::sum(totals, self.rounds, seconds);
+        stats.end_seconds = end_seconds;
+        Ok(stats)
     }
 }
 

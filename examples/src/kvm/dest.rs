@@ -160,9 +160,16 @@ pub fn run(o: &DestOpts, on_listening: impl FnOnce(SocketAddr)) -> Result<DestRe
     let mut receiver = Receiver::bind(o.listen, o.cfg.clone())
         .map_err(|e| format!("listening on {}: {e}", o.listen))?;
     receiver.set_accept_timeout(o.accept_timeout);
-    let (started, postcopy_started) = mpsc::channel::<PostcopyStart>();
+    // What the main thread waits for: post-copy starting, or the session over (told at once,
+    // so the guest resumes the moment the last page and the state are in).
+    enum Event {
+        Postcopy(PostcopyStart),
+        Served,
+    }
+    let (events, next_event) = mpsc::channel::<Event>();
+    let started = events.clone();
     receiver.on_postcopy(move |start| {
-        let _ = started.send(start);
+        let _ = started.send(Event::Postcopy(start));
     });
     let addr = receiver
         .local_addr()
@@ -170,19 +177,18 @@ pub fn run(o: &DestOpts, on_listening: impl FnOnce(SocketAddr)) -> Result<DestRe
     on_listening(addr);
     let mem = vm.memory().clone();
     let (served, early) = std::thread::scope(|s| {
-        let serving = s.spawn(|| receiver.serve(ReceiveInto::Memory(mem)));
+        let serving = s.spawn(move || {
+            let r = receiver.serve(ReceiveInto::Memory(mem));
+            let _ = events.send(Event::Served);
+            r
+        });
         // Post-copy: resume the guest the moment the memory is registered.
-        let mut early = None;
-        loop {
-            match postcopy_started.recv_timeout(Duration::from_millis(20)) {
-                Ok(start) => {
-                    early = vcpu.take().map(|v| resume(&vm, v, &start.state, mem_size));
-                    break;
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) if !serving.is_finished() => continue,
-                Err(_) => break,
+        let early = match next_event.recv() {
+            Ok(Event::Postcopy(start)) => {
+                vcpu.take().map(|v| resume(&vm, v, &start.state, mem_size))
             }
-        }
+            Ok(Event::Served) | Err(_) => None,
+        };
         (serving.join(), early)
     });
     let received = served

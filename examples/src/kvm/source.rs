@@ -93,6 +93,8 @@ pub struct FinalPhase {
     pub capture_ms: f64,
     /// The final round, ms.
     pub round_ms: f64,
+    /// The end: the session's `end` sent → the destination's `end-ok`, ms.
+    pub end_ms: f64,
     /// Pause requested → session ended (state sent, the destination's EndOk), ms: the
     /// driver's measured downtime. The destination's restore comes on top.
     pub pause_to_finish_ms: f64,
@@ -331,6 +333,7 @@ pub fn run(o: &SourceOpts, on_round: impl FnMut(&RoundRow)) -> Result<SourceRepo
             stop_ms: ms(kvm.stop),
             capture_ms: ms(kvm.capture),
             round_ms: ms(driver.final_round),
+            end_ms: ms(driver.end),
             pause_to_finish_ms: driver.downtime.map_or(0.0, ms),
             predicted_ms: driver.predicted_downtime.map(ms),
             state_bytes: driver.state_bytes,
