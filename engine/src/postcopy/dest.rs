@@ -575,7 +575,7 @@ fn accept_resume(
         stream
             .set_read_timeout(Some(cfg.idle_timeout))
             .map_err(control::ControlError::from)?;
-        door.expect(Keys {
+        door.set_session(Keys {
             uuid: hello.uuid,
             nonce_r: c.nonce_r,
             nonce_s: c.hello.auth.as_ref().map_or([0; NONCE_LEN], |a| a.nonce),

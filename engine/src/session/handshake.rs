@@ -177,7 +177,7 @@ impl Door {
 
     /// The running session: from now on channel connections are checked against `keys`, and
     /// a control connection naming another session is told this receiver is busy.
-    pub fn expect(&self, keys: Keys) {
+    pub fn set_session(&self, keys: Keys) {
         if let Ok(mut k) = self.shared.keys.lock() {
             *k = Some(keys);
         }
@@ -212,7 +212,7 @@ impl Door {
         }
     }
 
-    /// Wait for the next channel connection of the session set with [`Door::expect`].
+    /// Wait for the next channel connection of the session set with [`Door::set_session`].
     pub fn next_channel(&mut self, deadline: Instant) -> Result<ChannelCandidate, SessionError> {
         loop {
             match self.next(deadline)? {

@@ -208,7 +208,7 @@ impl Receiver {
             .set_read_timeout(Some(self.cfg.idle_timeout))
             .map_err(control::ControlError::from)?;
         // Channels may connect as soon as the sender reads hello-ok.
-        door.expect(Keys {
+        door.set_session(Keys {
             uuid: hello.uuid,
             nonce_r,
             nonce_s: hello
