@@ -1205,8 +1205,6 @@ fn iov_bytes(iov: &[libc::iovec]) -> u64 {
     iov.iter().map(|v| v.iov_len as u64).sum()
 }
 
-/// Drop a sent slot's normal pages from a block that releases sent pages, in runs of
-/// contiguous pages (one madvise per run).
 /// Count `pages` zero pages of a round left out of every packet (`unread` of them never read):
 /// they are the round's zero pages as much as listed ones, so they count in `pages_zero`
 /// (holes in `pages_zero_unread`) and `memory_bytes` too.
@@ -1221,6 +1219,8 @@ fn count_left_out(stats: &mut ChannelStats, ps: u64, pages: u64, unread: u64, pr
     progress.add(pages, 0);
 }
 
+/// Drop a sent slot's normal pages from a block that releases sent pages, in runs of
+/// contiguous pages (one madvise per run).
 fn release_sent(slot: &mut Slot, mem: &GuestMemory, ps: u64) {
     if !std::mem::take(&mut slot.release) {
         return;

@@ -4,7 +4,7 @@
 //! One thread (`pw-door`) accepts for as long as the receiver serves, during a session too,
 //! and hands every connection to its own short-lived handshake thread (`pw-handshake`, small
 //! stacks). A connection says what it is with its first bytes: a control connection opens
-//! with [`CONTROL_PREAMBLE`](pagewire_transport::control::CONTROL_PREAMBLE), a channel with its
+//! with [`CONTROL_PREAMBLE`], a channel with its
 //! token or init packet. Whatever a connection does before it has authenticated and said a
 //! valid hello (control) or init packet (channel) — garbage, an HTTP request, a port scan,
 //! silence — costs one logged line and a closed socket; it never ends the session and never
