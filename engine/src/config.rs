@@ -112,6 +112,10 @@ pub struct Config {
     /// a session whose uuid differs. Freshness of the handshake never depends on it: the
     /// authentication proofs cover both sides' per-session nonces.
     pub vm_uuid: Option<[u8; 16]>,
+    /// Run first on every thread pagewire starts (channel loops, the receiver's front door
+    /// and handshakes, post-copy's threads): where a VMM installs its seccomp filter. See
+    /// [`crate::threads`] and [`crate::sandbox`].
+    pub threads: crate::threads::ThreadHook,
 }
 
 impl Default for Config {
@@ -140,6 +144,7 @@ impl Default for Config {
             insecure: false,
             vm_uuid: None,
             tls: None,
+            threads: crate::threads::ThreadHook::default(),
         }
     }
 }

@@ -159,6 +159,10 @@ pub enum SessionError {
     /// Configuration not usable.
     #[error("configuration: {0}")]
     Config(String),
+    /// A thread could not be started, or the embedder's [`ThreadHook`](crate::threads::ThreadHook)
+    /// failed on it (it ran nothing else).
+    #[error(transparent)]
+    Thread(#[from] crate::threads::SpawnError),
     /// A thread of the session died unexpectedly (a bug).
     #[error("internal: {0}")]
     Internal(String),

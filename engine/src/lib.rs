@@ -190,8 +190,10 @@ pub mod memory;
 pub mod pages;
 pub mod pin;
 pub mod postcopy;
+pub mod sandbox;
 pub mod session;
 pub mod stats;
+pub mod threads;
 pub mod uffd;
 #[cfg(feature = "vm-memory")]
 pub mod vmm;

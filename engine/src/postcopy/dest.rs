@@ -20,6 +20,7 @@ use crate::config::Config;
 use crate::error::SessionError;
 use crate::memory::GuestMemory;
 use crate::session::handshake::{Door, Keys};
+use crate::threads::{self, ThreadRole};
 use crate::uffd::{discard, Uffd, Wakeup};
 
 /// What the embedder gets when post-copy starts on the destination: the memory to run the
@@ -731,26 +732,36 @@ pub(crate) fn run(
             let mut handles = Vec::new();
             for (i, stream) in streams.into_iter().enumerate() {
                 let urgent = i == 0;
-                handles.push(
-                    std::thread::Builder::new()
-                        .name(format!("pw-pc-recv-{i}"))
-                        .spawn_scoped(s, move || {
-                            if let Err(e) = receive(stream, placer_ref, blocks_ref, ppp, urgent) {
-                                placer_ref.fail(e);
-                            }
-                        }),
+                let h = threads::spawn_scoped(
+                    s,
+                    &cfg.threads,
+                    ThreadRole::PostcopyRecv,
+                    format!("pw-pc-recv-{i}"),
+                    move || {
+                        if let Err(e) = receive(stream, placer_ref, blocks_ref, ppp, urgent) {
+                            placer_ref.fail(e);
+                        }
+                    },
                 );
+                // A reader that could not start fails the phase (not a broken connection
+                // to wait out).
+                handles.push(h.map_err(|e| placer_ref.fail(e.into())));
             }
             handles
         };
         let mut receivers = spawn_receivers(streams);
-        let faults = std::thread::Builder::new()
-            .name("pw-pc-faults".into())
-            .spawn_scoped(s, move || {
+        let faults = threads::spawn_scoped(
+            s,
+            &cfg.threads,
+            ThreadRole::PostcopyFaults,
+            "pw-pc-faults".into(),
+            move || {
                 if let Err(e) = serve_faults(placer_ref) {
                     placer_ref.fail(e);
                 }
-            });
+            },
+        )
+        .map_err(|e| placer_ref.fail(e.into()));
         if let Some(h) = &hook.0 {
             h(PostcopyStart {
                 memory: memory.clone(),

@@ -152,6 +152,9 @@ pub enum PostcopyError {
     /// The peer broke the post-copy protocol.
     #[error("post-copy: {0}")]
     Protocol(String),
+    /// A post-copy thread could not be started (or the embedder's thread hook failed on it).
+    #[error("post-copy: {0}")]
+    Thread(#[from] crate::threads::SpawnError),
 }
 
 /// One page request (destination → source on the urgent connection): magic "PWPR", block

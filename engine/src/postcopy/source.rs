@@ -1,12 +1,12 @@
 //! The source side of post-copy: serves page requests on the urgent connection and streams
 //! the remaining pages on the background connections, nearest to the latest fault first.
 
+use crate::threads::{self, Thread, ThreadRole};
 use std::io::{IoSlice, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use pagewire_transport::control::{self, Message, MAX_POSTCOPY_RUNS};
@@ -151,8 +151,8 @@ pub struct PostcopySender {
     cfg: Config,
     control: TcpStream,
     shared: Arc<Shared>,
-    urgent: Option<(TcpStream, JoinHandle<()>)>,
-    background: Vec<(TcpStream, JoinHandle<()>)>,
+    urgent: Option<(TcpStream, Thread<()>)>,
+    background: Vec<(TcpStream, Thread<()>)>,
     pages: u64,
     precopy: SessionStats,
     switched: Instant,
@@ -291,11 +291,9 @@ fn report(sh: &Shared, e: PostcopyError) {
 impl PostcopySender {
     /// Start the urgent thread on `conns[0]` and a background thread on each other one.
     fn start(&mut self, conns: Vec<TcpStream>) -> Result<(), SessionError> {
+        let hook = self.cfg.threads.clone();
         let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
-            std::thread::Builder::new()
-                .name(name)
-                .spawn(f)
-                .map_err(|e| SessionError::Internal(format!("spawning post-copy thread: {e}")))
+            threads::spawn(&hook, ThreadRole::PostcopySend, name, None, f)
         };
         for (i, s) in conns.into_iter().enumerate() {
             let keep = s.try_clone().map_err(net_err)?;

@@ -25,7 +25,6 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use pagewire_transport::control::{self, Hello, Message, CONTROL_PREAMBLE, MAC_LEN, NONCE_LEN};
@@ -37,6 +36,7 @@ use crate::config::Config;
 use crate::error::SessionError;
 use crate::session::auth::{self, Secret};
 use crate::session::tls::Acceptor;
+use crate::threads::{self, Thread, ThreadHook, ThreadRole};
 use pagewire_transport::tls::Conn;
 
 /// Most handshakes pending at once; a further connection closes the oldest pending one.
@@ -111,6 +111,7 @@ struct Shared {
     watch: Arc<Mutex<Option<mpsc::Sender<Rejection>>>>,
     refused: AtomicU64,
     last_refusal_error: Mutex<Option<String>>,
+    threads: ThreadHook,
 }
 
 impl Shared {
@@ -128,7 +129,7 @@ pub(crate) struct Door {
     shared: Arc<Shared>,
     rx: mpsc::Receiver<Outcome>,
     stop: UnixStream,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<Thread<()>>,
 }
 
 impl Door {
@@ -159,13 +160,17 @@ impl Door {
             watch,
             refused: AtomicU64::new(0),
             last_refusal_error: Mutex::new(None),
+            threads: cfg.threads.clone(),
         });
         let (tx, rx) = mpsc::channel();
         let sh = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("pw-door".into())
-            .spawn(move || accept_loop(&listener, &stop_rx, &sh, &tx))
-            .map_err(|e| internal("cannot start the front door thread", e))?;
+        let thread = threads::spawn(
+            &cfg.threads,
+            ThreadRole::Door,
+            "pw-door".into(),
+            None,
+            move || accept_loop(&listener, &stop_rx, &sh, &tx),
+        )?;
         Ok(Door {
             local,
             shared,
@@ -388,10 +393,13 @@ fn admit(
     };
     let sh = shared.clone();
     let tx = tx.clone();
-    let spawned = std::thread::Builder::new()
-        .name("pw-handshake".into())
-        .stack_size(HANDSHAKE_STACK)
-        .spawn(move || {
+    let hook = shared.threads.clone();
+    let spawned = threads::spawn(
+        &hook,
+        ThreadRole::Handshake,
+        "pw-handshake".into(),
+        Some(HANDSHAKE_STACK),
+        move || {
             let res = handshake(stream, peer, &sh);
             // Off the pending list (closing its handle) before the outcome is handed on, so a
             // deadline or a flood never shuts a connection that completed its handshake.
@@ -402,7 +410,8 @@ fn admit(
                 }
                 Err(e) => sh.report(peer, e),
             }
-        });
+        },
+    );
     if let Err(e) = spawned {
         finished(shared, id);
         warn!(%peer, error = %e, "cannot start a handshake thread; connection closed");

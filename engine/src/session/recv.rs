@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use pagewire_transport::control::{self, Hello, Message};
 use pagewire_transport::net;
 use pagewire_transport::tls::Conn;
+
+use crate::threads::{self, ThreadRole};
 use pagewire_transport::wire::{BlockSpec, Compression};
 use tracing::{debug, info, info_span, warn};
 
@@ -282,10 +284,13 @@ impl Receiver {
             let handles: Vec<_> = chans
                 .into_iter()
                 .map(|mut chan| {
-                    std::thread::Builder::new()
-                        .name("pw-recv".into())
-                        .spawn_scoped(s, move || {
-                            let id = chan.stats().channel;
+                    let id = chan.stats().channel;
+                    threads::spawn_scoped(
+                        s,
+                        &self.cfg.threads,
+                        ThreadRole::RecvChannel,
+                        format!("pw-recv-{id}"),
+                        move || {
                             let span = info_span!("channel", id);
                             let _g = span.enter();
                             crate::pin::apply(&self.cfg.pinning, id);
@@ -298,8 +303,15 @@ impl Receiver {
                                 }
                             }
                             chan.stats().clone()
-                        })
+                        },
+                    )
                 })
+                .collect();
+            // A channel that could not start (its hook failed) fails the session: the others
+            // are told through the gate and end.
+            let handles: Vec<_> = handles
+                .into_iter()
+                .filter_map(|h| h.map_err(|e| gate_ref.fail(e.into())).ok())
                 .collect();
             let control_result =
                 self.control_loop(&mut control, gate_ref, &mut states, &mut pc, &mut commit);
@@ -307,7 +319,7 @@ impl Receiver {
                 gate_ref.fail(e);
             }
             let mut stats = Vec::new();
-            for h in handles.into_iter().flatten() {
+            for h in handles {
                 match h.join() {
                     Ok(st) => stats.push(st),
                     Err(_) => {
@@ -646,12 +658,15 @@ impl Receiver {
         let beat = (self.cfg.idle_timeout / 3).max(Duration::from_millis(10));
         std::thread::scope(|s| {
             let (tx, rx) = mpsc::channel();
-            let worker = std::thread::Builder::new()
-                .name("pw-commit".into())
-                .spawn_scoped(s, move || {
+            let worker = threads::spawn_scoped(
+                s,
+                &self.cfg.threads,
+                ThreadRole::Commit,
+                "pw-commit".into(),
+                move || {
                     let _ = tx.send(commit(memory, states));
-                })
-                .map_err(|e| SessionError::Internal(format!("starting the commit thread: {e}")))?;
+                },
+            )?;
             let result = loop {
                 match rx.recv_timeout(beat) {
                     Ok(r) => break r.map_err(|e| SessionError::Commit(e.to_string())),

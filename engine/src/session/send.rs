@@ -4,7 +4,6 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use pagewire_transport::control::{self, Hello, Message};
@@ -25,6 +24,7 @@ use crate::pages::RoundPages;
 use crate::session::greet::{greet, Greeting};
 use crate::session::tls::Dialer;
 use crate::stats::{thread_cpu_seconds, ChannelStats, Progress, SessionStats};
+use crate::threads::{self, Thread, ThreadRole};
 use pagewire_transport::tls::Conn;
 
 /// Largest device state one [`Sender::send_state`] call carries (one control frame).
@@ -38,7 +38,7 @@ type Reply = (u16, Result<ChannelStats, ChannelError>);
 
 struct Worker {
     tx: mpsc::Sender<Cmd>,
-    handle: JoinHandle<()>,
+    handle: Thread<()>,
 }
 
 /// Stops a running session from another thread.
@@ -313,10 +313,13 @@ impl Sender {
             let progress = progress.clone();
             let flag = abort.flag.clone();
             let pinning = cfg.pinning.clone();
-            let handle = std::thread::Builder::new()
-                .name(format!("pw-send-{id}"))
-                .spawn(move || channel_thread(chan, rx, reply, mem, progress, flag, pinning))
-                .map_err(|e| SessionError::Internal(format!("spawning channel thread: {e}")))?;
+            let handle = threads::spawn(
+                &cfg.threads,
+                ThreadRole::SendChannel,
+                format!("pw-send-{id}"),
+                None,
+                move || channel_thread(chan, rx, reply, mem, progress, flag, pinning),
+            )?;
             workers.push(Worker { tx, handle });
         }
         Ok(Sender {
