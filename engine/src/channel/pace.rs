@@ -50,6 +50,11 @@
 pub const GUARD_SECS: f64 = 150e-6;
 /// Compress only where a page saves at least this much link time per second of CPU spent.
 pub const MIN_GAIN: f64 = 0.3;
+/// With nothing queued, compress only where a page saves at least this much link time per
+/// second of its compression: the link waits for the packet while it is compressed, and the
+/// receiver pays to inflate it (on loopback, where both ends share the CPUs, a saving of about
+/// 1× is a loss).
+pub const IDLE_GAIN: f64 = 2.0;
 /// Time constant of the drain-rate and cost averages.
 pub const RATE_TAU: f64 = 0.05;
 /// Above this share of its busy time limited by the receiver's window, a connection is
@@ -361,15 +366,23 @@ impl Pacer {
             // measured rate). Raw otherwise. (A packet started raw stays raw, so without this
             // every round's first packet went raw on a slow link: a round's time was no longer
             // in proportion to its pages, and the downtime prediction missed.)
-            let idle_pays = self.capped(measured).is_some_and(|rate| {
-                (1.0 - self.fast.ratio) * self.page_size / rate >= self.fast.cost
-            });
-            return if idle_pays && self.rwnd_share <= MAX_RWND_SHARE {
-                self.last_compress = Some(o.at);
-                Choice::Compress
-            } else {
-                Choice::RawLinkIdle
-            };
+            if let (Some(rate), true) = (self.capped(measured), self.rwnd_share <= MAX_RWND_SHARE) {
+                let saved = (1.0 - self.fast.ratio) * self.page_size / rate;
+                if saved >= IDLE_GAIN * self.fast.cost {
+                    self.last_compress = Some(o.at);
+                    if let Some(st) = self.strong.as_mut() {
+                        // The stronger rung by the same rule, on what it adds.
+                        let extra_saved = (self.fast.ratio - st.est.ratio) * self.page_size / rate;
+                        let extra_cost = (st.est.cost - self.fast.cost).max(0.0);
+                        if extra_saved >= IDLE_GAIN * extra_cost {
+                            st.last = Some(o.at);
+                            return Choice::CompressStrong;
+                        }
+                    }
+                    return Choice::Compress;
+                }
+            }
+            return Choice::RawLinkIdle;
         }
         // The receiver's window has limited the connection most of the time: the receiver
         // is the bottleneck, and compressed pages would cost it more.
