@@ -56,7 +56,37 @@
 //! destination: docs/kvm.md).
 
 use std::error::Error as StdError;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Where the driver reads the time: a monotonic clock, or in tests the simulation's.
+#[derive(Clone)]
+enum Clock {
+    Monotonic(Instant),
+    #[cfg(test)]
+    Simulated(Arc<dyn Fn() -> f64 + Send + Sync>),
+}
+
+impl Clock {
+    /// Seconds since an arbitrary origin.
+    fn now(&self) -> f64 {
+        match self {
+            Clock::Monotonic(origin) => origin.elapsed().as_secs_f64(),
+            #[cfg(test)]
+            Clock::Simulated(f) => f(),
+        }
+    }
+
+    fn since(&self, t: f64) -> Duration {
+        Duration::from_secs_f64((self.now() - t).max(0.0))
+    }
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Clock")
+    }
+}
 
 use serde::Serialize;
 use thiserror::Error;
@@ -83,7 +113,8 @@ pub trait Vmm {
     fn collect_dirty(&mut self, log: &mut DirtyLog) -> Result<(), VmmError>;
 
     /// Stop the vCPUs (and quiesce device models) for the final round. Pages written before
-    /// it returns are in the next [`Vmm::collect_dirty`].
+    /// it returns are in the next [`Vmm::collect_dirty`]. Return promptly, throttled or not:
+    /// its time is downtime.
     fn pause(&mut self) -> Result<(), VmmError>;
 
     /// The device state the destination needs to resume (vCPU registers, device models),
@@ -92,6 +123,12 @@ pub trait Vmm {
 
     /// Hold the guest back `percent` % of the time (0: not at all). `Ok(false)` when this VMM
     /// cannot throttle (the default); the driver then stops asking.
+    ///
+    /// The driver assumes QEMU's scheme: each vCPU sleeps `percent` % of every 10 ms slice
+    /// (at 20 %, 2 ms asleep, 8 ms running), so the dirty rate falls in proportion within a
+    /// round. Throttling must not delay [`Vmm::pause`]: a vCPU asleep in its slice is stopped
+    /// at once (wake it, or count it as stopped), since the downtime starts when `pause` is
+    /// called.
     fn throttle(&mut self, percent: u8) -> Result<bool, VmmError> {
         let _ = percent;
         Ok(false)
@@ -112,6 +149,8 @@ pub trait Vmm {
 /// The session side of the driver: one round at a time, then the device state, then the end.
 /// [`Sender`] implements it; tests implement it with a simulated link.
 pub trait Transport {
+    /// The guest memory the session sends (the [`Sender`]'s).
+    fn memory(&self) -> &Arc<GuestMemory>;
     /// Send one round and wait until the destination has applied it.
     fn send_round(&mut self, pages: RoundPages) -> Result<SessionStats, SessionError>;
     /// Send the device state.
@@ -120,9 +159,23 @@ pub trait Transport {
     fn finish(self) -> Result<SessionStats, SessionError>
     where
         Self: Sized;
+    /// Give the migration up and tell the destination why (it sees
+    /// [`SessionError::Abandoned`]). By default the transport is just dropped.
+    fn abandon(self, reason: &str)
+    where
+        Self: Sized,
+    {
+        let _ = reason;
+    }
 }
 
 impl Transport for Sender {
+    fn memory(&self) -> &Arc<GuestMemory> {
+        Sender::memory(self)
+    }
+    fn abandon(self, reason: &str) {
+        Sender::abandon(self, reason)
+    }
     fn send_round(&mut self, pages: RoundPages) -> Result<SessionStats, SessionError> {
         Sender::send_round(self, pages)
     }
@@ -620,6 +673,7 @@ pub struct Driver {
     /// What the last completed migrations measured besides the final round's time (pause,
     /// state, end), newest last: the reserve of the next prediction is their largest.
     measured_reserve: std::sync::Mutex<std::collections::VecDeque<Duration>>,
+    clock: Clock,
 }
 
 /// Migrations whose measured reserve a [`Driver`] remembers.
@@ -633,6 +687,7 @@ impl Driver {
             page_size: cfg.page_size,
             pages_per_packet: cfg.pages_per_packet,
             measured_reserve: std::sync::Mutex::new(std::collections::VecDeque::new()),
+            clock: Clock::Monotonic(Instant::now()),
         }
     }
 
@@ -653,8 +708,9 @@ impl Driver {
         &self,
         mut transport: T,
         vmm: &mut V,
-        mem: &GuestMemory,
     ) -> Result<Outcome<T>, DriverError> {
+        let mem = transport.memory().clone();
+        let mem = &*mem;
         let mut report = DriverReport::default();
         let mut policy = self.policy.clone();
         policy.reserve = self.reserve();
@@ -742,6 +798,9 @@ impl Driver {
                         }
                         report.throttle = 0;
                     }
+                    // The destination is told, so it reports an abandoned migration rather
+                    // than a broken connection.
+                    transport.abandon(&reason);
                     return Err(DriverError::GaveUp {
                         reason,
                         report: Box::new(report),
@@ -760,15 +819,15 @@ impl Driver {
         }
 
         // Stop and copy.
-        let t_pause = Instant::now();
+        let t_pause = self.clock.now();
         vmm_call(vmm.pause(), "pause", &report)?;
-        report.pause = t_pause.elapsed();
+        report.pause = self.clock.since(t_pause);
         vmm_call(vmm.collect_dirty(&mut log), "collect dirty log", &report)?;
         let pages = log.take_round(self.pages_per_packet);
         report.final_pages = pages.pages();
-        let t_round = Instant::now();
+        let t_round = self.clock.now();
         let fstats = session_call(transport.send_round(pages), &report)?;
-        let round_wall = t_round.elapsed();
+        let round_wall = self.clock.since(t_round);
         report.final_round = Duration::from_secs_f64(fstats.seconds.max(0.0));
         report.final_wire_bytes = fstats.total.wire_bytes;
         let state = vmm_call(vmm.save_state(), "save device state", &report)?;
@@ -777,7 +836,7 @@ impl Driver {
         }
         report.state_bytes = state.len();
         session_call(transport.send_state(&state), &report)?;
-        let t_finish = Instant::now();
+        let t_finish = self.clock.now();
         let stats = session_call(transport.finish(), &report)?;
         // The final round as the transport timed it, the end up to the destination's
         // confirmation as the transport timed it (not this side's teardown after it), the rest
@@ -785,11 +844,13 @@ impl Driver {
         let end = if stats.end_seconds > 0.0 {
             Duration::from_secs_f64(stats.end_seconds)
         } else {
-            t_finish.elapsed()
+            self.clock.since(t_finish)
         };
         report.end = end;
-        let downtime =
-            t_finish.duration_since(t_pause).saturating_sub(round_wall) + report.final_round + end;
+        let downtime = Duration::from_secs_f64((t_finish - t_pause).max(0.0))
+            .saturating_sub(round_wall)
+            + report.final_round
+            + end;
         report.downtime = Some(downtime);
         // Learn what stopping costs besides the final round's transfer and round trip.
         let measured = downtime.saturating_sub(report.final_round);
@@ -859,12 +920,26 @@ mod tests {
     use crate::memory::Block;
     use crate::stats::ChannelStats;
     use std::cell::Cell;
-    use std::rc::Rc;
 
     const PS: u64 = 4096;
 
-    /// Simulated seconds shared by the link and the VMM.
-    type Clock = Rc<Cell<f64>>;
+    thread_local! {
+        static SIM_NOW: Cell<f64> = const { Cell::new(0.0) };
+    }
+
+    /// Simulated seconds shared by the link, the VMM and the driver (each test runs on its
+    /// own thread, with its own clock).
+    #[derive(Clone, Debug)]
+    struct Clock;
+
+    impl Clock {
+        fn get(&self) -> f64 {
+            SIM_NOW.with(Cell::get)
+        }
+        fn set(&self, t: f64) {
+            SIM_NOW.with(|c| c.set(t));
+        }
+    }
 
     /// A link of `bandwidth` bytes/s with `latency` s per round; raw pages (wire = pages ×
     /// 4 KiB + 1 % of headers).
@@ -880,6 +955,9 @@ mod tests {
         finish_secs: Option<f64>,
         /// Pages are compressed (`None`: raw).
         compress: Option<Compressing>,
+        mem: Arc<GuestMemory>,
+        /// The reason the driver gave when it abandoned the migration.
+        abandoned: Option<String>,
     }
 
     /// A compressing session: each page costs `cost` s of one of `channels` threads, and its
@@ -893,6 +971,12 @@ mod tests {
     }
 
     impl Transport for &mut Link {
+        fn memory(&self) -> &Arc<GuestMemory> {
+            &self.mem
+        }
+        fn abandon(self, reason: &str) {
+            self.abandoned = Some(reason.into());
+        }
         fn send_round(&mut self, pages: RoundPages) -> Result<SessionStats, SessionError> {
             let n = pages.pages();
             let (wire, cpu) = match &self.compress {
@@ -1014,8 +1098,13 @@ mod tests {
     /// 1 GiB of guest memory.
     const PAGES: u64 = 1 << 18;
 
-    fn setup(rate: f64, ws: u64) -> (Clock, Link, Scripted, GuestMemory) {
-        let clock: Clock = Rc::new(Cell::new(0.0));
+    fn setup(rate: f64, ws: u64) -> (Clock, Link, Scripted) {
+        let clock = Clock;
+        clock.set(0.0);
+        let mem = GuestMemory::new(vec![
+            Block::anonymous("ram", (PAGES * PS) as usize).expect("map")
+        ])
+        .expect("layout");
         let link = Link {
             clock: clock.clone(),
             bandwidth: 1e9,
@@ -1025,17 +1114,18 @@ mod tests {
             ended_at: None,
             finish_secs: None,
             compress: None,
+            mem: Arc::new(mem),
+            abandoned: None,
         };
         let vmm = Scripted::new(&clock, rate, ws, PAGES);
-        let mem = GuestMemory::new(vec![
-            Block::anonymous("ram", (PAGES * PS) as usize).expect("map")
-        ])
-        .expect("layout");
-        (clock, link, vmm, mem)
+        (clock, link, vmm)
     }
 
+    /// A driver reading the simulated clock.
     fn driver(policy: Policy) -> Driver {
-        Driver::new(policy, &crate::Config::default())
+        let mut d = Driver::new(policy, &crate::Config::default());
+        d.clock = super::Clock::Simulated(Arc::new(|| Clock.get()));
+        d
     }
 
     fn completed(o: Outcome<&mut Link>) -> DriverReport {
@@ -1052,11 +1142,11 @@ mod tests {
 
     #[test]
     fn converging_guest_stops_within_the_limit_without_throttle() {
-        let (_c, mut link, mut vmm, mem) = setup(20_000.0, 50_000);
+        let (_c, mut link, mut vmm) = setup(20_000.0, 50_000);
         let limit = Duration::from_millis(5);
         let r = completed(
             driver(Policy::new(limit))
-                .migrate(&mut link, &mut vmm, &mem)
+                .migrate(&mut link, &mut vmm)
                 .expect("migrate"),
         );
         assert_eq!(r.decisions.stopped, 1);
@@ -1085,10 +1175,10 @@ mod tests {
     fn guest_faster_than_the_link_converges_only_with_throttling() {
         // 400 k pages/s dirtied over 100 k pages; the link drains about 240 k pages/s.
         let limit = Duration::from_millis(5);
-        let (_c, mut link, mut vmm, mem) = setup(400_000.0, 100_000);
+        let (_c, mut link, mut vmm) = setup(400_000.0, 100_000);
         let r = completed(
             driver(Policy::new(limit))
-                .migrate(&mut link, &mut vmm, &mem)
+                .migrate(&mut link, &mut vmm)
                 .expect("migrate"),
         );
         assert!(r.decisions.throttled >= 1, "{:?}", r.decisions);
@@ -1102,13 +1192,13 @@ mod tests {
         assert!(sim_downtime(&link, &vmm) <= limit.as_secs_f64());
 
         // The same guest on a VMM that cannot throttle never converges.
-        let (_c, mut link, mut vmm, mem) = setup(400_000.0, 100_000);
+        let (_c, mut link, mut vmm) = setup(400_000.0, 100_000);
         vmm.can_throttle = false;
         let policy = Policy {
             max_rounds: 12,
             ..Policy::new(limit)
         };
-        match driver(policy).migrate(&mut link, &mut vmm, &mem) {
+        match driver(policy).migrate(&mut link, &mut vmm) {
             Err(DriverError::GaveUp { report, .. }) => {
                 assert_eq!(report.decisions.throttle_unavailable, 1, "asked once");
                 assert_eq!(report.rounds.len(), 12);
@@ -1128,9 +1218,9 @@ mod tests {
         assert_eq!(d.reserve(), DEFAULT_RESERVE);
         let mut misses = Vec::new();
         for migration in 0..2 {
-            let (_c, mut link, mut vmm, mem) = setup(20_000.0, 50_000);
+            let (_c, mut link, mut vmm) = setup(20_000.0, 50_000);
             link.finish_secs = Some(0.006);
-            let r = completed(d.migrate(&mut link, &mut vmm, &mem).expect("migrate"));
+            let r = completed(d.migrate(&mut link, &mut vmm).expect("migrate"));
             let sim = sim_downtime(&link, &vmm);
             let predicted = r.predicted_downtime.expect("prediction").as_secs_f64();
             assert!(sim <= limit.as_secs_f64(), "migration {migration}: {sim} s");
@@ -1154,10 +1244,10 @@ mod tests {
 
     /// Runs a migration, asserting the simulated downtime under `limit` and the prediction
     /// within 25 % of it.
-    fn holds_its_promise(link: &mut Link, vmm: &mut Scripted, mem: &GuestMemory, limit: Duration) {
+    fn holds_its_promise(link: &mut Link, vmm: &mut Scripted, limit: Duration) {
         let r = completed(
             driver(Policy::new(limit))
-                .migrate(&mut *link, vmm, mem)
+                .migrate(&mut *link, vmm)
                 .expect("migrate"),
         );
         let sim = sim_downtime(link, vmm);
@@ -1182,37 +1272,37 @@ mod tests {
         // A 50 MB/s cap, pages compressed to 15 % (the link, not the two compressing
         // channels, sets the pace: 12 µs a page against 10 µs), a 30 ms limit: the final
         // round is hundreds of pages, most of the downtime.
-        let (_c, mut link, mut vmm, mem) = setup(20_000.0, 50_000);
+        let (_c, mut link, mut vmm) = setup(20_000.0, 50_000);
         link.bandwidth = 50e6;
         link.compress = Some(Compressing {
             cost: 20e-6,
             channels: 2.0,
             ratios: vec![0.15],
         });
-        holds_its_promise(&mut link, &mut vmm, &mem, Duration::from_millis(30));
+        holds_its_promise(&mut link, &mut vmm, Duration::from_millis(30));
     }
 
     #[test]
     fn a_mix_that_changes_between_rounds_is_followed() {
         // The guest's pages compress to 10 % for two rounds, then to 50 %: a page costs five
         // times the link time it did. The prediction follows the rounds of the new mix.
-        let (_c, mut link, mut vmm, mem) = setup(20_000.0, 50_000);
+        let (_c, mut link, mut vmm) = setup(20_000.0, 50_000);
         link.bandwidth = 100e6;
         link.compress = Some(Compressing {
             cost: 20e-6,
             channels: 2.0,
             ratios: vec![0.1, 0.1, 0.5],
         });
-        holds_its_promise(&mut link, &mut vmm, &mem, Duration::from_millis(30));
+        holds_its_promise(&mut link, &mut vmm, Duration::from_millis(30));
     }
 
     #[test]
     fn a_limit_under_the_fixed_cost_of_stopping_is_refused_before_pausing() {
         // A 3 ms round trip and a 2 ms limit: no final round can fit, however small.
-        let (_c, mut link, mut vmm, mem) = setup(2_000.0, 50_000);
+        let (_c, mut link, mut vmm) = setup(2_000.0, 50_000);
         link.latency = 0.003;
         let policy = Policy::new(Duration::from_millis(2));
-        match driver(policy).migrate(&mut link, &mut vmm, &mem) {
+        match driver(policy).migrate(&mut link, &mut vmm) {
             Err(DriverError::GaveUp { reason, report }) => {
                 assert!(reason.contains("stopping costs at least"), "{reason}");
                 // The 3 ms round trip less the per-page share of a small round's pages.
@@ -1237,14 +1327,19 @@ mod tests {
     fn guest_that_never_converges_gives_up_or_switches_to_postcopy() {
         // Even at 99 % throttle the guest dirties 1 M pages/s: more than the link carries.
         let limit = Duration::from_millis(5);
-        let (_c, mut link, mut vmm, mem) = setup(100_000_000.0, 200_000);
+        let (_c, mut link, mut vmm) = setup(100_000_000.0, 200_000);
         let policy = Policy {
             max_rounds: 20,
             ..Policy::new(limit)
         };
-        match driver(policy.clone()).migrate(&mut link, &mut vmm, &mem) {
+        match driver(policy.clone()).migrate(&mut link, &mut vmm) {
             Err(DriverError::GaveUp { report, reason }) => {
                 assert!(reason.contains("20 rounds"), "{reason}");
+                assert_eq!(
+                    link.abandoned.as_deref(),
+                    Some(reason.as_str()),
+                    "the destination is told why"
+                );
                 assert_eq!(report.decisions.gave_up, 1);
                 assert_eq!(report.decisions.stopped, 0);
                 assert!(report.decisions.throttled >= 5);
@@ -1260,24 +1355,24 @@ mod tests {
         assert_eq!(link.rounds, 20);
 
         // With a time limit instead: the live phase stops after about 2 s of rounds.
-        let (_c, mut link, mut vmm, mem) = setup(100_000_000.0, 200_000);
+        let (_c, mut link, mut vmm) = setup(100_000_000.0, 200_000);
         let timed = Policy {
             max_time: Some(Duration::from_secs(2)),
             ..Policy::new(limit)
         };
         let err = driver(timed)
-            .migrate(&mut link, &mut vmm, &mem)
+            .migrate(&mut link, &mut vmm)
             .expect_err("give up");
         assert!(err.to_string().contains("within 2."), "{err}");
 
         // Post-copy allowed and supported: the driver hands the session back instead.
-        let (_c, mut link, mut vmm, mem) = setup(100_000_000.0, 200_000);
+        let (_c, mut link, mut vmm) = setup(100_000_000.0, 200_000);
         vmm.postcopy = true;
         let pc = Policy {
             postcopy: true,
             ..policy
         };
-        match driver(pc).migrate(&mut link, &mut vmm, &mem) {
+        match driver(pc).migrate(&mut link, &mut vmm) {
             Ok(Outcome::PostCopy { report, dirty, .. }) => {
                 assert_eq!(report.decisions.postcopy, 1);
                 assert!(dirty.pages() > 0);

@@ -103,7 +103,7 @@
 //! let cfg = Config { channels: 4, ..Config::default() };
 //! let sender = Sender::connect("10.0.0.2:4444".parse()?, cfg.clone(), src.clone())?;
 //! let driver = Driver::new(Policy::new(Duration::from_millis(300)), &cfg);
-//! match driver.migrate(sender, &mut my_vmm, &src)? {
+//! match driver.migrate(sender, &mut my_vmm)? {
 //!     Outcome::Completed { report, .. } => println!("downtime {:?}", report.downtime),
 //!     Outcome::PostCopy { .. } => unreachable!("post-copy is off by default"),
 //! }

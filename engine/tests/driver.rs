@@ -123,7 +123,7 @@ fn driver_migrates_a_running_vm_memory_guest_within_the_limit() {
     let sender = Sender::connect(addr, cfg.clone(), src.clone()).expect("connect");
     let limit = Duration::from_secs(1);
     let outcome = Driver::new(Policy::new(limit), &cfg)
-        .migrate(sender, &mut guest, &src)
+        .migrate(sender, &mut guest)
         .expect("migrate");
     let Outcome::Completed { report, stats } = outcome else {
         panic!("expected a completed migration");

@@ -400,7 +400,7 @@ fn migrate<F: FnMut(&RoundRow)>(
         },
     };
     let driver = Driver::new(policy, &o.cfg);
-    match driver.migrate(sender, kvm, &mem) {
+    match driver.migrate(sender, kvm) {
         Ok(Outcome::Completed { report, stats }) => Ok(Migrated {
             seconds: t0.elapsed().as_secs_f64(),
             wire_bytes: stats.total.wire_bytes,
