@@ -169,6 +169,14 @@ pub enum SessionError {
     /// `abort()` was called.
     #[error("session aborted")]
     Aborted,
+    /// Receiver: the source abandoned the migration ([`crate::Sender::abandon`], a driver
+    /// that gave up, a cancelled or dropped session): its guest keeps running there, and
+    /// what arrived here is to be discarded. Not a network failure.
+    #[error("the source abandoned the migration: {reason}")]
+    Abandoned {
+        /// The source's reason.
+        reason: String,
+    },
     /// Sender: every round was acknowledged and `End` was sent, but the receiver's answer
     /// (`EndOk` or an error) did not arrive. The destination may hold everything and have
     /// completed, or may have failed while committing: this side cannot know.

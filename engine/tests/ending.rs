@@ -197,3 +197,59 @@ fn a_confirmation_lost_after_the_end_is_outcome_unknown() {
     let got = rt.join().expect("join").expect("serve");
     assert!(same(&src, &got.memory));
 }
+
+/// How the destination's session ended when the source gave up after one round: `how` gets
+/// the sender after that round.
+fn abandoned_by(how: impl FnOnce(Sender)) -> SessionError {
+    let c = cfg(Duration::from_secs(20));
+    let (r, addr) = receiver(&c);
+    let dst = memory(2);
+    let dest = std::thread::spawn(move || r.serve(ReceiveInto::Memory(dst)));
+    let src = memory(1);
+    let mut s = Sender::connect(addr, c.clone(), src.clone()).expect("connect");
+    s.send_round(RoundPages::all(&[SIZE as u64], PS, c.pages_per_packet))
+        .expect("round");
+    how(s);
+    let Err(e) = dest.join().expect("receiver thread") else {
+        panic!("the destination's session must fail");
+    };
+    e
+}
+
+/// The destination tells "the source abandoned the migration" from a network failure, with
+/// the source's reason, however the source gave up: `abandon`, an abort from another thread,
+/// or dropping the sender.
+#[test]
+fn a_source_that_gives_up_is_reported_as_abandoned_not_as_a_network_failure() {
+    let e = abandoned_by(|s| s.abandon("the guest did not converge in 30 rounds"));
+    assert!(
+        matches!(&e, SessionError::Abandoned { reason } if reason == "the guest did not converge in 30 rounds"),
+        "{e:?}"
+    );
+    assert_eq!(
+        e.to_string(),
+        "the source abandoned the migration: the guest did not converge in 30 rounds"
+    );
+
+    // Aborted from another thread: the next round fails with Aborted here and the
+    // destination hears it was abandoned (not "connection reset").
+    let e = abandoned_by(|mut s| {
+        let h = s.abort_handle();
+        std::thread::spawn(move || h.abort()).join().expect("abort");
+        let err = s
+            .send_round(RoundPages::all(&[SIZE as u64], PS, 128))
+            .expect_err("aborted");
+        assert!(matches!(err, SessionError::Aborted), "{err:?}");
+    });
+    assert!(
+        matches!(&e, SessionError::Abandoned { reason } if reason.contains("aborted")),
+        "{e:?}"
+    );
+
+    // Dropped before finishing.
+    let e = abandoned_by(drop);
+    assert!(
+        matches!(&e, SessionError::Abandoned { reason } if reason.contains("dropped")),
+        "{e:?}"
+    );
+}

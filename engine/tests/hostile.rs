@@ -1596,7 +1596,7 @@ fn channel_threads() -> Vec<libc::pid_t> {
     let mut tids = Vec::new();
     for entry in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
         let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
-        if comm.trim() == "pw-recv" {
+        if comm.trim().starts_with("pw-recv-") {
             if let Some(tid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) {
                 tids.push(tid);
             }

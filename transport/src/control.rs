@@ -67,6 +67,7 @@ pub mod msg_type {
     pub const POSTCOPY_DONE: u8 = 13;
     pub const POSTCOPY_RECONNECT: u8 = 14;
     pub const END_PENDING: u8 = 15;
+    pub const ABANDON: u8 = 16;
 }
 
 /// The sender's half of the handshake's authentication, carried at the end of a hello when
@@ -411,8 +412,23 @@ fn type_name(t: u8) -> &'static str {
         msg_type::POSTCOPY_DONE => "postcopy-done",
         msg_type::POSTCOPY_RECONNECT => "postcopy-reconnect",
         msg_type::END_PENDING => "end-pending",
+        msg_type::ABANDON => "abandon",
         _ => "frame",
     }
+}
+
+/// A text body (an error message, a reason): UTF-8, at most [`MAX_ERROR_MESSAGE`] bytes.
+fn text(body: &[u8], msg: &'static str, field: &'static str) -> Result<String, ControlError> {
+    if body.len() > MAX_ERROR_MESSAGE {
+        return Err(invalid(
+            msg,
+            field,
+            format!("{} bytes, expected at most {MAX_ERROR_MESSAGE}", body.len()),
+        ));
+    }
+    std::str::from_utf8(body)
+        .map(str::to_owned)
+        .map_err(|e| invalid(msg, field, format!("not UTF-8 ({e})")))
 }
 
 /// The longest prefix of `s` of at most `max` bytes that ends on a char boundary.
@@ -465,6 +481,11 @@ pub enum Message {
     EndPending,
     /// Either direction: the session failed. Body: UTF-8 text, at most MAX_ERROR_MESSAGE bytes.
     Error { message: String },
+    /// Sender → receiver: the source abandoned the migration (its VMM gave up converging, or
+    /// cancelled); the guest keeps running on the source, and the destination discards what
+    /// it received. Sent before the channels close. Body: the reason, UTF-8 text, at most
+    /// MAX_ERROR_MESSAGE bytes.
+    Abandon { reason: String },
     /// Sender → receiver, before `Postcopy`: pages of block `block` that the destination does
     /// not hold yet (or holds stale) and that post-copy will deliver; the receiver discards
     /// them. Body: block u32, then runs of (first page offset u64, page count u64).
@@ -558,6 +579,9 @@ impl Message {
             Message::Error { message } => {
                 out.extend_from_slice(truncate_utf8(message, MAX_ERROR_MESSAGE).as_bytes());
             }
+            Message::Abandon { reason } => {
+                out.extend_from_slice(truncate_utf8(reason, MAX_ERROR_MESSAGE).as_bytes());
+            }
         }
         // A frame is at most 1 + body; a hello that passed validate() fits in MAX_FRAME; an
         // unvalidated one is at most ~16 MiB (65535 blocks x 264 bytes), within u32.
@@ -578,6 +602,7 @@ impl Message {
             Message::EndOk => msg_type::END_OK,
             Message::EndPending => msg_type::END_PENDING,
             Message::Error { .. } => msg_type::ERROR,
+            Message::Abandon { .. } => msg_type::ABANDON,
             Message::PostcopyPages { .. } => msg_type::POSTCOPY_PAGES,
             Message::Postcopy { .. } => msg_type::POSTCOPY,
             Message::PostcopyReady => msg_type::POSTCOPY_READY,
@@ -693,20 +718,12 @@ impl Message {
                 r.finish()?;
                 Ok(Message::PostcopyPages { block, runs })
             }
-            msg_type::ERROR => {
-                if body.len() > MAX_ERROR_MESSAGE {
-                    return Err(invalid(
-                        "error",
-                        "message",
-                        format!("{} bytes, expected at most {MAX_ERROR_MESSAGE}", body.len()),
-                    ));
-                }
-                let message = std::str::from_utf8(body)
-                    .map_err(|e| invalid("error", "message", format!("not UTF-8 ({e})")))?;
-                Ok(Message::Error {
-                    message: message.to_owned(),
-                })
-            }
+            msg_type::ERROR => Ok(Message::Error {
+                message: text(body, "error", "message")?,
+            }),
+            msg_type::ABANDON => Ok(Message::Abandon {
+                reason: text(body, "abandon", "reason")?,
+            }),
             other => Err(ControlError::UnknownType(other)),
         }
     }
@@ -999,11 +1016,34 @@ mod tests {
                 },
                 vec![0, 0, 0, 1, 7],
             ),
+            (
+                Message::Abandon {
+                    reason: "gave up".into(),
+                },
+                vec![0, 0, 0, 8, 16, b'g', b'a', b'v', b'e', b' ', b'u', b'p'],
+            ),
         ];
         for (msg, bytes) in cases {
             assert_eq!(msg.encode(), bytes, "{msg:?}");
             assert_eq!(Message::decode(&bytes[4..]).unwrap(), msg);
         }
+    }
+
+    #[test]
+    fn an_abandon_reason_is_bounded_utf8() {
+        let mut f = vec![16u8];
+        f.extend_from_slice(&[0xff, 0xfe]);
+        assert_eq!(invalid_field(Message::decode(&f)), "reason");
+        let mut f = vec![16u8];
+        f.extend(std::iter::repeat_n(b'x', MAX_ERROR_MESSAGE + 1));
+        assert_eq!(invalid_field(Message::decode(&f)), "reason");
+        // Encoding cuts an over-long reason at a char boundary.
+        let long = "é".repeat(MAX_ERROR_MESSAGE);
+        let enc = Message::Abandon { reason: long }.encode();
+        let Ok(Message::Abandon { reason }) = Message::decode(&enc[4..]) else {
+            panic!("decodes");
+        };
+        assert!(reason.len() <= MAX_ERROR_MESSAGE && reason.chars().all(|c| c == 'é'));
     }
 
     #[test]
@@ -1028,6 +1068,7 @@ mod tests {
                 },
                 "error",
             ),
+            (Message::Abandon { reason: "x".into() }, "abandon"),
         ];
         for (m, n) in all {
             assert_eq!(m.name(), n);
@@ -1318,7 +1359,7 @@ mod tests {
 
     #[test]
     fn unknown_type_and_empty_frame() {
-        for t in [0u8, 16, 0xFF] {
+        for t in [0u8, 17, 0xFF] {
             assert!(matches!(
                 Message::decode(&[t, 1, 2]),
                 Err(ControlError::UnknownType(x)) if x == t

@@ -130,17 +130,17 @@ fn challenge_error(e: ControlError, greeting: Greeting) -> SessionError {
             ) =>
         {
             SessionError::Timeout(format!(
-                "the receiver sent no challenge within {:.1} s (a receiver with --tls-dir waits for a TLS handshake: use --tls-dir on both sides)",
+                "the receiver sent no challenge within {:.1} s (a receiver with TLS credentials waits for a TLS handshake: set `Config::tls` on both sides)",
                 idle_timeout.as_secs_f64()
             ))
         }
         // Closed, or reset over the preamble it did not read.
         ControlError::Closed => SessionError::Handshake(
-            "the receiver closed the control connection before its challenge (a receiver with --tls-dir closes clear-text senders: use --tls-dir on both sides)".into(),
+            "the receiver closed the control connection before its challenge (a receiver with TLS credentials closes clear-text senders: set `Config::tls` on both sides)".into(),
         ),
         ControlError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionReset => {
             SessionError::Handshake(
-                "the receiver reset the control connection before its challenge (a receiver with --tls-dir resets clear-text senders: use --tls-dir on both sides)".into(),
+                "the receiver reset the control connection before its challenge (a receiver with TLS credentials resets clear-text senders: set `Config::tls` on both sides)".into(),
             )
         }
         other => other.into(),
@@ -156,11 +156,11 @@ fn mismatch<W: Write>(stream: &mut W, has_secret: bool, greeting: Greeting) -> S
     let (ours, theirs) = if has_secret {
         (
             "this sender has a shared secret but the receiver does not authenticate; refusing to send to an unauthenticated receiver",
-            "authentication failed: the sender requires a shared secret and this receiver has none (--secret-file)",
+            "authentication failed: the sender requires a shared secret and this receiver has none (`Config::secret`)",
         )
     } else {
         (
-            "the receiver requires a shared secret and this sender has none (--secret-file)",
+            "the receiver requires a shared secret and this sender has none (`Config::secret`)",
             "authentication failed: the sender has no shared secret",
         )
     };

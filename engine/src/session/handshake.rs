@@ -435,7 +435,7 @@ pub(crate) fn peer_allowed_with(
     if !has_secret && !insecure && !net::is_loopback(peer) {
         return Err(SessionError::Auth(format!(
             "refusing {peer}: it is not on loopback and no shared secret is configured \
-             (use --secret-file on both sides, or --insecure on a trusted network)"
+             (set `Config::secret` on both sides, or `Config::insecure` on a trusted network)"
         )));
     }
     Ok(())
@@ -550,7 +550,7 @@ fn open(
     })?;
     if !stream.is_tls() && looks_like_client_hello(&first) {
         let e = SessionError::Handshake(format!(
-            "connection from {peer} starts a TLS handshake, but this receiver has no TLS credentials (--tls-dir)"
+            "connection from {peer} starts a TLS handshake, but this receiver has no TLS credentials (`Config::tls`)"
         ));
         return Err(refuse_lingering(&mut stream, e));
     }

@@ -15,7 +15,7 @@ use pagewire_transport::control::{self, Message};
 use crate::error::SessionError;
 
 pub use handshake::Rejection;
-pub use recv::{CommitError, ReceiveInto, Received, Receiver};
+pub use recv::{CommitError, ReceiveInto, Received, Receiver, DEFAULT_ACCEPT_TIMEOUT};
 pub use send::{AbortHandle, Sender};
 
 /// The sender's last step: send `End`, then wait for the receiver's `EndOk`, letting it take

@@ -73,6 +73,36 @@ pub struct Receiver {
     postcopy_hook: PostcopyHook,
 }
 
+/// How long [`Receiver::serve`] waits for a session to start unless told otherwise
+/// ([`Receiver::set_accept_timeout`]).
+pub const DEFAULT_ACCEPT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A session that failed on a network symptom (a channel reset, a closed connection) may
+/// have been abandoned by the source, which says so on the control connection before it
+/// closes the channels: read what is there (briefly) and prefer its word.
+fn abandoned(control: &mut Conn, e: SessionError) -> SessionError {
+    if matches!(
+        e,
+        SessionError::Abandoned { .. } | SessionError::Peer(_) | SessionError::Commit(_)
+    ) {
+        return e;
+    }
+    if control
+        .tcp()
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .is_err()
+    {
+        return e;
+    }
+    loop {
+        match control::read_message(control) {
+            Ok(Message::Abandon { reason }) => return SessionError::Abandoned { reason },
+            Ok(_) => continue,
+            Err(_) => return e,
+        }
+    }
+}
+
 /// What the control loop needs to run post-copy.
 struct PostcopyCtx<'a> {
     door: &'a mut Door,
@@ -90,7 +120,7 @@ impl Receiver {
             listener,
             cfg,
             progress: Arc::new(Progress::default()),
-            accept_timeout: None,
+            accept_timeout: Some(DEFAULT_ACCEPT_TIMEOUT),
             watch: Arc::new(Mutex::new(None)),
             postcopy_hook: PostcopyHook::default(),
         })
@@ -115,7 +145,9 @@ impl Receiver {
         })
     }
 
-    /// Give up if no sender connects within `t` (default: wait indefinitely).
+    /// Give up if no sender's session starts within `t` ([`SessionError::NoSession`] or a
+    /// timeout); `None` waits indefinitely. Default: [`DEFAULT_ACCEPT_TIMEOUT`] (10 minutes),
+    /// so a destination whose source never comes does not hold its memory for ever.
     pub fn set_accept_timeout(&mut self, t: Option<Duration>) {
         self.accept_timeout = t;
     }
@@ -193,7 +225,7 @@ impl Receiver {
         if !control.is_tls() && !net::is_loopback(&peer) {
             warn!(
                 %peer,
-                "no --tls-dir: guest memory arrives from {peer} in clear text{}",
+                "no TLS: guest memory arrives from {peer} in clear text{}",
                 if self.cfg.secret.is_some() {
                     " (the shared secret authenticates the peers but encrypts nothing)"
                 } else {
@@ -330,6 +362,7 @@ impl Receiver {
             (gate_ref.take_error(), stats)
         });
         let postcopy_stats = pc.stats.take();
+        let result = result.map(|e| abandoned(&mut control, e));
         match result {
             Some(e) => {
                 let msg = e.to_string();
@@ -586,6 +619,7 @@ impl Receiver {
                     }
                     return self.commit_and_end(control, pc.memory, states, commit);
                 }
+                Message::Abandon { reason } => return Err(SessionError::Abandoned { reason }),
                 Message::PostcopyPages { block, runs } => {
                     pc.announced
                         .add(pc.memory, pc.hello.page_size, block, runs)?;
@@ -787,7 +821,9 @@ impl Gate {
     fn fail(&self, e: SessionError) {
         {
             let mut st = self.lock();
-            if st.error.is_none() {
+            // The source's word that it abandoned the migration explains the channels'
+            // errors that come with it, whichever is seen first.
+            if st.error.is_none() || matches!(e, SessionError::Abandoned { .. }) {
                 st.error = Some(e);
             }
         }

@@ -61,10 +61,13 @@ impl AbortHandle {
         }
     }
 
-    /// Stop every channel promptly: the running round fails with [`SessionError::Aborted`].
+    /// Stop every channel promptly: the running round fails with [`SessionError::Aborted`],
+    /// and the destination is told the source abandoned the migration
+    /// ([`SessionError::Abandoned`] there) by the thread that runs the round (or by dropping
+    /// the [`Sender`], between rounds).
     pub fn abort(&self) {
         self.user.store(true, Ordering::SeqCst);
-        self.stop(0);
+        self.stop(1);
     }
 
     /// Whether abort was called.
@@ -503,7 +506,11 @@ impl Sender {
     fn fail(&mut self, err: SessionError) -> SessionError {
         self.failed = true;
         self.abort.stop(1);
-        if matches!(err, SessionError::Peer(_) | SessionError::Aborted) {
+        if self.abort.is_aborted() {
+            self.tell_abandoned("the source aborted the migration");
+            return SessionError::Aborted;
+        }
+        if matches!(err, SessionError::Peer(_)) {
             return err;
         }
         let _ = self
@@ -541,6 +548,38 @@ impl Sender {
         Ok(())
     }
 
+    /// Abandon the migration: tell the destination (which fails its session with
+    /// [`SessionError::Abandoned`], `reason` included, rather than a network error), then
+    /// close the session. The guest keeps running here; call it when the VMM gives up
+    /// converging or its user cancels. (Dropping an unfinished `Sender` does the same with a
+    /// generic reason; [`AbortHandle::abort`] from another thread too.)
+    pub fn abandon(mut self, reason: &str) {
+        if !self.failed {
+            self.tell_abandoned(reason);
+        }
+    }
+
+    /// Best effort: `Abandon` on the control connection (bounded by a short write timeout),
+    /// then wait briefly for the destination to close it, so it reads the message before it
+    /// sees the channels close. Marks the session failed (nothing more is sent).
+    fn tell_abandoned(&mut self, reason: &str) {
+        self.failed = true;
+        let wait = Some(Duration::from_millis(500));
+        let _ = self.control.tcp().set_write_timeout(wait);
+        let sent = control::write_message(
+            &mut self.control,
+            &Message::Abandon {
+                reason: reason.into(),
+            },
+        );
+        if sent.is_err() {
+            return;
+        }
+        info!(reason, "migration abandoned; the destination was told");
+        let _ = self.control.tcp().set_read_timeout(wait);
+        while control::read_message(&mut self.control).is_ok() {}
+    }
+
     /// End the session: End on the control connection, wait for the receiver's EndOk (for as
     /// long as the receiver says it is still committing), close the channels. Returns the
     /// whole session's counters. `Ok` means the destination has every page and completed;
@@ -576,7 +615,15 @@ impl Sender {
 
 impl Drop for Sender {
     fn drop(&mut self) {
-        // Unfinished session (error or early drop): stop channels, let threads exit.
+        // Unfinished session (error or early drop): stop channels, let threads exit. Dropped
+        // before finishing and not failed: the destination is told the source gave up.
+        if !self.workers.is_empty() && !self.failed {
+            self.tell_abandoned(if self.abort.is_aborted() {
+                "the source aborted the migration"
+            } else {
+                "the source dropped the session before finishing it"
+            });
+        }
         if !self.workers.is_empty() {
             self.abort.stop(0);
             for w in std::mem::take(&mut self.workers) {

@@ -321,7 +321,7 @@ impl Dialer {
                 if !pagewire_transport::net::is_loopback(addr) {
                     tracing::warn!(
                         %addr,
-                        "no --tls-dir: guest memory travels to {addr} in clear text{}",
+                        "no TLS: guest memory travels to {addr} in clear text{}",
                         if cfg.secret.is_some() {
                             " (the shared secret authenticates the peers but encrypts nothing)"
                         } else {
