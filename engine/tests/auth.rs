@@ -240,7 +240,7 @@ fn non_loopback_peers_need_a_secret_or_insecure() {
     assert!(peer_allowed(&cfg(None), &lo6).is_ok());
     let e = peer_allowed(&cfg(None), &far).expect_err("refused");
     assert!(
-        e.to_string().contains("not on loopback") && e.to_string().contains("--insecure"),
+        e.to_string().contains("not on loopback") && e.to_string().contains("Config::insecure"),
         "{e}"
     );
     assert!(peer_allowed(

@@ -372,7 +372,9 @@ fn plaintext_sender_to_tls_receiver() {
         cfg(CodecKind::None, 1, tls(dir.path())),
     );
     assert!(r.contains("does not speak TLS"), "receiver: {r}");
-    assert!(s.contains("--tls-dir"), "sender: {s}");
+    // At once, from the receiver's refusal (not the idle timeout), naming the setting.
+    assert!(s.contains("Config::tls"), "sender: {s}");
+    assert!(!s.contains("within"), "sender: {s}");
 }
 
 #[test]

@@ -338,7 +338,7 @@ struct RecvArgs {
     /// --prealloc, which commits every page, it must fit).
     #[arg(long)]
     max_memory: Option<String>,
-    /// Give up if no sender connects within this many seconds (default: wait).
+    /// Give up if no sender connects within this many seconds (default: 600).
     #[arg(long)]
     accept_timeout: Option<f64>,
     /// DEFLATE decoder: auto (QPL on IAA if present, else built-in), builtin, or qpl.
@@ -459,10 +459,22 @@ fn main() -> ExitCode {
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("pagewire: error: {}", f.message.replace('\n', " "));
+            eprintln!(
+                "pagewire: error: {}",
+                cli_words(&f.message.replace('\n', " "))
+            );
             ExitCode::from(f.status)
         }
     }
+}
+
+/// The library's errors name its settings (`Config::tls`); an operator of this binary sets
+/// them with flags, so its messages name the flags.
+fn cli_words(message: &str) -> String {
+    message
+        .replace("`Config::tls`", "--tls-dir")
+        .replace("`Config::secret`", "--secret-file")
+        .replace("`Config::insecure`", "--insecure")
 }
 
 /// The codec a name asks for; for `auto`, the compressor behind it is logged with the reason.

@@ -103,8 +103,10 @@ fn small_guest(codec: &str) -> Output {
         "2048",
         "--max-rounds",
         "15",
+        // Generous: what these tests check is the migration, not how fast this host is (a
+        // round of the working set took 340 ms on a saturated 2-core debug run).
         "--downtime-limit",
-        "100",
+        "2000",
     ])
 }
 
@@ -150,7 +152,7 @@ fn migrates_a_running_guest_between_two_processes() {
     // The driver stopped on its prediction, and the downtime the destination measured (source
     // pause → guest running there) stayed under the limit.
     assert_eq!(source["decisions"]["stopped"].as_u64(), Some(1), "{source}");
-    assert_eq!(v["downtime_limit_ms"].as_f64(), Some(100.0), "{v}");
+    assert_eq!(v["downtime_limit_ms"].as_f64(), Some(2000.0), "{v}");
     let downtime = v["downtime_ms"].as_f64().expect("downtime");
     assert!(
         downtime < 100.0,
@@ -241,7 +243,7 @@ fn source_and_dest_roles_with_deflate() {
             "--max-rounds",
             "8",
             "--downtime-limit",
-            "200",
+            "5000",
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -472,7 +474,7 @@ fn postcopy_fallback_is_unused_when_precopy_converges() {
         "--working-set",
         "1024",
         "--downtime-limit",
-        "200",
+        "2000",
         "--postcopy-fallback",
     ]);
     let v = succeeded(&out, "kvm-demo --postcopy-fallback");

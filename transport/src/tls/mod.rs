@@ -53,7 +53,7 @@ pub enum TlsError {
     #[error("TLS handshake failed: {0}")]
     Handshake(rustls::Error),
     #[error(
-        "TLS: the peer does not speak TLS ({detail}); use --tls-dir on both sides or on neither"
+        "TLS: the peer does not speak TLS ({detail}); set `Config::tls` on both sides or on neither"
     )]
     NotTls { detail: String },
     #[error(
