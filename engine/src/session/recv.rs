@@ -191,7 +191,8 @@ impl Receiver {
         if !control.is_tls() && !net::is_loopback(&peer) {
             warn!(
                 %peer,
-                "no --tls-dir: guest memory arrives from {peer} in clear text{}",
+                "{}: guest memory arrives from {peer} in clear text{}",
+                crate::session::tls::CLEAR_BECAUSE,
                 if self.cfg.secret.is_some() {
                     " (the shared secret authenticates the peers but encrypts nothing)"
                 } else {
