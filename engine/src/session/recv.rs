@@ -12,7 +12,6 @@ use pagewire_transport::tls::Conn;
 use pagewire_transport::wire::{BlockSpec, Compression};
 use tracing::{debug, info, info_span, warn};
 
-use crate::accel::qpl::{QplDecompressor, QplSetupError};
 use crate::channel::recv::{RecvChannel, RecvSettings, RoundGate};
 use crate::codec::{DeflateDecompressor, PageDecompressor};
 use crate::config::{Config, Decoder};
@@ -690,8 +689,7 @@ pub fn peer_allowed(cfg: &Config, peer: &SocketAddr) -> Result<(), SessionError>
 /// The page decoder `d` asks for.
 pub fn decoder_for(d: Decoder) -> Result<Box<dyn PageDecompressor>, SessionError> {
     let qpl = |software_only| -> Result<Box<dyn PageDecompressor>, SessionError> {
-        let q = QplDecompressor::new(software_only).map_err(QplSetupError::from)?;
-        Ok(Box::new(q))
+        Ok(crate::accel::qpl::decompressor(software_only)?)
     };
     match d {
         Decoder::Builtin => Ok(Box::new(DeflateDecompressor::new())),
