@@ -4,7 +4,7 @@
 //! failure (QPL status 500..=503 where there is no IAA) means the software path. With
 //! hardware, one job per page slot is submitted without waiting and completions are polled
 //! with `qpl_check_job` from the channel's loop, between io_uring completions (QEMU instead
-//! blocks in `qpl_wait_job`). A busy work queue answers [`Submit::Busy`]; the sender retries
+//! blocks in `qpl_wait_job`). A busy work queue answers [`Submit::Busy`](super::Submit::Busy); the sender retries
 //! three times and then compresses the page with [`Accelerator::fallback`] on QPL's software
 //! path. An output that does not fit (status 2) or any failure sends the page raw.
 //!
@@ -159,7 +159,7 @@ pub fn library_version() -> Result<String, String> {
 /// What errors say when this build has no QPL.
 pub const NOT_BUILT: &str = "pagewire was built without the `qpl` feature";
 
-/// A QPL compression engine for one channel ([`QplCompressor::new`]), boxed.
+/// A QPL compression engine for one channel (`QplCompressor::new`), boxed.
 pub fn compressor(s: QplSettings) -> Result<Box<dyn Accelerator>, QplSetupError> {
     #[cfg(feature = "qpl")]
     {
@@ -172,7 +172,7 @@ pub fn compressor(s: QplSettings) -> Result<Box<dyn Accelerator>, QplSetupError>
     }
 }
 
-/// A QPL page decompressor ([`QplDecompressor::new`]), boxed.
+/// A QPL page decompressor (`QplDecompressor::new`), boxed.
 pub fn decompressor(software_only: bool) -> Result<Box<dyn PageDecompressor>, QplSetupError> {
     #[cfg(feature = "qpl")]
     {
