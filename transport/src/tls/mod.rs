@@ -36,9 +36,6 @@ pub use record::{Direction, RecordReader, Sealer, Suite};
 #[cfg(feature = "tls")]
 pub use rustls;
 
-/// Whether this build has TLS (the crate's `tls` feature).
-pub const ENABLED: bool = cfg!(feature = "tls");
-
 /// Plaintext bytes per record by default (the largest TLS allows: per-record cost is noise).
 #[cfg(feature = "tls")]
 pub const DEFAULT_RECORD_SIZE: usize = record::MAX_PLAINTEXT;
