@@ -175,6 +175,29 @@
 //! loop per channel), [`codec`] and [`accel`] (per-page compression), [`decode`] (offline
 //! decoding of recorded channel streams). The demo's generated pages live outside the library,
 //! in the `pagewire-synth` dev crate.
+//!
+//! # Cargo features
+//!
+//! All four are on by default. An embedder that wants less sets `default-features = false`
+//! and names what it uses; with none of them the crate still runs whole pre-copy and post-copy
+//! migrations (io_uring, userfaultfd) with the codecs `none`, `deflate` and `auto` (libdeflate).
+//!
+//! | feature | brings | pulls in |
+//! |---|---|---|
+//! | `tls` | TLS 1.3 with mutual certificate authentication on every connection: [`Config::tls`], [`session::tls::TlsConfig`] | rustls, aws-lc-rs and aws-lc-sys (C, compiled with the crate), through `pagewire-transport/tls` |
+//! | `gen-certs` | `session::tls::generate`: a CA and receiver and sender certificates for trying TLS out; implies `tls` | rcgen, time |
+//! | `qpl` | codec `qpl` and the QPL decoder: Intel IAA, or QPL's software path ([`accel::qpl`]) | qpl-sys, libloading (`libqpl.so.1` is opened at run time, never linked) |
+//! | `vm-memory` | [`vmm`]: guest memory and dirty bitmaps from rust-vmm's `GuestMemoryMmap` | vm-memory |
+//!
+//! Without `tls`, [`session::tls::TlsConfig`] is a type with no values: [`Config::tls`] stays
+//! (so struct literals and `..Config::default()` read the same in every build) but can only be
+//! `None`, every connection is clear text, and a peer that starts a TLS handshake is refused
+//! with "pagewire was built without the `tls` feature" (a TLS sender quotes the refusal in
+//! its error). Without `qpl`, a sender asking for codec `qpl` and a receiver asking for
+//! [`config::Decoder::Qpl`] fail with [`accel::qpl::QplSetupError::NotBuilt`], and `auto`
+//! compresses with deflate. The qpl *framing* (raw DEFLATE per page, multifd flag 0x08) needs
+//! no feature: codec `deflate` writes it, and every receiver reads it, QEMU's multifd-qpl
+//! streams included.
 
 pub mod accel;
 pub mod channel;

@@ -172,6 +172,7 @@ fn precopy_auto_in_the_sandbox() {
     precopy(cfg(CodecKind::Auto, hook(Mode::PLAIN, None)));
 }
 
+#[cfg(feature = "gen-certs")]
 #[test]
 fn precopy_tls_in_the_sandbox() {
     let dir = tempfile::tempdir().unwrap();

@@ -385,6 +385,8 @@ fn tls_sender_to_plaintext_receiver() {
         cfg(CodecKind::None, 1, None),
     );
     assert!(s.contains("does not speak TLS"), "sender: {s}");
+    // The sender quotes the receiver's refusal.
+    assert!(s.contains("no TLS credentials"), "sender: {s}");
     assert!(r.contains("TLS handshake"), "receiver: {r}");
 }
 

@@ -4,8 +4,8 @@
 //! never block while other work can progress.
 //!
 //! * [`software::SoftwareDeflate`]: libdeflate, synchronous (a job completes at submit).
-//! * [`qpl::QplCompressor`]: QPL, hardware jobs (IAA) completing asynchronously, or QPL's
-//!   software path (synchronous).
+//! * `qpl::QplCompressor` ([`qpl`], feature `qpl`): QPL, hardware jobs (IAA) completing
+//!   asynchronously, or QPL's software path (synchronous).
 //! * [`testing::ScriptedAccel`]: injects busy answers, failures and late completions so
 //!   every fallback branch of the sender is tested without hardware.
 

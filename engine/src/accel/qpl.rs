@@ -4,17 +4,34 @@
 //! failure (QPL status 500..=503 where there is no IAA) means the software path. With
 //! hardware, one job per page slot is submitted without waiting and completions are polled
 //! with `qpl_check_job` from the channel's loop, between io_uring completions (QEMU instead
-//! blocks in `qpl_wait_job`). A busy work queue answers [`Submit::Busy`]; the sender retries
+//! blocks in `qpl_wait_job`). A busy work queue answers [`Submit::Busy`](super::Submit::Busy); the sender retries
 //! three times and then compresses the page with [`Accelerator::fallback`] on QPL's software
 //! path. An output that does not fit (status 2) or any failure sends the page raw.
+//!
+//! QPL needs the crate's `qpl` feature (qpl-sys). Without it the settings ([`QplSettings`])
+//! remain, so [`Config`](crate::Config) is the same in every build, but [`compressor`] and
+//! [`decompressor`] answer [`QplSetupError::NotBuilt`] and `auto` picks deflate. The qpl
+//! *framing* (raw DEFLATE per page, multifd flag 0x08) needs no QPL: the deflate codec writes
+//! it and the built-in decoder reads it, from QEMU's multifd-qpl too.
 
+#[cfg(feature = "qpl")]
 use std::time::{Duration, Instant};
 
+#[cfg(feature = "qpl")]
 use qpl_sys::{flag, level, op, path, status, Job, Operation, Qpl, QplError};
 use serde::Serialize;
 
-use super::{Accelerator, Completion, JobDesc, Outcome, Path, Submit};
-use crate::codec::{CodecError, PageDecompressor};
+use super::Accelerator;
+#[cfg(feature = "qpl")]
+use super::{Completion, JobDesc, Outcome, Path, Submit};
+#[cfg(feature = "qpl")]
+use crate::codec::CodecError;
+use crate::codec::PageDecompressor;
+
+/// QPL's default compression level (`qpl_default_level`), also without qpl-sys.
+const LEVEL_DEFAULT: u32 = 1;
+#[cfg(feature = "qpl")]
+const _: () = assert!(LEVEL_DEFAULT == level::DEFAULT);
 
 /// Huffman coding of QPL compression jobs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -66,13 +83,14 @@ impl Default for QplSettings {
     fn default() -> Self {
         QplSettings {
             huffman: Huffman::Fixed,
-            level: level::DEFAULT,
+            level: LEVEL_DEFAULT,
             path: QplPath::Auto,
             hw_jobs: 128,
         }
     }
 }
 
+#[cfg(feature = "qpl")]
 impl QplSettings {
     fn operation(&self) -> Operation {
         let mut flags = flag::FIRST | flag::LAST | flag::OMIT_VERIFY;
@@ -88,6 +106,7 @@ impl QplSettings {
 }
 
 /// Try to initialise a hardware job: `Ok(Some)` with IAA, `Ok(None)` (and the reason) without.
+#[cfg(feature = "qpl")]
 fn hardware_job(qpl: &'static Qpl) -> Result<Option<Job>, QplError> {
     match Job::new(qpl, path::HARDWARE) {
         Ok(j) => Ok(Some(j)),
@@ -107,6 +126,7 @@ fn hardware_job(qpl: &'static Qpl) -> Result<Option<Job>, QplError> {
 }
 
 /// Whether QPL's hardware path (an IAA work queue) is usable on this host (probed once).
+#[cfg(feature = "qpl")]
 pub fn hardware_available() -> bool {
     static HW: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *HW.get_or_init(|| {
@@ -117,6 +137,55 @@ pub fn hardware_available() -> bool {
     })
 }
 
+/// Whether QPL's hardware path is usable: never in a build without the `qpl` feature.
+#[cfg(not(feature = "qpl"))]
+pub fn hardware_available() -> bool {
+    false
+}
+
+/// QPL's version where libqpl.so.1 loads, else why it cannot be used (without the `qpl`
+/// feature: that).
+pub fn library_version() -> Result<String, String> {
+    #[cfg(feature = "qpl")]
+    {
+        Qpl::load().map(|q| q.version()).map_err(|e| e.to_string())
+    }
+    #[cfg(not(feature = "qpl"))]
+    {
+        Err(NOT_BUILT.into())
+    }
+}
+
+/// What errors say when this build has no QPL.
+pub const NOT_BUILT: &str = "pagewire was built without the `qpl` feature";
+
+/// A QPL compression engine for one channel (`QplCompressor::new`), boxed.
+pub fn compressor(s: QplSettings) -> Result<Box<dyn Accelerator>, QplSetupError> {
+    #[cfg(feature = "qpl")]
+    {
+        Ok(Box::new(QplCompressor::new(s)?))
+    }
+    #[cfg(not(feature = "qpl"))]
+    {
+        let _ = s;
+        Err(QplSetupError::NotBuilt)
+    }
+}
+
+/// A QPL page decompressor (`QplDecompressor::new`), boxed.
+pub fn decompressor(software_only: bool) -> Result<Box<dyn PageDecompressor>, QplSetupError> {
+    #[cfg(feature = "qpl")]
+    {
+        Ok(Box::new(QplDecompressor::new(software_only)?))
+    }
+    #[cfg(not(feature = "qpl"))]
+    {
+        let _ = software_only;
+        Err(QplSetupError::NotBuilt)
+    }
+}
+
+#[cfg(feature = "qpl")]
 struct HwSlot {
     job: Job,
     /// (tag, output capacity) of the job in flight.
@@ -124,6 +193,7 @@ struct HwSlot {
 }
 
 /// QPL compression for one channel.
+#[cfg(feature = "qpl")]
 pub struct QplCompressor {
     hw: Vec<HwSlot>,
     free: Vec<usize>,
@@ -133,6 +203,7 @@ pub struct QplCompressor {
     done: Vec<Completion>,
 }
 
+#[cfg(feature = "qpl")]
 impl std::fmt::Debug for QplCompressor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("QplCompressor")
@@ -145,14 +216,19 @@ impl std::fmt::Debug for QplCompressor {
 /// Errors setting QPL up.
 #[derive(Debug, thiserror::Error)]
 pub enum QplSetupError {
+    #[cfg(feature = "qpl")]
     #[error(transparent)]
     Qpl(#[from] QplError),
+    /// This build has no QPL.
+    #[error("{NOT_BUILT} (codec deflate writes the same qpl framing, and the built-in decoder reads it)")]
+    NotBuilt,
     #[error("QPL hardware path requested but no IAA work queue is available")]
     NoHardware,
     #[error("QPL level {0} is not supported (1 = default, 3 = high; high runs on the software path only)")]
     Level(u32),
 }
 
+#[cfg(feature = "qpl")]
 impl QplCompressor {
     /// Load QPL and set up the jobs `s` asks for.
     pub fn new(s: QplSettings) -> Result<QplCompressor, QplSetupError> {
@@ -196,6 +272,7 @@ impl QplCompressor {
     }
 }
 
+#[cfg(feature = "qpl")]
 fn outcome(st: u32, total_out: u32, cap: usize) -> Outcome {
     match st {
         status::OK if total_out > 0 && (total_out as usize) <= cap => {
@@ -207,6 +284,7 @@ fn outcome(st: u32, total_out: u32, cap: usize) -> Outcome {
     }
 }
 
+#[cfg(feature = "qpl")]
 impl Accelerator for QplCompressor {
     fn name(&self) -> &'static str {
         if self.hw.is_empty() {
@@ -323,11 +401,13 @@ impl Accelerator for QplCompressor {
 }
 
 /// QPL decompression: the hardware path when IAA is present, else QPL's software path.
+#[cfg(feature = "qpl")]
 pub struct QplDecompressor {
     job: Job,
     hardware: bool,
 }
 
+#[cfg(feature = "qpl")]
 impl std::fmt::Debug for QplDecompressor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("QplDecompressor")
@@ -336,6 +416,7 @@ impl std::fmt::Debug for QplDecompressor {
     }
 }
 
+#[cfg(feature = "qpl")]
 impl QplDecompressor {
     /// Load QPL; use hardware unless `software_only`.
     pub fn new(software_only: bool) -> Result<QplDecompressor, QplError> {
@@ -360,6 +441,7 @@ impl QplDecompressor {
     }
 }
 
+#[cfg(feature = "qpl")]
 impl PageDecompressor for QplDecompressor {
     fn decompress(&mut self, input: &[u8], out: &mut [u8]) -> Result<(), CodecError> {
         let (Ok(in_len), Ok(cap)) = (u32::try_from(input.len()), u32::try_from(out.len())) else {
@@ -422,7 +504,7 @@ impl PageDecompressor for QplDecompressor {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "qpl"))]
 mod tests {
     use super::*;
     use crate::codec::{DeflateCompressor, DeflateDecompressor, PageCompressor};

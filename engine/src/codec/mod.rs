@@ -23,6 +23,8 @@ pub enum CodecKind {
     /// Software raw DEFLATE per page, multifd qpl framing (flag 0x08).
     Deflate,
     /// Intel QPL: IAA hardware where present, QPL's software path otherwise (flag 0x08).
+    /// Needs the `qpl` feature (without it a sender asking for it fails with
+    /// [`QplSetupError::NotBuilt`](crate::accel::qpl::QplSetupError::NotBuilt)).
     Qpl,
     /// Follows the link: each page compressed (see [`resolve_auto`] for the compressor) or sent
     /// raw, decided per page by the channel loop (`channel::pace`); qpl framing (flag 0x08).
@@ -105,8 +107,9 @@ impl std::str::FromStr for AutoCompressor {
 /// [`AutoCompressor::Pick`] takes `qpl` wherever libqpl.so.1 loads (IAA hardware if a work
 /// queue is usable, else QPL's software path), with the deflate codec's compressor as the
 /// stronger rung of a ladder for slow links ([`auto_ladder`]); `deflate` where it does not.
+/// (Without the `qpl` feature: always `deflate`, saying so.)
 pub fn resolve_auto(pref: AutoCompressor) -> (CodecKind, String) {
-    let qpl = qpl_sys::Qpl::load();
+    let qpl = crate::accel::qpl::library_version();
     let path = || {
         if crate::accel::qpl::hardware_available() {
             "IAA hardware path"
@@ -116,20 +119,19 @@ pub fn resolve_auto(pref: AutoCompressor) -> (CodecKind, String) {
     };
     match (pref, qpl) {
         (AutoCompressor::Deflate, _) => (CodecKind::Deflate, "using deflate: asked for".into()),
-        (AutoCompressor::Qpl | AutoCompressor::Ladder, Ok(q)) => (
+        (AutoCompressor::Qpl | AutoCompressor::Ladder, Ok(version)) => (
             CodecKind::Qpl,
-            format!("using qpl (asked for): QPL {}, {}", q.version(), path()),
+            format!("using qpl (asked for): QPL {version}, {}", path()),
         ),
         (AutoCompressor::Qpl | AutoCompressor::Ladder, Err(e)) => (
             CodecKind::Deflate,
             format!("using deflate: qpl was asked for but {e}"),
         ),
         (AutoCompressor::Pick, Err(e)) => (CodecKind::Deflate, format!("using deflate: {e}")),
-        (AutoCompressor::Pick, Ok(q)) => (
+        (AutoCompressor::Pick, Ok(version)) => (
             CodecKind::Qpl,
             format!(
-                "using qpl: QPL {}, {}; deflate takes the pages while the link's backlog is long",
-                q.version(),
+                "using qpl: QPL {version}, {}; deflate takes the pages while the link's backlog is long",
                 path()
             ),
         ),
@@ -205,7 +207,7 @@ mod tests {
     /// a compressor asked for runs alone.
     #[test]
     fn the_pick_is_a_ladder_where_qpl_loads() {
-        let loads = qpl_sys::Qpl::load().is_ok();
+        let loads = crate::accel::qpl::library_version().is_ok();
         assert_eq!(auto_ladder(AutoCompressor::Pick), loads);
         assert!(!auto_ladder(AutoCompressor::Deflate));
         assert!(!auto_ladder(AutoCompressor::Qpl));
@@ -226,7 +228,7 @@ mod tests {
         let (c, why) = resolve_auto(AutoCompressor::Deflate);
         assert_eq!(c, CodecKind::Deflate, "{why}");
         let (c, why) = resolve_auto(AutoCompressor::Qpl);
-        match qpl_sys::Qpl::load() {
+        match crate::accel::qpl::library_version() {
             Ok(_) => assert_eq!(c, CodecKind::Qpl, "{why}"),
             Err(_) => {
                 assert_eq!(c, CodecKind::Deflate, "{why}");

@@ -130,20 +130,35 @@ fn challenge_error(e: ControlError, greeting: Greeting) -> SessionError {
             ) =>
         {
             SessionError::Timeout(format!(
-                "the receiver sent no challenge within {:.1} s (a receiver with TLS credentials waits for a TLS handshake: set `Config::tls` on both sides)",
-                idle_timeout.as_secs_f64()
+                "the receiver sent no challenge within {:.1} s (a receiver with TLS credentials waits for a TLS handshake: {})",
+                idle_timeout.as_secs_f64(),
+                tls_advice()
             ))
         }
         // Closed, or reset over the preamble it did not read.
-        ControlError::Closed => SessionError::Handshake(
-            "the receiver closed the control connection before its challenge (a receiver with TLS credentials closes clear-text senders: set `Config::tls` on both sides)".into(),
-        ),
+        ControlError::Closed => SessionError::Handshake(format!(
+            "the receiver closed the control connection before its challenge (a receiver with TLS credentials closes clear-text senders: {})",
+            tls_advice()
+        )),
         ControlError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionReset => {
-            SessionError::Handshake(
-                "the receiver reset the control connection before its challenge (a receiver with TLS credentials resets clear-text senders: set `Config::tls` on both sides)".into(),
-            )
+            SessionError::Handshake(format!(
+                "the receiver reset the control connection before its challenge (a receiver with TLS credentials resets clear-text senders: {})",
+                tls_advice()
+            ))
         }
         other => other.into(),
+    }
+}
+
+/// What a clear-text sender tells its user to do about a receiver that may want TLS.
+fn tls_advice() -> String {
+    if cfg!(feature = "tls") {
+        "set `Config::tls` on both sides".into()
+    } else {
+        format!(
+            "this sender cannot speak TLS, {}",
+            crate::session::tls::NOT_BUILT
+        )
     }
 }
 

@@ -549,8 +549,16 @@ fn open(
         ))
     })?;
     if !stream.is_tls() && looks_like_client_hello(&first) {
+        let why = if cfg!(feature = "tls") {
+            "this receiver has no TLS credentials (`Config::tls`)".to_string()
+        } else {
+            format!(
+                "this receiver cannot speak TLS: {}",
+                crate::session::tls::NOT_BUILT
+            )
+        };
         let e = SessionError::Handshake(format!(
-            "connection from {peer} starts a TLS handshake, but this receiver has no TLS credentials (`Config::tls`)"
+            "connection from {peer} starts a TLS handshake, but {why}"
         ));
         return Err(refuse_lingering(&mut stream, e));
     }

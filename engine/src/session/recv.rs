@@ -14,7 +14,6 @@ use crate::threads::{self, ThreadRole};
 use pagewire_transport::wire::{BlockSpec, Compression};
 use tracing::{debug, info, info_span, warn};
 
-use crate::accel::qpl::{QplDecompressor, QplSetupError};
 use crate::channel::recv::{RecvChannel, RecvSettings, RoundGate};
 use crate::codec::{DeflateDecompressor, PageDecompressor};
 use crate::config::{Config, Decoder};
@@ -225,7 +224,8 @@ impl Receiver {
         if !control.is_tls() && !net::is_loopback(&peer) {
             warn!(
                 %peer,
-                "no TLS: guest memory arrives from {peer} in clear text{}",
+                "{}: guest memory arrives from {peer} in clear text{}",
+                crate::session::tls::CLEAR_BECAUSE,
                 if self.cfg.secret.is_some() {
                     " (the shared secret authenticates the peers but encrypts nothing)"
                 } else {
@@ -738,8 +738,7 @@ pub fn peer_allowed(cfg: &Config, peer: &SocketAddr) -> Result<(), SessionError>
 /// The page decoder `d` asks for.
 pub fn decoder_for(d: Decoder) -> Result<Box<dyn PageDecompressor>, SessionError> {
     let qpl = |software_only| -> Result<Box<dyn PageDecompressor>, SessionError> {
-        let q = QplDecompressor::new(software_only).map_err(QplSetupError::from)?;
-        Ok(Box::new(q))
+        Ok(crate::accel::qpl::decompressor(software_only)?)
     };
     match d {
         Decoder::Builtin => Ok(Box::new(DeflateDecompressor::new())),

@@ -11,7 +11,6 @@ use pagewire_transport::net;
 use pagewire_transport::wire::{BlockSpec, Compression, InitPacket};
 use tracing::{debug, info, info_span, warn};
 
-use crate::accel::qpl::QplCompressor;
 use crate::accel::software::SoftwareDeflate;
 use crate::accel::Accelerator;
 use crate::channel::limit::RateLimit;
@@ -668,14 +667,14 @@ pub fn engine_for(cfg: &Config) -> Result<Option<Box<dyn Accelerator>>, SessionE
         CodecKind::Qpl => {
             let mut s = cfg.qpl;
             s.hw_jobs = cfg.pages_per_packet as usize;
-            Some(Box::new(QplCompressor::new(s)?))
+            Some(crate::accel::qpl::compressor(s)?)
         }
         // The compressor behind auto: qpl where libqpl loads (or when asked for), else deflate.
         CodecKind::Auto => match crate::codec::resolve_auto(cfg.auto_compressor).0 {
             CodecKind::Qpl => {
                 let mut s = cfg.qpl;
                 s.hw_jobs = cfg.pages_per_packet as usize;
-                Some(Box::new(QplCompressor::new(s)?))
+                Some(crate::accel::qpl::compressor(s)?)
             }
             _ => Some(Box::new(SoftwareDeflate::new(cfg.level)?)),
         },

@@ -9,17 +9,29 @@
 //!
 //! The receiver accepts only senders whose client certificate the CA issued; the sender
 //! accepts only a receiver whose server certificate the CA issued for the name it connects
-//! to ([`TlsConfig::server_name`], else the address it connects to).
+//! to (`TlsConfig::server_name`, else the address it connects to).
+//!
+//! TLS needs the crate's `tls` feature (rustls, aws-lc); `generate` needs `gen-certs`
+//! (rcgen). Without `tls`, [`TlsConfig`] is a type without values, so
+//! [`Config::tls`](crate::Config::tls) can only be `None` and every connection is clear text;
+//! a peer that starts a TLS handshake is refused with an error saying this build has no TLS.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+#[cfg(feature = "tls")]
 use std::sync::Arc;
 
 use pagewire_transport::tls::{self, TlsError};
+#[cfg(feature = "tls")]
 use rustls::pki_types::pem::PemObject;
+#[cfg(feature = "tls")]
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+#[cfg(feature = "tls")]
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use thiserror::Error;
+
+/// What errors say when this build has no TLS.
+pub const NOT_BUILT: &str = "pagewire was built without the `tls` feature";
 
 /// The files of a credentials directory.
 pub const CA_CERT: &str = "ca-cert.pem";
@@ -53,6 +65,7 @@ pub enum CredentialsError {
 
 /// TLS settings of a session: where the credentials are and which name the receiver's
 /// certificate must carry.
+#[cfg(feature = "tls")]
 #[derive(Clone, Debug)]
 pub struct TlsConfig {
     /// Directory in QEMU's `tls-creds-x509` layout.
@@ -68,6 +81,13 @@ pub struct TlsConfig {
     pub records_per_key: u64,
 }
 
+/// TLS settings of a session. This build has no TLS (pagewire's `tls` feature is off): the
+/// type has no values, so [`Config::tls`](crate::Config::tls) is always `None`.
+#[cfg(not(feature = "tls"))]
+#[derive(Clone, Debug)]
+pub enum TlsConfig {}
+
+#[cfg(feature = "tls")]
 impl TlsConfig {
     /// Credentials from `dir` (read when a session starts).
     pub fn from_dir(dir: impl Into<PathBuf>) -> TlsConfig {
@@ -133,6 +153,7 @@ impl TlsConfig {
     }
 }
 
+#[cfg(feature = "tls")]
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CredentialsError> {
     let err = |detail: String| CredentialsError::Read {
         path: path.to_path_buf(),
@@ -151,6 +172,7 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CredentialsEr
     Ok(certs)
 }
 
+#[cfg(feature = "tls")]
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, CredentialsError> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| CredentialsError::Read {
         path: path.to_path_buf(),
@@ -159,6 +181,7 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, CredentialsError> {
 }
 
 /// What [`generate`] writes.
+#[cfg(feature = "gen-certs")]
 #[derive(Clone, Debug)]
 pub struct GenerateSpec {
     /// DNS names and IP addresses the server certificate is valid for.
@@ -172,6 +195,7 @@ pub struct GenerateSpec {
     pub replace: bool,
 }
 
+#[cfg(feature = "gen-certs")]
 impl Default for GenerateSpec {
     fn default() -> Self {
         GenerateSpec {
@@ -183,7 +207,7 @@ impl Default for GenerateSpec {
     }
 }
 
-/// The credential files [`generate`] writes, in QEMU's `tls-creds-x509` layout.
+/// The credential files `generate` writes, in QEMU's `tls-creds-x509` layout.
 pub const CREDENTIAL_FILES: [&str; 5] = [CA_CERT, SERVER_CERT, SERVER_KEY, CLIENT_CERT, CLIENT_KEY];
 
 /// Which of [`CREDENTIAL_FILES`] exist in `dir`.
@@ -199,6 +223,8 @@ pub fn existing_credentials(dir: &Path) -> Vec<String> {
 /// missing), in the `tls-creds-x509` layout. Keys are written with mode 0600. Credentials
 /// already there are refused ([`CredentialsError::Exists`]) unless `spec.replace`; each file
 /// is written beside its name and renamed over it, so none is ever left half-written.
+/// (Feature `gen-certs`.)
+#[cfg(feature = "gen-certs")]
 pub fn generate(dir: &Path, spec: &GenerateSpec) -> Result<(), CredentialsError> {
     let existing = existing_credentials(dir);
     if !existing.is_empty() && !spec.replace {
@@ -284,6 +310,7 @@ pub fn generate(dir: &Path, spec: &GenerateSpec) -> Result<(), CredentialsError>
     Ok(())
 }
 
+#[cfg(feature = "gen-certs")]
 fn write_file(path: &Path, data: &[u8], secret: bool) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -303,9 +330,16 @@ fn write_file(path: &Path, data: &[u8], secret: bool) -> std::io::Result<()> {
     written
 }
 
+/// Why a connection is clear text, for the warning about a non-loopback peer.
+pub(crate) const CLEAR_BECAUSE: &str = if cfg!(feature = "tls") {
+    "no TLS"
+} else {
+    NOT_BUILT
+};
+
 /// Opens the sender's connections: TCP, then (with TLS configured) the client handshake.
 pub(crate) struct Dialer {
-    client: Option<(Arc<ClientConfig>, ServerName<'static>, tls::RecordConfig)>,
+    client: Option<ClientSide>,
 }
 
 impl Dialer {
@@ -316,12 +350,12 @@ impl Dialer {
         addr: &SocketAddr,
     ) -> Result<Dialer, crate::error::SessionError> {
         let client = match &cfg.tls {
-            Some(t) => Some((t.client_config()?, t.name_for(addr)?, t.records())),
+            Some(t) => Some(client_side(t, addr)?),
             None => {
                 if !pagewire_transport::net::is_loopback(addr) {
                     tracing::warn!(
                         %addr,
-                        "no TLS: guest memory travels to {addr} in clear text{}",
+                        "{CLEAR_BECAUSE}: guest memory travels to {addr} in clear text{}",
                         if cfg.secret.is_some() {
                             " (the shared secret authenticates the peers but encrypts nothing)"
                         } else {
@@ -343,26 +377,17 @@ impl Dialer {
         timeout: std::time::Duration,
     ) -> Result<tls::Conn, crate::error::SessionError> {
         let tcp = pagewire_transport::net::connect(addr, opts)?;
-        let Some((cfg, name, records)) = &self.client else {
-            return Ok(tls::Conn::Clear(tcp));
-        };
-        let io = |e: std::io::Error| TlsError::Io(e);
-        tcp.set_read_timeout(Some(timeout)).map_err(io)?;
-        tcp.set_write_timeout(Some(timeout)).map_err(io)?;
-        let t = tls::client(tcp, cfg.clone(), name.clone(), *records)?;
-        tracing::debug!(%addr, suite = t.suite(), "TLS established");
-        let conn = tls::Conn::Tls(Box::new(t));
-        // As a clear-text connection leaves `connect`: the caller sets what it needs.
-        conn.tcp().set_read_timeout(None).map_err(io)?;
-        conn.tcp().set_write_timeout(None).map_err(io)?;
-        Ok(conn)
+        match &self.client {
+            None => Ok(tls::Conn::Clear(tcp)),
+            Some(client) => client_handshake(client, tcp, addr, timeout),
+        }
     }
 }
 
 /// Runs the receiver's side of the TLS handshake when TLS is configured.
 #[derive(Clone)]
 pub(crate) struct Acceptor {
-    server: Option<(Arc<ServerConfig>, tls::RecordConfig)>,
+    server: Option<ServerSide>,
 }
 
 impl std::fmt::Debug for Acceptor {
@@ -377,7 +402,7 @@ impl Acceptor {
     pub fn new(cfg: &crate::config::Config) -> Result<Acceptor, CredentialsError> {
         Ok(Acceptor {
             server: match &cfg.tls {
-                Some(t) => Some((t.server_config()?, t.records())),
+                Some(t) => Some(server_side(t)?),
                 None => None,
             },
         })
@@ -392,11 +417,88 @@ impl Acceptor {
     pub fn accept(&self, tcp: std::net::TcpStream) -> Result<tls::Conn, TlsError> {
         match &self.server {
             None => Ok(tls::Conn::Clear(tcp)),
-            Some((cfg, records)) => Ok(tls::Conn::Tls(Box::new(tls::server(
-                tcp,
-                cfg.clone(),
-                *records,
-            )?))),
+            Some(server) => server_handshake(server, tcp),
         }
     }
+}
+
+/// The sender's TLS settings, loaded: configuration, the name the receiver's certificate must
+/// carry, record settings.
+#[cfg(feature = "tls")]
+type ClientSide = (Arc<ClientConfig>, ServerName<'static>, tls::RecordConfig);
+/// The receiver's TLS settings, loaded.
+#[cfg(feature = "tls")]
+type ServerSide = (Arc<ServerConfig>, tls::RecordConfig);
+
+#[cfg(feature = "tls")]
+fn client_side(t: &TlsConfig, addr: &SocketAddr) -> Result<ClientSide, CredentialsError> {
+    Ok((t.client_config()?, t.name_for(addr)?, t.records()))
+}
+
+#[cfg(feature = "tls")]
+fn server_side(t: &TlsConfig) -> Result<ServerSide, CredentialsError> {
+    Ok((t.server_config()?, t.records()))
+}
+
+#[cfg(feature = "tls")]
+fn client_handshake(
+    (cfg, name, records): &ClientSide,
+    tcp: std::net::TcpStream,
+    addr: SocketAddr,
+    timeout: std::time::Duration,
+) -> Result<tls::Conn, crate::error::SessionError> {
+    let io = |e: std::io::Error| TlsError::Io(e);
+    tcp.set_read_timeout(Some(timeout)).map_err(io)?;
+    tcp.set_write_timeout(Some(timeout)).map_err(io)?;
+    let t = tls::client(tcp, cfg.clone(), name.clone(), *records)?;
+    tracing::debug!(%addr, suite = t.suite(), "TLS established");
+    let conn = tls::Conn::Tls(Box::new(t));
+    // As a clear-text connection leaves `connect`: the caller sets what it needs.
+    conn.tcp().set_read_timeout(None).map_err(io)?;
+    conn.tcp().set_write_timeout(None).map_err(io)?;
+    Ok(conn)
+}
+
+#[cfg(feature = "tls")]
+fn server_handshake(
+    (cfg, records): &ServerSide,
+    tcp: std::net::TcpStream,
+) -> Result<tls::Conn, TlsError> {
+    Ok(tls::Conn::Tls(Box::new(tls::server(
+        tcp,
+        cfg.clone(),
+        *records,
+    )?)))
+}
+
+// Without the `tls` feature there are no TLS settings (TlsConfig has no values), so neither
+// side ever holds loaded ones.
+#[cfg(not(feature = "tls"))]
+type ClientSide = std::convert::Infallible;
+#[cfg(not(feature = "tls"))]
+type ServerSide = std::convert::Infallible;
+
+#[cfg(not(feature = "tls"))]
+fn client_side(t: &TlsConfig, _addr: &SocketAddr) -> Result<ClientSide, CredentialsError> {
+    match *t {}
+}
+
+#[cfg(not(feature = "tls"))]
+fn server_side(t: &TlsConfig) -> Result<ServerSide, CredentialsError> {
+    match *t {}
+}
+
+#[cfg(not(feature = "tls"))]
+fn client_handshake(
+    client: &ClientSide,
+    _tcp: std::net::TcpStream,
+    _addr: SocketAddr,
+    _timeout: std::time::Duration,
+) -> Result<tls::Conn, crate::error::SessionError> {
+    match *client {}
+}
+
+#[cfg(not(feature = "tls"))]
+fn server_handshake(server: &ServerSide, _tcp: std::net::TcpStream) -> Result<tls::Conn, TlsError> {
+    match *server {}
 }

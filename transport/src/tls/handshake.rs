@@ -258,6 +258,18 @@ fn finish(
                 });
             }
             if b[0] != CT_HANDSHAKE && b[0] != CT_ALERT {
+                // A clear-text pagewire receiver refuses a ClientHello with a control-protocol
+                // error frame (it may have no credentials, or no TLS in its build): pass its
+                // words on. The read is bounded by the frame limit and the socket's timeout.
+                if !server {
+                    if let Ok(crate::control::Message::Error { message }) =
+                        crate::control::read_message(&mut tcp)
+                    {
+                        return Err(TlsError::NotTls {
+                            detail: format!("the receiver answered in clear text: {message}"),
+                        });
+                    }
+                }
                 let who = if server { "sender" } else { "receiver" };
                 return Err(TlsError::NotTls {
                     detail: format!(

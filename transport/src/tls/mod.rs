@@ -8,8 +8,17 @@
 //! * [`record`]: sans-IO sealing and opening of records.
 //! * [`Conn`]: a connection that is clear text or TLS, with blocking `Read`/`Write` (for the
 //!   control protocol and channel set-up); the channel loops take its parts.
+//!
+//! Built without the crate's `tls` feature (no rustls, no aws-lc), `handshake` and `record`
+//! are absent and [`TlsStream`], [`Sealer`] and [`RecordReader`] are types without values:
+//! every [`Conn`] is [`Conn::Clear`], and code that matches on `Conn::Tls` or holds an
+//! `Option<RecordReader>` compiles unchanged, its TLS branches provably never taken.
 
+#[cfg(not(feature = "tls"))]
+mod absent;
+#[cfg(feature = "tls")]
 pub mod handshake;
+#[cfg(feature = "tls")]
 pub mod record;
 
 use std::io::{self, Read, Write};
@@ -17,17 +26,34 @@ use std::net::TcpStream;
 
 use thiserror::Error;
 
+#[cfg(not(feature = "tls"))]
+pub use absent::{RecordReader, Sealer, TlsStream};
+#[cfg(feature = "tls")]
 pub use handshake::{client, server};
-pub use record::{Direction, Need, RecordReader, Sealer, Suite};
+#[cfg(feature = "tls")]
+pub use record::{Direction, RecordReader, Sealer, Suite};
 /// The rustls this layer is built on (its key types build a [`Direction`]).
+#[cfg(feature = "tls")]
 pub use rustls;
 
 /// Plaintext bytes per record by default (the largest TLS allows: per-record cost is noise).
+#[cfg(feature = "tls")]
 pub const DEFAULT_RECORD_SIZE: usize = record::MAX_PLAINTEXT;
 /// Bytes of ciphertext a reader buffers (several records per receive).
+#[cfg(feature = "tls")]
 pub const READ_BUFFER: usize = 32 * (record::HEADER_LEN + record::MAX_BODY);
 
+/// Where the next bytes of a [`RecordReader`] come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need {
+    /// Nothing is buffered: the stream may end cleanly here.
+    Boundary,
+    /// A record is partly buffered (`have` of `want` bytes, header included).
+    MidRecord { have: usize, want: usize },
+}
+
 /// Record-layer settings of a connection.
+#[cfg(feature = "tls")]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RecordConfig {
     /// Plaintext bytes per record (clamped to 1..=16384).
@@ -38,6 +64,7 @@ pub struct RecordConfig {
     pub records_per_key: u64,
 }
 
+#[cfg(feature = "tls")]
 impl Default for RecordConfig {
     fn default() -> Self {
         RecordConfig {
@@ -50,12 +77,14 @@ impl Default for RecordConfig {
 /// Errors of the TLS layer.
 #[derive(Debug, Error)]
 pub enum TlsError {
+    #[cfg(feature = "tls")]
     #[error("TLS handshake failed: {0}")]
     Handshake(rustls::Error),
     #[error(
         "TLS: the peer does not speak TLS ({detail}); set `Config::tls` on both sides or on neither"
     )]
     NotTls { detail: String },
+    #[cfg(feature = "tls")]
     #[error(
         "TLS: the peer sent alert '{0:?}' (it refused this side's certificate or the handshake)"
     )]
@@ -85,6 +114,7 @@ impl From<TlsError> for io::Error {
 
 /// A TLS connection after its handshake: the socket, the sending direction's sealer and the
 /// receiving direction's reader.
+#[cfg(feature = "tls")]
 #[derive(Debug)]
 pub struct TlsStream {
     tcp: TcpStream,
@@ -94,6 +124,7 @@ pub struct TlsStream {
     out: Vec<u8>,
 }
 
+#[cfg(feature = "tls")]
 impl TlsStream {
     pub(crate) fn new(tcp: TcpStream, tx: Sealer, rx: RecordReader) -> TlsStream {
         TlsStream {
@@ -122,8 +153,19 @@ impl TlsStream {
     pub fn key_updates(&self) -> (u64, u64) {
         (self.tx.key_updates(), self.rx.key_updates())
     }
+
+    /// The socket.
+    pub(crate) fn tcp(&self) -> &TcpStream {
+        &self.tcp
+    }
+
+    /// Whether decrypted bytes, or part of a record, wait in user space.
+    pub(crate) fn has_buffered(&self) -> bool {
+        !self.rx.plaintext().is_empty() || self.rx.need() != Need::Boundary
+    }
 }
 
+#[cfg(feature = "tls")]
 impl Read for TlsStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if buf.is_empty() {
@@ -158,6 +200,7 @@ impl Read for TlsStream {
     }
 }
 
+#[cfg(feature = "tls")]
 impl Write for TlsStream {
     /// Seals `buf` into records and writes them (a short socket write is finished here, so
     /// the return value is always `buf.len()`).
@@ -180,7 +223,8 @@ impl Write for TlsStream {
     }
 }
 
-/// A control or channel connection: clear text, or TLS after its handshake.
+/// A control or channel connection: clear text, or TLS after its handshake (without the
+/// `tls` feature, [`TlsStream`] has no values and every connection is `Clear`).
 #[derive(Debug)]
 pub enum Conn {
     Clear(TcpStream),
@@ -192,7 +236,7 @@ impl Conn {
     pub fn tcp(&self) -> &TcpStream {
         match self {
             Conn::Clear(s) => s,
-            Conn::Tls(t) => &t.tcp,
+            Conn::Tls(t) => t.tcp(),
         }
     }
 
@@ -200,7 +244,7 @@ impl Conn {
     pub fn has_buffered(&self) -> bool {
         match self {
             Conn::Clear(_) => false,
-            Conn::Tls(t) => !t.rx.plaintext().is_empty() || t.rx.need() != Need::Boundary,
+            Conn::Tls(t) => t.has_buffered(),
         }
     }
 

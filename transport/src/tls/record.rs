@@ -432,14 +432,7 @@ impl Sealer {
     }
 }
 
-/// Where the next bytes of a [`RecordReader`] come from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Need {
-    /// Nothing is buffered: the stream may end cleanly here.
-    Boundary,
-    /// A record is partly buffered (`have` of `want` bytes, header included).
-    MidRecord { have: usize, want: usize },
-}
+pub use super::Need;
 
 /// Buffers ciphertext, opens whole records in place and exposes their plaintext. Plaintext
 /// is visible only after its record's tag has been verified, so nothing of a record that
