@@ -421,8 +421,8 @@ pub struct SessionRun {
 /// Move `src` into `dst` (same layout) with one pagewire session over loopback configured by
 /// `cfg` (the same configuration on both ends), one round of every page.
 pub fn loopback_session(
-    src: &std::sync::Arc<pagewire::GuestMemory>,
-    dst: &std::sync::Arc<pagewire::GuestMemory>,
+    src: &std::sync::Arc<pagewire::GuestRam>,
+    dst: &std::sync::Arc<pagewire::GuestRam>,
     cfg: &pagewire::Config,
 ) -> SessionRun {
     use pagewire::{ReceiveInto, Receiver, RoundPages, Sender};

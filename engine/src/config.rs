@@ -2,13 +2,13 @@
 
 use std::time::Duration;
 
-use pagewire_transport::net::SocketOptions;
-
-use crate::accel::qpl::QplSettings;
+pub use crate::accel::qpl::{Huffman, QplPath, QplSettings};
+pub use crate::codec::deflate::DEFAULT_LEVEL as DEFAULT_DEFLATE_LEVEL;
 use crate::codec::{AutoCompressor, CodecKind};
-use crate::pin::Pinning;
+pub use crate::pin::Pinning;
 use crate::session::auth::Secret;
 use crate::session::tls::TlsConfig;
+pub use pagewire_transport::net::SocketOptions;
 
 /// Whether senders use SENDMSG_ZC (the kernel reads pages straight from guest memory and the
 /// zbuf; a slot is reused only after the kernel's notification).

@@ -3,7 +3,7 @@
 //!
 //! Each capture is one channel's byte stream, starting with its init packet. Packets are
 //! validated with the same rules as the live receiver and applied with the same code
-//! ([`crate::channel::apply`]). Rounds are respected: every capture is applied up to its
+//! (the channels' `apply` module). Rounds are respected: every capture is applied up to its
 //! next SYNC before any capture goes past it, so a page resent in a later round on one
 //! channel is never overwritten by its older copy from another channel.
 //!
@@ -26,7 +26,7 @@ use thiserror::Error;
 use crate::channel::apply::{finish_packet, payload_iovecs};
 use crate::codec::DeflateDecompressor;
 use crate::error::{ChannelError, ChannelErrorKind, Place};
-use crate::memory::GuestMemory;
+use crate::memory::GuestRam;
 use crate::stats::ChannelStats;
 
 /// Errors of the decoder.
@@ -80,7 +80,7 @@ struct Stream<R> {
 
 /// Decode `captures` (name, reader) into `mem` with pages of `page_size` bytes.
 pub fn decode_streams<R: Read>(
-    mem: &GuestMemory,
+    mem: &GuestRam,
     captures: Vec<(String, R)>,
     page_size: u32,
 ) -> Result<DecodeStats, DecodeError> {
@@ -91,7 +91,7 @@ pub fn decode_streams<R: Read>(
 /// header that names it; a QEMU SYNC, which names none, before any other header is taken to be
 /// QEMU's 512 KiB packet size).
 pub fn decode_streams_with<R: Read>(
-    mem: &GuestMemory,
+    mem: &GuestRam,
     captures: Vec<(String, R)>,
     page_size: u32,
     pages_per_packet: Option<u32>,
@@ -219,7 +219,7 @@ fn be32(b: &[u8], at: usize) -> u32 {
 impl State {
     fn run_to_sync<R: Read>(
         &mut self,
-        mem: &GuestMemory,
+        mem: &GuestRam,
         s: &mut Stream<R>,
     ) -> Result<(), DecodeError> {
         let cerr = |s: &Stream<R>, place, kind| DecodeError::Channel {
@@ -510,8 +510,8 @@ mod tests {
         stream.extend(qemu_sync(2));
         stream.extend(raw_packet(3, 8192, 0xBB));
         stream.extend(qemu_sync(4));
-        let mem = GuestMemory::new(vec![Block::anonymous("pc.ram", 16 * 4096).expect("map")])
-            .expect("mem");
+        let mem =
+            GuestRam::new(vec![Block::anonymous("pc.ram", 16 * 4096).expect("map")]).expect("mem");
         let st =
             decode_streams(&mem, vec![("qemu".to_string(), &stream[..])], 4096).expect("decodes");
         // The first SYNC is the opening one (QEMU's setup SYNC): two rounds, three SYNCs.
@@ -549,8 +549,8 @@ mod tests {
         b.extend(raw_packet(3, 8192, 0x33));
         b.extend(qemu_sync(6));
         b.extend(qemu_sync(8));
-        let mem = GuestMemory::new(vec![Block::anonymous("pc.ram", 16 * 4096).expect("map")])
-            .expect("mem");
+        let mem =
+            GuestRam::new(vec![Block::anonymous("pc.ram", 16 * 4096).expect("map")]).expect("mem");
         let caps = vec![("b".to_string(), &b[..]), ("a".to_string(), &a[..])];
         let st = decode_streams(&mem, caps, 4096).expect("decodes");
         assert!(st.opening_sync);
@@ -583,8 +583,8 @@ mod tests {
         b.extend(qemu_sync(2));
         b.extend(raw_packet(3, 0, 0x02));
         b.extend(qemu_sync(5));
-        let mem = GuestMemory::new(vec![Block::anonymous("pc.ram", 16 * 4096).expect("map")])
-            .expect("mem");
+        let mem =
+            GuestRam::new(vec![Block::anonymous("pc.ram", 16 * 4096).expect("map")]).expect("mem");
         // Channel 1 first: with its first SYNC misread as an opening one, round 2's page would
         // be applied before channel 0's round 1 copy and then overwritten.
         let caps = vec![("b".to_string(), &b[..]), ("a".to_string(), &a[..])];

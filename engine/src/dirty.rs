@@ -3,7 +3,7 @@
 //! A VMM learns which guest pages changed from more than one place: KVM's per-slot dirty
 //! bitmap (`KVM_GET_DIRTY_LOG`: what the vCPUs wrote), and its own tracking of what device
 //! emulation wrote (vm-memory's `AtomicBitmap`, see [`crate::vmm`]). A [`DirtyLog`] is one
-//! bitmap per block of a [`GuestMemory`] that ORs them all together; [`DirtyLog::take_round`]
+//! bitmap per block of a [`GuestRam`] that ORs them all together; [`DirtyLog::take_round`]
 //! turns it into the [`RoundPages`] a [`crate::Sender`] sends and starts the next set empty.
 //!
 //! Bit `i` of word `w` (little-endian bit order, KVM's and vm-memory's) stands for page
@@ -11,7 +11,7 @@
 
 use thiserror::Error;
 
-use crate::memory::GuestMemory;
+use crate::memory::GuestRam;
 use crate::pages::{BlockPages, RoundPages};
 
 /// Errors of dirty-set bookkeeping: each names the VMM-side mismatch (a wrong slot, a bitmap
@@ -57,7 +57,7 @@ pub struct DirtyLog {
 
 impl DirtyLog {
     /// An empty log for `mem`'s layout, with `page_size`-byte pages (the session's).
-    pub fn new(mem: &GuestMemory, page_size: u32) -> DirtyLog {
+    pub fn new(mem: &GuestRam, page_size: u32) -> DirtyLog {
         let ps = u64::from(page_size.max(1));
         let blocks = mem
             .blocks()
@@ -213,8 +213,8 @@ mod tests {
     use super::*;
     use crate::memory::Block;
 
-    fn mem() -> GuestMemory {
-        GuestMemory::new(vec![
+    fn mem() -> GuestRam {
+        GuestRam::new(vec![
             Block::anonymous("a", 100 * 4096).expect("map"),
             Block::anonymous("b", 64 * 4096).expect("map"),
         ])

@@ -94,7 +94,7 @@ use tracing::{info, warn};
 
 use crate::dirty::{DirtyError, DirtyLog};
 use crate::error::SessionError;
-use crate::memory::GuestMemory;
+use crate::memory::GuestRam;
 use crate::pages::RoundPages;
 use crate::session::send::MAX_STATE;
 use crate::session::Sender;
@@ -108,7 +108,7 @@ pub type VmmError = Box<dyn StdError + Send + Sync>;
 pub trait Vmm {
     /// Read and clear the VMM's dirty tracking since the last call, ORing it into `log`
     /// (KVM's per-slot bitmaps with [`DirtyLog::add_bitmap`], vm-memory's with
-    /// [`crate::vmm::collect_dirty`]). The first call, before round 1, starts tracking
+    /// [`crate::rust_vmm::collect_dirty`]). The first call, before round 1, starts tracking
     /// afresh: what it returns is sent anyway, since round 1 sends every page.
     fn collect_dirty(&mut self, log: &mut DirtyLog) -> Result<(), VmmError>;
 
@@ -150,7 +150,7 @@ pub trait Vmm {
 /// [`Sender`] implements it; tests implement it with a simulated link.
 pub trait Transport {
     /// The guest memory the session sends (the [`Sender`]'s).
-    fn memory(&self) -> &Arc<GuestMemory>;
+    fn memory(&self) -> &Arc<GuestRam>;
     /// Send one round and wait until the destination has applied it.
     fn send_round(&mut self, pages: RoundPages) -> Result<SessionStats, SessionError>;
     /// Send the device state.
@@ -170,7 +170,7 @@ pub trait Transport {
 }
 
 impl Transport for Sender {
-    fn memory(&self) -> &Arc<GuestMemory> {
+    fn memory(&self) -> &Arc<GuestRam> {
         Sender::memory(self)
     }
     fn abandon(self, reason: &str) {
@@ -955,7 +955,7 @@ mod tests {
         finish_secs: Option<f64>,
         /// Pages are compressed (`None`: raw).
         compress: Option<Compressing>,
-        mem: Arc<GuestMemory>,
+        mem: Arc<GuestRam>,
         /// The reason the driver gave when it abandoned the migration.
         abandoned: Option<String>,
     }
@@ -971,7 +971,7 @@ mod tests {
     }
 
     impl Transport for &mut Link {
-        fn memory(&self) -> &Arc<GuestMemory> {
+        fn memory(&self) -> &Arc<GuestRam> {
             &self.mem
         }
         fn abandon(self, reason: &str) {
@@ -1101,7 +1101,7 @@ mod tests {
     fn setup(rate: f64, ws: u64) -> (Clock, Link, Scripted) {
         let clock = Clock;
         clock.set(0.0);
-        let mem = GuestMemory::new(vec![
+        let mem = GuestRam::new(vec![
             Block::anonymous("ram", (PAGES * PS) as usize).expect("map")
         ])
         .expect("layout");

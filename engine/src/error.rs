@@ -3,14 +3,23 @@
 
 use std::io;
 
-use pagewire_transport::control::ControlError;
-use pagewire_transport::net::NetError;
-use pagewire_transport::ring::RingError;
-use pagewire_transport::wire::WireError;
 use thiserror::Error;
 
-use crate::codec::CodecError;
-use crate::memory::MemoryError;
+// Every error type a pagewire call can return, or one of them can hold, is nameable here.
+pub use crate::accel::qpl::QplSetupError;
+pub use crate::codec::CodecError;
+pub use crate::dirty::DirtyError;
+pub use crate::driver::DriverError;
+pub use crate::memory::MemoryError;
+pub use crate::postcopy::PostcopyError;
+pub use crate::session::tls::CredentialsError;
+pub use crate::threads::{HookError, SpawnError};
+pub use crate::uffd::UffdError;
+pub use pagewire_transport::control::ControlError;
+pub use pagewire_transport::net::NetError;
+pub use pagewire_transport::ring::RingError;
+pub use pagewire_transport::tls::TlsError;
+pub use pagewire_transport::wire::WireError;
 
 /// Where in a channel's stream an error happened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -17,7 +17,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::memory::GuestMemory;
+use crate::memory::GuestRam;
 
 /// More pages were claimed than the limit allows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,7 +42,7 @@ pub struct FreshMap {
 impl FreshMap {
     /// Every page of `mem` fresh (call only for memory that is all zero: just allocated), at
     /// most `limit` bytes of it to be claimed. `page_size` must be a power of two.
-    pub fn new(mem: &GuestMemory, page_size: u32, limit: u64) -> FreshMap {
+    pub fn new(mem: &GuestRam, page_size: u32, limit: u64) -> FreshMap {
         let page_shift = page_size.max(1).trailing_zeros();
         let blocks = mem
             .blocks()
@@ -85,6 +85,7 @@ impl FreshMap {
     }
 
     /// Bytes of pages claimed so far.
+    #[cfg(test)]
     pub fn committed(&self) -> u64 {
         self.committed.load(Ordering::Relaxed)
     }
@@ -114,7 +115,7 @@ mod tests {
 
     #[test]
     fn pages_stop_being_fresh_once_written() {
-        let mem = GuestMemory::new(vec![
+        let mem = GuestRam::new(vec![
             Block::anonymous("a", 130 * 4096).expect("map"),
             Block::anonymous("b", 4096).expect("map"),
         ])
@@ -135,8 +136,7 @@ mod tests {
 
     #[test]
     fn claims_count_each_page_once_and_stop_at_the_limit() {
-        let mem =
-            GuestMemory::new(vec![Block::anonymous("a", 64 * 4096).expect("map")]).expect("mem");
+        let mem = GuestRam::new(vec![Block::anonymous("a", 64 * 4096).expect("map")]).expect("mem");
         let f = FreshMap::new(&mem, 4096, 3 * 4096);
         assert_eq!(f.claim(0, 0), Ok(true));
         // A page claimed again (a later round's copy) costs nothing more.

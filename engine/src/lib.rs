@@ -1,6 +1,6 @@
 //! pagewire: moves virtual-machine memory pages between hosts during live migration.
 //!
-//! A VMM hands pagewire its guest RAM ([`GuestMemory`]) and, each round, the pages that were
+//! A VMM hands pagewire its guest RAM ([`GuestRam`]) and, each round, the pages that were
 //! dirtied ([`RoundPages`], usually from a [`DirtyLog`]); a [`Sender`] compresses each 4 KiB
 //! page on its own (raw DEFLATE, QEMU multifd-qpl framing) and sends packets over several TCP
 //! channels with io_uring; a [`Receiver`] writes them into the destination's guest memory. The
@@ -9,10 +9,10 @@
 //! # Embedding in a rust-vmm VMM
 //!
 //! A VMM built on `vm-memory` (cloud-hypervisor, Firecracker and others) keeps its
-//! `GuestMemoryMmap`: [`vmm::guest_memory`] turns its regions into pagewire's blocks (the same
-//! host memory, no copy), [`vmm::collect_dirty`] drains vm-memory's dirty bitmaps into a
+//! `GuestMemoryMmap`: [`rust_vmm::guest_ram`] turns its regions into pagewire's blocks (the same
+//! host memory, no copy), [`rust_vmm::collect_dirty`] drains vm-memory's dirty bitmaps into a
 //! [`DirtyLog`], and KVM's per-slot dirty bitmaps go into the same log with
-//! [`DirtyLog::add_bitmap`]. Read [`vmm`]'s safety contract for memory a running guest
+//! [`DirtyLog::add_bitmap`]. Read [`rust_vmm`]'s safety contract for memory a running guest
 //! shares. A whole migration over loopback, guest RAM in two regions with a hole between them
 //! (this example runs as a doctest):
 //!
@@ -20,7 +20,7 @@
 //! # #[cfg(feature = "vm-memory")]
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::sync::Arc;
-//! use pagewire::{vmm, Config, DirtyLog, ReceiveInto, Receiver, Sender};
+//! use pagewire::{rust_vmm, Config, DirtyLog, ReceiveInto, Receiver, Sender};
 //! use vm_memory::{bitmap::AtomicBitmap, Bytes, GuestAddress, GuestMemoryMmap};
 //!
 //! // 4 MiB at 0, a hole, 2 MiB at 4 GiB; vm-memory tracks the VMM's own writes.
@@ -30,27 +30,27 @@
 //! let dst_vm = GuestMemoryMmap::<AtomicBitmap>::from_ranges(&ranges)?;
 //! let receiver = Receiver::bind("127.0.0.1:0".parse()?, Config::default())?;
 //! let addr = receiver.local_addr()?;
-//! let into = Arc::new(vmm::guest_memory(&dst_vm)?);
+//! let into = Arc::new(rust_vmm::guest_ram(&dst_vm)?);
 //! let destination = std::thread::spawn(move || receiver.serve(ReceiveInto::Memory(into)));
 //!
 //! // Source VMM: a guest that has been running.
 //! let src_vm = GuestMemoryMmap::<AtomicBitmap>::from_ranges(&ranges)?;
 //! src_vm.write_slice(b"kernel", GuestAddress(0x1000))?;
 //! src_vm.write_slice(&[0xAB; 8192], GuestAddress((1 << 32) + 0x10000))?;
-//! let src = Arc::new(vmm::guest_memory(&src_vm)?);
+//! let src = Arc::new(rust_vmm::guest_ram(&src_vm)?);
 //! let cfg = Config { channels: 2, ..Config::default() };
 //! let mut sender = Sender::connect(addr, cfg.clone(), src.clone())?;
 //!
 //! // Round 1: every page. Drain the bitmaps first, so they then hold what changes meanwhile.
 //! let mut dirty = DirtyLog::new(&src, cfg.page_size);
-//! vmm::collect_dirty(&src_vm, &mut dirty)?;
+//! rust_vmm::collect_dirty(&src_vm, &mut dirty)?;
 //! dirty.mark_all();
 //! sender.send_round(dirty.take_round(cfg.pages_per_packet))?;
 //!
 //! // The guest's devices wrote while round 1 ran; round 2 sends just those pages. (With KVM,
 //! // also `dirty.add_bitmap(slot, &vm_fd.get_dirty_log(slot, len)?)` for each slot.)
 //! src_vm.write_slice(b"virtio used ring", GuestAddress((1 << 32) + 0x3000))?;
-//! vmm::collect_dirty(&src_vm, &mut dirty)?;
+//! rust_vmm::collect_dirty(&src_vm, &mut dirty)?;
 //! let round2 = sender.send_round(dirty.take_round(cfg.pages_per_packet))?;
 //! assert_eq!(round2.total.pages_normal + round2.total.pages_zero, 1);
 //! // The last round runs with the vCPUs paused; then the device state, then the end.
@@ -82,14 +82,14 @@
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::{sync::Arc, time::Duration};
 //! use pagewire::driver::{Outcome, VmmError};
-//! use pagewire::{vmm, Config, DirtyLog, Driver, Policy, Sender, Vmm};
+//! use pagewire::{rust_vmm, Config, DirtyLog, Driver, Policy, Sender, Vmm};
 //! use vm_memory::{bitmap::AtomicBitmap, GuestMemoryMmap};
 //!
 //! struct MyVmm { mem: GuestMemoryMmap<AtomicBitmap> /* , vm_fd, vcpus, devices ... */ }
 //!
 //! impl Vmm for MyVmm {
 //!     fn collect_dirty(&mut self, log: &mut DirtyLog) -> Result<(), VmmError> {
-//!         vmm::collect_dirty(&self.mem, log)?; // the VMM's own writes
+//!         rust_vmm::collect_dirty(&self.mem, log)?; // the VMM's own writes
 //!         // for each KVM slot: log.add_bitmap(slot, &vm_fd.get_dirty_log(slot, len)?)?;
 //!         Ok(())
 //!     }
@@ -99,7 +99,7 @@
 //! }
 //!
 //! # let mut my_vmm = MyVmm { mem: GuestMemoryMmap::from_ranges(&[])? };
-//! let src = Arc::new(vmm::guest_memory(&my_vmm.mem)?);
+//! let src = Arc::new(rust_vmm::guest_ram(&my_vmm.mem)?);
 //! let cfg = Config { channels: 4, ..Config::default() };
 //! let sender = Sender::connect("10.0.0.2:4444".parse()?, cfg.clone(), src.clone())?;
 //! let driver = Driver::new(Policy::new(Duration::from_millis(300)), &cfg);
@@ -121,12 +121,12 @@
 //!
 //! ```
 //! use std::sync::Arc;
-//! use pagewire::{Block, BlockPages, Config, GuestMemory, ReceiveInto, Receiver, RoundPages, Sender};
+//! use pagewire::{Block, BlockPages, Config, GuestRam, ReceiveInto, Receiver, RoundPages, Sender};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! const SIZE: usize = 4 << 20;
 //! // Destination: the receiving VMM's memory, with the same layout as the source.
-//! let dst = Arc::new(GuestMemory::new(vec![Block::anonymous("pc.ram", SIZE)?])?);
+//! let dst = Arc::new(GuestRam::new(vec![Block::anonymous("pc.ram", SIZE)?])?);
 //! let receiver = Receiver::bind("127.0.0.1:0".parse()?, Config::default())?;
 //! let addr = receiver.local_addr()?;
 //! let into = dst.clone();
@@ -137,7 +137,7 @@
 //! // SAFETY: the block is new and nothing else uses it yet.
 //! let bytes = unsafe { ram.as_mut_slice() };
 //! bytes[..4096].copy_from_slice(&[7u8; 4096]);
-//! let src = Arc::new(GuestMemory::new(vec![ram])?);
+//! let src = Arc::new(GuestRam::new(vec![ram])?);
 //! let cfg = Config { channels: 2, ..Config::default() };
 //! let mut sender = Sender::connect(addr, cfg, src.clone())?;
 //!
@@ -168,13 +168,16 @@
 //! session; unset, each session gets a random one. A shared secret
 //! ([`session::auth::Secret`] in [`Config::secret`]) makes every connection prove it knows it.
 //!
-//! # Layers
+//! # Where things are
 //!
-//! [`driver`] (the convergence loop), [`vmm`] and [`dirty`] (guest memory and dirty pages
-//! from a VMM), [`session`] (control connection, channels, rounds), [`channel`] (one io_uring
-//! loop per channel), [`codec`] and [`accel`] (per-page compression), [`decode`] (offline
-//! decoding of recorded channel streams). The demo's generated pages live outside the library,
-//! in the `pagewire-synth` dev crate.
+//! The crate root holds what a migration needs: [`Sender`], [`Receiver`], [`GuestRam`] and
+//! its [`Block`]s, [`DirtyLog`] and [`RoundPages`], the [`Driver`] and the [`Vmm`] it drives,
+//! [`Config`], the statistics. A few documented modules hold the rest: [`config`] (every
+//! setting's type), [`error`] (every error type a call can return or carry), [`driver`] (the
+//! convergence loop, explained), [`rust_vmm`] (rust-vmm's `GuestMemoryMmap` and dirty
+//! bitmaps; feature `vm-memory`), [`threads`] and [`sandbox`] (the threads pagewire starts,
+//! and their system calls, for seccomp), [`tls`] (credentials), [`decode`] (offline decoding
+//! of recorded channel streams). docs/embedding.md is the manual, top-down.
 //!
 //! # Cargo features
 //!
@@ -187,7 +190,7 @@
 //! | `tls` | TLS 1.3 with mutual certificate authentication on every connection: [`Config::tls`], [`session::tls::TlsConfig`] | rustls, aws-lc-rs and aws-lc-sys (C, compiled with the crate), through `pagewire-transport/tls` |
 //! | `gen-certs` | `session::tls::generate`: a CA and receiver and sender certificates for trying TLS out; implies `tls` | rcgen, time |
 //! | `qpl` | codec `qpl` and the QPL decoder: Intel IAA, or QPL's software path ([`accel::qpl`]) | qpl-sys, libloading (`libqpl.so.1` is opened at run time, never linked) |
-//! | `vm-memory` | [`vmm`]: guest memory and dirty bitmaps from rust-vmm's `GuestMemoryMmap` | vm-memory |
+//! | `vm-memory` | [`rust_vmm`]: guest memory and dirty bitmaps from rust-vmm's `GuestMemoryMmap` | vm-memory |
 //!
 //! Without `tls`, [`session::tls::TlsConfig`] is a type with no values: [`Config::tls`] stays
 //! (so struct literals and `..Config::default()` read the same in every build) but can only be
@@ -199,38 +202,87 @@
 //! no feature: codec `deflate` writes it, and every receiver reads it, QEMU's multifd-qpl
 //! streams included.
 
-pub mod accel;
-pub mod channel;
-pub mod codec;
+// Internals: reachable from outside only through `internals` (benches, fuzz targets, tests).
+pub(crate) mod accel;
+pub(crate) mod channel;
+pub(crate) mod codec;
+pub(crate) mod datamap;
+pub(crate) mod dirty;
+pub(crate) mod fresh;
+pub(crate) mod memory;
+pub(crate) mod pages;
+pub(crate) mod pin;
+pub(crate) mod session;
+pub(crate) mod stats;
+pub(crate) mod uffd;
+
+// The public modules: each documented, each a part of the manual.
 pub mod config;
-pub mod datamap;
 pub mod decode;
-pub mod dirty;
 pub mod driver;
 pub mod error;
-pub mod fresh;
-pub mod memory;
-pub mod pages;
-pub mod pin;
 pub mod postcopy;
-pub mod sandbox;
-pub mod session;
-pub mod stats;
-pub mod threads;
-pub mod uffd;
 #[cfg(feature = "vm-memory")]
-pub mod vmm;
+pub mod rust_vmm;
+pub mod sandbox;
+pub mod threads;
 
-pub use codec::CodecKind;
+/// TLS 1.3 with mutual certificate authentication (feature `tls`; certificate generation with
+/// feature `gen-certs`): the credentials a [`Config::tls`] names, in QEMU's `tls-creds-x509`
+/// directory layout.
+pub mod tls {
+    pub use crate::session::tls::{
+        existing_credentials, CredentialsError, TlsConfig, CREDENTIAL_FILES,
+    };
+    #[cfg(feature = "gen-certs")]
+    pub use crate::session::tls::{generate, GenerateSpec};
+}
+
+pub use codec::{resolve_auto, AutoCompressor, CodecKind};
 pub use config::Config;
-pub use dirty::{DirtyError, DirtyLog};
-pub use driver::{Driver, Policy, Vmm};
-pub use error::{ChannelError, SessionError};
-pub use memory::{Block, GuestMemory, MemoryError};
+pub use datamap::Contents;
+pub use dirty::DirtyLog;
+pub use driver::{
+    Decision, DecisionCounts, Driver, DriverReport, Outcome, Policy, RoundObservation, RoundRecord,
+    Transport, Vmm, VmmError,
+};
+pub use error::{ChannelError, ChannelErrorKind, SessionError};
+pub use memory::{Block, GuestRam};
 pub use pages::{BlockPages, RoundPages};
-pub use postcopy::{PostcopySender, PostcopySourceStats, PostcopyStart, PostcopyStats};
-pub use session::{AbortHandle, CommitError, ReceiveInto, Received, Receiver, Rejection, Sender};
+pub use postcopy::{Latencies, PostcopySender, PostcopySourceStats, PostcopyStart, PostcopyStats};
+pub use session::auth::{Secret, MIN_SECRET_LEN};
+pub use session::send::MAX_STATE;
+pub use session::{
+    AbortHandle, CommitError, ReceiveInto, Received, Receiver, Rejection, Sender,
+    DEFAULT_ACCEPT_TIMEOUT,
+};
 pub use stats::{ChannelStats, Progress, SessionStats};
+
+/// Whether QPL can use an Intel IAA accelerator on this host (feature `qpl`; false without).
+pub fn qpl_hardware_available() -> bool {
+    accel::qpl::hardware_available()
+}
+
+/// pagewire's internals, for its own benchmarks, fuzz targets and tests: no stability
+/// promise, not part of the API.
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::accel::qpl as accel_qpl;
+    pub use crate::accel::software::SoftwareDeflate;
+    pub use crate::accel::testing;
+    pub use crate::accel::{Accelerator, Outcome as AccelOutcome};
+    pub use crate::codec::entropy::likely_incompressible;
+    pub use crate::codec::{
+        auto_ladder, is_zero_page, CodecError, DeflateCompressor, DeflateDecompressor,
+        PageCompressor, PageDecompressor,
+    };
+    pub use crate::datamap::Pagemap;
+    pub use crate::postcopy::{PageRequest, REQUEST_LEN};
+    pub use crate::session::handshake::MAX_HANDSHAKES;
+    pub use crate::session::recv::{decoder_for, peer_allowed};
+    pub use crate::stats::thread_cpu_seconds;
+    pub use crate::uffd::Uffd;
+}
 
 /// The README's examples compile as doctests.
 #[cfg(doctest)]

@@ -325,7 +325,7 @@ impl Block {
 
     /// Memory owned by `owner`, which the block keeps alive (and drops with the last user of
     /// the block): the way to hand pagewire a mapping an `Arc` owns, such as vm-memory's
-    /// `MmapRegion` (see `vmm::guest_memory`).
+    /// `MmapRegion` (see `rust_vmm::guest_ram`).
     ///
     /// # Safety
     /// - `ptr..ptr + len` must be one mapping that stays valid for as long as `owner` lives
@@ -479,11 +479,11 @@ impl Block {
 
 /// A set of named blocks: a guest's memory layout.
 #[derive(Debug, Default)]
-pub struct GuestMemory {
+pub struct GuestRam {
     blocks: Vec<Block>,
 }
 
-impl GuestMemory {
+impl GuestRam {
     /// Check that no block's file has become shorter than the block since it was mapped
     /// ([`MemoryError::FileShrank`]). The sender runs it after every round: a truncated
     /// image's missing pages would otherwise be sent as zeros without a word.
@@ -492,7 +492,7 @@ impl GuestMemory {
     }
 
     /// A layout from blocks; names must be unique.
-    pub fn new(blocks: Vec<Block>) -> Result<GuestMemory, MemoryError> {
+    pub fn new(blocks: Vec<Block>) -> Result<GuestRam, MemoryError> {
         for (i, b) in blocks.iter().enumerate() {
             if blocks[..i].iter().any(|o| o.name == b.name) {
                 return Err(MemoryError::Duplicate {
@@ -500,12 +500,12 @@ impl GuestMemory {
                 });
             }
         }
-        Ok(GuestMemory { blocks })
+        Ok(GuestRam { blocks })
     }
 
     /// Anonymous zeroed memory for a layout (the receiver's memory when it has none of its
     /// own). `limit` bounds the total so a peer cannot make us map arbitrary amounts.
-    pub fn anonymous(layout: &[(String, u64)], limit: u64) -> Result<GuestMemory, MemoryError> {
+    pub fn anonymous(layout: &[(String, u64)], limit: u64) -> Result<GuestRam, MemoryError> {
         let total = layout
             .iter()
             .try_fold(0u64, |a, (_, s)| a.checked_add(*s))
@@ -526,7 +526,7 @@ impl GuestMemory {
                 Block::anonymous(name, size)
             })
             .collect::<Result<Vec<_>, _>>()?;
-        GuestMemory::new(blocks)
+        GuestRam::new(blocks)
     }
 
     /// The blocks in layout order.
@@ -647,7 +647,7 @@ mod tests {
         let a = Block::anonymous("x", 4096).expect("map");
         let b = Block::anonymous("x", 4096).expect("map");
         assert!(matches!(
-            GuestMemory::new(vec![a, b]),
+            GuestRam::new(vec![a, b]),
             Err(MemoryError::Duplicate { .. })
         ));
     }
@@ -656,10 +656,10 @@ mod tests {
     fn anonymous_layout_respects_limit() {
         let layout = vec![("a".to_string(), 1u64 << 20), ("b".to_string(), 1u64 << 20)];
         assert!(matches!(
-            GuestMemory::anonymous(&layout, 1 << 20),
+            GuestRam::anonymous(&layout, 1 << 20),
             Err(MemoryError::TooLarge { .. })
         ));
-        let m = GuestMemory::anonymous(&layout, 4 << 20).expect("map");
+        let m = GuestRam::anonymous(&layout, 4 << 20).expect("map");
         assert_eq!(m.total_len(), 2 << 20);
         assert_eq!(m.find("b"), Some(1));
         m.check_page_size(4096).expect("aligned");

@@ -6,18 +6,18 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pagewire::accel::qpl::{Huffman, QplPath};
-use pagewire::accel::testing::{Script, ScriptedAccel};
-use pagewire::accel::Accelerator;
 use pagewire::config::Decoder;
+use pagewire::config::{Huffman, QplPath};
+use pagewire::internals::testing::{Script, ScriptedAccel};
+use pagewire::internals::Accelerator;
 use pagewire::{
-    Block, CodecKind, Config, GuestMemory, ReceiveInto, Receiver, RoundPages, Sender, SessionStats,
+    Block, CodecKind, Config, GuestRam, ReceiveInto, Receiver, RoundPages, Sender, SessionStats,
 };
 use pagewire_synth::{self as synth, PageSet};
 
 const PS: u32 = 4096;
 
-fn memory(size: usize, seed: u64) -> Arc<GuestMemory> {
+fn memory(size: usize, seed: u64) -> Arc<GuestRam> {
     let b = Block::anonymous("pc.ram", size).expect("map");
     // SAFETY: fresh block, not shared.
     synth::fill(
@@ -26,10 +26,10 @@ fn memory(size: usize, seed: u64) -> Arc<GuestMemory> {
         PS as usize,
         seed,
     );
-    Arc::new(GuestMemory::new(vec![b]).expect("layout"))
+    Arc::new(GuestRam::new(vec![b]).expect("layout"))
 }
 
-fn same(a: &GuestMemory, b: &GuestMemory) -> bool {
+fn same(a: &GuestRam, b: &GuestRam) -> bool {
     a.blocks().iter().zip(b.blocks()).all(|(x, y)| {
         // SAFETY: sessions are over.
         unsafe { x.as_slice() == y.as_slice() }
@@ -38,7 +38,7 @@ fn same(a: &GuestMemory, b: &GuestMemory) -> bool {
 
 /// Send `src` with `engines` and the receiver's `decoder`; returns (sender totals, receiver totals).
 fn run(
-    src: &Arc<GuestMemory>,
+    src: &Arc<GuestRam>,
     cfg: Config,
     engines: Option<Vec<Option<Box<dyn Accelerator>>>>,
     decoder: Decoder,
@@ -98,7 +98,7 @@ fn scripted_busy_failures_and_late_completions_round_trip() {
         Decoder::Builtin,
     );
     let t = &st.total;
-    let sum = |f: fn(&pagewire::accel::testing::ScriptCounts) -> u64| {
+    let sum = |f: fn(&pagewire::internals::testing::ScriptCounts) -> u64| {
         counts.iter().map(|c| f(c)).sum::<u64>()
     };
     let busy = sum(|c| c.busy_answers.load(Ordering::Relaxed));
@@ -183,7 +183,7 @@ fn qpl_software_path_round_trip_and_counters() {
     let mut fixed_cfg = cfg(CodecKind::Qpl, 2);
     fixed_cfg.qpl.path = QplPath::Auto;
     let (fixed, _) = run(&src, fixed_cfg.clone(), None, Decoder::Builtin);
-    if pagewire::accel::qpl::hardware_available() {
+    if pagewire::qpl_hardware_available() {
         assert!(fixed.total.jobs_hardware > 0);
     } else {
         assert_eq!(
@@ -250,7 +250,7 @@ fn a_slow_channel_takes_fewer_batches() {
         capacity: 1,
     };
     let (slow, _) = ScriptedAccel::new(slow).expect("scripted");
-    let fast = pagewire::accel::software::SoftwareDeflate::new(1).expect("deflate");
+    let fast = pagewire::internals::SoftwareDeflate::new(1).expect("deflate");
     let engines: Vec<Option<Box<dyn Accelerator>>> =
         vec![Some(Box::new(slow)), Some(Box::new(fast))];
     let (st, _) = run(

@@ -5,16 +5,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use pagewire::accel::Accelerator;
+use pagewire::internals::Accelerator;
 use pagewire::{
-    Block, CodecKind, Config, GuestMemory, ReceiveInto, Receiver, RoundPages, Sender, SessionStats,
+    Block, CodecKind, Config, GuestRam, ReceiveInto, Receiver, RoundPages, Sender, SessionStats,
 };
 
 const PS: usize = 4096;
 
 /// Guest-like memory without the synth module: a quarter zero pages, half text-like pages
 /// (compressible), a quarter random bytes (incompressible).
-fn memory(size: usize, seed: u64) -> Arc<GuestMemory> {
+fn memory(size: usize, seed: u64) -> Arc<GuestRam> {
     let b = Block::anonymous("pc.ram", size).expect("map");
     // SAFETY: fresh block, not shared yet.
     let bytes = unsafe { b.as_mut_slice() };
@@ -39,17 +39,17 @@ fn memory(size: usize, seed: u64) -> Arc<GuestMemory> {
             }
         }
     }
-    Arc::new(GuestMemory::new(vec![b]).expect("layout"))
+    Arc::new(GuestRam::new(vec![b]).expect("layout"))
 }
 
-fn run(src: &Arc<GuestMemory>, cfg: Config) -> SessionStats {
+fn run(src: &Arc<GuestRam>, cfg: Config) -> SessionStats {
     run_with(src, cfg, None)
 }
 
 /// One round of all of `src`, checked byte for byte; `engines`: the channels' compression
 /// engines (`None`: the ones `cfg` asks for).
 fn run_with(
-    src: &Arc<GuestMemory>,
+    src: &Arc<GuestRam>,
     cfg: Config,
     engines: Option<Vec<Option<Box<dyn Accelerator>>>>,
 ) -> SessionStats {
@@ -164,8 +164,8 @@ fn max_bandwidth_holds_the_wire_rate() {
 /// byte-identical.
 #[test]
 fn a_ladder_under_a_tight_cap_uses_the_stronger_compressor() {
-    use pagewire::accel::testing::{Script, ScriptedAccel};
-    use pagewire::codec::AutoCompressor;
+    use pagewire::internals::testing::{Script, ScriptedAccel};
+    use pagewire::AutoCompressor;
     let src = memory(16 << 20, 7);
     let cfg = Config {
         channels: 2,

@@ -6,9 +6,9 @@ use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pagewire::session::auth::Secret;
+use pagewire::Secret;
 use pagewire::{
-    Block, CodecKind, Config, GuestMemory, ReceiveInto, Receiver, RoundPages, Sender, SessionError,
+    Block, CodecKind, Config, GuestRam, ReceiveInto, Receiver, RoundPages, Sender, SessionError,
 };
 use pagewire_synth::{self as synth, PageSet};
 use pagewire_transport::control::{
@@ -32,22 +32,22 @@ fn cfg(secret: Option<Secret>) -> Config {
     }
 }
 
-fn source() -> Arc<GuestMemory> {
+fn source() -> Arc<GuestRam> {
     let b = Block::anonymous("pc.ram", SIZE).expect("map");
     // SAFETY: fresh block.
     synth::fill(PageSet::Realistic, unsafe { b.as_mut_slice() }, 4096, 3);
-    Arc::new(GuestMemory::new(vec![b]).expect("layout"))
+    Arc::new(GuestRam::new(vec![b]).expect("layout"))
 }
 
 /// Destination memory filled with 0xAB, to prove nothing was written.
-fn patterned() -> Arc<GuestMemory> {
+fn patterned() -> Arc<GuestRam> {
     let b = Block::anonymous("pc.ram", SIZE).expect("map");
     // SAFETY: fresh block.
     unsafe { b.as_mut_slice() }.fill(0xAB);
-    Arc::new(GuestMemory::new(vec![b]).expect("layout"))
+    Arc::new(GuestRam::new(vec![b]).expect("layout"))
 }
 
-fn untouched(m: &GuestMemory) -> bool {
+fn untouched(m: &GuestRam) -> bool {
     // SAFETY: the session is over.
     unsafe { m.block(0).expect("block").as_slice() }
         .iter()
@@ -232,7 +232,7 @@ fn channel_with_wrong_token_refused() {
 
 #[test]
 fn non_loopback_peers_need_a_secret_or_insecure() {
-    use pagewire::session::recv::peer_allowed;
+    use pagewire::internals::peer_allowed;
     let lo: std::net::SocketAddr = "127.0.0.1:5000".parse().expect("addr");
     let lo6: std::net::SocketAddr = "[::1]:5000".parse().expect("addr");
     let far: std::net::SocketAddr = "192.0.2.10:5000".parse().expect("addr");

@@ -9,7 +9,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use pagewire::driver::{Outcome, VmmError};
-use pagewire::{vmm, Config, DirtyLog, Driver, Policy, ReceiveInto, Receiver, Sender, Vmm};
+use pagewire::{rust_vmm, Config, DirtyLog, Driver, Policy, ReceiveInto, Receiver, Sender, Vmm};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -67,7 +67,7 @@ impl TestVmm {
 
 impl Vmm for TestVmm {
     fn collect_dirty(&mut self, log: &mut DirtyLog) -> Result<(), VmmError> {
-        vmm::collect_dirty(&self.mem, log)?;
+        rust_vmm::collect_dirty(&self.mem, log)?;
         Ok(())
     }
     fn pause(&mut self) -> Result<(), VmmError> {
@@ -99,7 +99,7 @@ impl Drop for TestVmm {
 #[test]
 fn driver_migrates_a_running_vm_memory_guest_within_the_limit() {
     let dst_vm = Mem::from_ranges(&RANGES).expect("mmap");
-    let dst = Arc::new(vmm::guest_memory(&dst_vm).expect("blocks"));
+    let dst = Arc::new(rust_vmm::guest_ram(&dst_vm).expect("blocks"));
     let mut receiver =
         Receiver::bind("127.0.0.1:0".parse().expect("addr"), Config::default()).expect("bind");
     receiver.set_accept_timeout(Some(Duration::from_secs(10)));
@@ -113,7 +113,7 @@ fn driver_migrates_a_running_vm_memory_guest_within_the_limit() {
             .write_slice(&vec![0x5A; len / 2], base)
             .expect("boot image");
     }
-    let src = Arc::new(vmm::guest_memory(&src_vm).expect("blocks"));
+    let src = Arc::new(rust_vmm::guest_ram(&src_vm).expect("blocks"));
     let mut guest = TestVmm::start(src_vm.clone());
     let cfg = Config {
         channels: 2,

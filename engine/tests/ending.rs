@@ -9,14 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pagewire::{
-    Block, CodecKind, Config, GuestMemory, ReceiveInto, Receiver, RoundPages, Sender, SessionError,
+    Block, CodecKind, Config, GuestRam, ReceiveInto, Receiver, RoundPages, Sender, SessionError,
 };
 use pagewire_synth::{self as synth, PageSet};
 
 const PS: u32 = 4096;
 const SIZE: usize = 4 << 20;
 
-fn memory(seed: u64) -> Arc<GuestMemory> {
+fn memory(seed: u64) -> Arc<GuestRam> {
     let b = Block::anonymous("pc.ram", SIZE).expect("map");
     // SAFETY: fresh block, not shared yet.
     synth::fill(
@@ -25,7 +25,7 @@ fn memory(seed: u64) -> Arc<GuestMemory> {
         PS as usize,
         seed,
     );
-    Arc::new(GuestMemory::new(vec![b]).expect("layout"))
+    Arc::new(GuestRam::new(vec![b]).expect("layout"))
 }
 
 fn cfg(idle: Duration) -> Config {
@@ -45,13 +45,13 @@ fn receiver(c: &Config) -> (Receiver, SocketAddr) {
 }
 
 /// One round of every page, then `finish`.
-fn migrate(addr: SocketAddr, c: &Config, src: &Arc<GuestMemory>) -> Result<(), SessionError> {
+fn migrate(addr: SocketAddr, c: &Config, src: &Arc<GuestRam>) -> Result<(), SessionError> {
     let mut s = Sender::connect(addr, c.clone(), src.clone())?;
     s.send_round(RoundPages::all(&[SIZE as u64], PS, c.pages_per_packet))?;
     s.finish().map(|_| ())
 }
 
-fn same(a: &GuestMemory, b: &GuestMemory) -> bool {
+fn same(a: &GuestRam, b: &GuestRam) -> bool {
     // SAFETY: both sessions are over; nothing writes either memory.
     unsafe { a.blocks()[0].as_slice() == b.blocks()[0].as_slice() }
 }

@@ -12,7 +12,7 @@ mod without_tls {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use pagewire::{Block, Config, GuestMemory, ReceiveInto, Receiver, Sender};
+    use pagewire::{Block, Config, GuestRam, ReceiveInto, Receiver, Sender};
     use pagewire_transport::control::{self, Message};
 
     const NOT_BUILT: &str = "pagewire was built without the `tls` feature";
@@ -66,7 +66,7 @@ mod without_tls {
             let _ = c.read_exact(&mut preamble);
         });
         let mem =
-            Arc::new(GuestMemory::new(vec![Block::anonymous("pc.ram", 1 << 20).unwrap()]).unwrap());
+            Arc::new(GuestRam::new(vec![Block::anonymous("pc.ram", 1 << 20).unwrap()]).unwrap());
         let e = Sender::connect(addr, Config::default(), mem)
             .unwrap_err()
             .to_string();
@@ -80,9 +80,10 @@ mod without_tls {
 mod without_qpl {
     use std::sync::Arc;
 
-    use pagewire::codec::{auto_ladder, resolve_auto, AutoCompressor};
     use pagewire::config::Decoder;
-    use pagewire::{Block, CodecKind, Config, GuestMemory, Sender};
+    use pagewire::internals::auto_ladder;
+    use pagewire::{resolve_auto, AutoCompressor};
+    use pagewire::{Block, CodecKind, Config, GuestRam, Sender};
 
     const NOT_BUILT: &str = "pagewire was built without the `qpl` feature";
 
@@ -94,7 +95,7 @@ mod without_qpl {
             ..Config::default()
         };
         let mem =
-            Arc::new(GuestMemory::new(vec![Block::anonymous("pc.ram", 1 << 20).unwrap()]).unwrap());
+            Arc::new(GuestRam::new(vec![Block::anonymous("pc.ram", 1 << 20).unwrap()]).unwrap());
         // Nothing listens there: the engines are set up before the first connection.
         let e = Sender::connect("127.0.0.1:9".parse().unwrap(), cfg, mem)
             .unwrap_err()
@@ -105,13 +106,13 @@ mod without_qpl {
     /// The QPL decoder asked for fails the same way; `auto` decodes with the built-in one.
     #[test]
     fn the_qpl_decoder_names_the_feature() {
-        let e = pagewire::session::recv::decoder_for(Decoder::Qpl)
+        let e = pagewire::internals::decoder_for(Decoder::Qpl)
             .err()
             .unwrap()
             .to_string();
         assert!(e.contains(NOT_BUILT), "{e}");
-        assert!(pagewire::session::recv::decoder_for(Decoder::Auto).is_ok());
-        assert!(!pagewire::accel::qpl::hardware_available());
+        assert!(pagewire::internals::decoder_for(Decoder::Auto).is_ok());
+        assert!(!pagewire::qpl_hardware_available());
     }
 
     /// `auto` compresses with deflate, alone, and says why; qpl asked for falls back too.

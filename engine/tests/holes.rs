@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pagewire::{
-    Block, BlockPages, CodecKind, Config, GuestMemory, ReceiveInto, Receiver, RoundPages, Sender,
+    Block, BlockPages, CodecKind, Config, GuestRam, ReceiveInto, Receiver, RoundPages, Sender,
     SessionStats,
 };
 use pagewire_synth::{self as synth, PageSet};
@@ -63,12 +63,12 @@ fn fill_pieces(bytes: &mut [u8], seed: u64) {
 /// Run a session: `rounds` builds each round's selection (called after `before_round(i)`).
 /// Returns the sender's per-round stats, the receiver's totals and its memory.
 fn session(
-    src: &Arc<GuestMemory>,
+    src: &Arc<GuestRam>,
     cfg: Config,
     into: ReceiveInto,
     rounds: Vec<RoundPages>,
     mut between: impl FnMut(usize),
-) -> (Vec<SessionStats>, SessionStats, Arc<GuestMemory>) {
+) -> (Vec<SessionStats>, SessionStats, Arc<GuestRam>) {
     let mut r = Receiver::bind("127.0.0.1:0".parse().expect("addr"), cfg.clone()).expect("bind");
     r.set_accept_timeout(Some(Duration::from_secs(20)));
     let addr = r.local_addr().expect("addr");
@@ -99,7 +99,7 @@ fn offsets(size: usize, offs: Vec<u64>) -> RoundPages {
     )
 }
 
-fn identical(a: &GuestMemory, b: &GuestMemory) {
+fn identical(a: &GuestRam, b: &GuestRam) {
     for (x, y) in a.blocks().iter().zip(b.blocks()) {
         // SAFETY: the session is over; nothing writes either memory.
         let (x, y) = unsafe { (x.as_slice(), y.as_slice()) };
@@ -115,7 +115,7 @@ fn anonymous_holes_are_not_read_and_arrive_as_zeros_across_rounds() {
     let block = Block::anonymous("pc.ram", SIZE).expect("map");
     // SAFETY: new block, used only here before the session.
     fill_pieces(unsafe { block.as_mut_slice() }, 1);
-    let src = Arc::new(GuestMemory::new(vec![block]).expect("mem"));
+    let src = Arc::new(GuestRam::new(vec![block]).expect("mem"));
     let holes = hole_pages() as u64;
     // Round 2: a hole page the guest writes between rounds, a data page it zeroes (the
     // receiver has data there: it must zero it, not skip it), a data page it rewrites, and a
@@ -187,7 +187,7 @@ fn sparse_file() -> std::fs::File {
 fn sparse_image_shared_mapping_reads_only_its_data_and_asks_again_each_round() {
     let f = sparse_file();
     let block = Block::from_file("pc.ram", &f, false, false).expect("map");
-    let src = Arc::new(GuestMemory::new(vec![block]).expect("mem"));
+    let src = Arc::new(GuestRam::new(vec![block]).expect("mem"));
     // Between rounds the file's owner writes into a hole (seen through the shared mapping):
     // round 2 asks again and sends it, although round 1 found a hole there (the last page of
     // the last hole before data: what each channel's last answer of round 1 covered).
@@ -228,7 +228,7 @@ fn sparse_image_shared_mapping_reads_only_its_data_and_asks_again_each_round() {
 fn copy_on_write_image_hole_written_between_rounds_is_sent() {
     let f = sparse_file();
     let block = Block::from_file("pc.ram", &f, false, true).expect("map");
-    let src = Arc::new(GuestMemory::new(vec![block]).expect("mem"));
+    let src = Arc::new(GuestRam::new(vec![block]).expect("mem"));
     // The file still has a hole there; the private copy holds the guest's write.
     let hole_written = (13 * MIB2 + 5 * PS) as u64;
     let srcw = src.clone();
@@ -258,12 +258,12 @@ fn receiver_memory_of_its_own_is_zeroed_and_switch_off_reads_every_page() {
     let block = Block::anonymous("pc.ram", SIZE).expect("map");
     // SAFETY: new block.
     fill_pieces(unsafe { block.as_mut_slice() }, 3);
-    let src = Arc::new(GuestMemory::new(vec![block]).expect("mem"));
+    let src = Arc::new(GuestRam::new(vec![block]).expect("mem"));
     // The destination VMM's memory holds garbage: not fresh, every zero page must be written.
     let dst = Block::anonymous("pc.ram", SIZE).expect("map");
     // SAFETY: new block.
     unsafe { dst.as_mut_slice() }.fill(0xEE);
-    let dst = Arc::new(GuestMemory::new(vec![dst]).expect("mem"));
+    let dst = Arc::new(GuestRam::new(vec![dst]).expect("mem"));
     let (per, rstats, got) = session(
         &src,
         cfg(CodecKind::None),
@@ -293,7 +293,7 @@ fn vmm_hint_sends_declared_ranges_as_zero_pages_unread() {
     let block = Block::anonymous("pc.ram", SIZE).expect("map");
     // SAFETY: new block.
     fill_pieces(unsafe { block.as_mut_slice() }, 5);
-    let src = Arc::new(GuestMemory::new(vec![block]).expect("mem"));
+    let src = Arc::new(GuestRam::new(vec![block]).expect("mem"));
     // The VMM declares the second piece free (a balloon hint): it goes as zeros, unread,
     // although it holds bytes; half a page of overlap at the end does not cover that page.
     let (s, l) = PIECES[1];
@@ -318,12 +318,12 @@ fn vmm_hint_sends_declared_ranges_as_zero_pages_unread() {
 
 #[test]
 fn release_after_send_leaves_no_sent_page_resident_in_the_mapping() {
-    let Ok(mut pm) = pagewire::datamap::Pagemap::open() else {
+    let Ok(mut pm) = pagewire::internals::Pagemap::open() else {
         eprintln!("SKIP: /proc/self/pagemap not readable here");
         return;
     };
     let f = sparse_file();
-    let resident = |b: &Block, pm: &mut pagewire::datamap::Pagemap| -> u64 {
+    let resident = |b: &Block, pm: &mut pagewire::internals::Pagemap| -> u64 {
         let mut v = Vec::new();
         pm.present_ranges(b.as_ptr() as usize, b.len(), 0, &mut v)
             .expect("pagemap");
@@ -334,7 +334,7 @@ fn release_after_send_leaves_no_sent_page_resident_in_the_mapping() {
         if release {
             block = block.release_after_send();
         }
-        let src = Arc::new(GuestMemory::new(vec![block]).expect("mem"));
+        let src = Arc::new(GuestRam::new(vec![block]).expect("mem"));
         let (_, _, got) = session(
             &src,
             cfg(CodecKind::None),

@@ -17,10 +17,10 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use pagewire::codec::{CodecError, DeflateCompressor, PageCompressor};
 use pagewire::error::{ChannelErrorKind, Place};
+use pagewire::internals::{CodecError, DeflateCompressor, PageCompressor};
 use pagewire::SessionError;
-use pagewire::{Block, ChannelError, Config, GuestMemory, ReceiveInto, Received, Receiver};
+use pagewire::{Block, ChannelError, Config, GuestRam, ReceiveInto, Received, Receiver};
 use pagewire_transport::control::{
     read_message, write_message, write_preamble, ControlError, Hello, Message,
 };
@@ -481,14 +481,14 @@ fn assert_closed_mid(
 }
 
 /// Guest memory with one block `BLOCK` of `pages` pages, every byte `PATTERN`.
-fn patterned_memory(pages: u64) -> Arc<GuestMemory> {
+fn patterned_memory(pages: u64) -> Arc<GuestRam> {
     let block = Block::anonymous(BLOCK, (pages * PS as u64) as usize).unwrap();
     // SAFETY: the block was just created and nothing else references it yet.
     unsafe { block.as_mut_slice() }.fill(PATTERN);
-    Arc::new(GuestMemory::new(vec![block]).unwrap())
+    Arc::new(GuestRam::new(vec![block]).unwrap())
 }
 
-fn assert_untouched(mem: &GuestMemory) {
+fn assert_untouched(mem: &GuestRam) {
     let bytes = mem.block(0).unwrap().to_vec();
     if let Some(i) = bytes.iter().position(|&b| b != PATTERN) {
         panic!(
@@ -1715,12 +1715,12 @@ fn threads_now() -> usize {
 }
 
 /// A real sender's session over `srv`, through the library.
-fn real_session(srv: &Serving, mem: &Arc<GuestMemory>) {
+fn real_session(srv: &Serving, mem: &Arc<GuestRam>) {
     let src = {
         let b = Block::anonymous(BLOCK, BLOCK_SIZE as usize).unwrap();
         // SAFETY: fresh block.
         unsafe { b.as_mut_slice() }.fill(0x3C);
-        Arc::new(GuestMemory::new(vec![b]).unwrap())
+        Arc::new(GuestRam::new(vec![b]).unwrap())
     };
     let c = Config {
         pages_per_packet: PPP,
@@ -1807,7 +1807,7 @@ fn a_second_sender_during_a_session_is_told_the_receiver_is_busy() {
     let mut first = session(&srv, Compression::None, 1);
     let src = {
         let b = Block::anonymous(BLOCK, BLOCK_SIZE as usize).unwrap();
-        Arc::new(GuestMemory::new(vec![b]).unwrap())
+        Arc::new(GuestRam::new(vec![b]).unwrap())
     };
     let Err(e) = pagewire::Sender::connect(srv.addr, cfg(), src) else {
         panic!("a second session was accepted");
@@ -1845,7 +1845,7 @@ fn a_connection_flood_is_bounded_and_the_session_survives() {
     thread::sleep(Duration::from_millis(500));
     let during = threads_now();
     assert!(
-        during <= before + pagewire::session::handshake::MAX_HANDSHAKES + 8,
+        during <= before + pagewire::internals::MAX_HANDSHAKES + 8,
         "threads grew from {before} to {during}: handshakes must be capped"
     );
     // The real sender still gets in once the pending handshakes time out or are refused.

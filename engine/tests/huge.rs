@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use pagewire::error::ChannelErrorKind;
 use pagewire::{
-    Block, CodecKind, Config, GuestMemory, ReceiveInto, Received, Receiver, RoundPages, Sender,
+    Block, CodecKind, Config, GuestRam, ReceiveInto, Received, Receiver, RoundPages, Sender,
     SessionError, SessionStats,
 };
 use pagewire_synth::{self as synth, PageSet};
@@ -19,7 +19,7 @@ const MIB: u64 = 1 << 20;
 
 /// A guest of `size` bytes whose only data is `data` bytes of the realistic mix in four
 /// pieces spread over it; the rest was never written (the sender finds it holds nothing).
-fn guest(size: u64, data: u64) -> Arc<GuestMemory> {
+fn guest(size: u64, data: u64) -> Arc<GuestRam> {
     let b = Block::anonymous("pc.ram", size as usize).expect("map");
     let piece = data / 4;
     for i in 0..4 {
@@ -28,7 +28,7 @@ fn guest(size: u64, data: u64) -> Arc<GuestMemory> {
         let s = unsafe { &mut b.as_mut_slice()[at..at + piece as usize] };
         synth::fill(PageSet::Realistic, s, PS as usize, 7 + i);
     }
-    Arc::new(GuestMemory::new(vec![b]).expect("layout"))
+    Arc::new(GuestRam::new(vec![b]).expect("layout"))
 }
 
 fn cfg(max_memory: u64) -> Config {
@@ -44,7 +44,7 @@ fn cfg(max_memory: u64) -> Config {
 /// One round of every page through a receiver allocating the memory; both sides' results.
 fn migrate(
     c: &Config,
-    src: &Arc<GuestMemory>,
+    src: &Arc<GuestRam>,
 ) -> (
     Result<SessionStats, SessionError>,
     Result<Received, SessionError>,
@@ -62,7 +62,7 @@ fn migrate(
     (sent, rt.join().expect("join"))
 }
 
-fn same(a: &GuestMemory, b: &GuestMemory) -> bool {
+fn same(a: &GuestRam, b: &GuestRam) -> bool {
     // SAFETY: the session is over; nothing writes either memory.
     unsafe { a.blocks()[0].as_slice() == b.blocks()[0].as_slice() }
 }

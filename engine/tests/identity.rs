@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pagewire::config::{format_uuid, parse_uuid};
-use pagewire::session::auth::Secret;
+use pagewire::Secret;
 use pagewire::{
-    Block, CodecKind, Config, GuestMemory, ReceiveInto, Receiver, RoundPages, Sender, SessionError,
+    Block, CodecKind, Config, GuestRam, ReceiveInto, Receiver, RoundPages, Sender, SessionError,
 };
 use pagewire_transport::control::{self, Message};
 use pagewire_transport::wire::{InitPacket, INIT_PACKET_LEN};
@@ -22,14 +22,14 @@ fn vm() -> [u8; 16] {
     parse_uuid(VM).expect("uuid")
 }
 
-fn memory(fill: u8) -> Arc<GuestMemory> {
+fn memory(fill: u8) -> Arc<GuestRam> {
     let b = Block::anonymous("pc.ram", SIZE).expect("map");
     // SAFETY: fresh block, not shared yet.
     let bytes = unsafe { b.as_mut_slice() };
     for (i, x) in bytes.iter_mut().enumerate() {
         *x = fill ^ (i / 4096) as u8 ^ (i % 251) as u8;
     }
-    Arc::new(GuestMemory::new(vec![b]).expect("layout"))
+    Arc::new(GuestRam::new(vec![b]).expect("layout"))
 }
 
 fn cfg(channels: u16) -> Config {
@@ -141,7 +141,7 @@ fn unset_uuid_is_random_per_session_and_shared_by_its_channels() {
     assert_ne!(h1, [0; 16]);
 }
 
-fn same(a: &GuestMemory, b: &GuestMemory) -> bool {
+fn same(a: &GuestRam, b: &GuestRam) -> bool {
     // SAFETY: the sessions are over; nothing writes either memory.
     unsafe { a.block(0).expect("b").as_slice() == b.block(0).expect("b").as_slice() }
 }

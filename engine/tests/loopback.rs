@@ -8,14 +8,14 @@ use std::time::Duration;
 
 use pagewire::decode::decode_streams;
 use pagewire::{
-    Block, BlockPages, CodecKind, Config, GuestMemory, ReceiveInto, Receiver, RoundPages, Sender,
+    Block, BlockPages, CodecKind, Config, GuestRam, ReceiveInto, Receiver, RoundPages, Sender,
 };
 use pagewire_synth::{self as synth, PageSet};
 use pagewire_transport::control::{self, Message};
 
 const PS: u32 = 4096;
 
-fn memory(blocks: &[(&str, usize)], seed: u64) -> Arc<GuestMemory> {
+fn memory(blocks: &[(&str, usize)], seed: u64) -> Arc<GuestRam> {
     let blocks = blocks
         .iter()
         .enumerate()
@@ -31,10 +31,10 @@ fn memory(blocks: &[(&str, usize)], seed: u64) -> Arc<GuestMemory> {
             b
         })
         .collect();
-    Arc::new(GuestMemory::new(blocks).expect("layout"))
+    Arc::new(GuestRam::new(blocks).expect("layout"))
 }
 
-fn same(a: &GuestMemory, b: &GuestMemory) -> bool {
+fn same(a: &GuestRam, b: &GuestRam) -> bool {
     a.blocks().len() == b.blocks().len()
         && a.blocks().iter().zip(b.blocks()).all(|(x, y)| {
             // SAFETY: sessions are over; nothing writes either memory.
@@ -58,7 +58,7 @@ fn receiver(c: &Config) -> (Receiver, std::net::SocketAddr) {
     (r, addr)
 }
 
-fn sizes(m: &GuestMemory) -> Vec<u64> {
+fn sizes(m: &GuestRam) -> Vec<u64> {
     m.blocks().iter().map(|b| b.len() as u64).collect()
 }
 
@@ -133,7 +133,7 @@ fn receive_into_vmm_memory_with_stale_content() {
     let dst = Block::anonymous("pc.ram", 8 << 20).expect("map");
     // SAFETY: fresh block.
     unsafe { dst.as_mut_slice() }.fill(0x5A);
-    let dst = Arc::new(GuestMemory::new(vec![dst]).expect("layout"));
+    let dst = Arc::new(GuestRam::new(vec![dst]).expect("layout"));
     let (r, addr) = receiver(&c);
     let d2 = dst.clone();
     let rt = std::thread::spawn(move || r.serve(ReceiveInto::Memory(d2)));
@@ -311,7 +311,7 @@ fn record_and_decode(codec: CodecKind) {
         "recorded bytes equal the sender's wire count"
     );
 
-    let out = GuestMemory::new(vec![
+    let out = GuestRam::new(vec![
         Block::anonymous("pc.ram", 6 << 20).expect("map"),
         Block::anonymous("vga.vram", 1 << 20).expect("map"),
     ])
@@ -382,7 +382,7 @@ fn truncated_capture_is_an_error_naming_channel_and_packet() {
     // Cut in the middle of the stream: inside some packet's header, length array or payload.
     let cut = &v[..v.len() / 2];
     let out =
-        GuestMemory::new(vec![Block::anonymous("pc.ram", 1 << 20).expect("map")]).expect("layout");
+        GuestRam::new(vec![Block::anonymous("pc.ram", 1 << 20).expect("map")]).expect("layout");
     let err = decode_streams(&out, vec![("cap".to_string(), cut)], PS).expect_err("truncated");
     let msg = err.to_string();
     assert!(msg.contains("channel 0"), "{msg}");
@@ -395,7 +395,7 @@ fn sender_fails_fast_when_receiver_rejects_layout() {
     let c = cfg(CodecKind::Deflate, 1);
     let src = memory(&[("pc.ram", 1 << 20)], 1);
     let dst = Arc::new(
-        GuestMemory::new(vec![Block::anonymous("pc.ram", 2 << 20).expect("map")]).expect("layout"),
+        GuestRam::new(vec![Block::anonymous("pc.ram", 2 << 20).expect("map")]).expect("layout"),
     );
     let (mut r, addr) = receiver(&c);
     r.set_accept_timeout(Some(Duration::from_secs(1)));

@@ -11,9 +11,9 @@ use std::os::fd::FromRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pagewire::postcopy::PageRequest;
+use pagewire::internals::PageRequest;
 use pagewire::{
-    Block, BlockPages, CodecKind, Config, GuestMemory, ReceiveInto, Receiver, RoundPages, Sender,
+    Block, BlockPages, CodecKind, Config, GuestRam, ReceiveInto, Receiver, RoundPages, Sender,
     SessionError,
 };
 use pagewire_transport::control::{self, Hello, Message};
@@ -52,7 +52,7 @@ fn memfd_block(name: &str, size: usize) -> Block {
 
 const LAYOUT: [(&str, usize); 2] = [("pc.ram", 48 << 20), ("shm.ram", 4 << 20)];
 
-fn source_memory() -> Arc<GuestMemory> {
+fn source_memory() -> Arc<GuestRam> {
     let blocks = LAYOUT
         .iter()
         .enumerate()
@@ -66,14 +66,14 @@ fn source_memory() -> Arc<GuestMemory> {
             blk
         })
         .collect();
-    Arc::new(GuestMemory::new(blocks).expect("layout"))
+    Arc::new(GuestRam::new(blocks).expect("layout"))
 }
 
 /// Destination memory: an anonymous block and a shared-memory block.
-fn dest_memory() -> Arc<GuestMemory> {
+fn dest_memory() -> Arc<GuestRam> {
     let (a, s) = (LAYOUT[0], LAYOUT[1]);
     Arc::new(
-        GuestMemory::new(vec![
+        GuestRam::new(vec![
             Block::anonymous(a.0, a.1).expect("map"),
             memfd_block(s.0, s.1),
         ])
@@ -100,7 +100,7 @@ struct Seen {
 /// The guest: reads `n` random pages (every byte) of `mem` while they arrive, comparing with
 /// generation `gen_of(block, page)`.
 fn guest(
-    mem: Arc<GuestMemory>,
+    mem: Arc<GuestRam>,
     n: usize,
     seed: u64,
     gen_of: fn(usize, u64) -> u64,
@@ -131,7 +131,7 @@ fn guest(
     }
 }
 
-fn check_all(mem: &GuestMemory, gen_of: fn(usize, u64) -> u64) {
+fn check_all(mem: &GuestRam, gen_of: fn(usize, u64) -> u64) {
     let mut want = vec![0u8; PS];
     for (b, blk) in mem.blocks().iter().enumerate() {
         // SAFETY: the session is over; nothing writes the memory.
@@ -148,7 +148,7 @@ fn check_all(mem: &GuestMemory, gen_of: fn(usize, u64) -> u64) {
 
 /// Post-copy needs userfaultfd; without it (no privilege, old kernel) the tests skip visibly.
 fn uffd_missing() -> bool {
-    match pagewire::uffd::Uffd::new() {
+    match pagewire::internals::Uffd::new() {
         Ok(_) => false,
         Err(e) => {
             eprintln!("SKIPPED: {e}");
@@ -642,7 +642,7 @@ fn postcopy_resumes_after_control_and_data_connections_are_cut() {
 /// connections prove it over the receiver's new nonce.
 #[test]
 fn postcopy_resumes_with_a_shared_secret() {
-    let secret = pagewire::session::auth::Secret::new(vec![0x5A; 32]).expect("secret");
+    let secret = pagewire::Secret::new(vec![0x5A; 32]).expect("secret");
     resume_after_cut(
         &[0, 3, 4, 5],
         Config {

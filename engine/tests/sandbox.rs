@@ -20,7 +20,7 @@ use std::time::Duration;
 use pagewire::sandbox::{syscalls, Mode};
 use pagewire::threads::{ThreadHook, ThreadRole};
 use pagewire::{
-    Block, BlockPages, CodecKind, Config, GuestMemory, ReceiveInto, Receiver, RoundPages, Sender,
+    Block, BlockPages, CodecKind, Config, GuestRam, ReceiveInto, Receiver, RoundPages, Sender,
 };
 use seccompiler::{BpfProgram, SeccompAction, SeccompFilter};
 
@@ -29,7 +29,7 @@ const SIZE: usize = 8 << 20;
 
 /// Page `p`'s bytes at generation `g`: every 5th page zero, the others words of a xorshift
 /// stream (compressible only a little), and a short text run (compressible).
-fn fill(mem: &GuestMemory, g: u64) {
+fn fill(mem: &GuestRam, g: u64) {
     for blk in mem.blocks() {
         // SAFETY: the test's own memory; no session runs on it while this writes.
         let bytes = unsafe { blk.as_mut_slice() };
@@ -53,9 +53,9 @@ fn fill(mem: &GuestMemory, g: u64) {
     }
 }
 
-fn memory() -> Arc<GuestMemory> {
+fn memory() -> Arc<GuestRam> {
     Arc::new(
-        GuestMemory::new(vec![
+        GuestRam::new(vec![
             Block::anonymous("pc.ram", SIZE).unwrap(),
             Block::anonymous("vga.ram", 1 << 20).unwrap(),
         ])
@@ -63,7 +63,7 @@ fn memory() -> Arc<GuestMemory> {
     )
 }
 
-fn same(a: &GuestMemory, b: &GuestMemory) {
+fn same(a: &GuestRam, b: &GuestRam) {
     for (x, y) in a.blocks().iter().zip(b.blocks()) {
         // SAFETY: both sessions are over; nothing writes either memory.
         let (x, y) = unsafe { (x.as_slice(), y.as_slice()) };
@@ -176,8 +176,8 @@ fn precopy_auto_in_the_sandbox() {
 #[test]
 fn precopy_tls_in_the_sandbox() {
     let dir = tempfile::tempdir().unwrap();
-    pagewire::session::tls::generate(dir.path(), &Default::default()).unwrap();
-    let mut t = pagewire::session::tls::TlsConfig::from_dir(dir.path());
+    pagewire::tls::generate(dir.path(), &Default::default()).unwrap();
+    let mut t = pagewire::tls::TlsConfig::from_dir(dir.path());
     t.server_name = Some("localhost".into());
     let mode = Mode::PLAIN.with_tls();
     precopy(Config {
@@ -188,7 +188,7 @@ fn precopy_tls_in_the_sandbox() {
 
 #[test]
 fn postcopy_in_the_sandbox() {
-    if pagewire::uffd::Uffd::new().is_err() {
+    if pagewire::internals::Uffd::new().is_err() {
         eprintln!("SKIPPED: userfaultfd is not available here");
         return;
     }

@@ -10,9 +10,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pagewire::session::tls::{generate, GenerateSpec, TlsConfig};
+use pagewire::tls::{generate, GenerateSpec, TlsConfig};
 use pagewire::{
-    Block, BlockPages, CodecKind, Config, GuestMemory, ReceiveInto, Receiver, RoundPages, Sender,
+    Block, BlockPages, CodecKind, Config, GuestRam, ReceiveInto, Receiver, RoundPages, Sender,
     SessionError,
 };
 use pagewire_synth::{self as synth, PageSet};
@@ -43,7 +43,7 @@ fn cfg(codec: CodecKind, channels: u16, tls: Option<TlsConfig>) -> Config {
     }
 }
 
-fn realistic(size: usize, seed: u64) -> Arc<GuestMemory> {
+fn realistic(size: usize, seed: u64) -> Arc<GuestRam> {
     let b = Block::anonymous("pc.ram", size).unwrap();
     // SAFETY: fresh block, not shared yet.
     synth::fill(
@@ -52,25 +52,25 @@ fn realistic(size: usize, seed: u64) -> Arc<GuestMemory> {
         PS as usize,
         seed,
     );
-    Arc::new(GuestMemory::new(vec![b]).unwrap())
+    Arc::new(GuestRam::new(vec![b]).unwrap())
 }
 
 /// Memory whose bytes are all below 0x80 (never PATTERN), distinct per page.
-fn ascii(size: usize) -> Arc<GuestMemory> {
+fn ascii(size: usize) -> Arc<GuestRam> {
     let b = Block::anonymous("pc.ram", size).unwrap();
     // SAFETY: fresh block, not shared yet.
     let s = unsafe { b.as_mut_slice() };
     for (i, x) in s.iter_mut().enumerate() {
         *x = ((i / PS as usize * 31 + i * 7) % 0x7f) as u8 + 1;
     }
-    Arc::new(GuestMemory::new(vec![b]).unwrap())
+    Arc::new(GuestRam::new(vec![b]).unwrap())
 }
 
-fn patterned(size: usize) -> Arc<GuestMemory> {
+fn patterned(size: usize) -> Arc<GuestRam> {
     let b = Block::anonymous("pc.ram", size).unwrap();
     // SAFETY: fresh block, not shared yet.
     unsafe { b.as_mut_slice() }.fill(PATTERN);
-    Arc::new(GuestMemory::new(vec![b]).unwrap())
+    Arc::new(GuestRam::new(vec![b]).unwrap())
 }
 
 fn receiver(c: &Config) -> (Receiver, SocketAddr) {
@@ -99,7 +99,7 @@ fn round_trip_with(
     codec: CodecKind,
     channels: u16,
     t: Option<TlsConfig>,
-) -> (pagewire::stats::SessionStats, pagewire::stats::SessionStats) {
+) -> (pagewire::SessionStats, pagewire::SessionStats) {
     // Zero copy asked for: TLS must not use it (the records are sealed copies anyway).
     let c = Config {
         zero_copy: pagewire::config::ZeroCopy::On,

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pagewire::{vmm, Config, DirtyLog, ReceiveInto, Receiver, Sender};
+use pagewire::{rust_vmm, Config, DirtyLog, ReceiveInto, Receiver, Sender};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -56,7 +56,7 @@ fn identical(a: &Vm, b: &Vm) -> bool {
 #[test]
 fn two_regions_with_a_hole_migrate_byte_identical_while_the_guest_writes() {
     let dst_vm = Vm::from_ranges(&ranges()).expect("mmap");
-    let dst = Arc::new(vmm::guest_memory(&dst_vm).expect("blocks"));
+    let dst = Arc::new(rust_vmm::guest_ram(&dst_vm).expect("blocks"));
     let mut receiver =
         Receiver::bind("127.0.0.1:0".parse().expect("addr"), Config::default()).expect("bind");
     receiver.set_accept_timeout(Some(Duration::from_secs(10)));
@@ -66,7 +66,7 @@ fn two_regions_with_a_hole_migrate_byte_identical_while_the_guest_writes() {
 
     let src_vm = Arc::new(Vm::from_ranges(&ranges()).expect("mmap"));
     boot(&src_vm);
-    let src = Arc::new(vmm::guest_memory(&src_vm).expect("blocks"));
+    let src = Arc::new(rust_vmm::guest_ram(&src_vm).expect("blocks"));
     assert_eq!(src.layout(), dst.layout(), "same layout, same block names");
     let cfg = Config {
         channels: 2,
@@ -76,7 +76,7 @@ fn two_regions_with_a_hole_migrate_byte_identical_while_the_guest_writes() {
     };
     let mut sender = Sender::connect(addr, cfg.clone(), src.clone()).expect("connect");
     let mut log = DirtyLog::new(&src, cfg.page_size);
-    vmm::collect_dirty(&src_vm, &mut log).expect("start clean");
+    rust_vmm::collect_dirty(&src_vm, &mut log).expect("start clean");
     log.mark_all();
 
     // The running guest: writes through vm-memory (bitmap-tracked, like device emulation)
@@ -120,7 +120,7 @@ fn two_regions_with_a_hole_migrate_byte_identical_while_the_guest_writes() {
             .send_round(log.take_round(cfg.pages_per_packet))
             .expect("live round");
         live_pages.push(st.total.pages_normal + st.total.pages_zero);
-        vmm::collect_dirty(&src_vm, &mut log).expect("vm-memory bitmaps");
+        rust_vmm::collect_dirty(&src_vm, &mut log).expect("vm-memory bitmaps");
         // KVM_GET_DIRTY_LOG: read and clear the slot's bitmap in one step.
         let words = {
             let mut b = kvm_bitmap.lock().expect("kvm");
@@ -133,7 +133,7 @@ fn two_regions_with_a_hole_migrate_byte_identical_while_the_guest_writes() {
     // Pause the guest, collect the last dirty pages, final round.
     stop.store(true, Ordering::Relaxed);
     let writes = writer.join().expect("writer");
-    vmm::collect_dirty(&src_vm, &mut log).expect("final vm-memory bitmaps");
+    rust_vmm::collect_dirty(&src_vm, &mut log).expect("final vm-memory bitmaps");
     log.add_bitmap(1, &kvm_bitmap.lock().expect("kvm"))
         .expect("final kvm bitmap");
     let last = sender

@@ -9,15 +9,15 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use pagewire::accel::qpl::{Huffman, QplPath, QplSettings};
-use pagewire::codec::AutoCompressor;
+use pagewire::config::Pinning;
 use pagewire::config::{Decoder, ZeroCopy};
 use pagewire::decode::{decode_streams_with, DecodeStats};
-use pagewire::pin::Pinning;
-use pagewire::session::auth::Secret;
-use pagewire::session::tls::{GenerateSpec, TlsConfig};
+use pagewire::internals::accel_qpl::{Huffman, QplPath, QplSettings};
+use pagewire::tls::{GenerateSpec, TlsConfig};
+use pagewire::AutoCompressor;
+use pagewire::Secret;
 use pagewire::{
-    Block, BlockPages, CodecKind, Config, GuestMemory, Progress, ReceiveInto, Receiver, RoundPages,
+    Block, BlockPages, CodecKind, Config, GuestRam, Progress, ReceiveInto, Receiver, RoundPages,
     Sender, SessionStats,
 };
 use pagewire_synth::{self as synth, PageSet};
@@ -165,7 +165,7 @@ impl TempCerts {
             replace: true,
             ..GenerateSpec::default()
         };
-        pagewire::session::tls::generate(&dir, &spec).map_err(|e| e.to_string())?;
+        pagewire::tls::generate(&dir, &spec).map_err(|e| e.to_string())?;
         Ok(TempCerts(dir))
     }
 }
@@ -183,9 +183,9 @@ fn gen_certs(a: GenCertsArgs) -> Res<()> {
     }
     spec.valid_until_secs = i64::from(a.days.max(1)) * 24 * 3600;
     spec.replace = a.force;
-    let replaced = pagewire::session::tls::existing_credentials(&a.dir);
-    pagewire::session::tls::generate(&a.dir, &spec).map_err(|e| match e {
-        pagewire::session::tls::CredentialsError::Exists { .. } => {
+    let replaced = pagewire::tls::existing_credentials(&a.dir);
+    pagewire::tls::generate(&a.dir, &spec).map_err(|e| match e {
+        pagewire::tls::CredentialsError::Exists { .. } => {
             format!("gen-certs: {e} (pass --force to replace them)")
         }
         e => format!("gen-certs: {e}"),
@@ -225,7 +225,7 @@ struct Tuning {
     #[arg(long)]
     max_bandwidth: Option<String>,
     /// Compression level: deflate 1..=12; qpl 1 (default) or 3 (high, QPL software path).
-    #[arg(long, default_value_t = pagewire::codec::deflate::DEFAULT_LEVEL)]
+    #[arg(long, default_value_t = pagewire::config::DEFAULT_DEFLATE_LEVEL)]
     level: i32,
     /// qpl codec: Huffman mode, fixed (QEMU's setting) or dynamic.
     #[arg(long, default_value = "fixed")]
@@ -481,7 +481,7 @@ fn cli_words(message: &str) -> String {
 fn resolve_codec(name: &str, pref: AutoCompressor) -> Res<(CodecKind, String)> {
     match name {
         "auto" => {
-            let (compressor, why) = pagewire::codec::resolve_auto(pref);
+            let (compressor, why) = pagewire::resolve_auto(pref);
             tracing::info!(compressor = compressor.name(), "codec auto: {why}");
             Ok((CodecKind::Auto, why))
         }
@@ -529,7 +529,7 @@ fn config(t: &Tuning, c: &Common, channels: u16) -> Res<Config> {
         ..QplSettings::default()
     };
     let level = if codec == CodecKind::Qpl {
-        pagewire::codec::deflate::DEFAULT_LEVEL
+        pagewire::config::DEFAULT_DEFLATE_LEVEL
     } else {
         t.level
     };
@@ -701,7 +701,7 @@ fn demo(a: DemoArgs) -> Res<()> {
         a.seed,
     );
     let gen_secs = gen0.elapsed().as_secs_f64();
-    let mem = Arc::new(GuestMemory::new(vec![block]).map_err(|e| e.to_string())?);
+    let mem = Arc::new(GuestRam::new(vec![block]).map_err(|e| e.to_string())?);
 
     let mut receiver = Receiver::bind(
         "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?,
@@ -842,7 +842,7 @@ fn send(a: SendArgs) -> Result<(), Failure> {
     } else {
         block.release_after_send()
     };
-    let mem = Arc::new(GuestMemory::new(vec![block]).map_err(|e| e.to_string())?);
+    let mem = Arc::new(GuestRam::new(vec![block]).map_err(|e| e.to_string())?);
     mem.check_page_size(cfg.page_size)
         .map_err(|e| format!("{}: {e}", a.image.display()))?;
     let ps = cfg.page_size as u64;
@@ -933,9 +933,11 @@ fn send(a: SendArgs) -> Result<(), Failure> {
 /// The compressor a session's codec uses on this host (auto: see `codec::resolve_auto`).
 fn compressor(cfg: &Config) -> &'static str {
     match cfg.codec {
-        CodecKind::Auto => match pagewire::codec::resolve_auto(cfg.auto_compressor).0 {
+        CodecKind::Auto => match pagewire::resolve_auto(cfg.auto_compressor).0 {
             // The session adds deflate beside qpl (not beside deflate, where qpl is missing).
-            CodecKind::Qpl if pagewire::codec::auto_ladder(cfg.auto_compressor) => "qpl+deflate",
+            CodecKind::Qpl if pagewire::internals::auto_ladder(cfg.auto_compressor) => {
+                "qpl+deflate"
+            }
             c => c.name(),
         },
         CodecKind::None => "none",
@@ -1121,7 +1123,7 @@ fn recv(a: RecvArgs) -> Res<()> {
     };
     if cfg.decoder == Decoder::Qpl {
         // Fail at start, not when the first sender arrives.
-        pagewire::session::recv::decoder_for(Decoder::Qpl).map_err(|e| e.to_string())?;
+        pagewire::internals::decoder_for(Decoder::Qpl).map_err(|e| e.to_string())?;
     }
     // Fail early on an output that cannot be written or must not be replaced, before the
     // sender spends its time; the target itself is not touched until the session completes.
@@ -1172,7 +1174,7 @@ fn recv(a: RecvArgs) -> Res<()> {
 /// pages written at their offsets and all-zero pages left as holes (a sparse image, as the
 /// one sent usually is), then is synced; anything else (`/dev/null`, a pipe) gets every byte
 /// in order and no sync (fsync on a character device fails with EINVAL).
-fn write_memory(mem: &GuestMemory, file: File) -> std::io::Result<()> {
+fn write_memory(mem: &GuestRam, file: File) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
     let regular = file.metadata()?.file_type().is_file();
     if !regular {
@@ -1193,7 +1195,7 @@ fn write_memory(mem: &GuestMemory, file: File) -> std::io::Result<()> {
         let mut run: Option<usize> = None;
         for (i, page) in bytes.chunks(PAGE).enumerate() {
             let at = i * PAGE;
-            let zero = pagewire::codec::is_zero_page(page);
+            let zero = pagewire::internals::is_zero_page(page);
             match (run, zero) {
                 (Some(start), true) => {
                     file.write_all_at(&bytes[start..at], base + start as u64)?;
@@ -1228,7 +1230,7 @@ fn decode(a: DecodeArgs) -> Res<()> {
         let size = usize::try_from(size).map_err(|_| format!("--block '{spec}': too large"))?;
         blocks.push(Block::anonymous(name, size).map_err(|e| e.to_string())?);
     }
-    let mem = GuestMemory::new(blocks).map_err(|e| e.to_string())?;
+    let mem = GuestRam::new(blocks).map_err(|e| e.to_string())?;
     mem.check_page_size(a.page_size)
         .map_err(|e| e.to_string())?;
     let mut captures = Vec::new();

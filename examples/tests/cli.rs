@@ -358,7 +358,7 @@ fn send_recv_256mib_qpl_is_byte_identical_on_qpl_software_path() {
     let sj = send_recv_identical("qpl");
     let hw = sj["jobs"]["hardware"].as_u64().expect("jobs.hardware");
     let sw = sj["jobs"]["software"].as_u64().expect("jobs.software");
-    if pagewire::accel::qpl::hardware_available() {
+    if pagewire::qpl_hardware_available() {
         assert!(hw > 0);
     } else {
         assert_eq!(hw, 0, "no IAA on this host: no hardware jobs");
@@ -418,7 +418,7 @@ fn codec_auto_without_iaa_uses_deflate_and_says_why() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let log = String::from_utf8_lossy(&out.stderr);
     assert_eq!(v["codec"].as_str(), Some("auto"));
-    if pagewire::accel::qpl::hardware_available() {
+    if pagewire::qpl_hardware_available() {
         assert_eq!(v["compressor"].as_str(), Some("qpl"));
     } else {
         assert_eq!(v["compressor"].as_str(), Some("deflate"));

@@ -24,9 +24,9 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 
 use libfuzzer_sys::fuzz_target;
-use pagewire::codec::{DeflateCompressor, PageCompressor};
+use pagewire::internals::{DeflateCompressor, PageCompressor};
 use pagewire::decode::{decode_streams, decode_streams_with};
-use pagewire::{Block, GuestMemory};
+use pagewire::{Block, GuestRam};
 use pagewire_transport::wire::{
     encode_header, header_len, Compression, HeaderFields, InitPacket, FLAG_SYNC,
 };
@@ -41,12 +41,12 @@ const MAX_PACKETS: usize = 48;
 /// bytes (found by this target; docs/fuzzing.md, "Findings"); fixed, so it counts as valid.
 const QEMU_SYNC_COUNTS_AS_VALID: bool = true;
 
-fn memory() -> GuestMemory {
+fn memory() -> GuestRam {
     let blocks = BLOCKS
         .iter()
         .map(|&(name, pages)| Block::anonymous(name, pages * PS).expect("map guest block"))
         .collect();
-    GuestMemory::new(blocks).expect("guest memory")
+    GuestRam::new(blocks).expect("guest memory")
 }
 
 /// Input bytes consumed front to back; zeros once exhausted.

@@ -8,7 +8,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use pagewire::postcopy::{PageRequest, REQUEST_LEN};
+use pagewire::internals::{PageRequest, REQUEST_LEN};
 
 fuzz_target!(|data: &[u8]| {
     let Some((req, rest)) = data.split_first_chunk::<REQUEST_LEN>() else {

@@ -1209,7 +1209,7 @@ impl HeapCtx {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pagewire::codec::{is_zero_page, DeflateCompressor, PageCompressor};
+    use pagewire::internals::{is_zero_page, DeflateCompressor, PageCompressor};
 
     const PAGE: usize = 4096;
 

@@ -82,11 +82,11 @@ pub struct HelloAuth {
 
 /// The session's parameters, sent by the sender as the first message.
 ///
-/// Body layout: magic "PWCP", version u16, uuid [16], page_size u32, pages_per_packet u32,
+/// Body layout: magic "PWCP", version u16, uuid \[16\], page_size u32, pages_per_packet u32,
 /// compression u32 (the multifd flag value, 0x00 or 0x08), channels u16, features u32
 /// (any of `FEATURE_AUTH`, `FEATURE_OPENING_SYNC`), block count u16, then per block: name length u8 (1..=255),
-/// name bytes (UTF-8, no NUL), size u64; then, with `FEATURE_AUTH`, the sender's nonce [32]
-/// and its proof [32].
+/// name bytes (UTF-8, no NUL), size u64; then, with `FEATURE_AUTH`, the sender's nonce \[32\]
+/// and its proof \[32\].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Hello {
     pub uuid: [u8; 16],
@@ -452,7 +452,7 @@ pub enum Message {
     /// last round, before `End`. Body: the bytes (at most `MAX_FRAME - 1`).
     State { data: Vec<u8> },
     /// Receiver → sender, first message on every control connection: a fresh nonce the
-    /// sender's proof must cover, and whether a shared secret is required. Body: nonce [32],
+    /// sender's proof must cover, and whether a shared secret is required. Body: nonce \[32\],
     /// flags u8 (bit 0: secret required; other bits 0).
     Challenge {
         nonce: [u8; NONCE_LEN],
@@ -461,7 +461,7 @@ pub enum Message {
     /// Receiver → sender: hello accepted; channels may connect. Body: flags u8 (bit 0:
     /// `fresh`, the receiver's memory is all zero and unwritten, so the sender's first round
     /// may leave out pages it knows were never written; other bits 0), then (when the hello
-    /// authenticated) the receiver's own proof [32] over the sender's nonce.
+    /// authenticated) the receiver's own proof \[32\] over the sender's nonce.
     HelloOk {
         proof: Option<[u8; MAC_LEN]>,
         fresh: bool,

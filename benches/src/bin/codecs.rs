@@ -29,11 +29,13 @@ use miniz_oxide::inflate::core::{
     DecompressorOxide,
 };
 use miniz_oxide::inflate::TINFLStatus;
-use pagewire::accel::qpl::{Huffman, QplCompressor, QplDecompressor, QplPath, QplSettings};
-use pagewire::accel::{Accelerator, Outcome};
-use pagewire::codec::{
+use pagewire::internals::accel_qpl::{
+    Huffman, QplCompressor, QplDecompressor, QplPath, QplSettings,
+};
+use pagewire::internals::{
     is_zero_page, DeflateCompressor, DeflateDecompressor, PageCompressor, PageDecompressor,
 };
+use pagewire::internals::{AccelOutcome as Outcome, Accelerator};
 use pagewire_benches::{
     fmt_gbps, fmt_sig, fmt_times, print_json, Machine, Options, Samples, Table, Timing,
 };
@@ -323,7 +325,7 @@ fn candidates(qpl: bool) -> Vec<Candidate> {
         for (huffman, name) in [(Huffman::Fixed, "fixed"), (Huffman::Dynamic, "dynamic")] {
             v.push(Candidate {
                 name: format!("QPL sw {name} L1"),
-                library: "QPL software path (pagewire::accel::qpl)",
+                library: "QPL software path (pagewire::internals::accel_qpl)",
                 level: 1,
                 format: RAW_DEFLATE,
                 reference_only: false,

@@ -27,11 +27,11 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pagewire::accel::qpl::{Huffman, QplSettings};
-use pagewire::codec::entropy::likely_incompressible;
-use pagewire::codec::{is_zero_page, DeflateCompressor, PageCompressor};
-use pagewire::stats::thread_cpu_seconds;
-use pagewire::{Block, CodecKind, Config, GuestMemory};
+use pagewire::config::{Huffman, QplSettings};
+use pagewire::internals::likely_incompressible;
+use pagewire::internals::thread_cpu_seconds;
+use pagewire::internals::{is_zero_page, DeflateCompressor, PageCompressor};
+use pagewire::{Block, CodecKind, Config, GuestRam};
 use pagewire_benches::loopback_session;
 use pagewire_synth::{self as synth, PageSet};
 
@@ -196,10 +196,9 @@ fn memory_probe(codec: &str, channels: u16, size: usize) {
         PS,
         1,
     );
-    let src = Arc::new(GuestMemory::new(vec![src_block]).expect("mem"));
-    let dst = Arc::new(
-        GuestMemory::new(vec![Block::anonymous("pc.ram", size).expect("map")]).expect("mem"),
-    );
+    let src = Arc::new(GuestRam::new(vec![src_block]).expect("mem"));
+    let dst =
+        Arc::new(GuestRam::new(vec![Block::anonymous("pc.ram", size).expect("map")]).expect("mem"));
     // SAFETY: no session runs yet.
     unsafe { dst.block(0).expect("block").as_mut_slice() }.fill(1);
     let kind = match codec {
@@ -275,10 +274,9 @@ fn main() {
     let src_block = Block::anonymous("pc.ram", size).expect("map");
     // SAFETY: fresh block, not shared.
     synth::fill(set, unsafe { src_block.as_mut_slice() }, PS, 1);
-    let src = Arc::new(GuestMemory::new(vec![src_block]).expect("mem"));
-    let dst = Arc::new(
-        GuestMemory::new(vec![Block::anonymous("pc.ram", size).expect("map")]).expect("mem"),
-    );
+    let src = Arc::new(GuestRam::new(vec![src_block]).expect("mem"));
+    let dst =
+        Arc::new(GuestRam::new(vec![Block::anonymous("pc.ram", size).expect("map")]).expect("mem"));
     // Touch the destination once so every variant writes into resident memory.
     // SAFETY: no session runs yet.
     unsafe { dst.block(0).expect("block").as_mut_slice() }.fill(1);

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pagewire::config::ZeroCopy;
-use pagewire::{Block, CodecKind, Config, GuestMemory};
+use pagewire::{Block, CodecKind, Config, GuestRam};
 use pagewire_benches::{loopback_session, SessionRun};
 use pagewire_synth::{self as synth, PageSet};
 
@@ -46,10 +46,9 @@ fn main() {
         4096,
         1,
     );
-    let src = Arc::new(GuestMemory::new(vec![src_block]).expect("mem"));
-    let dst = Arc::new(
-        GuestMemory::new(vec![Block::anonymous("pc.ram", size).expect("map")]).expect("mem"),
-    );
+    let src = Arc::new(GuestRam::new(vec![src_block]).expect("mem"));
+    let dst =
+        Arc::new(GuestRam::new(vec![Block::anonymous("pc.ram", size).expect("map")]).expect("mem"));
     // SAFETY: no session runs yet.
     unsafe { dst.block(0).expect("block").as_mut_slice() }.fill(1);
 

@@ -18,9 +18,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pagewire::postcopy::Latencies;
+use pagewire::Latencies;
 use pagewire::{
-    Block, BlockPages, CodecKind, Config, GuestMemory, ReceiveInto, Receiver, RoundPages, Sender,
+    Block, BlockPages, CodecKind, Config, GuestRam, ReceiveInto, Receiver, RoundPages, Sender,
 };
 use pagewire_benches::{Machine, Table};
 use pagewire_synth::{self as synth, PageSet};
@@ -48,7 +48,7 @@ fn sender(addr: SocketAddr, mode: &str, size: usize) {
     let block = Block::anonymous("pc.ram", size).expect("map");
     // SAFETY: fresh block, not shared.
     synth::fill(PageSet::Realistic, unsafe { block.as_mut_slice() }, PS, 1);
-    let mem = Arc::new(GuestMemory::new(vec![block]).expect("mem"));
+    let mem = Arc::new(GuestRam::new(vec![block]).expect("mem"));
     let c = cfg();
     let mut s = Sender::connect(addr, c.clone(), mem).expect("connect");
     let secs = if mode == "precopy" {
@@ -82,12 +82,7 @@ fn resident(addr: *mut u8) -> bool {
 
 /// The guest: random page reads until `stop`; times the reads of pages that were missing.
 /// `pause` between reads (zero: back to back, a guest doing nothing but touch memory).
-fn guest(
-    mem: Arc<GuestMemory>,
-    stop: Arc<AtomicBool>,
-    pause: Duration,
-    out: Arc<Mutex<Latencies>>,
-) {
+fn guest(mem: Arc<GuestRam>, stop: Arc<AtomicBool>, pause: Duration, out: Arc<Mutex<Latencies>>) {
     let Some(b) = mem.block(0) else { return };
     let pages = (b.len() / PS) as u64;
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
@@ -157,9 +152,8 @@ fn destination(mode: &str, size: usize, guest_pause: Option<Duration>) -> Run {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("spawn sender");
-    let dst = Arc::new(
-        GuestMemory::new(vec![Block::anonymous("pc.ram", size).expect("map")]).expect("mem"),
-    );
+    let dst =
+        Arc::new(GuestRam::new(vec![Block::anonymous("pc.ram", size).expect("map")]).expect("mem"));
     let got = r.serve(ReceiveInto::Memory(dst)).expect("serve");
     stop.store(true, Ordering::Relaxed);
     if let Some(h) = handle.lock().ok().and_then(|mut h| h.take()) {

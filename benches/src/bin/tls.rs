@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pagewire::stats::thread_cpu_seconds;
+use pagewire::internals::thread_cpu_seconds;
 use pagewire_benches::{fmt_gbps, print_json, Machine, Table};
 use pagewire_synth::{self as synth, PageSet};
 use serde_json::{json, Value};
@@ -252,7 +252,7 @@ fn migrate(size: u64, runs: usize, filter: Option<&str>) -> Vec<Value> {
     let dir = std::env::temp_dir().join(format!("pagewire-tls-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("tmp dir");
     let certs = dir.join("certs");
-    pagewire::session::tls::generate(&certs, &Default::default()).expect("certs");
+    pagewire::tls::generate(&certs, &Default::default()).expect("certs");
     let img = dir.join("guest.img");
     {
         let mut buf = vec![0u8; size as usize];

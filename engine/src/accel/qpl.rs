@@ -4,7 +4,7 @@
 //! failure (QPL status 500..=503 where there is no IAA) means the software path. With
 //! hardware, one job per page slot is submitted without waiting and completions are polled
 //! with `qpl_check_job` from the channel's loop, between io_uring completions (QEMU instead
-//! blocks in `qpl_wait_job`). A busy work queue answers [`Submit::Busy`](super::Submit::Busy); the sender retries
+//! blocks in `qpl_wait_job`). A busy work queue answers `Submit::Busy`; the sender retries
 //! three times and then compresses the page with [`Accelerator::fallback`] on QPL's software
 //! path. An output that does not fit (status 2) or any failure sends the page raw.
 //!

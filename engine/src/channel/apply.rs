@@ -6,7 +6,7 @@ use pagewire_transport::wire::{Compression, PacketHeader};
 
 use crate::codec::{is_zero_page, CodecError, PageDecompressor};
 use crate::fresh::FreshMap;
-use crate::memory::GuestMemory;
+use crate::memory::GuestRam;
 use crate::stats::ChannelStats;
 
 /// A page that failed to apply.
@@ -25,7 +25,7 @@ pub struct ApplyError {
 /// every offset inside the block) and the zlens against the page size; anything else is a
 /// bug and returns `false` (nothing is written).
 pub fn payload_iovecs(
-    mem: &GuestMemory,
+    mem: &GuestRam,
     header: &PacketHeader,
     zlens: Option<&[u32]>,
     page_size: u32,
@@ -76,7 +76,7 @@ pub fn payload_iovecs(
 /// `None`: nothing is known of the memory, every zero page is checked.
 #[allow(clippy::too_many_arguments)] // the receiver's and the decoder's buffers, passed as they own them
 pub fn finish_packet(
-    mem: &GuestMemory,
+    mem: &GuestRam,
     header: &PacketHeader,
     compression: Compression,
     zlens: &[u32],

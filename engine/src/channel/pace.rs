@@ -266,11 +266,6 @@ impl Pacer {
         self.rate.is_none() || self.rate_span < MIN_SPAN
     }
 
-    /// Share of the connection's busy time that the receiver's window limited (average).
-    pub fn receiver_limited_share(&self) -> f64 {
-        self.rwnd_share
-    }
-
     fn observe_receiver(&mut self, o: &Observation) {
         if o.busy_us == 0 {
             return;

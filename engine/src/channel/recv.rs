@@ -24,7 +24,7 @@ use crate::channel::apply::{finish_packet, payload_iovecs};
 use crate::codec::PageDecompressor;
 use crate::error::{ChannelError, ChannelErrorKind, Place};
 use crate::fresh::FreshMap;
-use crate::memory::GuestMemory;
+use crate::memory::GuestRam;
 use crate::stats::{ChannelStats, Progress};
 
 /// What the channel's owner decides when a SYNC arrives or the stream ends.
@@ -64,7 +64,7 @@ pub struct RecvChannel {
     /// Created on the channel's own thread (SINGLE_ISSUER ties a ring to its creator).
     ring: Option<Ring>,
     set: RecvSettings,
-    mem: Arc<GuestMemory>,
+    mem: Arc<GuestRam>,
     /// The packet header, and room after it for bytes read ahead (qpl framing in clear
     /// text: up to a full length array). `header_buf[ahead.0..ahead.1]` are bytes received
     /// past the current header and not consumed yet: the length array's, the payload's, the
@@ -116,7 +116,7 @@ impl RecvChannel {
         id: u16,
         stream: TcpStream,
         set: RecvSettings,
-        mem: Arc<GuestMemory>,
+        mem: Arc<GuestRam>,
         decomp: Box<dyn PageDecompressor>,
     ) -> Result<RecvChannel, ChannelError> {
         let ppp = set.pages_per_packet as usize;
@@ -820,11 +820,6 @@ impl RecvChannel {
         std::mem::forget(std::mem::take(&mut self.header_buf));
         std::mem::forget(std::mem::take(&mut self.zlen_buf));
         std::mem::forget(self.tls.take());
-    }
-
-    /// Shut the connection down (unblocks a pending receive).
-    pub fn shutdown_handle(&self) -> std::io::Result<TcpStream> {
-        self.stream.try_clone()
     }
 }
 

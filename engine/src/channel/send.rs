@@ -36,7 +36,7 @@ use crate::codec::entropy::likely_incompressible;
 use crate::codec::is_zero_page;
 use crate::datamap::{covered, overlaps, DataProbe};
 use crate::error::{ChannelError, ChannelErrorKind, Place};
-use crate::memory::GuestMemory;
+use crate::memory::GuestRam;
 use crate::pages::RoundPages;
 use crate::stats::{ChannelStats, Progress};
 
@@ -359,7 +359,7 @@ impl SendChannel {
     /// the SYNC's send has completed.
     pub fn run_round(
         &mut self,
-        mem: &GuestMemory,
+        mem: &GuestRam,
         round: &RoundPages,
         progress: &Progress,
         abort: &AtomicBool,
@@ -516,7 +516,7 @@ impl SendChannel {
     fn start_packet(
         &mut self,
         key: usize,
-        mem: &GuestMemory,
+        mem: &GuestRam,
         round: &RoundPages,
         progress: &Progress,
     ) -> Result<bool, ChannelError> {
@@ -1221,7 +1221,7 @@ fn count_left_out(stats: &mut ChannelStats, ps: u64, pages: u64, unread: u64, pr
 
 /// Drop a sent slot's normal pages from a block that releases sent pages, in runs of
 /// contiguous pages (one madvise per run).
-fn release_sent(slot: &mut Slot, mem: &GuestMemory, ps: u64) {
+fn release_sent(slot: &mut Slot, mem: &GuestRam, ps: u64) {
     if !std::mem::take(&mut slot.release) {
         return;
     }

@@ -27,9 +27,6 @@ pub trait SendStage: Send + std::fmt::Debug {
     /// Whether the kernel may read the packet's pieces in place (zero copy can pay).
     fn zero_copy(&self) -> bool;
 
-    /// Bytes on the wire for a packet of `plain` bytes.
-    fn wire_len(&self, plain: usize) -> usize;
-
     /// TLS KeyUpdates sent so far (clear text: none).
     fn key_updates(&self) -> u64;
 }
@@ -49,10 +46,6 @@ impl SendStage for Clear {
 
     fn zero_copy(&self) -> bool {
         true
-    }
-
-    fn wire_len(&self, plain: usize) -> usize {
-        plain
     }
 
     fn key_updates(&self) -> u64 {
@@ -99,10 +92,6 @@ impl SendStage for TlsSeal {
 
     fn zero_copy(&self) -> bool {
         false
-    }
-
-    fn wire_len(&self, plain: usize) -> usize {
-        self.sealer.sealed_len(plain)
     }
 
     fn key_updates(&self) -> u64 {

@@ -18,7 +18,7 @@ use tracing::{debug, info, info_span, warn};
 use super::{AtomicBitmap, Latencies, PageRequest, PostcopyError, MAX_BACKGROUND};
 use crate::config::Config;
 use crate::error::SessionError;
-use crate::memory::GuestMemory;
+use crate::memory::GuestRam;
 use crate::session::handshake::{Door, Keys};
 use crate::threads::{self, ThreadRole};
 use crate::uffd::{discard, Uffd, Wakeup};
@@ -29,7 +29,7 @@ use crate::uffd::{discard, Uffd, Wakeup};
 #[derive(Debug)]
 pub struct PostcopyStart {
     /// Guest memory, registered with userfaultfd; run the guest on it now.
-    pub memory: Arc<GuestMemory>,
+    pub memory: Arc<GuestRam>,
     /// Device state sent before the switch ([`crate::Sender::send_state`]), in order.
     pub state: Vec<Vec<u8>>,
     /// Pages still to arrive.
@@ -81,7 +81,7 @@ pub struct PostcopyStats {
 
 /// What the receiver's control loop hands to [`run`].
 pub(crate) struct DestArgs<'a> {
-    pub memory: &'a Arc<GuestMemory>,
+    pub memory: &'a Arc<GuestRam>,
     pub hello: &'a Hello,
     pub cfg: &'a Config,
     pub hook: &'a PostcopyHook,
@@ -99,7 +99,7 @@ impl Announced {
     /// more runs than the memory has pages.
     pub(crate) fn add(
         &mut self,
-        mem: &GuestMemory,
+        mem: &GuestRam,
         page_size: u32,
         block: u32,
         runs: Vec<(u64, u64)>,
@@ -132,7 +132,7 @@ impl Announced {
 
 struct Placer<'a> {
     uffd: &'a Uffd,
-    mem: &'a GuestMemory,
+    mem: &'a GuestRam,
     ps: usize,
     present: Vec<AtomicBitmap>,
     placed: AtomicU64,

@@ -7,7 +7,7 @@
 //!   will come (the receiver discards them so that they are *missing*), and opens one
 //!   **urgent** connection and `channels` **background** connections, authenticated like
 //!   channels (init packet and, with a secret, a token).
-//! * The receiver registers guest memory with userfaultfd ([`crate::uffd`]) in missing mode
+//! * The receiver registers guest memory with userfaultfd in missing mode
 //!   and hands the memory to the embedder ([`crate::Receiver::on_postcopy`]). A fault thread
 //!   reads faults and writes a [`PageRequest`] per missing page on the urgent connection.
 //!   Pages never land in registered memory by a receive: every packet is read into the
@@ -17,7 +17,7 @@
 //!   streams' cursor to just after the faulting page (the guest's locality).
 //! * The receiver reports `PostcopyDone` once every page is placed; the session then ends
 //!   with `End`/`EndOk` as always.
-//! * Broken connections are replaced (at most [`source::MAX_RECONNECTS`] times): the
+//! * Broken connections are replaced (at most [`MAX_RECONNECTS`] times): the
 //!   destination keeps its placed pages and outstanding requests; the source comes back (on a
 //!   new control connection too, authenticated like the first, if that one broke), the
 //!   destination tells it which pages it still lacks and re-sends the requests on the new
@@ -31,10 +31,10 @@
 //!
 //! ```
 //! use std::sync::Arc;
-//! use pagewire::{Block, BlockPages, Config, GuestMemory, ReceiveInto, Receiver, RoundPages, Sender};
+//! use pagewire::{Block, BlockPages, Config, GuestRam, ReceiveInto, Receiver, RoundPages, Sender};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! # if pagewire::uffd::Uffd::new().is_err() { return Ok(()); } // no userfaultfd on this host
+//! # if pagewire::postcopy::available().is_err() { return Ok(()); } // no userfaultfd here
 //! const SIZE: usize = 8 << 20;
 //! // Destination: the VMM starts the guest as soon as post-copy begins.
 //! let mut receiver = Receiver::bind("127.0.0.1:0".parse()?, Config::default())?;
@@ -43,7 +43,7 @@
 //! receiver.on_postcopy(move |start| {
 //!     let _ = start_guest.send(start.memory);
 //! });
-//! let dst = Arc::new(GuestMemory::new(vec![Block::anonymous("pc.ram", SIZE)?])?);
+//! let dst = Arc::new(GuestRam::new(vec![Block::anonymous("pc.ram", SIZE)?])?);
 //! let into = dst.clone();
 //! let destination = std::thread::spawn(move || receiver.serve(ReceiveInto::Memory(into)));
 //!
@@ -52,7 +52,7 @@
 //! // SAFETY: the block is new and nothing else uses it yet.
 //! let bytes = unsafe { ram.as_mut_slice() };
 //! bytes.fill(1);
-//! let src = Arc::new(GuestMemory::new(vec![ram])?);
+//! let src = Arc::new(GuestRam::new(vec![ram])?);
 //! let mut sender = Sender::connect(addr, Config::default(), src.clone())?;
 //! sender.send_round(RoundPages::all(&[SIZE as u64], 4096, 128))?;
 //! // The guest dirtied page 9 meanwhile; pause it and switch: post-copy delivers page 9.
@@ -74,8 +74,8 @@
 //! # Ok(()) }
 //! ```
 
-pub mod dest;
-pub mod source;
+pub(crate) mod dest;
+pub(crate) mod source;
 
 use std::io;
 use std::time::Duration;
@@ -85,7 +85,16 @@ use thiserror::Error;
 
 use crate::uffd::UffdError;
 
-pub use dest::{PostcopyHook, PostcopyStart, PostcopyStats};
+pub(crate) use dest::PostcopyHook;
+pub use dest::{PostcopyStart, PostcopyStats};
+
+/// Whether this host lets the destination run post-copy: userfaultfd can be opened (the
+/// kernel has it, and `vm.unprivileged_userfaultfd` or the process's privileges allow it).
+/// A destination that cannot fails the switch with the same error; check before offering
+/// post-copy.
+pub fn available() -> Result<(), UffdError> {
+    crate::uffd::Uffd::new().map(|_| ())
+}
 
 /// Post-copy runs on clear-text connections only (for now): the socket of `conn`, or a clear
 /// error for a TLS connection. `what` names the connection.
@@ -105,7 +114,7 @@ pub(crate) fn tls_unsupported(what: &str) -> crate::SessionError {
         "post-copy is not available on TLS sessions yet ({what} is encrypted); use pre-copy, or post-copy on a trusted link"
     ))
 }
-pub use source::{PostcopySender, PostcopySourceStats};
+pub use source::{PostcopySender, PostcopySourceStats, MAX_RECONNECTS};
 
 /// Magic of a page request ("PWPR").
 pub const REQUEST_MAGIC: [u8; 4] = *b"PWPR";

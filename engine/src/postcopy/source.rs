@@ -19,7 +19,7 @@ use crate::channel::limit::RateLimit;
 use crate::codec::is_zero_page;
 use crate::config::Config;
 use crate::error::SessionError;
-use crate::memory::GuestMemory;
+use crate::memory::GuestRam;
 use crate::pages::BlockPages;
 use crate::session::greet::{greet, Greeting};
 use crate::session::send::{Link, Precopied};
@@ -156,7 +156,7 @@ pub struct PostcopySender {
     pages: u64,
     precopy: SessionStats,
     switched: Instant,
-    mem: Arc<GuestMemory>,
+    mem: Arc<GuestRam>,
     link: Link,
     reconnects: u32,
 }
@@ -585,7 +585,7 @@ fn open(link: &Link, cfg: &Config, id: u16) -> Result<TcpStream, SessionError> {
 }
 
 fn build_sched(
-    mem: &GuestMemory,
+    mem: &GuestRam,
     remaining: Vec<(usize, BlockPages)>,
     ps: u64,
 ) -> Result<Sched, SessionError> {
@@ -659,7 +659,7 @@ fn runs_of(bits: &[u64], n: u64, ps: u64) -> Vec<(u64, u64)> {
 }
 
 /// The bytes of one page of the (paused) source guest.
-fn page(mem: &GuestMemory, block: usize, off: u64, ps: usize) -> Option<&[u8]> {
+fn page(mem: &GuestRam, block: usize, off: u64, ps: usize) -> Option<&[u8]> {
     let p = mem.block(block)?.range_ptr(off, ps)?;
     // SAFETY: inside the block (range_ptr checked), mapped while `mem` lives. In post-copy the
     // guest is paused on the source, so nothing writes the page while the slice lives.
@@ -733,7 +733,7 @@ fn pace(shared: &Shared, bytes: u64, whole: bool) -> bool {
 /// The urgent connection: read page requests, validate each, answer each with its page.
 fn serve_requests(
     mut stream: TcpStream,
-    mem: &GuestMemory,
+    mem: &GuestRam,
     shared: &Shared,
     cfg: &Config,
 ) -> Result<(), PostcopyError> {
@@ -814,7 +814,7 @@ fn serve_requests(
 /// A background connection: packets of the pages nobody asked for yet, until none is left.
 fn stream_background(
     mut stream: TcpStream,
-    mem: &GuestMemory,
+    mem: &GuestRam,
     shared: &Shared,
     cfg: &Config,
 ) -> Result<(), PostcopyError> {

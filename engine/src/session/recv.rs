@@ -19,7 +19,7 @@ use crate::codec::{DeflateDecompressor, PageDecompressor};
 use crate::config::{Config, Decoder};
 use crate::error::{ChannelErrorKind, SessionError};
 use crate::fresh::FreshMap;
-use crate::memory::GuestMemory;
+use crate::memory::GuestRam;
 use crate::postcopy::dest::{Announced, DestArgs};
 use crate::postcopy::{PostcopyHook, PostcopyStart, PostcopyStats};
 use crate::session::handshake::{self, Door, Keys, Rejection};
@@ -34,14 +34,14 @@ pub enum ReceiveInto {
     /// Anonymous memory laid out as the sender's hello says (bounded by `Config::max_memory`).
     Allocate,
     /// The embedding VMM's memory; the hello's layout must match it (same names and sizes).
-    Memory(Arc<GuestMemory>),
+    Memory(Arc<GuestRam>),
 }
 
 /// What a finished session leaves.
 #[derive(Debug)]
 pub struct Received {
     /// The guest memory, now holding the sender's pages.
-    pub memory: Arc<GuestMemory>,
+    pub memory: Arc<GuestRam>,
     /// Counters.
     pub stats: SessionStats,
     /// The session's uuid.
@@ -106,7 +106,7 @@ fn abandoned(control: &mut Conn, e: SessionError) -> SessionError {
 struct PostcopyCtx<'a> {
     door: &'a mut Door,
     hello: &'a Hello,
-    memory: &'a Arc<GuestMemory>,
+    memory: &'a Arc<GuestRam>,
     announced: Announced,
     stats: Option<Box<PostcopyStats>>,
 }
@@ -187,7 +187,7 @@ impl Receiver {
         commit: F,
     ) -> Result<Received, SessionError>
     where
-        F: FnOnce(&GuestMemory, &[Vec<u8>]) -> Result<(), CommitError> + Send,
+        F: FnOnce(&GuestRam, &[Vec<u8>]) -> Result<(), CommitError> + Send,
     {
         let mut commit = Some(commit);
         let span = info_span!("recv");
@@ -387,7 +387,7 @@ impl Receiver {
         &self,
         hello: &Hello,
         into: &ReceiveInto,
-    ) -> Result<Arc<GuestMemory>, SessionError> {
+    ) -> Result<Arc<GuestRam>, SessionError> {
         if let Some(mine) = &self.cfg.vm_uuid {
             if *mine != hello.uuid {
                 return Err(SessionError::Handshake(format!(
@@ -419,7 +419,7 @@ impl Receiver {
                 } else {
                     max.saturating_mul(crate::config::MAX_SIZE_PER_COMMITTED)
                 };
-                let mem = GuestMemory::anonymous(&layout, bound).map_err(|e| match e {
+                let mem = GuestRam::anonymous(&layout, bound).map_err(|e| match e {
                     crate::memory::MemoryError::TooLarge { requested, .. } => {
                         SessionError::Handshake(if self.cfg.prealloc {
                             format!(
@@ -543,7 +543,7 @@ impl Receiver {
         commit: &mut Option<F>,
     ) -> Result<(), SessionError>
     where
-        F: FnOnce(&GuestMemory, &[Vec<u8>]) -> Result<(), CommitError> + Send,
+        F: FnOnce(&GuestRam, &[Vec<u8>]) -> Result<(), CommitError> + Send,
     {
         // Rounds can take long, so the control connection may be silent for as long as the
         // channels make progress (their idle timeouts bound a stalled sender). Once a channel
@@ -679,12 +679,12 @@ impl Receiver {
     fn commit_and_end<F>(
         &self,
         control: &mut Conn,
-        memory: &GuestMemory,
+        memory: &GuestRam,
         states: &[Vec<u8>],
         commit: &mut Option<F>,
     ) -> Result<(), SessionError>
     where
-        F: FnOnce(&GuestMemory, &[Vec<u8>]) -> Result<(), CommitError> + Send,
+        F: FnOnce(&GuestRam, &[Vec<u8>]) -> Result<(), CommitError> + Send,
     {
         let Some(commit) = commit.take() else {
             return Err(SessionError::Internal("the session ended twice".into()));

@@ -18,7 +18,7 @@ use crate::channel::send::{SendChannel, SendSettings};
 use crate::codec::CodecKind;
 use crate::config::{Config, ZeroCopy, ZERO_COPY_AUTO_MIN};
 use crate::error::{ChannelError, SessionError};
-use crate::memory::GuestMemory;
+use crate::memory::GuestRam;
 use crate::pages::RoundPages;
 use crate::session::greet::{greet, Greeting};
 use crate::session::tls::Dialer;
@@ -91,9 +91,9 @@ impl AbortHandle {
 /// ```no_run
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// use std::sync::Arc;
-/// use pagewire::{Config, GuestMemory, Block, Sender, RoundPages};
+/// use pagewire::{Config, GuestRam, Block, Sender, RoundPages};
 /// let ram = Block::anonymous("pc.ram", 64 << 20)?;
-/// let mem = Arc::new(GuestMemory::new(vec![ram])?);
+/// let mem = Arc::new(GuestRam::new(vec![ram])?);
 /// let mut sender = Sender::connect("127.0.0.1:4444".parse()?, Config::default(), mem.clone())?;
 /// sender.send_round(RoundPages::all(&[64 << 20], 4096, 128))?;
 /// let stats = sender.finish()?;
@@ -102,7 +102,7 @@ impl AbortHandle {
 /// ```
 pub struct Sender {
     cfg: Config,
-    mem: Arc<GuestMemory>,
+    mem: Arc<GuestRam>,
     control: Conn,
     workers: Vec<Worker>,
     replies: mpsc::Receiver<Reply>,
@@ -134,7 +134,7 @@ pub(crate) struct Link {
 /// A sender whose pre-copy channels have closed cleanly (see `Sender::close_precopy`).
 pub(crate) struct Precopied {
     pub cfg: Config,
-    pub mem: Arc<GuestMemory>,
+    pub mem: Arc<GuestRam>,
     pub control: TcpStream,
     pub link: Link,
     pub stats: SessionStats,
@@ -155,7 +155,7 @@ impl Sender {
     pub fn connect(
         addr: SocketAddr,
         cfg: Config,
-        mem: Arc<GuestMemory>,
+        mem: Arc<GuestRam>,
     ) -> Result<Sender, SessionError> {
         let engines = (0..cfg.channels)
             .map(|_| engine_for(&cfg))
@@ -169,7 +169,7 @@ impl Sender {
     pub fn connect_with_engines(
         addr: SocketAddr,
         cfg: Config,
-        mem: Arc<GuestMemory>,
+        mem: Arc<GuestRam>,
         engines: Vec<Option<Box<dyn Accelerator>>>,
     ) -> Result<Sender, SessionError> {
         let span = info_span!("send", %addr);
@@ -391,7 +391,7 @@ impl Sender {
     }
 
     /// The guest memory being sent.
-    pub fn memory(&self) -> &Arc<GuestMemory> {
+    pub fn memory(&self) -> &Arc<GuestRam> {
         &self.mem
     }
 
@@ -637,7 +637,7 @@ fn channel_thread(
     mut chan: SendChannel,
     rx: mpsc::Receiver<Cmd>,
     reply: mpsc::Sender<Reply>,
-    mem: Arc<GuestMemory>,
+    mem: Arc<GuestRam>,
     progress: Arc<Progress>,
     abort: Arc<AtomicBool>,
     pinning: crate::pin::Pinning,

@@ -11,7 +11,7 @@
 //! working-set page and the checksum there.
 
 use kvm_bindings::{kvm_dtable, kvm_regs, kvm_segment, kvm_sregs};
-use pagewire::GuestMemory;
+use pagewire::GuestRam;
 
 /// Guest page size (and pagewire's page size).
 pub const PAGE: u64 = 4096;
@@ -249,7 +249,7 @@ pub fn page_words(c: u64, out: &mut [u64; WORDS]) {
 /// # Safety
 /// The guest must not be running (every vCPU stopped) and no receiver may be writing the
 /// memory.
-unsafe fn read_u64(mem: &GuestMemory, addr: u64) -> Result<u64, String> {
+unsafe fn read_u64(mem: &GuestRam, addr: u64) -> Result<u64, String> {
     let p = mem
         .block(0)
         .and_then(|b| b.range_ptr(addr, 8))
@@ -263,7 +263,7 @@ unsafe fn read_u64(mem: &GuestMemory, addr: u64) -> Result<u64, String> {
 ///
 /// # Safety
 /// As [`read_u64`]: the guest is stopped and no receiver writes the memory.
-pub unsafe fn status(mem: &GuestMemory) -> Result<(u64, u64), String> {
+pub unsafe fn status(mem: &GuestRam) -> Result<(u64, u64), String> {
     // SAFETY: forwarded contract.
     unsafe { Ok((read_u64(mem, STATUS)?, read_u64(mem, STATUS + 8)?)) }
 }
@@ -284,7 +284,7 @@ pub struct Checked {
 /// # Safety
 /// As [`read_u64`]: the guest is stopped and no receiver writes the memory.
 pub unsafe fn check_working_set(
-    mem: &GuestMemory,
+    mem: &GuestRam,
     layout: &Layout,
     counter: u64,
     skip: Option<u64>,
@@ -336,7 +336,7 @@ pub unsafe fn check_working_set(
 /// # Safety
 /// As [`read_u64`]: the guest is stopped and no receiver writes the memory.
 pub unsafe fn check_at_checkpoint(
-    mem: &GuestMemory,
+    mem: &GuestRam,
     layout: &Layout,
     regs: &kvm_regs,
 ) -> Result<(u64, Checked), String> {
@@ -384,7 +384,7 @@ mod tests {
     fn checks_accept_a_simulated_guest_and_catch_a_stale_page() {
         let layout = Layout::new(18 << 20, 8).expect("layout");
         let block = Block::anonymous("pc.ram", 18 << 20).expect("block");
-        let mem = GuestMemory::new(vec![block]).expect("mem");
+        let mem = GuestRam::new(vec![block]).expect("mem");
         // SAFETY: nothing else uses this memory.
         let bytes = unsafe { mem.block(0).expect("b").as_mut_slice() };
         write_boot_image(bytes, &layout).expect("boot image");

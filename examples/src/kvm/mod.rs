@@ -25,7 +25,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use pagewire::session::auth::Secret;
+use pagewire::Secret;
 use pagewire::{CodecKind, Config};
 use serde_json::{json, Value};
 

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
-use pagewire::{vmm, GuestMemory};
+use pagewire::{rust_vmm, GuestRam};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
@@ -41,7 +41,7 @@ pub struct Vm {
     // Field order matters: the VM fd closes before the memory it maps is unmapped.
     vm: VmFd,
     kvm: Kvm,
-    mem: Arc<GuestMemory>,
+    mem: Arc<GuestRam>,
     layout: Layout,
     dirty_log: bool,
 }
@@ -71,7 +71,7 @@ impl Vm {
         let guest = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), layout.size()?)])
             .map_err(|e| format!("guest memory: {e}"))?;
         let mem = Arc::new(
-            vmm::guest_memory_named(&guest, |_, _| "pc.ram".into()).map_err(|e| e.to_string())?,
+            rust_vmm::guest_ram_named(&guest, |_, _| "pc.ram".into()).map_err(|e| e.to_string())?,
         );
         let host = mem.block(0).ok_or("no memory block")?.as_ptr();
         let region = kvm_userspace_memory_region {
@@ -101,7 +101,7 @@ impl Vm {
     }
 
     /// The guest memory (what pagewire sends or receives into).
-    pub fn memory(&self) -> &Arc<GuestMemory> {
+    pub fn memory(&self) -> &Arc<GuestRam> {
         &self.mem
     }
 
@@ -150,7 +150,7 @@ impl Vm {
 pub struct Vcpu {
     // Field order: the fd closes before the memory is unmapped (see Vm).
     fd: VcpuFd,
-    mem: Arc<GuestMemory>,
+    mem: Arc<GuestRam>,
 }
 
 impl Vcpu {

@@ -1,10 +1,10 @@
 //! rust-vmm integration (cargo feature `vm-memory`, on by default): guest memory from a
 //! [`vm_memory::GuestMemoryMmap`] and dirty pages from vm-memory's bitmaps.
 //!
-//! - [`guest_memory`] turns every region of a `GuestMemoryMmap` into a [`Block`] that points
+//! - [`guest_ram`] turns every region of a `GuestMemoryMmap` into a [`Block`] that points
 //!   at the region's own host mapping (no copy) and keeps that mapping alive; block `i` is the
 //!   `i`-th region in guest-address order, named after its guest address (`ram@0x100000000`)
-//!   or by the caller ([`guest_memory_named`]). The same layout gives the same names on both
+//!   or by the caller ([`guest_ram_named`]). The same layout gives the same names on both
 //!   hosts, so the destination VMM builds its receiving memory the same way.
 //! - [`collect_dirty`] drains (reads and clears) each region's vm-memory bitmap into a
 //!   [`DirtyLog`]: the pages the VMM itself wrote through vm-memory (device emulation,
@@ -41,28 +41,25 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRe
 
 use crate::datamap::Contents;
 use crate::dirty::{DirtyError, DirtyLog};
-use crate::memory::{Block, GuestMemory, MemoryError};
+use crate::memory::{Block, GuestRam, MemoryError};
 
 /// The default block name of a region: its guest physical address, `ram@0x...`.
 pub fn block_name(addr: GuestAddress) -> String {
     format!("ram@{:#x}", addr.0)
 }
 
-/// A [`GuestMemory`] over every region of `mem`, named by [`block_name`]. No memory is
+/// A [`GuestRam`] over every region of `mem`, named by [`block_name`]. No memory is
 /// copied; see the module docs for the contract while a guest runs.
-pub fn guest_memory<B>(mem: &GuestMemoryMmap<B>) -> Result<GuestMemory, MemoryError>
+pub fn guest_ram<B>(mem: &GuestMemoryMmap<B>) -> Result<GuestRam, MemoryError>
 where
     B: Bitmap + Send + Sync + 'static,
 {
-    guest_memory_named(mem, |_, addr| block_name(addr))
+    guest_ram_named(mem, |_, addr| block_name(addr))
 }
 
-/// Like [`guest_memory`], with `name(index, guest_address)` naming each region's block
+/// Like [`guest_ram`], with `name(index, guest_address)` naming each region's block
 /// (e.g. QEMU's `pc.ram` for a destination that is a QEMU-compatible decoder).
-pub fn guest_memory_named<B, F>(
-    mem: &GuestMemoryMmap<B>,
-    mut name: F,
-) -> Result<GuestMemory, MemoryError>
+pub fn guest_ram_named<B, F>(mem: &GuestMemoryMmap<B>, mut name: F) -> Result<GuestRam, MemoryError>
 where
     B: Bitmap + Send + Sync + 'static,
     F: FnMut(usize, GuestAddress) -> String,
@@ -87,7 +84,7 @@ where
             unsafe { Block::from_raw_owned(&block_name, ptr, len, writable, Box::new(mapping)) }?;
         blocks.push(block.with_contents(contents));
     }
-    GuestMemory::new(blocks)
+    GuestRam::new(blocks)
 }
 
 /// What a region's mapping is made of, from how vm-memory mapped it: a file (memfd, shmem,
@@ -149,7 +146,7 @@ impl DrainBitmap for () {
 }
 
 /// Drain every region's vm-memory dirty bitmap into `log` (region `i` into block `i`: the log
-/// must have been made for [`guest_memory`] of the same `mem`). Returns the pages the bitmaps
+/// must have been made for [`guest_ram`] of the same `mem`). Returns the pages the bitmaps
 /// held. Nothing is drained when a bitmap's pages are not the log's (an error): dirty bits are
 /// never lost to a mismatch.
 pub fn collect_dirty<B>(mem: &GuestMemoryMmap<B>, log: &mut DirtyLog) -> Result<u64, DirtyError>
@@ -202,7 +199,7 @@ mod tests {
     #[test]
     fn regions_become_blocks_over_the_same_host_memory() {
         let vm = two_regions();
-        let mem = guest_memory(&vm).expect("blocks");
+        let mem = guest_ram(&vm).expect("blocks");
         assert_eq!(
             mem.layout(),
             vec![
@@ -226,14 +223,14 @@ mod tests {
         drop(vm);
         // SAFETY: as above.
         assert_eq!(&unsafe { b.as_slice() }[4096..4101], b"hello");
-        let named = guest_memory_named(&two_regions(), |i, _| format!("slot{i}")).expect("named");
+        let named = guest_ram_named(&two_regions(), |i, _| format!("slot{i}")).expect("named");
         assert_eq!(named.find("slot1"), Some(1));
     }
 
     #[test]
     fn vm_memory_bitmaps_drain_into_the_log() {
         let vm = two_regions();
-        let mem = guest_memory(&vm).expect("blocks");
+        let mem = guest_ram(&vm).expect("blocks");
         let mut log = DirtyLog::new(&mem, 4096);
         // GuestMemoryMmap::from_ranges starts with clean bitmaps; VMM writes dirty them.
         vm.write_slice(&[1u8; 10], GuestAddress(4096 * 3 + 4090))
@@ -254,7 +251,7 @@ mod tests {
         ));
         assert_eq!(collect_dirty(&vm, &mut log).expect("collect"), 1);
         // A log of another layout (one block) is refused.
-        let one = GuestMemory::new(vec![Block::anonymous("x", 4096).expect("map")]).expect("mem");
+        let one = GuestRam::new(vec![Block::anonymous("x", 4096).expect("map")]).expect("mem");
         assert_eq!(
             collect_dirty(&vm, &mut DirtyLog::new(&one, 4096)),
             Err(DirtyError::Layout {
