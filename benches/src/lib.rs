@@ -419,14 +419,25 @@ pub struct SessionRun {
 }
 
 /// Move `src` into `dst` (same layout) with one pagewire session over loopback configured by
-/// `cfg` (the same configuration on both ends), one round of every page.
+/// `cfg` (a receiver with the settings both ends share), one round of every page.
 pub fn loopback_session(
     src: &std::sync::Arc<pagewire::GuestRam>,
     dst: &std::sync::Arc<pagewire::GuestRam>,
-    cfg: &pagewire::Config,
+    cfg: &pagewire::SenderConfig,
+) -> SessionRun {
+    let rcfg = pagewire::ReceiverConfig::for_sender(cfg);
+    loopback_session_with(src, dst, cfg, rcfg)
+}
+
+/// [`loopback_session`] with the receiver's settings given.
+pub fn loopback_session_with(
+    src: &std::sync::Arc<pagewire::GuestRam>,
+    dst: &std::sync::Arc<pagewire::GuestRam>,
+    cfg: &pagewire::SenderConfig,
+    rcfg: pagewire::ReceiverConfig,
 ) -> SessionRun {
     use pagewire::{ReceiveInto, Receiver, RoundPages, Sender};
-    let mut r = Receiver::bind("127.0.0.1:0".parse().expect("addr"), cfg.clone()).expect("bind");
+    let mut r = Receiver::bind("127.0.0.1:0".parse().expect("addr"), rcfg).expect("bind");
     r.set_accept_timeout(Some(Duration::from_secs(30)));
     let addr = r.local_addr().expect("addr");
     let d = dst.clone();

@@ -681,7 +681,7 @@ const RESERVE_SAMPLES: usize = 3;
 
 impl Driver {
     /// A driver for a session with `cfg`'s page size and packet size.
-    pub fn new(policy: Policy, cfg: &crate::Config) -> Driver {
+    pub fn new(policy: Policy, cfg: &crate::SenderConfig) -> Driver {
         Driver {
             policy,
             page_size: cfg.page_size,
@@ -1123,7 +1123,7 @@ mod tests {
 
     /// A driver reading the simulated clock.
     fn driver(policy: Policy) -> Driver {
-        let mut d = Driver::new(policy, &crate::Config::default());
+        let mut d = Driver::new(policy, &crate::SenderConfig::default());
         d.clock = super::Clock::Simulated(Arc::new(|| Clock.get()));
         d
     }

@@ -81,7 +81,7 @@ pub enum ChannelErrorKind {
     #[error("stopped: the session failed elsewhere")]
     Aborted,
     /// Receiver-allocated memory: the pages written so far would take the committed memory
-    /// over `Config::max_memory`.
+    /// over `ReceiverConfig::max_memory`.
     #[error(
         "the sender's data would commit {committed} bytes of guest memory, over this receiver's limit of {limit} bytes (max_memory; pages never written cost nothing)"
     )]

@@ -20,7 +20,7 @@
 //! # #[cfg(feature = "vm-memory")]
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::sync::Arc;
-//! use pagewire::{rust_vmm, Config, DirtyLog, ReceiveInto, Receiver, Sender};
+//! use pagewire::{rust_vmm, DirtyLog, ReceiveInto, Receiver, ReceiverConfig, Sender, SenderConfig};
 //! use vm_memory::{bitmap::AtomicBitmap, Bytes, GuestAddress, GuestMemoryMmap};
 //!
 //! // 4 MiB at 0, a hole, 2 MiB at 4 GiB; vm-memory tracks the VMM's own writes.
@@ -28,7 +28,7 @@
 //!
 //! // Destination VMM: the same layout; pagewire writes straight into its regions.
 //! let dst_vm = GuestMemoryMmap::<AtomicBitmap>::from_ranges(&ranges)?;
-//! let receiver = Receiver::bind("127.0.0.1:0".parse()?, Config::default())?;
+//! let receiver = Receiver::bind("127.0.0.1:0".parse()?, ReceiverConfig::default())?;
 //! let addr = receiver.local_addr()?;
 //! let into = Arc::new(rust_vmm::guest_ram(&dst_vm)?);
 //! let destination = std::thread::spawn(move || receiver.serve(ReceiveInto::Memory(into)));
@@ -38,7 +38,7 @@
 //! src_vm.write_slice(b"kernel", GuestAddress(0x1000))?;
 //! src_vm.write_slice(&[0xAB; 8192], GuestAddress((1 << 32) + 0x10000))?;
 //! let src = Arc::new(rust_vmm::guest_ram(&src_vm)?);
-//! let cfg = Config { channels: 2, ..Config::default() };
+//! let cfg = SenderConfig::default().channels(2);
 //! let mut sender = Sender::connect(addr, cfg.clone(), src.clone())?;
 //!
 //! // Round 1: every page. Drain the bitmaps first, so they then hold what changes meanwhile.
@@ -82,7 +82,7 @@
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::{sync::Arc, time::Duration};
 //! use pagewire::driver::{Outcome, VmmError};
-//! use pagewire::{rust_vmm, Config, DirtyLog, Driver, Policy, Sender, Vmm};
+//! use pagewire::{rust_vmm, DirtyLog, Driver, Policy, Sender, SenderConfig, Vmm};
 //! use vm_memory::{bitmap::AtomicBitmap, GuestMemoryMmap};
 //!
 //! struct MyVmm { mem: GuestMemoryMmap<AtomicBitmap> /* , vm_fd, vcpus, devices ... */ }
@@ -100,7 +100,7 @@
 //!
 //! # let mut my_vmm = MyVmm { mem: GuestMemoryMmap::from_ranges(&[])? };
 //! let src = Arc::new(rust_vmm::guest_ram(&my_vmm.mem)?);
-//! let cfg = Config { channels: 4, ..Config::default() };
+//! let cfg = SenderConfig::default().channels(4);
 //! let sender = Sender::connect("10.0.0.2:4444".parse()?, cfg.clone(), src.clone())?;
 //! let driver = Driver::new(Policy::new(Duration::from_millis(300)), &cfg);
 //! match driver.migrate(sender, &mut my_vmm)? {
@@ -121,13 +121,13 @@
 //!
 //! ```
 //! use std::sync::Arc;
-//! use pagewire::{Block, BlockPages, Config, GuestRam, ReceiveInto, Receiver, RoundPages, Sender};
+//! use pagewire::{Block, BlockPages, GuestRam, ReceiveInto, Receiver, ReceiverConfig, RoundPages, Sender, SenderConfig};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! const SIZE: usize = 4 << 20;
 //! // Destination: the receiving VMM's memory, with the same layout as the source.
 //! let dst = Arc::new(GuestRam::new(vec![Block::anonymous("pc.ram", SIZE)?])?);
-//! let receiver = Receiver::bind("127.0.0.1:0".parse()?, Config::default())?;
+//! let receiver = Receiver::bind("127.0.0.1:0".parse()?, ReceiverConfig::default())?;
 //! let addr = receiver.local_addr()?;
 //! let into = dst.clone();
 //! let destination = std::thread::spawn(move || receiver.serve(ReceiveInto::Memory(into)));
@@ -138,7 +138,7 @@
 //! let bytes = unsafe { ram.as_mut_slice() };
 //! bytes[..4096].copy_from_slice(&[7u8; 4096]);
 //! let src = Arc::new(GuestRam::new(vec![ram])?);
-//! let cfg = Config { channels: 2, ..Config::default() };
+//! let cfg = SenderConfig::default().channels(2);
 //! let mut sender = Sender::connect(addr, cfg, src.clone())?;
 //!
 //! // Round 1: every page.
@@ -163,16 +163,16 @@
 //!
 //! # Identity and access
 //!
-//! [`Config::vm_uuid`] is the VM's identity on the wire (QEMU's `-uuid`): it travels in the
+//! [`SenderConfig::vm_uuid`] is the VM's identity on the wire (QEMU's `-uuid`): it travels in the
 //! hello and every channel's init packet, and a receiver that has one refuses another VM's
 //! session; unset, each session gets a random one. A shared secret
-//! ([`session::auth::Secret`] in [`Config::secret`]) makes every connection prove it knows it.
+//! ([`Secret`] in [`SenderConfig::secret`] and [`ReceiverConfig::secret`]) makes every connection prove it knows it.
 //!
 //! # Where things are
 //!
 //! The crate root holds what a migration needs: [`Sender`], [`Receiver`], [`GuestRam`] and
 //! its [`Block`]s, [`DirtyLog`] and [`RoundPages`], the [`Driver`] and the [`Vmm`] it drives,
-//! [`Config`], the statistics. A few documented modules hold the rest: [`config`] (every
+//! [`SenderConfig`] and [`ReceiverConfig`], the statistics. A few documented modules hold the rest: [`config`] (every
 //! setting's type), [`error`] (every error type a call can return or carry), [`driver`] (the
 //! convergence loop, explained), [`rust_vmm`] (rust-vmm's `GuestMemoryMmap` and dirty
 //! bitmaps; feature `vm-memory`), [`threads`] and [`sandbox`] (the threads pagewire starts,
@@ -187,17 +187,17 @@
 //!
 //! | feature | brings | pulls in |
 //! |---|---|---|
-//! | `tls` | TLS 1.3 with mutual certificate authentication on every connection: [`Config::tls`], [`session::tls::TlsConfig`] | rustls, aws-lc-rs and aws-lc-sys (C, compiled with the crate), through `pagewire-transport/tls` |
-//! | `gen-certs` | `session::tls::generate`: a CA and receiver and sender certificates for trying TLS out; implies `tls` | rcgen, time |
-//! | `qpl` | codec `qpl` and the QPL decoder: Intel IAA, or QPL's software path ([`accel::qpl`]) | qpl-sys, libloading (`libqpl.so.1` is opened at run time, never linked) |
+//! | `tls` | TLS 1.3 with mutual certificate authentication on every connection: [`SenderConfig::tls`], [`tls::TlsConfig`] | rustls, aws-lc-rs and aws-lc-sys (C, compiled with the crate), through `pagewire-transport/tls` |
+//! | `gen-certs` | `tls::generate`: a CA and receiver and sender certificates for trying TLS out; implies `tls` | rcgen, time |
+//! | `qpl` | codec `qpl` and the QPL decoder: Intel IAA, or QPL's software path | qpl-sys, libloading (`libqpl.so.1` is opened at run time, never linked) |
 //! | `vm-memory` | [`rust_vmm`]: guest memory and dirty bitmaps from rust-vmm's `GuestMemoryMmap` | vm-memory |
 //!
-//! Without `tls`, [`session::tls::TlsConfig`] is a type with no values: [`Config::tls`] stays
-//! (so struct literals and `..Config::default()` read the same in every build) but can only be
+//! Without `tls`, [`tls::TlsConfig`] is a type with no values: [`SenderConfig::tls`] stays
+//! (so code setting it to `None` reads the same in every build) but can only be
 //! `None`, every connection is clear text, and a peer that starts a TLS handshake is refused
 //! with "pagewire was built without the `tls` feature" (a TLS sender quotes the refusal in
 //! its error). Without `qpl`, a sender asking for codec `qpl` and a receiver asking for
-//! [`config::Decoder::Qpl`] fail with [`accel::qpl::QplSetupError::NotBuilt`], and `auto`
+//! [`config::Decoder::Qpl`] fail with [`error::QplSetupError::NotBuilt`], and `auto`
 //! compresses with deflate. The qpl *framing* (raw DEFLATE per page, multifd flag 0x08) needs
 //! no feature: codec `deflate` writes it, and every receiver reads it, QEMU's multifd-qpl
 //! streams included.
@@ -228,7 +228,7 @@ pub mod sandbox;
 pub mod threads;
 
 /// TLS 1.3 with mutual certificate authentication (feature `tls`; certificate generation with
-/// feature `gen-certs`): the credentials a [`Config::tls`] names, in QEMU's `tls-creds-x509`
+/// feature `gen-certs`): the credentials [`SenderConfig::tls`] and [`ReceiverConfig::tls`] name, in QEMU's `tls-creds-x509`
 /// directory layout.
 pub mod tls {
     pub use crate::session::tls::{
@@ -239,7 +239,7 @@ pub mod tls {
 }
 
 pub use codec::{resolve_auto, AutoCompressor, CodecKind};
-pub use config::Config;
+pub use config::{Rate, ReceiverConfig, SenderConfig};
 pub use datamap::Contents;
 pub use dirty::DirtyLog;
 pub use driver::{
@@ -279,7 +279,15 @@ pub mod internals {
     pub use crate::datamap::Pagemap;
     pub use crate::postcopy::{PageRequest, REQUEST_LEN};
     pub use crate::session::handshake::MAX_HANDSHAKES;
-    pub use crate::session::recv::{decoder_for, peer_allowed};
+    pub use crate::session::recv::decoder_for;
+
+    /// Whether a receiver with `cfg` accepts a peer at `peer` (before any handshake).
+    pub fn peer_allowed(
+        cfg: &crate::ReceiverConfig,
+        peer: &std::net::SocketAddr,
+    ) -> Result<(), crate::SessionError> {
+        crate::session::recv::peer_allowed(&cfg.session(), peer)
+    }
     pub use crate::stats::thread_cpu_seconds;
     pub use crate::uffd::Uffd;
 }

@@ -1,6 +1,6 @@
 //! The system calls each pagewire thread makes, for a VMM that runs every thread under a
 //! seccomp filter: build each role's filter from [`syscalls`] and install it from the
-//! [`ThreadHook`](crate::threads::ThreadHook) (`Config::threads`), which runs first on every
+//! [`ThreadHook`](crate::threads::ThreadHook) (`SenderConfig::threads`, `ReceiverConfig::threads`), which runs first on every
 //! thread pagewire starts. engine/tests/sandbox.rs does exactly that with the rust-vmm
 //! `seccompiler` crate, default action *kill the process*, and completes pre-copy (none,
 //! deflate, auto, TLS) and post-copy migrations byte-identical; docs/sandboxing.md has the
@@ -31,7 +31,7 @@ pub struct Syscall {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Mode {
-    /// TLS (`Config::tls`). Adds no call: the record layer works on the channels' buffers,
+    /// TLS (`tls` in either config). Adds no call: the record layer works on the channels' buffers,
     /// and the handshake threads' reads and writes are the plain session's. (Kept so that a
     /// filter built per mode stays right if that changes.)
     pub tls: bool,
@@ -118,7 +118,7 @@ const POLL: &[Syscall] = calls!(SYS_poll, SYS_ppoll);
 const POLL: &[Syscall] = calls!(SYS_ppoll);
 
 /// A channel loop (send or receive): its io_uring (set up, entered, buffers registered on
-/// the thread itself), CPU pinning (`Config::pinning`), its CPU time, socket flags.
+/// the thread itself), CPU pinning (`pinning`), its CPU time, socket flags.
 const CHANNEL: &[Syscall] = calls!(
     SYS_io_uring_setup,
     SYS_io_uring_enter,

@@ -67,7 +67,7 @@ pub type HookError = Box<dyn StdError + Send + Sync>;
 type HookFn = dyn Fn(&ThreadStart<'_>) -> Result<(), HookError> + Send + Sync;
 
 /// The embedder's callback, run first on every thread pagewire starts
-/// ([`Config::threads`](crate::Config::threads)). The default runs nothing.
+/// ([`SenderConfig::threads`](crate::SenderConfig::threads), [`ReceiverConfig::threads`](crate::ReceiverConfig::threads)). The default runs nothing.
 ///
 /// ```
 /// use pagewire::threads::{ThreadHook, ThreadRole};
@@ -77,7 +77,7 @@ type HookFn = dyn Fn(&ThreadStart<'_>) -> Result<(), HookError> + Send + Sync;
 ///     let _filter_for = t.role;
 ///     Ok(())
 /// });
-/// let cfg = pagewire::Config { threads: hook, ..pagewire::Config::default() };
+/// let cfg = pagewire::SenderConfig::default().threads(hook);
 /// # let _ = cfg;
 /// ```
 #[derive(Clone, Default)]

@@ -11,7 +11,8 @@ use pagewire::config::{Huffman, QplPath};
 use pagewire::internals::testing::{Script, ScriptedAccel};
 use pagewire::internals::Accelerator;
 use pagewire::{
-    Block, CodecKind, Config, GuestRam, ReceiveInto, Receiver, RoundPages, Sender, SessionStats,
+    Block, CodecKind, GuestRam, ReceiveInto, Receiver, ReceiverConfig, RoundPages, Sender,
+    SenderConfig, SessionStats,
 };
 use pagewire_synth::{self as synth, PageSet};
 
@@ -39,14 +40,11 @@ fn same(a: &GuestRam, b: &GuestRam) -> bool {
 /// Send `src` with `engines` and the receiver's `decoder`; returns (sender totals, receiver totals).
 fn run(
     src: &Arc<GuestRam>,
-    cfg: Config,
+    cfg: SenderConfig,
     engines: Option<Vec<Option<Box<dyn Accelerator>>>>,
     decoder: Decoder,
 ) -> (SessionStats, SessionStats) {
-    let rcfg = Config {
-        decoder,
-        ..cfg.clone()
-    };
+    let rcfg = ReceiverConfig::for_sender(&cfg).decoder(decoder);
     let mut r = Receiver::bind("127.0.0.1:0".parse().expect("addr"), rcfg).expect("bind");
     r.set_accept_timeout(Some(Duration::from_secs(10)));
     let addr = r.local_addr().expect("addr");
@@ -65,13 +63,11 @@ fn run(
     (st, got.stats)
 }
 
-fn cfg(codec: CodecKind, channels: u16) -> Config {
-    Config {
-        codec,
-        channels,
-        idle_timeout: Duration::from_secs(10),
-        ..Config::default()
-    }
+fn cfg(codec: CodecKind, channels: u16) -> SenderConfig {
+    SenderConfig::default()
+        .codec(codec)
+        .channels(channels)
+        .idle_timeout(Duration::from_secs(10))
 }
 
 #[test]

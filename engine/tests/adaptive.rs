@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use pagewire::internals::Accelerator;
 use pagewire::{
-    Block, CodecKind, Config, GuestRam, ReceiveInto, Receiver, RoundPages, Sender, SessionStats,
+    Block, CodecKind, GuestRam, ReceiveInto, Receiver, ReceiverConfig, RoundPages, Sender,
+    SenderConfig, SessionStats,
 };
 
 const PS: usize = 4096;
@@ -42,7 +43,7 @@ fn memory(size: usize, seed: u64) -> Arc<GuestRam> {
     Arc::new(GuestRam::new(vec![b]).expect("layout"))
 }
 
-fn run(src: &Arc<GuestRam>, cfg: Config) -> SessionStats {
+fn run(src: &Arc<GuestRam>, cfg: SenderConfig) -> SessionStats {
     run_with(src, cfg, None)
 }
 
@@ -50,10 +51,14 @@ fn run(src: &Arc<GuestRam>, cfg: Config) -> SessionStats {
 /// engines (`None`: the ones `cfg` asks for).
 fn run_with(
     src: &Arc<GuestRam>,
-    cfg: Config,
+    cfg: SenderConfig,
     engines: Option<Vec<Option<Box<dyn Accelerator>>>>,
 ) -> SessionStats {
-    let mut r = Receiver::bind("127.0.0.1:0".parse().expect("addr"), cfg.clone()).expect("bind");
+    let mut r = Receiver::bind(
+        "127.0.0.1:0".parse().expect("addr"),
+        ReceiverConfig::for_sender(&cfg),
+    )
+    .expect("bind");
     r.set_accept_timeout(Some(Duration::from_secs(10)));
     let addr = r.local_addr().expect("addr");
     let rt = std::thread::spawn(move || r.serve(ReceiveInto::Allocate));
@@ -89,15 +94,9 @@ fn assert_accounted(st: &SessionStats) {
 
 #[test]
 fn auto_is_the_default_and_round_trips() {
-    assert_eq!(Config::default().codec, CodecKind::Auto);
+    assert_eq!(SenderConfig::default().codec, CodecKind::Auto);
     let src = memory(32 << 20, 3);
-    let st = run(
-        &src,
-        Config {
-            channels: 2,
-            ..Config::default()
-        },
-    );
+    let st = run(&src, SenderConfig::default().channels(2));
     assert_accounted(&st);
     // Loopback carries raw pages faster than they compress: auto sends most of them raw.
     assert!(
@@ -113,11 +112,9 @@ fn auto_compresses_under_a_tight_cap() {
     let src = memory(16 << 20, 5);
     let st = run(
         &src,
-        Config {
-            channels: 2,
-            max_bandwidth: Some(20_000_000),
-            ..Config::default()
-        },
+        SenderConfig::default()
+            .channels(2)
+            .max_bandwidth(pagewire::Rate::bytes_per_sec(20_000_000)),
     );
     assert_accounted(&st);
     let t = &st.total;
@@ -142,12 +139,10 @@ fn max_bandwidth_holds_the_wire_rate() {
     let cap = 60_000_000u64;
     let st = run(
         &src,
-        Config {
-            codec: CodecKind::None,
-            channels: 2,
-            max_bandwidth: Some(cap),
-            ..Config::default()
-        },
+        SenderConfig::default()
+            .codec(CodecKind::None)
+            .channels(2)
+            .max_bandwidth(pagewire::Rate::bytes_per_sec(cap)),
     );
     let rate = st.total.wire_bytes as f64 / st.seconds;
     assert!(
@@ -167,12 +162,10 @@ fn a_ladder_under_a_tight_cap_uses_the_stronger_compressor() {
     use pagewire::internals::testing::{Script, ScriptedAccel};
     use pagewire::AutoCompressor;
     let src = memory(16 << 20, 7);
-    let cfg = Config {
-        channels: 2,
-        max_bandwidth: Some(20_000_000),
-        auto_compressor: AutoCompressor::Ladder,
-        ..Config::default()
-    };
+    let cfg = SenderConfig::default()
+        .channels(2)
+        .max_bandwidth(pagewire::Rate::bytes_per_sec(20_000_000))
+        .auto_compressor(AutoCompressor::Ladder);
     let engines = (0..cfg.channels)
         .map(|_| {
             let (a, _) = ScriptedAccel::new(Script::default()).expect("engine");

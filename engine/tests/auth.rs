@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use pagewire::Secret;
 use pagewire::{
-    Block, CodecKind, Config, GuestRam, ReceiveInto, Receiver, RoundPages, Sender, SessionError,
+    Block, CodecKind, GuestRam, ReceiveInto, Receiver, ReceiverConfig, RoundPages, Sender,
+    SenderConfig, SessionError,
 };
 use pagewire_synth::{self as synth, PageSet};
 use pagewire_transport::control::{
@@ -22,14 +23,12 @@ fn secret(s: &str) -> Secret {
     Secret::new(s.as_bytes().to_vec()).expect("secret")
 }
 
-fn cfg(secret: Option<Secret>) -> Config {
-    Config {
-        codec: CodecKind::Deflate,
-        channels: 2,
-        idle_timeout: Duration::from_secs(5),
-        secret,
-        ..Config::default()
-    }
+fn cfg(secret: Option<Secret>) -> SenderConfig {
+    SenderConfig::default()
+        .codec(CodecKind::Deflate)
+        .channels(2)
+        .idle_timeout(Duration::from_secs(5))
+        .secret(secret)
 }
 
 fn source() -> Arc<GuestRam> {
@@ -60,8 +59,12 @@ type Serving = (
     std::thread::JoinHandle<Result<pagewire::Received, SessionError>>,
 );
 
-fn serve(c: Config, into: ReceiveInto) -> Serving {
-    let mut r = Receiver::bind("127.0.0.1:0".parse().expect("addr"), c).expect("bind");
+fn serve(c: SenderConfig, into: ReceiveInto) -> Serving {
+    let mut r = Receiver::bind(
+        "127.0.0.1:0".parse().expect("addr"),
+        ReceiverConfig::for_sender(&c),
+    )
+    .expect("bind");
     r.set_accept_timeout(Some(Duration::from_secs(10)));
     let addr = r.local_addr().expect("addr");
     let rejections = r.watch_rejections();
@@ -236,20 +239,18 @@ fn non_loopback_peers_need_a_secret_or_insecure() {
     let lo: std::net::SocketAddr = "127.0.0.1:5000".parse().expect("addr");
     let lo6: std::net::SocketAddr = "[::1]:5000".parse().expect("addr");
     let far: std::net::SocketAddr = "192.0.2.10:5000".parse().expect("addr");
-    assert!(peer_allowed(&cfg(None), &lo).is_ok());
-    assert!(peer_allowed(&cfg(None), &lo6).is_ok());
-    let e = peer_allowed(&cfg(None), &far).expect_err("refused");
+    assert!(peer_allowed(&ReceiverConfig::for_sender(&cfg(None)), &lo).is_ok());
+    assert!(peer_allowed(&ReceiverConfig::for_sender(&cfg(None)), &lo6).is_ok());
+    let e = peer_allowed(&ReceiverConfig::for_sender(&cfg(None)), &far).expect_err("refused");
     assert!(
-        e.to_string().contains("not on loopback") && e.to_string().contains("Config::insecure"),
+        e.to_string().contains("not on loopback")
+            && e.to_string().contains("`insecure` on the receiver"),
         "{e}"
     );
+    assert!(peer_allowed(&ReceiverConfig::for_sender(&cfg(None)).insecure(true), &far).is_ok());
     assert!(peer_allowed(
-        &Config {
-            insecure: true,
-            ..cfg(None)
-        },
+        &ReceiverConfig::for_sender(&cfg(Some(secret("correct horse battery staple")))),
         &far
     )
     .is_ok());
-    assert!(peer_allowed(&cfg(Some(secret("correct horse battery staple"))), &far).is_ok());
 }

@@ -9,7 +9,10 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use pagewire::driver::{Outcome, VmmError};
-use pagewire::{rust_vmm, Config, DirtyLog, Driver, Policy, ReceiveInto, Receiver, Sender, Vmm};
+use pagewire::{
+    rust_vmm, DirtyLog, Driver, Policy, ReceiveInto, Receiver, ReceiverConfig, Sender,
+    SenderConfig, Vmm,
+};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -100,8 +103,11 @@ impl Drop for TestVmm {
 fn driver_migrates_a_running_vm_memory_guest_within_the_limit() {
     let dst_vm = Mem::from_ranges(&RANGES).expect("mmap");
     let dst = Arc::new(rust_vmm::guest_ram(&dst_vm).expect("blocks"));
-    let mut receiver =
-        Receiver::bind("127.0.0.1:0".parse().expect("addr"), Config::default()).expect("bind");
+    let mut receiver = Receiver::bind(
+        "127.0.0.1:0".parse().expect("addr"),
+        ReceiverConfig::for_sender(&(SenderConfig::default())),
+    )
+    .expect("bind");
     receiver.set_accept_timeout(Some(Duration::from_secs(10)));
     let addr = receiver.local_addr().expect("addr");
     let into = dst.clone();
@@ -115,11 +121,9 @@ fn driver_migrates_a_running_vm_memory_guest_within_the_limit() {
     }
     let src = Arc::new(rust_vmm::guest_ram(&src_vm).expect("blocks"));
     let mut guest = TestVmm::start(src_vm.clone());
-    let cfg = Config {
-        channels: 2,
-        idle_timeout: Duration::from_secs(10),
-        ..Config::default()
-    };
+    let cfg = SenderConfig::default()
+        .channels(2)
+        .idle_timeout(Duration::from_secs(10));
     let sender = Sender::connect(addr, cfg.clone(), src.clone()).expect("connect");
     let limit = Duration::from_secs(1);
     let outcome = Driver::new(Policy::new(limit), &cfg)

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pagewire::{
-    Block, CodecKind, Config, GuestRam, ReceiveInto, Receiver, RoundPages, Sender, SessionError,
+    Block, CodecKind, GuestRam, ReceiveInto, Receiver, ReceiverConfig, RoundPages, Sender,
+    SenderConfig, SessionError,
 };
 use pagewire_synth::{self as synth, PageSet};
 
@@ -28,24 +29,26 @@ fn memory(seed: u64) -> Arc<GuestRam> {
     Arc::new(GuestRam::new(vec![b]).expect("layout"))
 }
 
-fn cfg(idle: Duration) -> Config {
-    Config {
-        codec: CodecKind::None,
-        channels: 2,
-        idle_timeout: idle,
-        ..Config::default()
-    }
+fn cfg(idle: Duration) -> SenderConfig {
+    SenderConfig::default()
+        .codec(CodecKind::None)
+        .channels(2)
+        .idle_timeout(idle)
 }
 
-fn receiver(c: &Config) -> (Receiver, SocketAddr) {
-    let mut r = Receiver::bind("127.0.0.1:0".parse().expect("addr"), c.clone()).expect("bind");
+fn receiver(c: &SenderConfig) -> (Receiver, SocketAddr) {
+    let mut r = Receiver::bind(
+        "127.0.0.1:0".parse().expect("addr"),
+        ReceiverConfig::for_sender(c),
+    )
+    .expect("bind");
     r.set_accept_timeout(Some(Duration::from_secs(20)));
     let addr = r.local_addr().expect("addr");
     (r, addr)
 }
 
 /// One round of every page, then `finish`.
-fn migrate(addr: SocketAddr, c: &Config, src: &Arc<GuestRam>) -> Result<(), SessionError> {
+fn migrate(addr: SocketAddr, c: &SenderConfig, src: &Arc<GuestRam>) -> Result<(), SessionError> {
     let mut s = Sender::connect(addr, c.clone(), src.clone())?;
     s.send_round(RoundPages::all(&[SIZE as u64], PS, c.pages_per_packet))?;
     s.finish().map(|_| ())

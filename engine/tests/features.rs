@@ -12,7 +12,7 @@ mod without_tls {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use pagewire::{Block, Config, GuestRam, ReceiveInto, Receiver, Sender};
+    use pagewire::{Block, GuestRam, ReceiveInto, Receiver, ReceiverConfig, Sender, SenderConfig};
     use pagewire_transport::control::{self, Message};
 
     const NOT_BUILT: &str = "pagewire was built without the `tls` feature";
@@ -22,7 +22,11 @@ mod without_tls {
     /// sender quotes it: transport's `handshake::finish`).
     #[test]
     fn a_client_hello_is_refused_naming_the_feature() {
-        let mut r = Receiver::bind("127.0.0.1:0".parse().unwrap(), Config::default()).unwrap();
+        let mut r = Receiver::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            ReceiverConfig::for_sender(&(SenderConfig::default())),
+        )
+        .unwrap();
         r.set_accept_timeout(Some(Duration::from_secs(3)));
         let rejections = r.watch_rejections();
         let addr = r.local_addr().unwrap();
@@ -67,7 +71,7 @@ mod without_tls {
         });
         let mem =
             Arc::new(GuestRam::new(vec![Block::anonymous("pc.ram", 1 << 20).unwrap()]).unwrap());
-        let e = Sender::connect(addr, Config::default(), mem)
+        let e = Sender::connect(addr, SenderConfig::default(), mem)
             .unwrap_err()
             .to_string();
         assert!(e.contains("cannot speak TLS"), "{e}");
@@ -83,17 +87,14 @@ mod without_qpl {
     use pagewire::config::Decoder;
     use pagewire::internals::auto_ladder;
     use pagewire::{resolve_auto, AutoCompressor};
-    use pagewire::{Block, CodecKind, Config, GuestRam, Sender};
+    use pagewire::{Block, CodecKind, GuestRam, Sender, SenderConfig};
 
     const NOT_BUILT: &str = "pagewire was built without the `qpl` feature";
 
     /// Codec qpl asked for: the sender fails before it connects, naming the feature.
     #[test]
     fn codec_qpl_names_the_feature() {
-        let cfg = Config {
-            codec: CodecKind::Qpl,
-            ..Config::default()
-        };
+        let cfg = SenderConfig::default().codec(CodecKind::Qpl);
         let mem =
             Arc::new(GuestRam::new(vec![Block::anonymous("pc.ram", 1 << 20).unwrap()]).unwrap());
         // Nothing listens there: the engines are set up before the first connection.

@@ -10,21 +10,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pagewire::{
-    Block, BlockPages, CodecKind, Config, GuestRam, ReceiveInto, Receiver, RoundPages, Sender,
-    SessionStats,
+    Block, BlockPages, CodecKind, GuestRam, ReceiveInto, Receiver, ReceiverConfig, RoundPages,
+    Sender, SenderConfig, SessionStats,
 };
 use pagewire_synth::{self as synth, PageSet};
 
 const PS: usize = 4096;
 const MIB2: usize = 2 << 20;
 
-fn cfg(codec: CodecKind) -> Config {
-    Config {
-        codec,
-        channels: 2,
-        idle_timeout: Duration::from_secs(20),
-        ..Config::default()
-    }
+fn cfg(codec: CodecKind) -> SenderConfig {
+    SenderConfig::default()
+        .codec(codec)
+        .channels(2)
+        .idle_timeout(Duration::from_secs(20))
 }
 
 /// Data pieces (2 MiB-aligned, so file-system and huge-page granularity cannot blur them):
@@ -64,12 +62,16 @@ fn fill_pieces(bytes: &mut [u8], seed: u64) {
 /// Returns the sender's per-round stats, the receiver's totals and its memory.
 fn session(
     src: &Arc<GuestRam>,
-    cfg: Config,
+    cfg: SenderConfig,
     into: ReceiveInto,
     rounds: Vec<RoundPages>,
     mut between: impl FnMut(usize),
 ) -> (Vec<SessionStats>, SessionStats, Arc<GuestRam>) {
-    let mut r = Receiver::bind("127.0.0.1:0".parse().expect("addr"), cfg.clone()).expect("bind");
+    let mut r = Receiver::bind(
+        "127.0.0.1:0".parse().expect("addr"),
+        ReceiverConfig::for_sender(&cfg),
+    )
+    .expect("bind");
     r.set_accept_timeout(Some(Duration::from_secs(20)));
     let addr = r.local_addr().expect("addr");
     let rt = std::thread::spawn(move || r.serve(into));
@@ -195,10 +197,7 @@ fn sparse_image_shared_mapping_reads_only_its_data_and_asks_again_each_round() {
     let w = f.try_clone().expect("clone");
     // One channel: its last answer of round 1 (the hole up to the last piece) is the one a
     // stale map would reuse for round 2's page.
-    let one = Config {
-        channels: 1,
-        ..cfg(CodecKind::None)
-    };
+    let one = cfg(CodecKind::None).channels(1);
     let (per, rstats, got) = session(
         &src,
         one,
@@ -279,10 +278,7 @@ fn receiver_memory_of_its_own_is_zeroed_and_switch_off_reads_every_page() {
     );
 
     // Switched off: every page read, nothing counted, same memory.
-    let off = Config {
-        find_holes: false,
-        ..cfg(CodecKind::None)
-    };
+    let off = cfg(CodecKind::None).find_holes(false);
     let (per, _, got) = session(&src, off, ReceiveInto::Allocate, vec![all(SIZE)], |_| {});
     identical(&src, &got);
     assert_eq!(per[0].total.pages_zero_unread, 0);
@@ -299,10 +295,7 @@ fn vmm_hint_sends_declared_ranges_as_zero_pages_unread() {
     let (s, l) = PIECES[1];
     let hint = std::iter::once(s as u64..(s + l - PS / 2) as u64).collect();
     let round = all(SIZE).with_known_zero(0, hint);
-    let off = Config {
-        find_holes: false,
-        ..cfg(CodecKind::None)
-    };
+    let off = cfg(CodecKind::None).find_holes(false);
     let (per, _, got) = session(&src, off, ReceiveInto::Allocate, vec![round], |_| {});
     assert_eq!(per[0].total.pages_zero_unread, (l / PS - 1) as u64);
     let b = got.block(0).expect("block");

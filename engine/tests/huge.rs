@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use pagewire::error::ChannelErrorKind;
 use pagewire::{
-    Block, CodecKind, Config, GuestRam, ReceiveInto, Received, Receiver, RoundPages, Sender,
-    SessionError, SessionStats,
+    Block, CodecKind, GuestRam, ReceiveInto, Received, Receiver, ReceiverConfig, RoundPages,
+    Sender, SenderConfig, SessionError, SessionStats,
 };
 use pagewire_synth::{self as synth, PageSet};
 
@@ -31,25 +31,33 @@ fn guest(size: u64, data: u64) -> Arc<GuestRam> {
     Arc::new(GuestRam::new(vec![b]).expect("layout"))
 }
 
-fn cfg(max_memory: u64) -> Config {
-    Config {
-        codec: CodecKind::None,
-        channels: 2,
-        idle_timeout: Duration::from_secs(10),
+/// The sender's settings and the receiver's, which may commit `max_memory`.
+struct Cfg {
+    send: SenderConfig,
+    max_memory: u64,
+}
+
+fn cfg(max_memory: u64) -> Cfg {
+    Cfg {
+        send: SenderConfig::default()
+            .codec(CodecKind::None)
+            .channels(2)
+            .idle_timeout(Duration::from_secs(10)),
         max_memory,
-        ..Config::default()
     }
 }
 
 /// One round of every page through a receiver allocating the memory; both sides' results.
 fn migrate(
-    c: &Config,
+    cfg: &Cfg,
     src: &Arc<GuestRam>,
 ) -> (
     Result<SessionStats, SessionError>,
     Result<Received, SessionError>,
 ) {
-    let mut r = Receiver::bind("127.0.0.1:0".parse().expect("addr"), c.clone()).expect("bind");
+    let c = &cfg.send;
+    let rcfg = ReceiverConfig::for_sender(c).max_memory(cfg.max_memory);
+    let mut r = Receiver::bind("127.0.0.1:0".parse().expect("addr"), rcfg).expect("bind");
     r.set_accept_timeout(Some(Duration::from_secs(20)));
     let addr: SocketAddr = r.local_addr().expect("addr");
     let rt = std::thread::spawn(move || r.serve(ReceiveInto::Allocate));
@@ -121,12 +129,13 @@ fn a_guest_over_the_mapping_bound_is_refused_at_the_hello() {
     // 1 MiB of max_memory maps at most 256 MiB; the sender's guest is 512 MiB (untouched).
     let c = cfg(MIB);
     let src = guest(512 * MIB, 0);
-    let mut r = Receiver::bind("127.0.0.1:0".parse().expect("addr"), c.clone()).expect("bind");
+    let rcfg = ReceiverConfig::for_sender(&c.send).max_memory(c.max_memory);
+    let mut r = Receiver::bind("127.0.0.1:0".parse().expect("addr"), rcfg).expect("bind");
     r.set_accept_timeout(Some(Duration::from_secs(5)));
     let addr = r.local_addr().expect("addr");
     let rejections = r.watch_rejections();
     let _rt = std::thread::spawn(move || r.serve(ReceiveInto::Allocate));
-    let Err(e) = Sender::connect(addr, c, src) else {
+    let Err(e) = Sender::connect(addr, c.send, src) else {
         panic!("the hello was accepted");
     };
     assert!(

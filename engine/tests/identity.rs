@@ -10,7 +10,8 @@ use std::time::Duration;
 use pagewire::config::{format_uuid, parse_uuid};
 use pagewire::Secret;
 use pagewire::{
-    Block, CodecKind, Config, GuestRam, ReceiveInto, Receiver, RoundPages, Sender, SessionError,
+    Block, CodecKind, GuestRam, ReceiveInto, Receiver, ReceiverConfig, RoundPages, Sender,
+    SenderConfig, SessionError,
 };
 use pagewire_transport::control::{self, Message};
 use pagewire_transport::wire::{InitPacket, INIT_PACKET_LEN};
@@ -32,13 +33,11 @@ fn memory(fill: u8) -> Arc<GuestRam> {
     Arc::new(GuestRam::new(vec![b]).expect("layout"))
 }
 
-fn cfg(channels: u16) -> Config {
-    Config {
-        codec: CodecKind::Deflate,
-        channels,
-        idle_timeout: Duration::from_secs(10),
-        ..Config::default()
-    }
+fn cfg(channels: u16) -> SenderConfig {
+    SenderConfig::default()
+        .codec(CodecKind::Deflate)
+        .channels(channels)
+        .idle_timeout(Duration::from_secs(10))
 }
 
 /// A receiver that records the hello's uuid and each channel's bytes, and acknowledges
@@ -96,7 +95,7 @@ fn recorder(listener: TcpListener) -> std::thread::JoinHandle<([u8; 16], Vec<Vec
 }
 
 /// One recorded session of `c`: the hello's uuid and the uuid of each channel's init packet.
-fn recorded_uuids(c: Config) -> ([u8; 16], Vec<[u8; 16]>) {
+fn recorded_uuids(c: SenderConfig) -> ([u8; 16], Vec<[u8; 16]>) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
     let rec = recorder(listener);
@@ -120,10 +119,7 @@ fn recorded_uuids(c: Config) -> ([u8; 16], Vec<[u8; 16]>) {
 
 #[test]
 fn fixed_uuid_in_the_hello_and_every_init_packet() {
-    let c = Config {
-        vm_uuid: Some(vm()),
-        ..cfg(3)
-    };
+    let c = cfg(3).vm_uuid(Some(vm()));
     let (hello, inits) = recorded_uuids(c);
     assert_eq!(format_uuid(&hello), VM);
     assert_eq!(inits.len(), 3);
@@ -152,12 +148,12 @@ fn same(a: &GuestRam, b: &GuestRam) -> bool {
 #[test]
 fn two_authenticated_sessions_of_one_vm() {
     let secret = Secret::new(b"one vm, two migrations, same key".to_vec()).expect("secret");
-    let c = Config {
-        vm_uuid: Some(vm()),
-        secret: Some(secret),
-        ..cfg(2)
-    };
-    let mut r = Receiver::bind("127.0.0.1:0".parse().expect("addr"), c.clone()).expect("bind");
+    let c = cfg(2).vm_uuid(Some(vm())).secret(Some(secret));
+    let mut r = Receiver::bind(
+        "127.0.0.1:0".parse().expect("addr"),
+        ReceiverConfig::for_sender(&c),
+    )
+    .expect("bind");
     r.set_accept_timeout(Some(Duration::from_secs(10)));
     let addr = r.local_addr().expect("addr");
     let dst = memory(0);
@@ -187,10 +183,7 @@ fn two_authenticated_sessions_of_one_vm() {
 fn receiver_expecting_one_vm_refuses_another() {
     let mut r = Receiver::bind(
         "127.0.0.1:0".parse().expect("addr"),
-        Config {
-            vm_uuid: Some(vm()),
-            ..cfg(1)
-        },
+        ReceiverConfig::for_sender(&(cfg(1).vm_uuid(Some(vm())))),
     )
     .expect("bind");
     r.set_accept_timeout(Some(Duration::from_secs(3)));
@@ -198,15 +191,8 @@ fn receiver_expecting_one_vm_refuses_another() {
     let rejections = r.watch_rejections();
     let rt = std::thread::spawn(move || r.serve(ReceiveInto::Allocate));
     let other = parse_uuid("00000000-0000-4000-8000-000000000001").expect("uuid");
-    let err = Sender::connect(
-        addr,
-        Config {
-            vm_uuid: Some(other),
-            ..cfg(1)
-        },
-        memory(3),
-    )
-    .expect_err("another VM's session must be refused");
+    let err = Sender::connect(addr, cfg(1).vm_uuid(Some(other)), memory(3))
+        .expect_err("another VM's session must be refused");
     assert!(
         matches!(&err, SessionError::Peer(m) if m.contains(VM)),
         "{err}"
@@ -233,12 +219,12 @@ fn channel_token_of_another_hello_refused_with_the_same_uuid() {
     use std::io::Write;
 
     let sec = Secret::new(b"one vm, two migrations, same key".to_vec()).expect("secret");
-    let c = Config {
-        vm_uuid: Some(vm()),
-        secret: Some(sec.clone()),
-        ..cfg(1)
-    };
-    let mut r = Receiver::bind("127.0.0.1:0".parse().expect("addr"), c).expect("bind");
+    let c = cfg(1).vm_uuid(Some(vm())).secret(Some(sec.clone()));
+    let mut r = Receiver::bind(
+        "127.0.0.1:0".parse().expect("addr"),
+        ReceiverConfig::for_sender(&c),
+    )
+    .expect("bind");
     r.set_accept_timeout(Some(Duration::from_secs(5)));
     let addr = r.local_addr().expect("addr");
     let rej = r.watch_rejections();

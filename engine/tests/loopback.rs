@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use pagewire::decode::decode_streams;
 use pagewire::{
-    Block, BlockPages, CodecKind, Config, GuestRam, ReceiveInto, Receiver, RoundPages, Sender,
+    Block, BlockPages, CodecKind, GuestRam, ReceiveInto, Receiver, ReceiverConfig, RoundPages,
+    Sender, SenderConfig,
 };
 use pagewire_synth::{self as synth, PageSet};
 use pagewire_transport::control::{self, Message};
@@ -42,17 +43,19 @@ fn same(a: &GuestRam, b: &GuestRam) -> bool {
         })
 }
 
-fn cfg(codec: CodecKind, channels: u16) -> Config {
-    Config {
-        codec,
-        channels,
-        idle_timeout: Duration::from_secs(10),
-        ..Config::default()
-    }
+fn cfg(codec: CodecKind, channels: u16) -> SenderConfig {
+    SenderConfig::default()
+        .codec(codec)
+        .channels(channels)
+        .idle_timeout(Duration::from_secs(10))
 }
 
-fn receiver(c: &Config) -> (Receiver, std::net::SocketAddr) {
-    let mut r = Receiver::bind("127.0.0.1:0".parse().expect("addr"), c.clone()).expect("bind");
+fn receiver(c: &SenderConfig) -> (Receiver, std::net::SocketAddr) {
+    let mut r = Receiver::bind(
+        "127.0.0.1:0".parse().expect("addr"),
+        ReceiverConfig::for_sender(c),
+    )
+    .expect("bind");
     r.set_accept_timeout(Some(Duration::from_secs(10)));
     let addr = r.local_addr().expect("addr");
     (r, addr)
@@ -149,10 +152,7 @@ fn receive_into_vmm_memory_with_stale_content() {
 /// receiver ends with the sender's final memory (an older copy never overwrites a newer one).
 #[test]
 fn rounds_resend_changed_pages() {
-    let c = Config {
-        pages_per_packet: 16,
-        ..cfg(CodecKind::Deflate, 2)
-    };
+    let c = cfg(CodecKind::Deflate, 2).pages_per_packet(16);
     let src = memory(&[("pc.ram", 4 << 20)], 11);
     let (r, addr) = receiver(&c);
     let rt = std::thread::spawn(move || r.serve(ReceiveInto::Allocate));
@@ -274,10 +274,7 @@ fn cadence(stream: &[u8], ppp: u32) -> Vec<char> {
 }
 
 fn record_and_decode(codec: CodecKind) {
-    let c = Config {
-        pages_per_packet: 32,
-        ..cfg(codec, 2)
-    };
+    let c = cfg(codec, 2).pages_per_packet(32);
     let src = memory(&[("pc.ram", 6 << 20), ("vga.vram", 1 << 20)], 5);
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -365,10 +362,7 @@ fn recorded_streams_decode_deflate() {
 
 #[test]
 fn truncated_capture_is_an_error_naming_channel_and_packet() {
-    let c = Config {
-        pages_per_packet: 32,
-        ..cfg(CodecKind::Deflate, 1)
-    };
+    let c = cfg(CodecKind::Deflate, 1).pages_per_packet(32);
     let src = memory(&[("pc.ram", 1 << 20)], 9);
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -424,10 +418,7 @@ fn sender_fails_fast_when_receiver_rejects_layout() {
 
 #[test]
 fn abort_stops_a_running_round() {
-    let c = Config {
-        idle_timeout: Duration::from_secs(5),
-        ..cfg(CodecKind::Deflate, 2)
-    };
+    let c = cfg(CodecKind::Deflate, 2).idle_timeout(Duration::from_secs(5));
     let src = memory(&[("pc.ram", 64 << 20)], 2);
     let (r, addr) = receiver(&c);
     let rt = std::thread::spawn(move || r.serve(ReceiveInto::Allocate));
@@ -455,10 +446,7 @@ fn abort_stops_a_running_round() {
 fn zero_copy_round_trip_waits_for_every_notification() {
     use pagewire::config::ZeroCopy;
     for codec in [CodecKind::None, CodecKind::Deflate] {
-        let c = Config {
-            zero_copy: ZeroCopy::On,
-            ..cfg(codec, 2)
-        };
+        let c = cfg(codec, 2).zero_copy(ZeroCopy::On);
         let src = memory(&[("pc.ram", 16 << 20)], 31);
         let (r, addr) = receiver(&c);
         let rt = std::thread::spawn(move || r.serve(ReceiveInto::Allocate));
@@ -483,12 +471,15 @@ fn zero_copy_round_trip_waits_for_every_notification() {
 
 #[test]
 fn unregistered_receive_buffers_round_trip() {
-    let c = Config {
-        registered_buffers: false,
-        ..cfg(CodecKind::Deflate, 2)
-    };
+    let c = cfg(CodecKind::Deflate, 2);
     let src = memory(&[("pc.ram", 8 << 20)], 32);
-    let (r, addr) = receiver(&c);
+    let mut r = Receiver::bind(
+        "127.0.0.1:0".parse().expect("addr"),
+        ReceiverConfig::for_sender(&c).registered_buffers(false),
+    )
+    .expect("bind");
+    r.set_accept_timeout(Some(Duration::from_secs(10)));
+    let addr = r.local_addr().expect("addr");
     let rt = std::thread::spawn(move || r.serve(ReceiveInto::Allocate));
     let mut s = Sender::connect(addr, c.clone(), src.clone()).expect("connect");
     s.send_round(RoundPages::all(&sizes(&src), PS, c.pages_per_packet))
@@ -505,10 +496,7 @@ fn unregistered_receive_buffers_round_trip() {
 #[test]
 fn pages_rewritten_during_compression_never_break_the_stream() {
     use std::sync::atomic::{AtomicBool, Ordering};
-    let c = Config {
-        pages_per_packet: 16,
-        ..cfg(CodecKind::Deflate, 1)
-    };
+    let c = cfg(CodecKind::Deflate, 1).pages_per_packet(16);
     // A small, hot memory: the guest rewrites all of it all the time.
     let src = memory(&[("pc.ram", 64 * 4096)], 41);
     let (r, addr) = receiver(&c);

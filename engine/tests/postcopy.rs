@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use pagewire::internals::PageRequest;
 use pagewire::{
-    Block, BlockPages, CodecKind, Config, GuestRam, ReceiveInto, Receiver, RoundPages, Sender,
-    SessionError,
+    Block, BlockPages, CodecKind, GuestRam, ReceiveInto, Receiver, ReceiverConfig, RoundPages,
+    Sender, SenderConfig, SessionError,
 };
 use pagewire_transport::control::{self, Hello, Message};
 use pagewire_transport::wire::InitPacket;
@@ -81,13 +81,11 @@ fn dest_memory() -> Arc<GuestRam> {
     )
 }
 
-fn cfg() -> Config {
-    Config {
-        codec: CodecKind::None,
-        channels: 2,
-        idle_timeout: Duration::from_secs(20),
-        ..Config::default()
-    }
+fn cfg() -> SenderConfig {
+    SenderConfig::default()
+        .codec(CodecKind::None)
+        .channels(2)
+        .idle_timeout(Duration::from_secs(20))
 }
 
 /// What the guest thread saw.
@@ -195,7 +193,11 @@ fn pure_postcopy_two_processes_guest_reads_every_byte() {
         return;
     }
     let dst = dest_memory();
-    let mut r = Receiver::bind("127.0.0.1:0".parse().expect("addr"), cfg()).expect("bind");
+    let mut r = Receiver::bind(
+        "127.0.0.1:0".parse().expect("addr"),
+        ReceiverConfig::for_sender(&(cfg())),
+    )
+    .expect("bind");
     r.set_accept_timeout(Some(Duration::from_secs(20)));
     let addr = r.local_addr().expect("addr");
     let seen = Arc::new(Mutex::new(Seen::default()));
@@ -267,7 +269,11 @@ fn precopy_rounds_then_postcopy_of_dirty_pages() {
     let src = source_memory();
     let dst = dest_memory();
     let c = cfg();
-    let mut r = Receiver::bind("127.0.0.1:0".parse().expect("addr"), c.clone()).expect("bind");
+    let mut r = Receiver::bind(
+        "127.0.0.1:0".parse().expect("addr"),
+        ReceiverConfig::for_sender(&c),
+    )
+    .expect("bind");
     r.set_accept_timeout(Some(Duration::from_secs(20)));
     let addr = r.local_addr().expect("addr");
     let seen = Arc::new(Mutex::new(Seen::default()));
@@ -335,11 +341,12 @@ fn postcopy_keeps_to_the_bandwidth_cap() {
     const CAP: u64 = 100_000_000;
     let src = source_memory();
     let dst = dest_memory();
-    let c = Config {
-        max_bandwidth: Some(CAP),
-        ..cfg()
-    };
-    let mut r = Receiver::bind("127.0.0.1:0".parse().expect("addr"), c.clone()).expect("bind");
+    let c = cfg().max_bandwidth(pagewire::Rate::bytes_per_sec(CAP));
+    let mut r = Receiver::bind(
+        "127.0.0.1:0".parse().expect("addr"),
+        ReceiverConfig::for_sender(&c),
+    )
+    .expect("bind");
     r.set_accept_timeout(Some(Duration::from_secs(20)));
     let addr = r.local_addr().expect("addr");
     let seen = Arc::new(Mutex::new(Seen::default()));
@@ -536,7 +543,11 @@ fn switch_refuses_pages_outside_the_guest() {
             "offset 0x64 not a page of block 0",
         ),
     ] {
-        let mut r = Receiver::bind("127.0.0.1:0".parse().expect("addr"), c.clone()).expect("bind");
+        let mut r = Receiver::bind(
+            "127.0.0.1:0".parse().expect("addr"),
+            ReceiverConfig::for_sender(&c),
+        )
+        .expect("bind");
         r.set_accept_timeout(Some(Duration::from_secs(20)));
         let addr = r.local_addr().expect("addr");
         let rt = std::thread::spawn(move || r.serve(ReceiveInto::Allocate));
@@ -643,22 +654,20 @@ fn postcopy_resumes_after_control_and_data_connections_are_cut() {
 #[test]
 fn postcopy_resumes_with_a_shared_secret() {
     let secret = pagewire::Secret::new(vec![0x5A; 32]).expect("secret");
-    resume_after_cut(
-        &[0, 3, 4, 5],
-        Config {
-            secret: Some(secret),
-            ..cfg()
-        },
-    );
+    resume_after_cut(&[0, 3, 4, 5], cfg().secret(Some(secret)));
 }
 
-fn resume_after_cut(doomed: &'static [usize], c: Config) {
+fn resume_after_cut(doomed: &'static [usize], c: SenderConfig) {
     if uffd_missing() {
         return;
     }
     let src = source_memory();
     let dst = dest_memory();
-    let mut r = Receiver::bind("127.0.0.1:0".parse().expect("addr"), c.clone()).expect("bind");
+    let mut r = Receiver::bind(
+        "127.0.0.1:0".parse().expect("addr"),
+        ReceiverConfig::for_sender(&c),
+    )
+    .expect("bind");
     r.set_accept_timeout(Some(Duration::from_secs(20)));
     let target = r.local_addr().expect("addr");
     let (proxy, cut, accepted) = cutting_proxy(target, doomed, 3, 8 << 20);
@@ -830,7 +839,11 @@ fn hostile_postcopy_packets_are_refused() {
     ];
     for (packet, want) in cases {
         let dst = dest_memory();
-        let mut r = Receiver::bind("127.0.0.1:0".parse().expect("addr"), cfg()).expect("bind");
+        let mut r = Receiver::bind(
+            "127.0.0.1:0".parse().expect("addr"),
+            ReceiverConfig::for_sender(&(cfg())),
+        )
+        .expect("bind");
         r.set_accept_timeout(Some(Duration::from_secs(20)));
         let addr = r.local_addr().expect("addr");
         let rt = std::thread::spawn(move || r.serve(ReceiveInto::Memory(dst)));

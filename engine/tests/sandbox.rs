@@ -20,7 +20,8 @@ use std::time::Duration;
 use pagewire::sandbox::{syscalls, Mode};
 use pagewire::threads::{ThreadHook, ThreadRole};
 use pagewire::{
-    Block, BlockPages, CodecKind, Config, GuestRam, ReceiveInto, Receiver, RoundPages, Sender,
+    Block, BlockPages, CodecKind, GuestRam, ReceiveInto, Receiver, ReceiverConfig, RoundPages,
+    Sender, SenderConfig,
 };
 use seccompiler::{BpfProgram, SeccompAction, SeccompFilter};
 
@@ -114,18 +115,20 @@ fn hook(mode: Mode, drop: Option<&str>) -> ThreadHook {
     })
 }
 
-fn cfg(codec: CodecKind, hook: ThreadHook) -> Config {
-    Config {
-        codec,
-        channels: 2,
-        idle_timeout: Duration::from_secs(10),
-        threads: hook,
-        ..Config::default()
-    }
+fn cfg(codec: CodecKind, hook: ThreadHook) -> SenderConfig {
+    SenderConfig::default()
+        .codec(codec)
+        .channels(2)
+        .idle_timeout(Duration::from_secs(10))
+        .threads(hook)
 }
 
-fn receiver(c: &Config) -> (Receiver, SocketAddr) {
-    let mut r = Receiver::bind("127.0.0.1:0".parse().unwrap(), c.clone()).unwrap();
+fn receiver(c: &SenderConfig) -> (Receiver, SocketAddr) {
+    let mut r = Receiver::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        ReceiverConfig::for_sender(c),
+    )
+    .unwrap();
     r.set_accept_timeout(Some(Duration::from_secs(10)));
     let addr = r.local_addr().unwrap();
     (r, addr)
@@ -133,7 +136,7 @@ fn receiver(c: &Config) -> (Receiver, SocketAddr) {
 
 /// A pre-copy migration of two rounds (every page, then a tenth of them rewritten), both
 /// ends' threads sandboxed.
-fn precopy(c: Config) {
+fn precopy(c: SenderConfig) {
     let (r, addr) = receiver(&c);
     let dst = memory();
     let into = dst.clone();
@@ -180,10 +183,7 @@ fn precopy_tls_in_the_sandbox() {
     let mut t = pagewire::tls::TlsConfig::from_dir(dir.path());
     t.server_name = Some("localhost".into());
     let mode = Mode::PLAIN.with_tls();
-    precopy(Config {
-        tls: Some(t),
-        ..cfg(CodecKind::Deflate, hook(mode, None))
-    });
+    precopy(cfg(CodecKind::Deflate, hook(mode, None)).tls(Some(t)));
 }
 
 #[test]

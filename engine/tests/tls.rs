@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use pagewire::tls::{generate, GenerateSpec, TlsConfig};
 use pagewire::{
-    Block, BlockPages, CodecKind, Config, GuestRam, ReceiveInto, Receiver, RoundPages, Sender,
-    SessionError,
+    Block, BlockPages, CodecKind, GuestRam, ReceiveInto, Receiver, ReceiverConfig, RoundPages,
+    Sender, SenderConfig, SessionError,
 };
 use pagewire_synth::{self as synth, PageSet};
 
@@ -33,14 +33,12 @@ fn tls(dir: &Path) -> Option<TlsConfig> {
     Some(t)
 }
 
-fn cfg(codec: CodecKind, channels: u16, tls: Option<TlsConfig>) -> Config {
-    Config {
-        codec,
-        channels,
-        tls,
-        idle_timeout: Duration::from_secs(5),
-        ..Config::default()
-    }
+fn cfg(codec: CodecKind, channels: u16, tls: Option<TlsConfig>) -> SenderConfig {
+    SenderConfig::default()
+        .codec(codec)
+        .channels(channels)
+        .tls(tls)
+        .idle_timeout(Duration::from_secs(5))
 }
 
 fn realistic(size: usize, seed: u64) -> Arc<GuestRam> {
@@ -73,8 +71,12 @@ fn patterned(size: usize) -> Arc<GuestRam> {
     Arc::new(GuestRam::new(vec![b]).unwrap())
 }
 
-fn receiver(c: &Config) -> (Receiver, SocketAddr) {
-    let mut r = Receiver::bind("127.0.0.1:0".parse().unwrap(), c.clone()).unwrap();
+fn receiver(c: &SenderConfig) -> (Receiver, SocketAddr) {
+    let mut r = Receiver::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        ReceiverConfig::for_sender(c),
+    )
+    .unwrap();
     r.set_accept_timeout(Some(Duration::from_secs(3)));
     let addr = r.local_addr().unwrap();
     (r, addr)
@@ -101,10 +103,7 @@ fn round_trip_with(
     t: Option<TlsConfig>,
 ) -> (pagewire::SessionStats, pagewire::SessionStats) {
     // Zero copy asked for: TLS must not use it (the records are sealed copies anyway).
-    let c = Config {
-        zero_copy: pagewire::config::ZeroCopy::On,
-        ..cfg(codec, channels, t)
-    };
+    let c = cfg(codec, channels, t).zero_copy(pagewire::config::ZeroCopy::On);
     let size = 8 << 20;
     let src = realistic(size, 11);
     let (r, addr) = receiver(&c);
@@ -263,7 +262,7 @@ fn key_updates_interoperate_with_rustls() {
 }
 
 /// Run a session expected to fail; returns (sender error, receiver error).
-fn failing(send_cfg: Config, recv_cfg: Config) -> (String, String) {
+fn failing(send_cfg: SenderConfig, recv_cfg: SenderConfig) -> (String, String) {
     let (r, addr) = receiver(&recv_cfg);
     let rejections = r.watch_rejections();
     let rt = std::thread::spawn(move || r.serve(ReceiveInto::Allocate));
@@ -373,7 +372,7 @@ fn plaintext_sender_to_tls_receiver() {
     );
     assert!(r.contains("does not speak TLS"), "receiver: {r}");
     // At once, from the receiver's refusal (not the idle timeout), naming the setting.
-    assert!(s.contains("Config::tls"), "sender: {s}");
+    assert!(s.contains("set `tls` on both sides"), "sender: {s}");
     assert!(!s.contains("within"), "sender: {s}");
 }
 
@@ -560,10 +559,7 @@ fn missing_credentials_name_the_file() {
 #[test]
 fn a_peer_stalling_mid_handshake_is_refused_with_one_line() {
     let dir = certs(&GenerateSpec::default());
-    let c = Config {
-        idle_timeout: Duration::from_secs(1),
-        ..cfg(CodecKind::None, 1, tls(dir.path()))
-    };
+    let c = cfg(CodecKind::None, 1, tls(dir.path())).idle_timeout(Duration::from_secs(1));
     let (r, addr) = receiver(&c);
     let rejections = r.watch_rejections();
     let rt = std::thread::spawn(move || r.serve(ReceiveInto::Allocate));

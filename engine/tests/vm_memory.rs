@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pagewire::{rust_vmm, Config, DirtyLog, ReceiveInto, Receiver, Sender};
+use pagewire::{rust_vmm, DirtyLog, ReceiveInto, Receiver, ReceiverConfig, Sender, SenderConfig};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -57,8 +57,11 @@ fn identical(a: &Vm, b: &Vm) -> bool {
 fn two_regions_with_a_hole_migrate_byte_identical_while_the_guest_writes() {
     let dst_vm = Vm::from_ranges(&ranges()).expect("mmap");
     let dst = Arc::new(rust_vmm::guest_ram(&dst_vm).expect("blocks"));
-    let mut receiver =
-        Receiver::bind("127.0.0.1:0".parse().expect("addr"), Config::default()).expect("bind");
+    let mut receiver = Receiver::bind(
+        "127.0.0.1:0".parse().expect("addr"),
+        ReceiverConfig::for_sender(&(SenderConfig::default())),
+    )
+    .expect("bind");
     receiver.set_accept_timeout(Some(Duration::from_secs(10)));
     let addr = receiver.local_addr().expect("addr");
     let into = dst.clone();
@@ -68,12 +71,10 @@ fn two_regions_with_a_hole_migrate_byte_identical_while_the_guest_writes() {
     boot(&src_vm);
     let src = Arc::new(rust_vmm::guest_ram(&src_vm).expect("blocks"));
     assert_eq!(src.layout(), dst.layout(), "same layout, same block names");
-    let cfg = Config {
-        channels: 2,
-        pages_per_packet: 32,
-        idle_timeout: Duration::from_secs(10),
-        ..Config::default()
-    };
+    let cfg = SenderConfig::default()
+        .channels(2)
+        .pages_per_packet(32)
+        .idle_timeout(Duration::from_secs(10));
     let mut sender = Sender::connect(addr, cfg.clone(), src.clone()).expect("connect");
     let mut log = DirtyLog::new(&src, cfg.page_size);
     rust_vmm::collect_dirty(&src_vm, &mut log).expect("start clean");

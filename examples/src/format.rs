@@ -26,42 +26,6 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("'{s}' is too large"))
 }
 
-/// Parse a rate into bytes per second: "2.5gbit", "800mbit", "10kbit" (bits, decimal units
-/// as `tc` spells them), "300MB/s", "1GiB/s", "64KiB/s" (bytes), or a plain number of bytes
-/// per second.
-pub fn parse_rate(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let bad = || format!("'{s}' is not a rate (e.g. 2.5gbit, 800mbit, 300MB/s, 1GiB/s)");
-    let n: f64 = num.parse().map_err(|_| bad())?;
-    let unit = unit.trim().to_ascii_lowercase();
-    let unit = unit.strip_suffix("/s").unwrap_or(&unit);
-    let unit = unit.strip_suffix("ps").unwrap_or(unit);
-    let mul: f64 = match unit {
-        "" | "b" => 1.0,
-        "bit" => 1.0 / 8.0,
-        "kbit" => 1e3 / 8.0,
-        "mbit" => 1e6 / 8.0,
-        "gbit" => 1e9 / 8.0,
-        "tbit" => 1e12 / 8.0,
-        "kb" => 1e3,
-        "mb" => 1e6,
-        "gb" => 1e9,
-        "kib" => 1024.0,
-        "mib" => 1024.0 * 1024.0,
-        "gib" => 1024.0 * 1024.0 * 1024.0,
-        _ => return Err(bad()),
-    };
-    let v = n * mul;
-    if !(v.is_finite() && (1.0..1e15).contains(&v)) {
-        return Err(format!("'{s}': a rate must be between 1 byte/s and 1 PB/s"));
-    }
-    Ok(v.round() as u64)
-}
-
 /// "256.0 MiB".
 /// Memory this host can give a new process without swapping (MemAvailable of
 /// /proc/meminfo), in bytes; `None` where it cannot be read.
@@ -214,19 +178,6 @@ mod tests {
         assert!(parse_size("12XB").is_err());
         assert!(parse_size("").is_err());
         assert!(parse_size("99999999999999GiB").is_err());
-    }
-
-    #[test]
-    fn rates() {
-        assert_eq!(parse_rate("1gbit"), Ok(125_000_000));
-        assert_eq!(parse_rate("2.5gbit"), Ok(312_500_000));
-        assert_eq!(parse_rate("800mbit"), Ok(100_000_000));
-        assert_eq!(parse_rate("300MB/s"), Ok(300_000_000));
-        assert_eq!(parse_rate("1GiB/s"), Ok(1 << 30));
-        assert_eq!(parse_rate("5000"), Ok(5000));
-        assert!(parse_rate("fast").is_err());
-        assert!(parse_rate("0").is_err());
-        assert!(parse_rate("1.2.3gbit").is_err());
     }
 
     #[test]

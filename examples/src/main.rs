@@ -17,8 +17,8 @@ use pagewire::tls::{GenerateSpec, TlsConfig};
 use pagewire::AutoCompressor;
 use pagewire::Secret;
 use pagewire::{
-    Block, BlockPages, CodecKind, Config, GuestRam, Progress, ReceiveInto, Receiver, RoundPages,
-    Sender, SessionStats,
+    Block, BlockPages, CodecKind, GuestRam, Progress, Rate, ReceiveInto, Receiver, ReceiverConfig,
+    RoundPages, Sender, SenderConfig, SessionStats,
 };
 use pagewire_synth::{self as synth, PageSet};
 use serde_json::json;
@@ -468,13 +468,17 @@ fn main() -> ExitCode {
     }
 }
 
-/// The library's errors name its settings (`Config::tls`); an operator of this binary sets
-/// them with flags, so its messages name the flags.
+/// The library's errors name its settings (`tls`, `secret`, `insecure`); an operator of this
+/// binary sets them with flags, so its messages name the flags.
 fn cli_words(message: &str) -> String {
     message
-        .replace("`Config::tls`", "--tls-dir")
-        .replace("`Config::secret`", "--secret-file")
-        .replace("`Config::insecure`", "--insecure")
+        .replace(
+            "the shared secret (`secret`) on both sides, or `insecure` on the receiver",
+            "--secret-file on both sides, or --insecure on the receiver",
+        )
+        .replace("set `tls` on both sides", "use --tls-dir on both sides")
+        .replace("(`tls`)", "(--tls-dir)")
+        .replace("(`secret`)", "(--secret-file)")
 }
 
 /// The codec a name asks for; for `auto`, the compressor behind it is logged with the reason.
@@ -491,7 +495,8 @@ fn resolve_codec(name: &str, pref: AutoCompressor) -> Res<(CodecKind, String)> {
     }
 }
 
-fn config(t: &Tuning, c: &Common, channels: u16) -> Res<Config> {
+/// The sender's settings, and whether a receiver in this process registers its buffers.
+fn config(t: &Tuning, c: &Common, channels: u16) -> Res<(SenderConfig, bool)> {
     if !(c.idle_timeout > 0.0 && c.idle_timeout < 1e6) {
         return Err(format!(
             "--idle-timeout {} must be a positive number of seconds",
@@ -541,32 +546,30 @@ fn config(t: &Tuning, c: &Common, channels: u16) -> Res<Config> {
     let max_bandwidth = t
         .max_bandwidth
         .as_deref()
-        .map(format::parse_rate)
+        .map(|r| r.parse::<Rate>().map_err(|e| e.to_string()))
         .transpose()?;
     let find_holes = match t.find_holes.as_str() {
         "on" => true,
         "off" => false,
         o => return Err(format!("--find-holes '{o}': expected on or off")),
     };
-    Ok(Config {
-        max_bandwidth,
-        find_holes,
-        skip_incompressible,
-        zero_copy,
-        registered_buffers,
-        secret: secret(c)?,
-        vm_uuid: vm_uuid(c)?,
-        tls: tls_config(c, None)?,
-        codec,
-        level,
-        auto_compressor,
-        qpl,
-        pages_per_packet: t.pages_per_packet,
-        depth: t.depth,
-        channels,
-        idle_timeout: Duration::from_secs_f64(c.idle_timeout),
-        ..Config::default()
-    })
+    let cfg = SenderConfig::default()
+        .max_bandwidth(max_bandwidth)
+        .find_holes(find_holes)
+        .skip_incompressible(skip_incompressible)
+        .zero_copy(zero_copy)
+        .secret(secret(c)?)
+        .vm_uuid(vm_uuid(c)?)
+        .tls(tls_config(c, None)?)
+        .codec(codec)
+        .level(level)
+        .auto_compressor(auto_compressor)
+        .qpl(qpl)
+        .pages_per_packet(t.pages_per_packet)
+        .depth(t.depth)
+        .channels(channels)
+        .idle_timeout(Duration::from_secs_f64(c.idle_timeout));
+    Ok((cfg, registered_buffers))
 }
 
 fn progress_bar(total: u64, what: &str) -> ProgressBar {
@@ -656,7 +659,7 @@ fn pages_json(t: &pagewire::ChannelStats) -> serde_json::Value {
 
 fn demo(a: DemoArgs) -> Res<()> {
     let size = parse_size(&a.size)?;
-    let mut cfg = config(&a.tuning, &a.common, a.channels)?;
+    let (mut cfg, registered_buffers) = config(&a.tuning, &a.common, a.channels)?;
     // Certificates made for this run only, removed when it ends.
     let _certs = match (a.tls, &cfg.tls) {
         (true, None) => {
@@ -705,7 +708,7 @@ fn demo(a: DemoArgs) -> Res<()> {
 
     let mut receiver = Receiver::bind(
         "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?,
-        cfg.clone(),
+        ReceiverConfig::for_sender(&cfg).registered_buffers(registered_buffers),
     )
     .map_err(|e| e.to_string())?;
     receiver.set_accept_timeout(Some(Duration::from_secs(30)));
@@ -803,7 +806,7 @@ fn send(a: SendArgs) -> Result<(), Failure> {
     let channels = a.channels.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1, |n| n.get().min(255) as u16)
     });
-    let mut cfg = config(&a.tuning, &a.common, channels)?;
+    let (mut cfg, _) = config(&a.tuning, &a.common, channels)?;
     cfg.pinning = pinning(&a.common, Pinning::Auto)?;
     if a.rounds == 0 {
         return Err(Failure::from("--rounds must be at least 1".to_string()));
@@ -931,7 +934,7 @@ fn send(a: SendArgs) -> Result<(), Failure> {
 }
 
 /// The compressor a session's codec uses on this host (auto: see `codec::resolve_auto`).
-fn compressor(cfg: &Config) -> &'static str {
+fn compressor(cfg: &SenderConfig) -> &'static str {
     match cfg.codec {
         CodecKind::Auto => match pagewire::resolve_auto(cfg.auto_compressor).0 {
             // The session adds deflate beside qpl (not beside deflate, where qpl is missing).
@@ -1097,21 +1100,20 @@ fn recv(a: RecvArgs) -> Res<()> {
             a.common.idle_timeout
         ));
     }
-    let mut cfg = Config {
-        idle_timeout: Duration::from_secs_f64(a.common.idle_timeout),
-        secret: secret(&a.common)?,
-        vm_uuid: vm_uuid(&a.common)?,
-        tls: tls_config(&a.common, None)?,
-        insecure: a.insecure,
-        prealloc: a.prealloc,
-        pinning: pinning(&a.common, Pinning::AutoFromLast)?,
-        registered_buffers: match a.registered_buffers.as_str() {
-            "on" => true,
-            "off" => false,
-            o => return Err(format!("--registered-buffers '{o}': expected on or off")),
-        },
-        ..Config::default()
+    let registered_buffers = match a.registered_buffers.as_str() {
+        "on" => true,
+        "off" => false,
+        o => return Err(format!("--registered-buffers '{o}': expected on or off")),
     };
+    let mut cfg = ReceiverConfig::default()
+        .idle_timeout(Duration::from_secs_f64(a.common.idle_timeout))
+        .secret(secret(&a.common)?)
+        .vm_uuid(vm_uuid(&a.common)?)
+        .tls(tls_config(&a.common, None)?)
+        .insecure(a.insecure)
+        .prealloc(a.prealloc)
+        .pinning(pinning(&a.common, Pinning::AutoFromLast)?)
+        .registered_buffers(registered_buffers);
     if let Some(m) = &a.max_memory {
         cfg.max_memory = parse_size(m)?;
     }

@@ -31,7 +31,7 @@ use pagewire::config::{Huffman, QplSettings};
 use pagewire::internals::likely_incompressible;
 use pagewire::internals::thread_cpu_seconds;
 use pagewire::internals::{is_zero_page, DeflateCompressor, PageCompressor};
-use pagewire::{Block, CodecKind, Config, GuestRam};
+use pagewire::{Block, CodecKind, GuestRam, SenderConfig};
 use pagewire_benches::loopback_session;
 use pagewire_synth::{self as synth, PageSet};
 
@@ -206,12 +206,10 @@ fn memory_probe(codec: &str, channels: u16, size: usize) {
         "qpl" => CodecKind::Qpl,
         _ => CodecKind::Deflate,
     };
-    let cfg = Config {
-        codec: kind,
-        channels,
-        idle_timeout: Duration::from_secs(60),
-        ..Config::default()
-    };
+    let cfg = SenderConfig::default()
+        .codec(kind)
+        .channels(channels)
+        .idle_timeout(Duration::from_secs(60));
     let (before, _) = rss_and_hwm();
     loopback_session(&src, &dst, &cfg);
     let (_, peak) = rss_and_hwm();
@@ -281,11 +279,11 @@ fn main() {
     // SAFETY: no session runs yet.
     unsafe { dst.block(0).expect("block").as_mut_slice() }.fill(1);
 
-    let base = |codec| Config {
-        codec,
-        channels,
-        idle_timeout: Duration::from_secs(60),
-        ..Config::default()
+    let base = |codec| {
+        SenderConfig::default()
+            .codec(codec)
+            .channels(channels)
+            .idle_timeout(Duration::from_secs(60))
     };
     let mut names: Vec<&str> = vec![
         "tcp-large-writes",
@@ -315,7 +313,7 @@ fn main() {
                     dst.block(0).expect("b").as_mut_slice(),
                 )
             };
-            let session = |cfg: Config| {
+            let session = |cfg: SenderConfig| {
                 let r = loopback_session(&src, &dst, &cfg);
                 Run {
                     seconds: r.seconds,
@@ -331,24 +329,17 @@ fn main() {
                 "deflate-codec-only" => deflate_codec_only(s),
                 "pagewire-none" => session(base(CodecKind::None)),
                 "pagewire-deflate" => session(base(CodecKind::Deflate)),
-                "pagewire-deflate-noskip" => session(Config {
-                    skip_incompressible: false,
-                    ..base(CodecKind::Deflate)
-                }),
-                "pagewire-qpl-fixed" => session(Config {
-                    qpl: QplSettings {
-                        huffman: Huffman::Fixed,
-                        ..QplSettings::default()
-                    },
-                    ..base(CodecKind::Qpl)
-                }),
-                _ => session(Config {
-                    qpl: QplSettings {
-                        huffman: Huffman::Dynamic,
-                        ..QplSettings::default()
-                    },
-                    ..base(CodecKind::Qpl)
-                }),
+                "pagewire-deflate-noskip" => {
+                    session(base(CodecKind::Deflate).skip_incompressible(false))
+                }
+                "pagewire-qpl-fixed" => session(base(CodecKind::Qpl).qpl(QplSettings {
+                    huffman: Huffman::Fixed,
+                    ..QplSettings::default()
+                })),
+                _ => session(base(CodecKind::Qpl).qpl(QplSettings {
+                    huffman: Huffman::Dynamic,
+                    ..QplSettings::default()
+                })),
             };
             eprintln!("run {run} {name}: {:.3} s", r.seconds);
             results[i].push(r);

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pagewire::config::ZeroCopy;
-use pagewire::{Block, CodecKind, Config, GuestRam};
-use pagewire_benches::{loopback_session, SessionRun};
+use pagewire::{Block, CodecKind, GuestRam, ReceiverConfig, SenderConfig};
+use pagewire_benches::{loopback_session_with, SessionRun};
 use pagewire_synth::{self as synth, PageSet};
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -52,16 +52,16 @@ fn main() {
     // SAFETY: no session runs yet.
     unsafe { dst.block(0).expect("block").as_mut_slice() }.fill(1);
 
-    let base = |codec| Config {
-        codec,
-        channels: 1,
-        idle_timeout: Duration::from_secs(30),
-        zero_copy: ZeroCopy::Off,
-        registered_buffers: true,
-        depth: 4,
-        ..Config::default()
+    let base = |codec| {
+        SenderConfig::default()
+            .codec(codec)
+            .channels(1)
+            .idle_timeout(Duration::from_secs(30))
+            .zero_copy(ZeroCopy::Off)
+            .depth(4)
     };
-    let mut variants: Vec<(String, Config)> = Vec::new();
+    // (name, sender, receiver registers its buffers)
+    let mut variants: Vec<(String, SenderConfig, bool)> = Vec::new();
     // Each group: its baseline first, then the variants compared with it.
     let mut groups = Vec::new();
     for codec in [CodecKind::None, CodecKind::Deflate] {
@@ -70,34 +70,24 @@ fn main() {
         variants.push((
             format!("{n} baseline (depth 4, registered, copy)"),
             base(codec),
+            true,
         ));
         for depth in [1, 2, 8] {
-            variants.push((
-                format!("{n} depth {depth}"),
-                Config {
-                    depth,
-                    ..base(codec)
-                },
-            ));
+            variants.push((format!("{n} depth {depth}"), base(codec).depth(depth), true));
         }
-        let unregistered = Config {
-            registered_buffers: false,
-            ..base(codec)
-        };
-        variants.push((format!("{n} unregistered"), unregistered));
+        variants.push((format!("{n} unregistered"), base(codec), false));
         variants.push((
             format!("{n} zero-copy"),
-            Config {
-                zero_copy: ZeroCopy::On,
-                ..base(codec)
-            },
+            base(codec).zero_copy(ZeroCopy::On),
+            true,
         ));
         groups.push(start..variants.len());
     }
     let mut results: Vec<Vec<SessionRun>> = vec![Vec::new(); variants.len()];
     for run in 0..runs {
-        for (i, (name, cfg)) in variants.iter().enumerate() {
-            let r = loopback_session(&src, &dst, cfg);
+        for (i, (name, cfg, registered)) in variants.iter().enumerate() {
+            let rcfg = ReceiverConfig::for_sender(cfg).registered_buffers(*registered);
+            let r = loopback_session_with(&src, &dst, cfg, rcfg);
             eprintln!("run {run} {name}: {:.3} s", r.seconds);
             results[i].push(r);
         }
@@ -108,7 +98,7 @@ fn main() {
     let rows: Vec<serde_json::Value> = variants
         .iter()
         .zip(&results)
-        .map(|((name, _), rs)| {
+        .map(|((name, _, _), rs)| {
             let secs = median(rs.iter().map(|r| r.seconds).collect());
             serde_json::json!({
                 "variant": name,

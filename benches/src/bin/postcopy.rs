@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use pagewire::Latencies;
 use pagewire::{
-    Block, BlockPages, CodecKind, Config, GuestRam, ReceiveInto, Receiver, RoundPages, Sender,
+    Block, BlockPages, CodecKind, GuestRam, ReceiveInto, Receiver, ReceiverConfig, RoundPages,
+    Sender, SenderConfig,
 };
 use pagewire_benches::{Machine, Table};
 use pagewire_synth::{self as synth, PageSet};
@@ -28,13 +29,11 @@ use serde::Serialize;
 
 const PS: usize = 4096;
 
-fn cfg() -> Config {
-    Config {
-        codec: CodecKind::None,
-        channels: 1,
-        idle_timeout: Duration::from_secs(60),
-        ..Config::default()
-    }
+fn cfg() -> SenderConfig {
+    SenderConfig::default()
+        .codec(CodecKind::None)
+        .channels(1)
+        .idle_timeout(Duration::from_secs(60))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -123,7 +122,11 @@ struct Run {
 /// One session: this process receives into fresh memory, a child process sends. `guest`:
 /// post-copy with a guest thread reading with that pause (None: no guest thread).
 fn destination(mode: &str, size: usize, guest_pause: Option<Duration>) -> Run {
-    let mut r = Receiver::bind("127.0.0.1:0".parse().expect("addr"), cfg()).expect("bind");
+    let mut r = Receiver::bind(
+        "127.0.0.1:0".parse().expect("addr"),
+        ReceiverConfig::for_sender(&(cfg())),
+    )
+    .expect("bind");
     r.set_accept_timeout(Some(Duration::from_secs(120)));
     let addr = r.local_addr().expect("addr");
     let stop = Arc::new(AtomicBool::new(false));

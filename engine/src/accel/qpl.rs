@@ -9,7 +9,7 @@
 //! path. An output that does not fit (status 2) or any failure sends the page raw.
 //!
 //! QPL needs the crate's `qpl` feature (qpl-sys). Without it the settings ([`QplSettings`])
-//! remain, so [`Config`](crate::Config) is the same in every build, but [`compressor`] and
+//! remain, so [`SenderConfig`](crate::SenderConfig) is the same in every build, but [`compressor`] and
 //! [`decompressor`] answer [`QplSetupError::NotBuilt`] and `auto` picks deflate. The qpl
 //! *framing* (raw DEFLATE per page, multifd flag 0x08) needs no QPL: the deflate codec writes
 //! it and the built-in decoder reads it, from QEMU's multifd-qpl too.

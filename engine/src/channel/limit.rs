@@ -1,4 +1,4 @@
-//! The session's bandwidth cap (`Config::max_bandwidth`): one token bucket shared by every
+//! The session's bandwidth cap (`SenderConfig::max_bandwidth`): one token bucket shared by every
 //! channel of a sender. A channel takes a packet's bytes from it before handing the packet
 //! to the kernel; while the bucket is in debt, packets wait in the channel's ready queue,
 //! which `codec auto` sees as a busy link (the cap is the link).

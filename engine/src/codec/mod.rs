@@ -58,7 +58,7 @@ impl std::str::FromStr for CodecKind {
     }
 }
 
-/// Which compressor `auto` uses for the pages it compresses ([`crate::Config::auto_compressor`]).
+/// Which compressor `auto` uses for the pages it compresses ([`crate::SenderConfig::auto_compressor`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AutoCompressor {

@@ -31,13 +31,13 @@
 //!
 //! ```
 //! use std::sync::Arc;
-//! use pagewire::{Block, BlockPages, Config, GuestRam, ReceiveInto, Receiver, RoundPages, Sender};
+//! use pagewire::{Block, BlockPages, GuestRam, ReceiveInto, Receiver, ReceiverConfig, RoundPages, Sender, SenderConfig};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! # if pagewire::postcopy::available().is_err() { return Ok(()); } // no userfaultfd here
 //! const SIZE: usize = 8 << 20;
 //! // Destination: the VMM starts the guest as soon as post-copy begins.
-//! let mut receiver = Receiver::bind("127.0.0.1:0".parse()?, Config::default())?;
+//! let mut receiver = Receiver::bind("127.0.0.1:0".parse()?, ReceiverConfig::default())?;
 //! let addr = receiver.local_addr()?;
 //! let (start_guest, guest_may_run) = std::sync::mpsc::channel();
 //! receiver.on_postcopy(move |start| {
@@ -53,7 +53,7 @@
 //! let bytes = unsafe { ram.as_mut_slice() };
 //! bytes.fill(1);
 //! let src = Arc::new(GuestRam::new(vec![ram])?);
-//! let mut sender = Sender::connect(addr, Config::default(), src.clone())?;
+//! let mut sender = Sender::connect(addr, SenderConfig::default(), src.clone())?;
 //! sender.send_round(RoundPages::all(&[SIZE as u64], 4096, 128))?;
 //! // The guest dirtied page 9 meanwhile; pause it and switch: post-copy delivers page 9.
 //! // SAFETY: no round is running.

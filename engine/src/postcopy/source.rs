@@ -127,7 +127,7 @@ struct Shared {
     packet_num: AtomicU64,
     /// A post-copy connection broke (the session may reconnect).
     broken: AtomicBool,
-    /// The session's bandwidth cap (`Config::max_bandwidth`), as in pre-copy, shared by the
+    /// The session's bandwidth cap (`SenderConfig::max_bandwidth`), as in pre-copy, shared by the
     /// urgent and background connections; answers to page requests go first ([`pace`]).
     limit: Option<RateLimit>,
 }
@@ -707,7 +707,7 @@ fn send_packet(
     Ok(())
 }
 
-/// Wait until the session's cap (`Config::max_bandwidth`; none: no wait) lets `bytes` go.
+/// Wait until the session's cap (`SenderConfig::max_bandwidth`; none: no wait) lets `bytes` go.
 /// Background packets (`whole`) wait until the bucket holds all of them and so never put it
 /// in debt: an answer to a page request waits only for the answers before it, when the
 /// guest's faults alone fill the link. False when the session stops meanwhile.

@@ -13,7 +13,7 @@
 //!
 //! `nonce_r` is fresh for every control connection and `nonce_s` for every hello, and every
 //! proof covers both, so no proof can be replayed into another session. The uuid adds no
-//! freshness: it is the VM's identity and an embedder may fix it (`Config::vm_uuid`), so two
+//! freshness: it is the VM's identity and an embedder may fix it (`SenderConfig::vm_uuid`), so two
 //! sessions of one VM carry the same uuid and still have unrelated proofs. This authenticates who may connect; it does not encrypt or sign the page stream
 //! (run the migration network on a trusted link or inside an encrypted tunnel for that).
 
@@ -187,7 +187,7 @@ mod tests {
         assert!(!a.check_channel(&r, &s, &u, 1, &t), "token is per channel");
     }
 
-    /// A fixed VM uuid (Config::vm_uuid) must not make proofs replayable: with the same
+    /// A fixed VM uuid (SenderConfig::vm_uuid) must not make proofs replayable: with the same
     /// secret and uuid, a new session (new nonce_r from the receiver, new nonce_s from the
     /// sender) accepts none of the old session's proofs or tokens.
     #[test]

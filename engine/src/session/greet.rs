@@ -153,7 +153,7 @@ fn challenge_error(e: ControlError, greeting: Greeting) -> SessionError {
 /// What a clear-text sender tells its user to do about a receiver that may want TLS.
 fn tls_advice() -> String {
     if cfg!(feature = "tls") {
-        "set `Config::tls` on both sides".into()
+        "set `tls` on both sides".into()
     } else {
         format!(
             "this sender cannot speak TLS, {}",
@@ -171,11 +171,11 @@ fn mismatch<W: Write>(stream: &mut W, has_secret: bool, greeting: Greeting) -> S
     let (ours, theirs) = if has_secret {
         (
             "this sender has a shared secret but the receiver does not authenticate; refusing to send to an unauthenticated receiver",
-            "authentication failed: the sender requires a shared secret and this receiver has none (`Config::secret`)",
+            "authentication failed: the sender requires a shared secret and this receiver has none (`secret`)",
         )
     } else {
         (
-            "the receiver requires a shared secret and this sender has none (`Config::secret`)",
+            "the receiver requires a shared secret and this sender has none (`secret`)",
             "authentication failed: the sender has no shared secret",
         )
     };

@@ -23,7 +23,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -112,6 +112,8 @@ struct Shared {
     refused: AtomicU64,
     last_refusal_error: Mutex<Option<String>>,
     threads: ThreadHook,
+    /// The door is stopping (`serve` ended): pending handshakes are cut short.
+    closing: AtomicBool,
 }
 
 impl Shared {
@@ -161,6 +163,7 @@ impl Door {
             refused: AtomicU64::new(0),
             last_refusal_error: Mutex::new(None),
             threads: cfg.threads.clone(),
+            closing: AtomicBool::new(false),
         });
         let (tx, rx) = mpsc::channel();
         let sh = shared.clone();
@@ -253,6 +256,7 @@ impl Door {
 
 impl Drop for Door {
     fn drop(&mut self) {
+        self.shared.closing.store(true, Ordering::SeqCst);
         let _ = self.stop.write_all(&[1]);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -435,7 +439,7 @@ pub(crate) fn peer_allowed_with(
     if !has_secret && !insecure && !net::is_loopback(peer) {
         return Err(SessionError::Auth(format!(
             "refusing {peer}: it is not on loopback and no shared secret is configured \
-             (set `Config::secret` on both sides, or `Config::insecure` on a trusted network)"
+             (set the shared secret (`secret`) on both sides, or `insecure` on the receiver for a trusted network)"
         )));
     }
     Ok(())
@@ -506,6 +510,15 @@ fn handshake(tcp: TcpStream, peer: SocketAddr, sh: &Shared) -> Result<Outcome, S
                 waiting_for: stage.get(),
             })
         }
+        // The door closed the socket because the receiver stopped serving, not because of
+        // anything the peer did.
+        Err(e) if sh.closing.load(Ordering::SeqCst) => {
+            debug!(%peer, error = %e, "handshake cut short: the receiver stopped serving");
+            Err(SessionError::Handshake(format!(
+                "connection from {peer} closed: the receiver stopped serving before its handshake completed (still waiting for {})",
+                stage.get()
+            )))
+        }
         other => other,
     }
 }
@@ -550,7 +563,7 @@ fn open(
     })?;
     if !stream.is_tls() && looks_like_client_hello(&first) {
         let why = if cfg!(feature = "tls") {
-            "this receiver has no TLS credentials (`Config::tls`)".to_string()
+            "this receiver has no TLS credentials (`tls`)".to_string()
         } else {
             format!(
                 "this receiver cannot speak TLS: {}",

@@ -16,7 +16,7 @@ use tracing::{debug, info, info_span, warn};
 
 use crate::channel::recv::{RecvChannel, RecvSettings, RoundGate};
 use crate::codec::{DeflateDecompressor, PageDecompressor};
-use crate::config::{Config, Decoder};
+use crate::config::{Config, Decoder, ReceiverConfig};
 use crate::error::{ChannelErrorKind, SessionError};
 use crate::fresh::FreshMap;
 use crate::memory::GuestRam;
@@ -31,7 +31,7 @@ pub const MAX_STATE_TOTAL: usize = 16 << 20;
 /// Where a receiver puts the pages.
 #[derive(Debug)]
 pub enum ReceiveInto {
-    /// Anonymous memory laid out as the sender's hello says (bounded by `Config::max_memory`).
+    /// Anonymous memory laid out as the sender's hello says (bounded by `ReceiverConfig::max_memory`).
     Allocate,
     /// The embedding VMM's memory; the hello's layout must match it (same names and sizes).
     Memory(Arc<GuestRam>),
@@ -56,8 +56,8 @@ pub struct Received {
 ///
 /// ```no_run
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// use pagewire::{Config, Receiver, ReceiveInto};
-/// let receiver = Receiver::bind("127.0.0.1:4444".parse()?, Config::default())?;
+/// use pagewire::{ReceiverConfig, Receiver, ReceiveInto};
+/// let receiver = Receiver::bind("127.0.0.1:4444".parse()?, ReceiverConfig::default())?;
 /// let done = receiver.serve(ReceiveInto::Allocate)?;
 /// println!("{} bytes in {:.2} s", done.stats.total.memory_bytes, done.stats.seconds);
 /// # Ok(()) }
@@ -113,7 +113,8 @@ struct PostcopyCtx<'a> {
 
 impl Receiver {
     /// Listen on `addr`.
-    pub fn bind(addr: SocketAddr, cfg: Config) -> Result<Receiver, SessionError> {
+    pub fn bind(addr: SocketAddr, cfg: ReceiverConfig) -> Result<Receiver, SessionError> {
+        let cfg = cfg.session();
         let listener = net::listen(addr)?;
         Ok(Receiver {
             listener,

@@ -16,7 +16,7 @@ use crate::accel::Accelerator;
 use crate::channel::limit::RateLimit;
 use crate::channel::send::{SendChannel, SendSettings};
 use crate::codec::CodecKind;
-use crate::config::{Config, ZeroCopy, ZERO_COPY_AUTO_MIN};
+use crate::config::{Config, SenderConfig, ZeroCopy, ZERO_COPY_AUTO_MIN};
 use crate::error::{ChannelError, SessionError};
 use crate::memory::GuestRam;
 use crate::pages::RoundPages;
@@ -91,10 +91,10 @@ impl AbortHandle {
 /// ```no_run
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// use std::sync::Arc;
-/// use pagewire::{Config, GuestRam, Block, Sender, RoundPages};
+/// use pagewire::{GuestRam, Block, Sender, SenderConfig, RoundPages};
 /// let ram = Block::anonymous("pc.ram", 64 << 20)?;
 /// let mem = Arc::new(GuestRam::new(vec![ram])?);
-/// let mut sender = Sender::connect("127.0.0.1:4444".parse()?, Config::default(), mem.clone())?;
+/// let mut sender = Sender::connect("127.0.0.1:4444".parse()?, SenderConfig::default(), mem.clone())?;
 /// sender.send_round(RoundPages::all(&[64 << 20], 4096, 128))?;
 /// let stats = sender.finish()?;
 /// println!("{:.2} GB/s", stats.gbps());
@@ -102,6 +102,8 @@ impl AbortHandle {
 /// ```
 pub struct Sender {
     cfg: Config,
+    /// As the embedder gave them.
+    settings: SenderConfig,
     mem: Arc<GuestRam>,
     control: Conn,
     workers: Vec<Worker>,
@@ -154,24 +156,27 @@ impl Sender {
     /// channel connections each opened by its init packet; one engine thread per channel.
     pub fn connect(
         addr: SocketAddr,
-        cfg: Config,
+        cfg: SenderConfig,
         mem: Arc<GuestRam>,
     ) -> Result<Sender, SessionError> {
+        let session = cfg.session();
         let engines = (0..cfg.channels)
-            .map(|_| engine_for(&cfg))
+            .map(|_| engine_for(&session))
             .collect::<Result<Vec<_>, _>>()?;
         Sender::connect_with_engines(addr, cfg, mem, engines)
     }
 
     /// Like [`Sender::connect`], with the page-compression engine of each channel given by
-    /// the caller (`engines[i]` for channel i; `None` sends every page raw). This is how an
-    /// embedder plugs in its own accelerator, and how the tests inject faults.
+    /// the caller (`engines[i]` for channel i; `None` sends every page raw): how the tests
+    /// inject faults. Not part of the API.
+    #[doc(hidden)]
     pub fn connect_with_engines(
         addr: SocketAddr,
-        cfg: Config,
+        settings: SenderConfig,
         mem: Arc<GuestRam>,
         engines: Vec<Option<Box<dyn Accelerator>>>,
     ) -> Result<Sender, SessionError> {
+        let cfg = settings.session();
         let span = info_span!("send", %addr);
         let _g = span.enter();
         validate_config(&cfg)?;
@@ -326,6 +331,7 @@ impl Sender {
         }
         Ok(Sender {
             cfg,
+            settings,
             mem,
             control,
             workers,
@@ -396,8 +402,8 @@ impl Sender {
     }
 
     /// The session's settings.
-    pub fn config(&self) -> &Config {
-        &self.cfg
+    pub fn config(&self) -> &SenderConfig {
+        &self.settings
     }
 
     /// Send one round: the channels share `pages` (each takes packet-sized batches until none

@@ -13,7 +13,7 @@
 //!
 //! TLS needs the crate's `tls` feature (rustls, aws-lc); `generate` needs `gen-certs`
 //! (rcgen). Without `tls`, [`TlsConfig`] is a type without values, so
-//! [`Config::tls`](crate::Config::tls) can only be `None` and every connection is clear text;
+//! [`SenderConfig::tls`](crate::SenderConfig::tls) can only be `None` and every connection is clear text;
 //! a peer that starts a TLS handshake is refused with an error saying this build has no TLS.
 
 use std::net::SocketAddr;
@@ -82,7 +82,7 @@ pub struct TlsConfig {
 }
 
 /// TLS settings of a session. This build has no TLS (pagewire's `tls` feature is off): the
-/// type has no values, so [`Config::tls`](crate::Config::tls) is always `None`.
+/// type has no values, so [`SenderConfig::tls`](crate::SenderConfig::tls) is always `None`.
 #[cfg(not(feature = "tls"))]
 #[derive(Clone, Debug)]
 pub enum TlsConfig {}

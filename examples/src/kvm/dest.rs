@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use pagewire::{Config, PostcopyStart, ReceiveInto, Receiver};
+use pagewire::{PostcopyStart, ReceiveInto, Receiver, ReceiverConfig};
 use serde::{Deserialize, Serialize};
 
 use super::guest::{self, Layout, PAGE};
@@ -22,7 +22,7 @@ pub struct DestOpts {
     /// Guest memory size (must equal the source's: the memory exists before the session).
     pub mem_size: u64,
     /// pagewire session settings (secret, timeouts).
-    pub cfg: Config,
+    pub cfg: ReceiverConfig,
     /// Give up if no source connects within this time.
     pub accept_timeout: Option<Duration>,
     /// How long the resumed guest may take to reach a checkpoint past its paused counter.
@@ -125,8 +125,9 @@ fn resume(vm: &Vm, vcpu: Vcpu, states: &[Vec<u8>], mem_size: u64) -> Result<Resu
             layout.mem_size
         ));
     }
-    // SAFETY: no receiver writes the status page now (the session is over, or in post-copy
-    // the page is placed once, atomically, before this read returns) and no vCPU runs yet.
+    // SAFETY: no receiver writes the status page now (every channel has ended before the
+    // commit step; in post-copy the page is placed once, atomically, before this read
+    // returns) and no vCPU runs yet.
     let (counter, _) = unsafe { guest::status(vm.memory())? };
     if counter != snap.demo.counter {
         return Err(format!(
@@ -160,10 +161,13 @@ pub fn run(o: &DestOpts, on_listening: impl FnOnce(SocketAddr)) -> Result<DestRe
     let mut receiver = Receiver::bind(o.listen, o.cfg.clone())
         .map_err(|e| format!("listening on {}: {e}", o.listen))?;
     receiver.set_accept_timeout(o.accept_timeout);
-    // What the main thread waits for: post-copy starting, or the session over (told at once,
-    // so the guest resumes the moment the last page and the state are in).
+    // What the main thread waits for: post-copy starting, or every page and the state in
+    // (the receiver's commit step, before it confirms the end to the source: the guest resumes
+    // then, as QEMU's destination does once it has loaded the device state, not after the
+    // session's teardown), or the session over without either (it failed).
     enum Event {
         Postcopy(PostcopyStart),
+        Commit(Vec<Vec<u8>>, mpsc::SyncSender<Result<(), String>>),
         Served,
     }
     let (events, next_event) = mpsc::channel::<Event>();
@@ -176,19 +180,45 @@ pub fn run(o: &DestOpts, on_listening: impl FnOnce(SocketAddr)) -> Result<DestRe
         .map_err(|e| format!("listening on {}: {e}", o.listen))?;
     on_listening(addr);
     let mem = vm.memory().clone();
+    let committing = events.clone();
     let (served, early) = std::thread::scope(|s| {
         let serving = s.spawn(move || {
-            let r = receiver.serve(ReceiveInto::Memory(mem));
+            let r = receiver.serve_and_commit(ReceiveInto::Memory(mem), move |_, states| {
+                let (reply, verdict) = mpsc::sync_channel(1);
+                // After post-copy the guest already runs: nobody listens, nothing to do.
+                if committing
+                    .send(Event::Commit(states.to_vec(), reply))
+                    .is_err()
+                {
+                    return Ok(());
+                }
+                // The source learns whether the guest resumed here: it must not count on a
+                // destination that could not restore the state.
+                match verdict.recv() {
+                    Ok(Err(e)) => Err(e.into()),
+                    _ => Ok(()),
+                }
+            });
             let _ = events.send(Event::Served);
             r
         });
-        // Post-copy: resume the guest the moment the memory is registered.
+        // Post-copy: resume the guest the moment the memory is registered; pre-copy: the
+        // moment every page and the state are in.
         let early = match next_event.recv() {
             Ok(Event::Postcopy(start)) => {
                 vcpu.take().map(|v| resume(&vm, v, &start.state, mem_size))
             }
+            Ok(Event::Commit(states, reply)) => {
+                let r = match vcpu.take() {
+                    Some(v) => resume(&vm, v, &states, mem_size),
+                    None => Err("no vCPU to resume".into()),
+                };
+                let _ = reply.send(r.as_ref().map(|_| ()).map_err(Clone::clone));
+                Some(r)
+            }
             Ok(Event::Served) | Err(_) => None,
         };
+        drop(next_event);
         (serving.join(), early)
     });
     let received = served

@@ -26,10 +26,10 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use pagewire::Secret;
-use pagewire::{CodecKind, Config};
+use pagewire::{CodecKind, Rate, ReceiverConfig, SenderConfig};
 use serde_json::{json, Value};
 
-use crate::format::{human_bytes, parse_rate, parse_size};
+use crate::format::{human_bytes, parse_size};
 use guest::Layout;
 
 type Res<T> = Result<T, String>;
@@ -178,7 +178,8 @@ fn addr(s: &str, what: &str) -> Res<SocketAddr> {
         .ok_or_else(|| format!("--{what} '{s}': no address"))
 }
 
-fn base_config(o: &Opts) -> Res<Config> {
+/// The settings both ends share: the idle timeout and the secret.
+fn base_config(o: &Opts) -> Res<(Duration, Option<Secret>)> {
     let idle = secs(o.idle_timeout, "idle-timeout")?;
     if idle.is_zero() {
         return Err("--idle-timeout must be positive".into());
@@ -188,11 +189,7 @@ fn base_config(o: &Opts) -> Res<Config> {
         .as_deref()
         .map(|p| Secret::from_file(p).map_err(|e| e.to_string()))
         .transpose()?;
-    Ok(Config {
-        idle_timeout: idle,
-        secret,
-        ..Config::default()
-    })
+    Ok((idle, secret))
 }
 
 fn source_opts(o: &Opts, connect: SocketAddr) -> Res<source::SourceOpts> {
@@ -225,7 +222,7 @@ fn source_opts(o: &Opts, connect: SocketAddr) -> Res<source::SourceOpts> {
     let max_bandwidth = o
         .max_bandwidth
         .as_deref()
-        .map(parse_rate)
+        .map(|r| r.parse::<Rate>())
         .transpose()
         .map_err(|e| format!("--max-bandwidth: {e}"))?;
     let postcopy = if o.postcopy {
@@ -238,11 +235,14 @@ fn source_opts(o: &Opts, connect: SocketAddr) -> Res<source::SourceOpts> {
     Ok(source::SourceOpts {
         connect,
         layout,
-        cfg: Config {
-            codec,
-            channels: o.channels,
-            max_bandwidth,
-            ..base_config(o)?
+        cfg: {
+            let (idle, secret) = base_config(o)?;
+            SenderConfig::default()
+                .codec(codec)
+                .channels(o.channels)
+                .max_bandwidth(max_bandwidth)
+                .idle_timeout(idle)
+                .secret(secret)
         },
         max_rounds: o.max_rounds,
         downtime_limit: Duration::from_secs_f64(o.downtime_limit / 1e3),
@@ -284,9 +284,12 @@ pub fn run(a: KvmArgs) -> Res<()> {
             let o = dest::DestOpts {
                 listen: addr(&listen, "listen")?,
                 mem_size: parse_size(&a.opts.memory)?,
-                cfg: Config {
-                    insecure,
-                    ..base_config(&a.opts)?
+                cfg: {
+                    let (idle, secret) = base_config(&a.opts)?;
+                    ReceiverConfig::default()
+                        .insecure(insecure)
+                        .idle_timeout(idle)
+                        .secret(secret)
                 },
                 accept_timeout: accept_timeout
                     .map(|t| secs(t, "accept-timeout"))
@@ -315,7 +318,7 @@ const ROUND_HEADER: &str = "round      pages   zero pages   on the wire       ti
 
 fn banner(o: &source::SourceOpts) -> String {
     let cap = o.cfg.max_bandwidth.map_or(String::new(), |r| {
-        format!(", link capped at {}/s", human_bytes(r))
+        format!(", link capped at {}/s", human_bytes(r.get()))
     });
     let ending = match o.postcopy {
         source::PostcopyMode::Off => String::new(),

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use pagewire::driver::{Decision, DriverError, DriverReport, Outcome, RoundRecord, VmmError};
-use pagewire::{BlockPages, Config, DirtyLog, Driver, Policy, Sender, Vmm};
+use pagewire::{BlockPages, DirtyLog, Driver, Policy, Sender, SenderConfig, Vmm};
 use serde::Serialize;
 
 use super::guest::{self, PAGE};
@@ -23,7 +23,7 @@ pub struct SourceOpts {
     /// Guest layout.
     pub layout: Layout,
     /// pagewire session settings (channels, codec, secret, timeouts).
-    pub cfg: Config,
+    pub cfg: SenderConfig,
     /// Most live rounds (the first sends every page) before giving up.
     pub max_rounds: u32,
     /// The downtime the driver aims to stay under.
