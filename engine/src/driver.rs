@@ -670,6 +670,7 @@ pub struct Driver {
     policy: Policy,
     page_size: u32,
     pages_per_packet: u32,
+    channels: u16,
     /// What the last completed migrations measured besides the final round's time (pause,
     /// state, end), newest last: the reserve of the next prediction is their largest.
     measured_reserve: std::sync::Mutex<std::collections::VecDeque<Duration>>,
@@ -686,6 +687,7 @@ impl Driver {
             policy,
             page_size: cfg.page_size,
             pages_per_packet: cfg.pages_per_packet,
+            channels: cfg.channels,
             measured_reserve: std::sync::Mutex::new(std::collections::VecDeque::new()),
             clock: Clock::Monotonic(Instant::now()),
         }
@@ -823,7 +825,11 @@ impl Driver {
         vmm_call(vmm.pause(), "pause", &report)?;
         report.pause = self.clock.since(t_pause);
         vmm_call(vmm.collect_dirty(&mut log), "collect dirty log", &report)?;
-        let pages = log.take_round(self.pages_per_packet);
+        let pages = log.take_round(final_batch(
+            log.pages(),
+            self.channels,
+            self.pages_per_packet,
+        ));
         report.final_pages = pages.pages();
         let t_round = self.clock.now();
         let fstats = session_call(transport.send_round(pages), &report)?;
@@ -893,6 +899,20 @@ impl Driver {
         }
         Ok(Outcome::Completed { report, stats })
     }
+}
+
+/// Pages per packet of the final round. A round that fills at most one packet per channel is
+/// compressed whole before its first byte leaves, and the receiver inflates it only then:
+/// nothing overlaps, so a page cost the paused guest twice what it cost in the live rounds
+/// (measured: 120 against 52 µs with deflate). Smaller packets, at least four per channel of at
+/// least 16 pages, let each channel send one while it compresses the next, as the live rounds
+/// do. (The packet's header keeps its size: 1.3 KiB per 16 pages is 2 %.)
+fn final_batch(pages: u64, channels: u16, pages_per_packet: u32) -> u32 {
+    let per_channel = pages / u64::from(channels.max(1));
+    (per_channel / 4).clamp(
+        16.min(u64::from(pages_per_packet)),
+        u64::from(pages_per_packet),
+    ) as u32
 }
 
 fn vmm_call<X>(
@@ -1383,6 +1403,19 @@ mod tests {
             vmm.paused_at.is_none(),
             "the VMM pauses for post-copy itself"
         );
+    }
+
+    #[test]
+    fn a_small_final_round_goes_in_several_packets_per_channel() {
+        // 115 pages on 2 channels: 57 a channel, in packets of 16 (4 per channel).
+        assert_eq!(final_batch(115, 2, 128), 16);
+        // 500 pages: 250 a channel, 62 per packet.
+        assert_eq!(final_batch(500, 2, 128), 62);
+        // Large rounds keep full packets; nothing left: any size.
+        assert_eq!(final_batch(100_000, 2, 128), 128);
+        assert_eq!(final_batch(0, 2, 128), 16);
+        // Never more than the session's packet size.
+        assert_eq!(final_batch(115, 1, 8), 8);
     }
 
     #[test]
