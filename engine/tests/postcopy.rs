@@ -862,3 +862,78 @@ fn hostile_postcopy_packets_are_refused() {
         eprintln!("refused: {msg}");
     }
 }
+
+/// The source process is killed (SIGKILL) while post-copy runs: the destination's guest can
+/// never get the pages it lacks, and the destination says so within its grace of 1.5 s, not
+/// after the idle timeout (20 s here) a silent network would get.
+#[test]
+fn a_killed_source_fails_the_destination_long_before_the_idle_timeout() {
+    if std::env::var("PW_PC_ROLE").as_deref() == Ok("slow-sender") {
+        let addr: SocketAddr = std::env::var("PW_PC_ADDR")
+            .expect("addr")
+            .parse()
+            .expect("addr");
+        // 52 MiB at 5 MB/s: post-copy would take ten seconds; the test kills this process.
+        let src = source_memory();
+        let c = cfg().max_bandwidth(pagewire::Rate::bytes_per_sec(5_000_000));
+        let s = Sender::connect(addr, c, src).expect("connect");
+        let pc = s
+            .switch_to_postcopy(vec![(0, BlockPages::All), (1, BlockPages::All)])
+            .expect("switch");
+        let _ = pc.finish();
+        return;
+    }
+    if uffd_missing() {
+        return;
+    }
+    let c = cfg();
+    let mut r = Receiver::bind(
+        "127.0.0.1:0".parse().expect("addr"),
+        ReceiverConfig::for_sender(&c),
+    )
+    .expect("bind");
+    r.set_accept_timeout(Some(Duration::from_secs(20)));
+    let addr = r.local_addr().expect("addr");
+    let (started_tx, started) = std::sync::mpsc::channel();
+    r.on_postcopy(move |_| {
+        let _ = started_tx.send(());
+    });
+    let dst = dest_memory();
+    let into = dst.clone();
+    let serving = std::thread::spawn(move || r.serve(ReceiveInto::Memory(into)));
+    let mut child = std::process::Command::new(std::env::current_exe().expect("exe"))
+        .args([
+            "a_killed_source_fails_the_destination_long_before_the_idle_timeout",
+            "--exact",
+            "--test-threads=1",
+        ])
+        .env("PW_PC_ROLE", "slow-sender")
+        .env("PW_PC_ADDR", addr.to_string())
+        .spawn()
+        .expect("spawn sender process");
+    started
+        .recv_timeout(Duration::from_secs(20))
+        .expect("post-copy started");
+    std::thread::sleep(Duration::from_millis(300));
+    child.kill().expect("SIGKILL the source");
+    let killed = std::time::Instant::now();
+    let _ = child.wait();
+    let Err(e) = serving.join().expect("receiver thread") else {
+        panic!("the destination cannot have completed without its source");
+    };
+    let took = killed.elapsed();
+    eprintln!(
+        "destination error {:.2} s after the kill: {e}",
+        took.as_secs_f64()
+    );
+    assert!(
+        matches!(
+            &e,
+            SessionError::Postcopy(pagewire::error::PostcopyError::SourceGone { missing, .. }) if *missing > 0
+        ),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("the guest cannot continue"), "{e}");
+    // Its grace (1.5 s) and the time to notice, not the 20 s idle timeout.
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+}

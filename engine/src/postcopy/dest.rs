@@ -543,17 +543,33 @@ fn accept_resume(
     control: &mut TcpStream,
     hello: &Hello,
     cfg: &Config,
+    closed: bool,
+    missing: u64,
 ) -> Result<(), SessionError> {
-    let deadline = Instant::now() + cfg.idle_timeout;
+    // A source that closed its control connection has a short grace to come back; one that
+    // went silent (the network) the idle timeout.
+    let wait = if closed {
+        SOURCE_GONE_GRACE.min(cfg.idle_timeout)
+    } else {
+        cfg.idle_timeout
+    };
+    let deadline = Instant::now() + wait;
     let plain = |h: &Hello| Hello {
         auth: None,
         ..h.clone()
     };
     loop {
         let c = door.next_control(deadline).map_err(|e| match e {
+            SessionError::Net(net::NetError::AcceptTimeout { .. }) if closed => {
+                PostcopyError::SourceGone {
+                    waited: wait.as_secs_f64(),
+                    missing,
+                }
+                .into()
+            }
             SessionError::Net(net::NetError::AcceptTimeout { .. }) => SessionError::Timeout(format!(
                 "post-copy: the control connection broke and the sender did not resume within {:.1} s",
-                cfg.idle_timeout.as_secs_f64()
+                wait.as_secs_f64()
             )),
             other => other,
         })?;
@@ -727,6 +743,7 @@ pub(crate) fn run(
     let blocks_ref = &blocks[..];
     let mut reconnects = 0u32;
     let mut lost = false;
+    let mut lost_closed = false;
     let result = std::thread::scope(|s| {
         let spawn_receivers = |streams: Vec<TcpStream>| {
             let mut handles = Vec::new();
@@ -773,8 +790,9 @@ pub(crate) fn run(
             let asked = match wait_placed(placer_ref, control, idle) {
                 Ok(Waited::Placed) => break Ok(()),
                 Ok(Waited::Broken { asked }) => asked,
-                Ok(Waited::ControlLost) => {
+                Ok(Waited::ControlLost { closed }) => {
                     lost = true;
+                    lost_closed = closed;
                     false
                 }
                 Err(e) => break Err(e),
@@ -801,7 +819,10 @@ pub(crate) fn run(
                         if lost {
                             // The control connection broke too: the sender comes back on a
                             // new one, authenticated like the first, naming this session.
-                            accept_resume(door, control, hello, cfg)?;
+                            let missing = placer_ref
+                                .to_place
+                                .saturating_sub(placer_ref.placed.load(Ordering::Acquire));
+                            accept_resume(door, control, hello, cfg, lost_closed, missing)?;
                             resumed = true;
                             lost = false;
                         }
@@ -819,6 +840,7 @@ pub(crate) fn run(
                             Err(e) if !resumed => {
                                 warn!(error = %e, "post-copy: control connection broken");
                                 lost = true;
+                                lost_closed = peer_closed(&e);
                             }
                             Err(e) => return Err(e.into()),
                         }
@@ -907,7 +929,30 @@ enum Waited {
     /// already been read).
     Broken { asked: bool },
     /// The control connection broke (the post-copy connections are replaced as well).
-    ControlLost,
+    /// `closed`: by the source's end (EOF or reset), not by silence.
+    ControlLost { closed: bool },
+}
+
+/// How long a source whose control connection closed (EOF or reset: its process closed it,
+/// or died and its kernel did) has to come back before the destination gives it up. A source
+/// that is alive and reachable reconnects at once; one whose network is down cannot anyway,
+/// and a source that was killed never will: past this, the guest cannot continue.
+pub const SOURCE_GONE_GRACE: Duration = Duration::from_millis(1500);
+
+/// Whether a control connection's error is its peer closing it (EOF, reset), rather than a
+/// silence or a local failure.
+fn peer_closed(e: &control::ControlError) -> bool {
+    match e {
+        control::ControlError::Closed | control::ControlError::Truncated { .. } => true,
+        control::ControlError::Io(io) => matches!(
+            io.kind(),
+            std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::ConnectionAborted
+                | std::io::ErrorKind::BrokenPipe
+                | std::io::ErrorKind::UnexpectedEof
+        ),
+        _ => false,
+    }
 }
 
 /// Wait until every page is placed, a thread fails, the connections break, the sender
@@ -964,7 +1009,9 @@ fn wait_placed(
                 }),
                 Err(e) => {
                     warn!(error = %e, "post-copy: control connection broken");
-                    Ok(Waited::ControlLost)
+                    Ok(Waited::ControlLost {
+                        closed: peer_closed(&e),
+                    })
                 }
             };
         }

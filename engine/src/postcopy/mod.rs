@@ -164,6 +164,17 @@ pub enum PostcopyError {
     /// A post-copy thread could not be started (or the embedder's thread hook failed on it).
     #[error("post-copy: {0}")]
     Thread(#[from] crate::threads::SpawnError),
+    /// Destination: the source closed every connection and did not come back (it was killed,
+    /// or it closed them): the pages it had not sent will never arrive, so the guest, which
+    /// runs here already, cannot continue. Its memory stays registered: a thread touching a
+    /// missing page blocks, it never reads zeros.
+    #[error("post-copy: the source is gone (it closed its connections and did not come back within {waited:.1} s); {missing} pages never arrived, the guest cannot continue")]
+    SourceGone {
+        /// Seconds waited for the source to come back.
+        waited: f64,
+        /// Pages that never arrived.
+        missing: u64,
+    },
 }
 
 /// One page request (destination → source on the urgent connection): magic "PWPR", block
