@@ -504,7 +504,8 @@ impl PageDecompressor for QplDecompressor {
     }
 }
 
-#[cfg(all(test, feature = "qpl"))]
+#[cfg(test)]
+#[cfg(feature = "qpl")]
 mod tests {
     use super::*;
     use crate::codec::{DeflateCompressor, DeflateDecompressor, PageCompressor};
