@@ -1286,3 +1286,34 @@ fn decode(a: DecodeArgs) -> Res<()> {
 fn human(bytes: u64) -> String {
     format::human_bytes(bytes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::cli_words;
+
+    /// The library names its settings; the operator of this binary reads its flags.
+    #[test]
+    fn library_settings_read_as_flags() {
+        let e = "handshake: the receiver closed the control connection before its challenge \
+                 (a receiver with TLS credentials closes clear-text senders: set `tls` on both sides)";
+        assert!(
+            cli_words(e).ends_with("use --tls-dir on both sides)"),
+            "{}",
+            cli_words(e)
+        );
+        let e = "authentication failed: refusing 192.0.2.1:5: it is not on loopback and no shared \
+                 secret is configured (set the shared secret (`secret`) on both sides, or \
+                 `insecure` on the receiver for a trusted network)";
+        let c = cli_words(e);
+        assert!(
+            c.contains("--secret-file on both sides, or --insecure on the receiver"),
+            "{c}"
+        );
+        assert!(!c.contains('`'), "{c}");
+        let e = "this receiver has none (`secret`)";
+        assert_eq!(cli_words(e), "this receiver has none (--secret-file)");
+        // The feature's name is not a setting.
+        let e = "pagewire was built without the `tls` feature";
+        assert_eq!(cli_words(e), e);
+    }
+}
