@@ -305,6 +305,21 @@ impl Pacer {
         }
     }
 
+    /// Whether the receiver, not the link, is the bottleneck: its window limited the connection
+    /// most of its busy time. Not under a cap that the drain keeps up with: the link is the cap
+    /// then, and a receiver descheduled for a moment on a busy host (its window full while the
+    /// sender waits for tokens anyway) makes most of a capped connection's little busy time
+    /// window-limited without slowing the session.
+    fn receiver_bound(&self) -> bool {
+        if self.rwnd_share <= MAX_RWND_SHARE {
+            return false;
+        }
+        match (self.ceiling, self.rate) {
+            (Some(cap), Some(r)) => r < 0.9 * cap,
+            _ => true,
+        }
+    }
+
     /// Measured compression speed in page bytes per second.
     pub fn compress_rate(&self) -> f64 {
         self.page_size / self.fast.cost
@@ -361,7 +376,7 @@ impl Pacer {
             // measured rate). Raw otherwise. (A packet started raw stays raw, so without this
             // every round's first packet went raw on a slow link: a round's time was no longer
             // in proportion to its pages, and the downtime prediction missed.)
-            if let (Some(rate), true) = (self.capped(measured), self.rwnd_share <= MAX_RWND_SHARE) {
+            if let (Some(rate), false) = (self.capped(measured), self.receiver_bound()) {
                 let saved = (1.0 - self.fast.ratio) * self.page_size / rate;
                 if saved >= IDLE_GAIN * self.fast.cost {
                     self.last_compress = Some(o.at);
@@ -381,7 +396,7 @@ impl Pacer {
         }
         // The receiver's window has limited the connection most of the time: the receiver
         // is the bottleneck, and compressed pages would cost it more.
-        if self.rwnd_share > MAX_RWND_SHARE {
+        if self.receiver_bound() {
             return Choice::RawReceiverBound;
         }
         let Some(rate) = self.capped(measured) else {
@@ -1080,5 +1095,26 @@ mod tests {
             last = q.decide(&o);
         }
         assert_ne!(last, Choice::Compress);
+    }
+
+    /// Under a cap, a receiver whose window is often full is the bottleneck only if the link
+    /// drains below the cap: draining at the cap, the cap is the link (a receiver descheduled
+    /// for moments on a busy host fills its window while the sender waits for tokens anyway).
+    #[test]
+    fn under_a_cap_the_drain_says_whether_the_receiver_keeps_up() {
+        for (drain, bound) in [(10e6, false), (4e6, true)] {
+            let mut p = Pacer::new(4096).with_ceiling(10e6);
+            let mut last = Choice::Wait;
+            for i in 0..=100u64 {
+                let at = i as f64 * 0.2e-3;
+                p.rwnd_share = 1.0;
+                last = p.decide(&obs(at, 1 << 20, (at * drain) as u64));
+            }
+            assert_eq!(
+                last == Choice::RawReceiverBound,
+                bound,
+                "draining at {drain} B/s under a 10 MB/s cap: {last:?}"
+            );
+        }
     }
 }
