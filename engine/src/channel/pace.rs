@@ -20,7 +20,11 @@
 //!    hence a share of the cost, not just any gain, must come back as link time.
 //! 3. and the receiver is not the bottleneck: when the receiver's TCP window limits the
 //!    connection most of its busy time (TCP_INFO's `tcpi_rwnd_limited`), the drain is slow
-//!    because the receiver does not keep up, and compressed pages would slow it further.
+//!    because the receiver does not keep up, and compressed pages would slow it further
+//!    (under a cap, only while the drain falls below 90 % of it).
+//!
+//! With nothing queued the link waits for the packet being built whatever the choice; a page
+//! is compressed then only where it saves at least [`IDLE_GAIN`] × its cost in link time.
 //!
 //! Cost and yield are averages over the pages compressed, so they are kept honest two ways:
 //! one cost sample counts at most [`COST_CLAMP`] × the average (a page during which the
