@@ -60,6 +60,18 @@ use std::error::Error as StdError;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use serde::Serialize;
+use thiserror::Error;
+use tracing::{info, warn};
+
+use crate::dirty::{DirtyError, DirtyLog};
+use crate::error::SessionError;
+use crate::memory::GuestRam;
+use crate::pages::RoundPages;
+use crate::session::send::MAX_STATE;
+use crate::session::Sender;
+use crate::stats::SessionStats;
+
 /// Where the driver reads the time: a monotonic clock, or in tests the simulation's.
 #[derive(Clone)]
 enum Clock {
@@ -88,18 +100,6 @@ impl std::fmt::Debug for Clock {
         f.write_str("Clock")
     }
 }
-
-use serde::Serialize;
-use thiserror::Error;
-use tracing::{info, warn};
-
-use crate::dirty::{DirtyError, DirtyLog};
-use crate::error::SessionError;
-use crate::memory::GuestRam;
-use crate::pages::RoundPages;
-use crate::session::send::MAX_STATE;
-use crate::session::Sender;
-use crate::stats::SessionStats;
 
 /// An error the VMM reports from one of its [`Vmm`] operations.
 pub type VmmError = Box<dyn StdError + Send + Sync>;
