@@ -105,7 +105,7 @@ fn driver_migrates_a_running_vm_memory_guest_within_the_limit() {
     let dst = Arc::new(rust_vmm::guest_ram(&dst_vm).expect("blocks"));
     let mut receiver = Receiver::bind(
         "127.0.0.1:0".parse().expect("addr"),
-        ReceiverConfig::for_sender(&(SenderConfig::default())),
+        ReceiverConfig::default(),
     )
     .expect("bind");
     receiver.set_accept_timeout(Some(Duration::from_secs(10)));

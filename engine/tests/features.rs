@@ -22,11 +22,8 @@ mod without_tls {
     /// sender quotes it: transport's `handshake::finish`).
     #[test]
     fn a_client_hello_is_refused_naming_the_feature() {
-        let mut r = Receiver::bind(
-            "127.0.0.1:0".parse().unwrap(),
-            ReceiverConfig::for_sender(&(SenderConfig::default())),
-        )
-        .unwrap();
+        let mut r =
+            Receiver::bind("127.0.0.1:0".parse().unwrap(), ReceiverConfig::default()).unwrap();
         r.set_accept_timeout(Some(Duration::from_secs(3)));
         let rejections = r.watch_rejections();
         let addr = r.local_addr().unwrap();

@@ -183,7 +183,7 @@ fn two_authenticated_sessions_of_one_vm() {
 fn receiver_expecting_one_vm_refuses_another() {
     let mut r = Receiver::bind(
         "127.0.0.1:0".parse().expect("addr"),
-        ReceiverConfig::for_sender(&(cfg(1).vm_uuid(Some(vm())))),
+        ReceiverConfig::for_sender(&cfg(1).vm_uuid(Some(vm()))),
     )
     .expect("bind");
     r.set_accept_timeout(Some(Duration::from_secs(3)));

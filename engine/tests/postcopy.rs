@@ -88,6 +88,18 @@ fn cfg() -> SenderConfig {
         .idle_timeout(Duration::from_secs(20))
 }
 
+/// A receiver for `c`'s sessions on a free loopback port, waiting up to 20 s for one.
+fn receiver(c: &SenderConfig) -> (Receiver, SocketAddr) {
+    let mut r = Receiver::bind(
+        "127.0.0.1:0".parse().expect("addr"),
+        ReceiverConfig::for_sender(c),
+    )
+    .expect("bind");
+    r.set_accept_timeout(Some(Duration::from_secs(20)));
+    let addr = r.local_addr().expect("addr");
+    (r, addr)
+}
+
 /// What the guest thread saw.
 #[derive(Debug, Default)]
 struct Seen {
@@ -193,13 +205,7 @@ fn pure_postcopy_two_processes_guest_reads_every_byte() {
         return;
     }
     let dst = dest_memory();
-    let mut r = Receiver::bind(
-        "127.0.0.1:0".parse().expect("addr"),
-        ReceiverConfig::for_sender(&(cfg())),
-    )
-    .expect("bind");
-    r.set_accept_timeout(Some(Duration::from_secs(20)));
-    let addr = r.local_addr().expect("addr");
+    let (mut r, addr) = receiver(&cfg());
     let seen = Arc::new(Mutex::new(Seen::default()));
     let guest_thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>> = Arc::default();
     {
@@ -269,13 +275,7 @@ fn precopy_rounds_then_postcopy_of_dirty_pages() {
     let src = source_memory();
     let dst = dest_memory();
     let c = cfg();
-    let mut r = Receiver::bind(
-        "127.0.0.1:0".parse().expect("addr"),
-        ReceiverConfig::for_sender(&c),
-    )
-    .expect("bind");
-    r.set_accept_timeout(Some(Duration::from_secs(20)));
-    let addr = r.local_addr().expect("addr");
+    let (mut r, addr) = receiver(&c);
     let seen = Arc::new(Mutex::new(Seen::default()));
     let guest_thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>> = Arc::default();
     {
@@ -342,13 +342,7 @@ fn postcopy_keeps_to_the_bandwidth_cap() {
     let src = source_memory();
     let dst = dest_memory();
     let c = cfg().max_bandwidth(pagewire::Rate::bytes_per_sec(CAP));
-    let mut r = Receiver::bind(
-        "127.0.0.1:0".parse().expect("addr"),
-        ReceiverConfig::for_sender(&c),
-    )
-    .expect("bind");
-    r.set_accept_timeout(Some(Duration::from_secs(20)));
-    let addr = r.local_addr().expect("addr");
+    let (mut r, addr) = receiver(&c);
     let seen = Arc::new(Mutex::new(Seen::default()));
     let guest_thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>> = Arc::default();
     {
@@ -543,13 +537,7 @@ fn switch_refuses_pages_outside_the_guest() {
             "offset 0x64 not a page of block 0",
         ),
     ] {
-        let mut r = Receiver::bind(
-            "127.0.0.1:0".parse().expect("addr"),
-            ReceiverConfig::for_sender(&c),
-        )
-        .expect("bind");
-        r.set_accept_timeout(Some(Duration::from_secs(20)));
-        let addr = r.local_addr().expect("addr");
+        let (r, addr) = receiver(&c);
         let rt = std::thread::spawn(move || r.serve(ReceiveInto::Allocate));
         let s = Sender::connect(addr, c.clone(), src.clone()).expect("connect");
         let err = s.switch_to_postcopy(sel).expect_err("refused");
@@ -663,13 +651,7 @@ fn resume_after_cut(doomed: &'static [usize], c: SenderConfig) {
     }
     let src = source_memory();
     let dst = dest_memory();
-    let mut r = Receiver::bind(
-        "127.0.0.1:0".parse().expect("addr"),
-        ReceiverConfig::for_sender(&c),
-    )
-    .expect("bind");
-    r.set_accept_timeout(Some(Duration::from_secs(20)));
-    let target = r.local_addr().expect("addr");
+    let (mut r, target) = receiver(&c);
     let (proxy, cut, accepted) = cutting_proxy(target, doomed, 3, 8 << 20);
     let seen = Arc::new(Mutex::new(Seen::default()));
     let guest_thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>> = Arc::default();
@@ -839,13 +821,7 @@ fn hostile_postcopy_packets_are_refused() {
     ];
     for (packet, want) in cases {
         let dst = dest_memory();
-        let mut r = Receiver::bind(
-            "127.0.0.1:0".parse().expect("addr"),
-            ReceiverConfig::for_sender(&(cfg())),
-        )
-        .expect("bind");
-        r.set_accept_timeout(Some(Duration::from_secs(20)));
-        let addr = r.local_addr().expect("addr");
+        let (r, addr) = receiver(&cfg());
         let rt = std::thread::spawn(move || r.serve(ReceiveInto::Memory(dst)));
         let told = fake_source(addr, packet);
         let err = rt.join().expect("receiver thread").expect_err("refused");
@@ -887,13 +863,7 @@ fn a_killed_source_fails_the_destination_long_before_the_idle_timeout() {
         return;
     }
     let c = cfg();
-    let mut r = Receiver::bind(
-        "127.0.0.1:0".parse().expect("addr"),
-        ReceiverConfig::for_sender(&c),
-    )
-    .expect("bind");
-    r.set_accept_timeout(Some(Duration::from_secs(20)));
-    let addr = r.local_addr().expect("addr");
+    let (mut r, addr) = receiver(&c);
     let (started_tx, started) = std::sync::mpsc::channel();
     r.on_postcopy(move |_| {
         let _ = started_tx.send(());

@@ -59,7 +59,7 @@ fn two_regions_with_a_hole_migrate_byte_identical_while_the_guest_writes() {
     let dst = Arc::new(rust_vmm::guest_ram(&dst_vm).expect("blocks"));
     let mut receiver = Receiver::bind(
         "127.0.0.1:0".parse().expect("addr"),
-        ReceiverConfig::for_sender(&(SenderConfig::default())),
+        ReceiverConfig::default(),
     )
     .expect("bind");
     receiver.set_accept_timeout(Some(Duration::from_secs(10)));

@@ -124,7 +124,7 @@ struct Run {
 fn destination(mode: &str, size: usize, guest_pause: Option<Duration>) -> Run {
     let mut r = Receiver::bind(
         "127.0.0.1:0".parse().expect("addr"),
-        ReceiverConfig::for_sender(&(cfg())),
+        ReceiverConfig::for_sender(&cfg()),
     )
     .expect("bind");
     r.set_accept_timeout(Some(Duration::from_secs(120)));
