@@ -244,9 +244,20 @@ impl std::str::FromStr for Rate {
     }
 }
 
-/// A chainable setter per field: `cfg.channels(4)` sets `cfg.channels`.
-macro_rules! setters {
-    ($t:ident { $($f:ident : $ty:ty),* $(,)? }) => {
+/// A settings struct and a chainable setter per field (`cfg.channels(4)` sets
+/// `cfg.channels`), from one list of fields, so no field lacks its setter.
+macro_rules! settings {
+    (
+        $(#[$attr:meta])*
+        pub struct $t:ident {
+            $( $(#[$fattr:meta])* pub $f:ident : $ty:ty ),* $(,)?
+        }
+    ) => {
+        $(#[$attr])*
+        pub struct $t {
+            $( $(#[$fattr])* pub $f: $ty ),*
+        }
+
         impl $t {
             $(
                 #[doc = concat!("Sets [`", stringify!($f), "`](Self::", stringify!($f), ").")]
@@ -260,6 +271,7 @@ macro_rules! setters {
     };
 }
 
+settings! {
 /// How a [`crate::Sender`] runs its session. Its page size, pages per packet, codec framing
 /// and channel count travel in the hello; the receiver adopts them.
 #[derive(Clone, Debug)]
@@ -314,28 +326,7 @@ pub struct SenderConfig {
     /// See [`crate::threads`] and [`crate::sandbox`].
     pub threads: crate::threads::ThreadHook,
 }
-
-setters!(SenderConfig {
-    channels: u16,
-    codec: CodecKind,
-    max_bandwidth: Option<Rate>,
-    level: i32,
-    auto_compressor: AutoCompressor,
-    qpl: QplSettings,
-    page_size: u32,
-    pages_per_packet: u32,
-    depth: usize,
-    skip_incompressible: bool,
-    zero_copy: ZeroCopy,
-    find_holes: bool,
-    idle_timeout: Duration,
-    socket: SocketOptions,
-    pinning: Pinning,
-    secret: Option<Secret>,
-    tls: Option<TlsConfig>,
-    vm_uuid: Option<[u8; 16]>,
-    threads: crate::threads::ThreadHook,
-});
+}
 
 impl Default for SenderConfig {
     fn default() -> Self {
@@ -392,6 +383,7 @@ impl SenderConfig {
     }
 }
 
+settings! {
 /// How a [`crate::Receiver`] serves sessions. The page size, packet size, codec framing and
 /// channel count come from the sender's hello.
 #[derive(Clone, Debug)]
@@ -431,21 +423,7 @@ pub struct ReceiverConfig {
     /// handshakes, post-copy's threads).
     pub threads: crate::threads::ThreadHook,
 }
-
-setters!(ReceiverConfig {
-    decoder: Decoder,
-    max_memory: u64,
-    prealloc: bool,
-    registered_buffers: bool,
-    insecure: bool,
-    idle_timeout: Duration,
-    socket: SocketOptions,
-    pinning: Pinning,
-    secret: Option<Secret>,
-    tls: Option<TlsConfig>,
-    vm_uuid: Option<[u8; 16]>,
-    threads: crate::threads::ThreadHook,
-});
+}
 
 impl Default for ReceiverConfig {
     fn default() -> Self {
