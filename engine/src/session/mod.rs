@@ -9,8 +9,10 @@ pub mod send;
 pub mod tls;
 
 use std::io::{Read, Write};
+use std::time::Duration;
 
 use pagewire_transport::control::{self, Message};
+use pagewire_transport::tls::Conn;
 
 use crate::error::SessionError;
 
@@ -36,6 +38,30 @@ pub(crate) fn end_session<S: Read + Write>(control: &mut S) -> Result<(), Sessio
                 })
             }
             Err(e) => return Err(SessionError::Unconfirmed(e.to_string())),
+        }
+    }
+}
+
+/// How long a side whose session failed waits for each message of the peer's own account of
+/// it (an `error`, an `abandon`) before it reports its symptom instead.
+pub(crate) const LAST_WORD_WAIT: Duration = Duration::from_millis(500);
+
+/// Read what the peer still says on `control` (each message within [`LAST_WORD_WAIT`]) until
+/// `pick` finds what it looks for, the connection closes or it goes quiet.
+pub(crate) fn peer_last_word<T>(
+    control: &mut Conn,
+    mut pick: impl FnMut(Message) -> Option<T>,
+) -> Option<T> {
+    // Without the timeout a silent peer would hold this read for ever: rather not read.
+    control.tcp().set_read_timeout(Some(LAST_WORD_WAIT)).ok()?;
+    loop {
+        match control::read_message(control) {
+            Ok(m) => {
+                if let Some(t) = pick(m) {
+                    return Some(t);
+                }
+            }
+            Err(_) => return None,
         }
     }
 }

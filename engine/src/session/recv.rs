@@ -86,20 +86,11 @@ fn abandoned(control: &mut Conn, e: SessionError) -> SessionError {
     ) {
         return e;
     }
-    if control
-        .tcp()
-        .set_read_timeout(Some(Duration::from_millis(500)))
-        .is_err()
-    {
-        return e;
-    }
-    loop {
-        match control::read_message(control) {
-            Ok(Message::Abandon { reason }) => return SessionError::Abandoned { reason },
-            Ok(_) => continue,
-            Err(_) => return e,
-        }
-    }
+    super::peer_last_word(control, |m| match m {
+        Message::Abandon { reason } => Some(SessionError::Abandoned { reason }),
+        _ => None,
+    })
+    .unwrap_or(e)
 }
 
 /// What the control loop needs to run post-copy.

@@ -4,7 +4,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use pagewire_transport::control::{self, Hello, Message};
 use pagewire_transport::net;
@@ -163,7 +163,7 @@ impl Sender {
         let engines = (0..cfg.channels)
             .map(|_| engine_for(&session))
             .collect::<Result<Vec<_>, _>>()?;
-        Sender::connect_with_engines(addr, cfg, mem, engines)
+        Sender::open(addr, cfg, session, mem, engines)
     }
 
     /// Like [`Sender::connect`], with the page-compression engine of each channel given by
@@ -176,7 +176,19 @@ impl Sender {
         mem: Arc<GuestRam>,
         engines: Vec<Option<Box<dyn Accelerator>>>,
     ) -> Result<Sender, SessionError> {
-        let cfg = settings.session();
+        let session = settings.session();
+        Sender::open(addr, settings, session, mem, engines)
+    }
+
+    /// Connect with `settings` as the embedder gave them and `cfg`, the session's settings
+    /// made of them.
+    fn open(
+        addr: SocketAddr,
+        settings: SenderConfig,
+        cfg: Config,
+        mem: Arc<GuestRam>,
+        engines: Vec<Option<Box<dyn Accelerator>>>,
+    ) -> Result<Sender, SessionError> {
         let span = info_span!("send", %addr);
         let _g = span.enter();
         validate_config(&cfg)?;
@@ -518,17 +530,11 @@ impl Sender {
         if matches!(err, SessionError::Peer(_)) {
             return err;
         }
-        let _ = self
-            .control
-            .tcp()
-            .set_read_timeout(Some(Duration::from_millis(500)));
-        loop {
-            match control::read_message(&mut self.control) {
-                Ok(Message::Error { message }) => return SessionError::Peer(message),
-                Ok(_) => continue,
-                Err(_) => return err,
-            }
-        }
+        super::peer_last_word(&mut self.control, |m| match m {
+            Message::Error { message } => Some(SessionError::Peer(message)),
+            _ => None,
+        })
+        .unwrap_or(err)
     }
 
     /// Send opaque device state (vCPU registers, device models: whatever the destination VMM
@@ -569,8 +575,10 @@ impl Sender {
     /// sees the channels close. Marks the session failed (nothing more is sent).
     fn tell_abandoned(&mut self, reason: &str) {
         self.failed = true;
-        let wait = Some(Duration::from_millis(500));
-        let _ = self.control.tcp().set_write_timeout(wait);
+        let _ = self
+            .control
+            .tcp()
+            .set_write_timeout(Some(super::LAST_WORD_WAIT));
         let sent = control::write_message(
             &mut self.control,
             &Message::Abandon {
@@ -581,8 +589,8 @@ impl Sender {
             return;
         }
         info!(reason, "migration abandoned; the destination was told");
-        let _ = self.control.tcp().set_read_timeout(wait);
-        while control::read_message(&mut self.control).is_ok() {}
+        // Until it closes: then it has read the message.
+        super::peer_last_word(&mut self.control, |_| None::<()>);
     }
 
     /// End the session: End on the control connection, wait for the receiver's EndOk (for as
