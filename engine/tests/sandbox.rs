@@ -188,12 +188,27 @@ fn precopy_tls_in_the_sandbox() {
 
 #[test]
 fn postcopy_in_the_sandbox() {
+    postcopy(cfg(CodecKind::None, hook(Mode::PLAIN, None)));
+}
+
+/// Post-copy over TLS: the post-copy threads read and write records; the handshakes run on
+/// the caller's thread (source) and the front door's (destination).
+#[cfg(feature = "gen-certs")]
+#[test]
+fn postcopy_tls_in_the_sandbox() {
+    let dir = tempfile::tempdir().unwrap();
+    pagewire::tls::generate(dir.path(), &Default::default()).unwrap();
+    let mut t = pagewire::tls::TlsConfig::from_dir(dir.path());
+    t.server_name = Some("localhost".into());
+    let mode = Mode::PLAIN.with_tls();
+    postcopy(cfg(CodecKind::None, hook(mode, None)).tls(Some(t)));
+}
+
+fn postcopy(c: SenderConfig) {
     if pagewire::internals::Uffd::new().is_err() {
         eprintln!("SKIPPED: userfaultfd is not available here");
         return;
     }
-    let mode = Mode::PLAIN;
-    let c = cfg(CodecKind::None, hook(mode, None));
     let (mut r, addr) = receiver(&c);
     let guest: Arc<Mutex<Option<std::thread::JoinHandle<u64>>>> = Arc::default();
     let g = guest.clone();

@@ -582,28 +582,131 @@ fn a_peer_stalling_mid_handshake_is_refused_with_one_line() {
     assert!(rt.join().unwrap().is_err());
 }
 
-/// Post-copy is not available on TLS sessions yet: the switch is refused with one clear line
-/// before the pre-copy channels close, and the receiver reports the session's end.
+/// Whether userfaultfd is usable here (post-copy's destination needs it).
+fn uffd_missing() -> bool {
+    match pagewire::postcopy::available() {
+        Ok(()) => false,
+        Err(e) => {
+            eprintln!("SKIPPED: userfaultfd unavailable: {e}");
+            true
+        }
+    }
+}
+
+/// Post-copy over TLS: the urgent and background connections are TLS like the channels (same
+/// certificates); a guest thread reads every page while it arrives and sees the source's bytes.
 #[test]
-fn postcopy_on_a_tls_session_is_refused_clearly() {
+fn postcopy_over_tls_delivers_every_page_the_guest_reads() {
+    if uffd_missing() {
+        return;
+    }
     let dir = certs(&GenerateSpec::default());
-    let c = cfg(CodecKind::None, 1, tls(dir.path()));
-    let size = 1 << 20;
-    let src = realistic(size, 5);
-    let (r, addr) = receiver(&c);
-    let rt = std::thread::spawn(move || r.serve(ReceiveInto::Allocate));
-    let mut s = Sender::connect(addr, c.clone(), src.clone()).unwrap();
-    s.send_round(RoundPages::all(&[size as u64], PS, c.pages_per_packet))
-        .unwrap();
-    let err = s
-        .switch_to_postcopy(vec![(0, BlockPages::Offsets(vec![0]))])
-        .expect_err("post-copy over TLS is refused")
-        .to_string();
-    assert!(
-        err.contains("post-copy is not available on TLS sessions"),
-        "{err}"
-    );
-    one_line(&err);
-    // The sender is gone: the receiver ends with an error, not a hang.
-    assert!(rt.join().unwrap().is_err());
+    let mut t = tls(dir.path()).unwrap();
+    // Small records and a KeyUpdate every 64 records: keys change many times on each
+    // post-copy connection (the requests' direction too) while the guest reads.
+    t.record_size = 2048;
+    t.records_per_key = 128;
+    let c = cfg(CodecKind::None, 2, Some(t));
+    let size = 4 << 20;
+    let src = realistic(size, 9);
+    let dst = patterned(size);
+    let (mut r, addr) = receiver(&c);
+    let want: Arc<Vec<u8>> = Arc::new(unsafe { src.block(0).unwrap().as_slice() }.to_vec());
+    let (seen_tx, seen) = std::sync::mpsc::channel();
+    let expect = want.clone();
+    r.on_postcopy(move |start| {
+        let (mem, expect, tx) = (start.memory.clone(), expect.clone(), seen_tx.clone());
+        std::thread::spawn(move || {
+            let blk = mem.block(0).unwrap();
+            let pages = blk.len() / PS as usize;
+            let mut wrong = 0usize;
+            // Every page, from the end backwards (against the background stream's order).
+            for p in (0..pages).rev() {
+                let ptr = blk.range_ptr((p * PS as usize) as u64, PS as usize).unwrap();
+                // SAFETY: inside the block; the read waits until post-copy placed the page.
+                let page: Vec<u8> = (0..PS as usize)
+                    .map(|i| unsafe { std::ptr::read_volatile(ptr.add(i)) })
+                    .collect();
+                if page[..] != expect[p * PS as usize..(p + 1) * PS as usize] {
+                    wrong += 1;
+                }
+            }
+            let _ = tx.send((pages, wrong));
+        });
+    });
+    let into = dst.clone();
+    let rt = std::thread::spawn(move || r.serve(ReceiveInto::Memory(into)));
+    let s = Sender::connect(addr, c.clone(), src.clone()).unwrap();
+    let pc = s
+        .switch_to_postcopy(vec![(0, BlockPages::All)])
+        .expect("post-copy on a TLS session");
+    let st = pc.finish().expect("post-copy over TLS finishes");
+    let got = rt.join().unwrap().expect("receiver");
+    let (pages, wrong) = seen.recv_timeout(Duration::from_secs(30)).unwrap();
+    assert_eq!((pages, wrong), (size / PS as usize, 0), "the guest's reads");
+    assert_eq!(st.pages, (size / PS as usize) as u64);
+    let pcs = got.postcopy.expect("post-copy ran");
+    assert_eq!(pcs.pages, st.pages);
+    // SAFETY: the session is over; every page is placed.
+    assert!(unsafe { dst.block(0).unwrap().as_slice() } == &want[..]);
+}
+
+/// The pages of `mem`'s block 0 that are in memory (mincore): after a failed post-copy the
+/// missing ones stay registered, and reading one would wait for ever.
+fn resident_pages(mem: &GuestRam) -> Vec<usize> {
+    let blk = mem.block(0).unwrap();
+    let pages = blk.len() / PS as usize;
+    let mut vec = vec![0u8; pages];
+    // SAFETY: the block is mapped (page-aligned start, its length) and `vec` has a byte per
+    // page.
+    let r = unsafe { libc::mincore(blk.as_ptr() as *mut libc::c_void, blk.len(), vec.as_mut_ptr()) };
+    assert_eq!(r, 0, "mincore: {}", std::io::Error::last_os_error());
+    (0..pages).filter(|&p| vec[p] & 1 == 1).collect()
+}
+
+/// Post-copy over TLS through a proxy that flips one bit of a background connection's
+/// record: both sides fail with one line, and no page of that record (nor any after it)
+/// is placed: every page in the destination's memory is the source's.
+#[test]
+fn postcopy_over_tls_flipped_byte_fails_both_sides_and_places_nothing_of_it() {
+    if uffd_missing() {
+        return;
+    }
+    let dir = certs(&GenerateSpec::default());
+    // Packets of 16 pages: several whole packets pass before the altered record.
+    let c = cfg(CodecKind::None, 1, tls(dir.path())).pages_per_packet(16);
+    let size = 8 << 20;
+    let src = ascii(size);
+    let dst = patterned(size);
+    let (r, raddr) = receiver(&c);
+    let into = dst.clone();
+    let rt = std::thread::spawn(move || r.serve(ReceiveInto::Memory(into)));
+    let paddr = proxy(raddr, Mangle::Flip);
+    // Pure post-copy: only the background connection carries more than THRESHOLD bytes.
+    let s = Sender::connect(paddr, c.clone(), src.clone()).unwrap();
+    let s_err = match s.switch_to_postcopy(vec![(0, BlockPages::All)]) {
+        Err(e) => e.to_string(),
+        Ok(pc) => pc.finish().expect_err("the source fails").to_string(),
+    };
+    let r_err = rt.join().unwrap().expect_err("the destination fails").to_string();
+    eprintln!("sender:   {s_err}\nreceiver: {r_err}");
+    one_line(&s_err);
+    one_line(&r_err);
+    assert!(r_err.contains("failed authentication"), "receiver: {r_err}");
+    assert!(s_err.contains("failed authentication"), "sender: {s_err}");
+    let placed = resident_pages(&dst);
+    eprintln!("{} of {} pages placed", placed.len(), size / PS as usize);
+    assert!(!placed.is_empty(), "the records before the altered one were placed");
+    assert!(placed.len() < size / PS as usize, "every page was placed");
+    // SAFETY: both sessions are over; only resident (placed) pages are read.
+    let (a, b) = unsafe {
+        (
+            src.block(0).unwrap().as_slice(),
+            dst.block(0).unwrap().as_slice(),
+        )
+    };
+    for p in placed {
+        let r = p * PS as usize..(p + 1) * PS as usize;
+        assert!(a[r.clone()] == b[r], "page {p} placed with bytes that are not the source's");
+    }
 }

@@ -154,10 +154,10 @@ fn tls_config(c: &Common, connect: Option<&str>) -> Res<Option<TlsConfig>> {
 }
 
 /// A directory of freshly generated certificates, deleted on drop.
-struct TempCerts(PathBuf);
+pub(crate) struct TempCerts(PathBuf);
 
 impl TempCerts {
-    fn new() -> Res<TempCerts> {
+    pub(crate) fn new() -> Res<TempCerts> {
         let dir = std::env::temp_dir().join(format!("pagewire-demo-certs-{}", std::process::id()));
         // This process's own directory (named by its pid): whatever a dead process of the
         // same pid left there is replaced.
@@ -167,6 +167,13 @@ impl TempCerts {
         };
         pagewire::tls::generate(&dir, &spec).map_err(|e| e.to_string())?;
         Ok(TempCerts(dir))
+    }
+}
+
+impl TempCerts {
+    /// The directory.
+    pub(crate) fn path(&self) -> &std::path::Path {
+        &self.0
     }
 }
 

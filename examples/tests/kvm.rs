@@ -163,11 +163,14 @@ fn migrates_a_running_guest_between_two_processes() {
 /// `pagewire kvm-demo --postcopy`: the guest resumes on the destination after N live rounds
 /// (0: pure post-copy, every page fetched or streamed while it runs) and is verified as in
 /// pre-copy; the destination reports the pages that arrived after the resume and the faults.
+/// Also over TLS (`--tls`).
 #[test]
 fn postcopy_resumes_the_guest_before_its_memory_arrives() {
     require_kvm!("postcopy_resumes_the_guest_before_its_memory_arrives");
-    for rounds in ["0", "1"] {
-        let out = kvm_demo(&[
+    // Pure post-copy, one round first, and pure post-copy over TLS (certificates made for
+    // the run: every pre-copy and post-copy connection encrypted).
+    for (rounds, tls) in [("0", false), ("1", false), ("0", true)] {
+        let mut args = vec![
             "kvm-demo",
             "--json",
             "--memory",
@@ -177,10 +180,15 @@ fn postcopy_resumes_the_guest_before_its_memory_arrives() {
             "--postcopy",
             "--precopy-rounds",
             rounds,
-        ]);
+        ];
+        if tls {
+            args.push("--tls");
+        }
+        let out = kvm_demo(&args);
         let v = succeeded(&out, "kvm-demo --postcopy");
         let source = &v["source"];
         let dest = &v["dest"];
+        assert_eq!(source["tls"].as_bool(), Some(tls), "{source}");
         assert_continued(dest, source, 2048);
         let live = source["rounds"].as_array().expect("rounds").len();
         assert_eq!(live.to_string(), rounds, "{source}");

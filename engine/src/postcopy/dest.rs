@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use pagewire_transport::control::{self, Hello, Message, NONCE_LEN};
 use pagewire_transport::net;
+use pagewire_transport::tls::{Conn, ReadHalf, WriteHalf};
 use pagewire_transport::wire::{self, BlockSpec, Compression, HeaderRules, PacketHeader};
 use tracing::{debug, info, info_span, warn};
 
@@ -153,7 +154,7 @@ struct Placer<'a> {
     /// The current post-copy connections (to shut them down).
     sockets: Mutex<Vec<TcpStream>>,
     /// Where the fault thread writes requests (none while the connections are replaced).
-    requests_out: Mutex<Option<TcpStream>>,
+    requests_out: Mutex<Option<WriteHalf>>,
     /// A post-copy connection broke: the sender will replace them (`PostcopyReconnect`).
     broken: AtomicBool,
     /// Ends the fault thread's wait at once when the session is over.
@@ -304,7 +305,7 @@ impl Placer<'_> {
 }
 
 /// Read exactly `buf.len()` bytes; `Ok(false)` on EOF before the first byte.
-fn read_full(stream: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<bool> {
+fn read_full(stream: &mut impl Read, buf: &mut [u8]) -> std::io::Result<bool> {
     let mut got = 0;
     while got < buf.len() {
         match stream.read(buf.get_mut(got..).unwrap_or_default()) {
@@ -325,7 +326,7 @@ fn read_full(stream: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<bool> {
 
 /// Receive packets on one post-copy connection and place their pages, until EOF.
 fn receive(
-    mut stream: TcpStream,
+    mut stream: ReadHalf,
     placer: &Placer<'_>,
     blocks: &[BlockSpec],
     ppp: u32,
@@ -351,7 +352,7 @@ fn receive(
     let zeros = vec![0u8; ppp as usize * ps];
     let mut header = PacketHeader::default();
     let mut index = 0u64;
-    let io = |source| PostcopyError::Io { what, source };
+    let io = |e| super::conn_error(what, e);
     loop {
         if !read_full(&mut stream, &mut hdr).map_err(io)? {
             if urgent && !placer.stop.load(Ordering::SeqCst) {
@@ -457,10 +458,7 @@ impl Placer<'_> {
             Ok(()) => {
                 self.requests.fetch_add(1, Ordering::Relaxed);
             }
-            Err(source) => self.fail(PostcopyError::Io {
-                what: "urgent connection (requests)",
-                source,
-            }),
+            Err(e) => self.fail(super::conn_error("urgent connection (requests)", e)),
         }
     }
 }
@@ -472,9 +470,9 @@ fn accept_connections(
     first_id: u32,
     background: u16,
     idle: Duration,
-) -> Result<Vec<TcpStream>, SessionError> {
+) -> Result<Vec<Conn>, SessionError> {
     let n = 1 + background as usize;
-    let mut slots: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
+    let mut slots: Vec<Option<Conn>> = (0..n).map(|_| None).collect();
     let deadline = Instant::now() + idle;
     for _ in 0..n {
         let c = door.next_channel(deadline)?;
@@ -494,10 +492,11 @@ fn accept_connections(
                 "post-copy connection id {id} connected twice"
             )));
         }
-        *slot = Some(super::clear_tcp(c.stream, "a post-copy connection")?);
+        *slot = Some(c.stream);
     }
-    let streams: Vec<TcpStream> = slots.into_iter().flatten().collect();
-    for (i, s) in streams.iter().enumerate() {
+    let streams: Vec<Conn> = slots.into_iter().flatten().collect();
+    for (i, c) in streams.iter().enumerate() {
+        let s = c.tcp();
         // The urgent connection may be idle for as long as the guest does not fault; a
         // background stream idle for `idle` while pages are missing is a failure, and so is
         // a source that stops reading requests.
@@ -509,12 +508,22 @@ fn accept_connections(
     Ok(streams)
 }
 
-/// Hand the new connections to the placer: sockets to shut down, the request writer; then
-/// re-send every request still outstanding.
-fn install(placer: &Placer<'_>, streams: &[TcpStream]) -> Result<(), SessionError> {
-    let clone = |s: &TcpStream| s.try_clone().map_err(|e| SessionError::Control(e.into()));
-    let socks = streams.iter().map(clone).collect::<Result<Vec<_>, _>>()?;
-    let out = streams.first().map(clone).transpose()?;
+/// Hand the new connections to the placer: sockets to shut down, the request writer (the
+/// urgent connection's sending half); then re-send every request still outstanding. Returns
+/// the connections' receiving halves, urgent first.
+fn install(placer: &Placer<'_>, streams: Vec<Conn>) -> Result<Vec<ReadHalf>, SessionError> {
+    let net = |e: std::io::Error| SessionError::Control(e.into());
+    let mut socks = Vec::with_capacity(streams.len());
+    let mut readers = Vec::with_capacity(streams.len());
+    let mut out = None;
+    for (i, conn) in streams.into_iter().enumerate() {
+        socks.push(conn.tcp().try_clone().map_err(net)?);
+        let (r, w) = conn.split().map_err(net)?;
+        readers.push(r);
+        if i == 0 {
+            out = Some(w);
+        }
+    }
     if let Ok(mut g) = placer.sockets.lock() {
         *g = socks;
     }
@@ -531,7 +540,7 @@ fn install(placer: &Placer<'_>, streams: &[TcpStream]) -> Result<(), SessionErro
             placer.send_request(block, page);
         }
     }
-    Ok(())
+    Ok(readers)
 }
 
 /// Wait (up to the idle timeout) for the sender to come back on a new control connection:
@@ -540,7 +549,7 @@ fn install(placer: &Placer<'_>, streams: &[TcpStream]) -> Result<(), SessionErro
 /// connections' tokens over the new receiver and sender nonces.
 fn accept_resume(
     door: &mut Door,
-    control: &mut TcpStream,
+    control: &mut Conn,
     hello: &Hello,
     cfg: &Config,
     closed: bool,
@@ -588,8 +597,8 @@ fn accept_resume(
             (Some(sec), Some(a)) => Some(sec.receiver_proof(&c.nonce_r, &a.nonce, &hello.uuid)),
             _ => None,
         };
-        let mut stream = super::clear_tcp(stream, "the resumed control connection")?;
         stream
+            .tcp()
             .set_read_timeout(Some(cfg.idle_timeout))
             .map_err(control::ControlError::from)?;
         door.set_session(Keys {
@@ -644,7 +653,7 @@ fn missing_runs(placer: &Placer<'_>) -> Vec<Message> {
 /// arrives. Returns once every page is placed and `PostcopyDone` is sent.
 pub(crate) fn run(
     door: &mut Door,
-    control: &mut TcpStream,
+    control: &mut Conn,
     args: DestArgs<'_>,
     announced: &Announced,
     background: u16,
@@ -729,7 +738,7 @@ pub(crate) fn run(
         broken: AtomicBool::new(false),
         wakeup: Wakeup::new().map_err(|e| SessionError::Internal(format!("eventfd: {e}")))?,
     };
-    install(&placer, &streams)?;
+    let streams = install(&placer, streams)?;
     let blocks: Vec<BlockSpec> = memory
         .blocks()
         .iter()
@@ -745,7 +754,7 @@ pub(crate) fn run(
     let mut lost = false;
     let mut lost_closed = false;
     let result = std::thread::scope(|s| {
-        let spawn_receivers = |streams: Vec<TcpStream>| {
+        let spawn_receivers = |streams: Vec<ReadHalf>| {
             let mut handles = Vec::new();
             for (i, stream) in streams.into_iter().enumerate() {
                 let urgent = i == 0;
@@ -812,7 +821,7 @@ pub(crate) fn run(
                 let _ = h.join();
             }
             placer_ref.broken.store(false, Ordering::SeqCst);
-            let mut step = || -> Result<Vec<TcpStream>, SessionError> {
+            let mut step = || -> Result<Vec<ReadHalf>, SessionError> {
                 if !asked {
                     let mut resumed = false;
                     loop {
@@ -851,8 +860,7 @@ pub(crate) fn run(
                 }
                 control::write_message(control, &Message::PostcopyReady)?;
                 let streams = accept_connections(door, first_id, background, idle)?;
-                install(placer_ref, &streams)?;
-                Ok(streams)
+                install(placer_ref, streams)
             };
             match step() {
                 Ok(streams) => {
@@ -960,10 +968,10 @@ fn peer_closed(e: &control::ControlError) -> bool {
 /// `idle`.
 fn wait_placed(
     placer: &Placer<'_>,
-    control: &mut TcpStream,
+    control: &mut Conn,
     idle: Duration,
 ) -> Result<Waited, SessionError> {
-    let fd = control.as_raw_fd();
+    let fd = control.tcp().as_raw_fd();
     let mut last = (u64::MAX, Instant::now());
     loop {
         if placer.failed.load(Ordering::SeqCst) {
@@ -999,7 +1007,9 @@ fn wait_placed(
                 let _ = placer.done.wait_timeout(g, Duration::from_millis(50));
             }
         }
-        if net::wait_readable(fd, Duration::ZERO).map_err(control::ControlError::from)? {
+        if control.has_buffered()
+            || net::wait_readable(fd, Duration::ZERO).map_err(control::ControlError::from)?
+        {
             return match control::read_message(control) {
                 Ok(Message::PostcopyReconnect) => Ok(Waited::Broken { asked: true }),
                 Ok(Message::Error { message }) => Err(SessionError::Peer(message)),

@@ -5,8 +5,8 @@
 //!   pre-copy rounds (zero: pure post-copy), naming the pages the destination does not hold
 //!   yet (or holds stale). It closes its pre-copy channels, tells the receiver which pages
 //!   will come (the receiver discards them so that they are *missing*), and opens one
-//!   **urgent** connection and `channels` **background** connections, authenticated like
-//!   channels (init packet and, with a secret, a token).
+//!   **urgent** connection and `channels` **background** connections, opened like
+//!   channels (TLS on a TLS session, init packet and, with a secret, a token).
 //! * The receiver registers guest memory with userfaultfd in missing mode
 //!   and hands the memory to the embedder ([`crate::Receiver::on_postcopy`]). A fault thread
 //!   reads faults and writes a [`PageRequest`] per missing page on the urgent connection.
@@ -24,7 +24,10 @@
 //!   urgent connection.
 //!
 //! Packets on post-copy connections use the multifd RAM packet format without compression
-//! (flags 0x00) and carry no SYNC. See docs/wire-format.md.
+//! (flags 0x00) and carry no SYNC. On a TLS session they travel in the session's records
+//! (each connection split into a reading and a writing half, the fault thread writing
+//! requests while a receiver reads pages); a record that fails authentication fails the
+//! session, a connection cut mid-record is replaced. See docs/wire-format.md.
 //!
 //! One pre-copy round, then post-copy of the page dirtied since (runs as a doctest; zero
 //! rounds before the switch is pure post-copy):
@@ -96,24 +99,33 @@ pub fn available() -> Result<(), UffdError> {
     crate::uffd::Uffd::new().map(|_| ())
 }
 
-/// Post-copy runs on clear-text connections only (for now): the socket of `conn`, or a clear
-/// error for a TLS connection. `what` names the connection.
-pub(crate) fn clear_tcp(
-    conn: pagewire_transport::tls::Conn,
-    what: &str,
-) -> Result<std::net::TcpStream, crate::SessionError> {
-    match conn {
-        pagewire_transport::tls::Conn::Clear(s) => Ok(s),
-        pagewire_transport::tls::Conn::Tls(_) => Err(tls_unsupported(what)),
+/// The error of a failed read or write on post-copy connection `what`: a record that failed
+/// TLS (altered or reordered in transit) fails the session, since a new connection over the
+/// same path cannot be trusted more; anything else is a broken connection, which is
+/// replaced (a connection cut mid-record included).
+pub(crate) fn conn_error(what: &'static str, e: io::Error) -> PostcopyError {
+    use pagewire_transport::tls::TlsError;
+    let failed_tls = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<TlsError>())
+        .is_some_and(|t| !matches!(t, TlsError::Truncated { .. } | TlsError::Io(_)));
+    if !failed_tls {
+        return PostcopyError::Io { what, source: e };
+    }
+    let kind = e.kind();
+    match e.into_inner().map(|inner| inner.downcast::<TlsError>()) {
+        Some(Ok(t)) => PostcopyError::Tls { what, source: *t },
+        Some(Err(other)) => PostcopyError::Io {
+            what,
+            source: io::Error::new(kind, other),
+        },
+        None => PostcopyError::Io {
+            what,
+            source: kind.into(),
+        },
     }
 }
 
-/// The error for a post-copy step on a TLS session.
-pub(crate) fn tls_unsupported(what: &str) -> crate::SessionError {
-    crate::SessionError::Config(format!(
-        "post-copy is not available on TLS sessions yet ({what} is encrypted); use pre-copy, or post-copy on a trusted link"
-    ))
-}
 pub use source::{PostcopySender, PostcopySourceStats, MAX_RECONNECTS};
 
 /// Magic of a page request ("PWPR").
@@ -155,6 +167,14 @@ pub enum PostcopyError {
         index: u64,
         #[source]
         source: WireError,
+    },
+    /// A record on a post-copy connection failed TLS: the stream was altered or reordered
+    /// in transit. Fails the session (nothing of the record was placed).
+    #[error("post-copy {what}: {source}")]
+    Tls {
+        what: &'static str,
+        #[source]
+        source: pagewire_transport::tls::TlsError,
     },
     #[error(transparent)]
     Uffd(#[from] UffdError),

@@ -2,7 +2,7 @@
 //! the remaining pages on the background connections, nearest to the latest fault first.
 
 use crate::threads::{self, Thread, ThreadRole};
-use std::io::{IoSlice, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use pagewire_transport::control::{self, Message, MAX_POSTCOPY_RUNS};
 use pagewire_transport::net;
+use pagewire_transport::tls::{Conn, ReadHalf, WriteHalf};
 use pagewire_transport::wire::{self, Compression, HeaderFields, InitPacket};
 use tracing::{debug, info, info_span, warn};
 
@@ -149,7 +150,7 @@ impl Shared {
 /// The sending side of a session in post-copy. Made by [`Sender::switch_to_postcopy`].
 pub struct PostcopySender {
     cfg: Config,
-    control: TcpStream,
+    control: Conn,
     shared: Arc<Shared>,
     urgent: Option<(TcpStream, Thread<()>)>,
     background: Vec<(TcpStream, Thread<()>)>,
@@ -290,19 +291,20 @@ fn report(sh: &Shared, e: PostcopyError) {
 
 impl PostcopySender {
     /// Start the urgent thread on `conns[0]` and a background thread on each other one.
-    fn start(&mut self, conns: Vec<TcpStream>) -> Result<(), SessionError> {
+    fn start(&mut self, conns: Vec<Conn>) -> Result<(), SessionError> {
         let hook = self.cfg.threads.clone();
         let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
             threads::spawn(&hook, ThreadRole::PostcopySend, name, None, f)
         };
-        for (i, s) in conns.into_iter().enumerate() {
-            let keep = s.try_clone().map_err(net_err)?;
+        for (i, conn) in conns.into_iter().enumerate() {
+            let keep = conn.tcp().try_clone().map_err(net_err)?;
+            let (r, w) = conn.split().map_err(net_err)?;
             let (m, sh, c) = (self.mem.clone(), self.shared.clone(), self.cfg.clone());
             if i == 0 {
                 let h = spawn(
                     "pw-pc-urgent".into(),
                     Box::new(move || {
-                        if let Err(e) = serve_requests(s, &m, &sh, &c) {
+                        if let Err(e) = serve_requests(r, w, &m, &sh, &c) {
                             report(&sh, e);
                         }
                     }),
@@ -312,7 +314,7 @@ impl PostcopySender {
                 let h = spawn(
                     format!("pw-pc-bg-{i}"),
                     Box::new(move || {
-                        if let Err(e) = stream_background(s, &m, &sh, &c) {
+                        if let Err(e) = stream_background(w, &m, &sh, &c) {
                             report(&sh, e);
                         }
                     }),
@@ -432,8 +434,12 @@ impl PostcopySender {
     /// the receiver's fresh nonce). The post-copy connections are replaced next.
     fn resume_control(&mut self) -> Result<(), SessionError> {
         info!("post-copy: control connection lost; resuming the session");
-        let mut c = net::connect(self.link.addr, &self.cfg.socket)?;
-        c.set_read_timeout(Some(self.cfg.idle_timeout))
+        let mut c =
+            self.link
+                .dialer
+                .connect(self.link.addr, &self.cfg.socket, self.cfg.idle_timeout)?;
+        c.tcp()
+            .set_read_timeout(Some(self.cfg.idle_timeout))
             .map_err(control::ControlError::from)?;
         let greeted = greet(
             &mut c,
@@ -503,9 +509,11 @@ impl PostcopySender {
             }
             // The control connection's fd is read each turn: a resume replaces the
             // connection, and the old fd's number is reused by the next socket opened (the
-            // new urgent connection), which a stale copy would poll instead.
-            if !net::wait_readable(self.control.as_raw_fd(), Duration::from_millis(50))
-                .map_err(control::ControlError::from)?
+            // new urgent connection), which a stale copy would poll instead. Decrypted bytes
+            // waiting in user space are not on the socket.
+            if !self.control.has_buffered()
+                && !net::wait_readable(self.control.tcp().as_raw_fd(), Duration::from_millis(50))
+                    .map_err(control::ControlError::from)?
             {
                 continue;
             }
@@ -563,9 +571,10 @@ fn net_err(e: std::io::Error) -> SessionError {
     SessionError::Control(control::ControlError::Io(e))
 }
 
-/// Open one post-copy connection: token (with a secret) and init packet, like a channel.
-fn open(link: &Link, cfg: &Config, id: u16) -> Result<TcpStream, SessionError> {
-    let mut stream = net::connect(link.addr, &cfg.socket)?;
+/// Open one post-copy connection: TLS handshake (when the session has TLS), token (with a
+/// secret) and init packet, like a channel.
+fn open(link: &Link, cfg: &Config, id: u16) -> Result<Conn, SessionError> {
+    let mut stream = link.dialer.connect(link.addr, &cfg.socket, cfg.idle_timeout)?;
     if let Some(secret) = &cfg.secret {
         let token = secret.channel_token(&link.nonce_r, &link.nonce_s, &link.uuid, id as u8);
         stream.write_all(&token).map_err(|e| {
@@ -669,7 +678,7 @@ fn page(mem: &GuestRam, block: usize, off: u64, ps: usize) -> Option<&[u8]> {
 /// Write one packet: header, then the normal pages (in header order).
 #[allow(clippy::too_many_arguments)] // the connection's buffers and the packet's parts
 fn send_packet(
-    stream: &mut TcpStream,
+    stream: &mut WriteHalf,
     hdr: &mut [u8],
     cfg: &Config,
     shared: &Shared,
@@ -691,18 +700,11 @@ fn send_packet(
     offs.extend_from_slice(normal);
     offs.extend_from_slice(zero);
     wire::encode_header(hdr, &fields, name, &offs);
-    let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(1 + pages.len());
-    iov.push(IoSlice::new(hdr));
-    iov.extend(pages.iter().map(|p| IoSlice::new(p)));
+    let mut pieces: Vec<&[u8]> = Vec::with_capacity(1 + pages.len());
+    pieces.push(hdr);
+    pieces.extend_from_slice(pages);
     let total = hdr.len() + pages.len() * ps as usize;
-    let mut slices = &mut iov[..];
-    while !slices.is_empty() {
-        let n = stream.write_vectored(slices)?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        IoSlice::advance_slices(&mut slices, n);
-    }
+    stream.write_pieces(&pieces)?;
     shared.wire_bytes.fetch_add(total as u64, Ordering::Relaxed);
     Ok(())
 }
@@ -732,7 +734,8 @@ fn pace(shared: &Shared, bytes: u64, whole: bool) -> bool {
 
 /// The urgent connection: read page requests, validate each, answer each with its page.
 fn serve_requests(
-    mut stream: TcpStream,
+    mut requests: ReadHalf,
+    mut stream: WriteHalf,
     mem: &GuestRam,
     shared: &Shared,
     cfg: &Config,
@@ -742,15 +745,12 @@ fn serve_requests(
     let sizes: Vec<u64> = mem.blocks().iter().map(|b| b.len() as u64).collect();
     let mut hdr = vec![0u8; wire::header_len(cfg.pages_per_packet)];
     let mut req = [0u8; REQUEST_LEN];
-    let io = |source| PostcopyError::Io {
-        what: "urgent connection",
-        source,
-    };
+    let io = |e| super::conn_error("urgent connection", e);
     let mut index = 0u64;
     loop {
         let mut got = 0;
         while got < REQUEST_LEN {
-            match stream.read(&mut req[got..]) {
+            match requests.read(&mut req[got..]) {
                 // The destination never closes this connection first: outside the session's
                 // end (when the stop flag makes this moot) it means the connection broke.
                 Ok(0) if got == 0 => return Err(io(std::io::ErrorKind::UnexpectedEof.into())),
@@ -813,7 +813,7 @@ fn serve_requests(
 
 /// A background connection: packets of the pages nobody asked for yet, until none is left.
 fn stream_background(
-    mut stream: TcpStream,
+    mut stream: WriteHalf,
     mem: &GuestRam,
     shared: &Shared,
     cfg: &Config,
@@ -861,15 +861,12 @@ fn stream_background(
             &zero,
             &pages,
         )
-        .map_err(|source| PostcopyError::Io {
-            what: "background connection",
-            source,
-        })?;
+        .map_err(|e| super::conn_error("background connection", e))?;
         shared
             .pages_background
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
     }
-    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let _ = stream.tcp().shutdown(std::net::Shutdown::Write);
     Ok(())
 }
 

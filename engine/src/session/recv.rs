@@ -633,12 +633,9 @@ impl Receiver {
                         hook: &self.postcopy_hook,
                         state: states,
                     };
-                    let pagewire_transport::tls::Conn::Clear(control_tcp) = &mut *control else {
-                        return Err(crate::postcopy::tls_unsupported("the control connection"));
-                    };
                     let st = crate::postcopy::dest::run(
                         pc.door,
-                        control_tcp,
+                        control,
                         args,
                         &pc.announced,
                         background,

@@ -131,13 +131,15 @@ pub(crate) struct Link {
     pub nonce_s: [u8; control::NONCE_LEN],
     /// The session's hello without its proof (a resumed control connection repeats it).
     pub hello: Hello,
+    /// Opens connections as the session's first ones were (TLS handshake, if configured).
+    pub dialer: Dialer,
 }
 
 /// A sender whose pre-copy channels have closed cleanly (see `Sender::close_precopy`).
 pub(crate) struct Precopied {
     pub cfg: Config,
     pub mem: Arc<GuestRam>,
-    pub control: TcpStream,
+    pub control: Conn,
     pub link: Link,
     pub stats: SessionStats,
 }
@@ -361,6 +363,7 @@ impl Sender {
                 nonce_r,
                 nonce_s,
                 hello: resume_hello,
+                dialer,
             },
         })
     }
@@ -371,12 +374,15 @@ impl Sender {
         if self.failed {
             return Err(SessionError::Config("session already failed".into()));
         }
-        let control = match &self.control {
-            Conn::Clear(s) => s
-                .try_clone()
-                .map_err(|e| SessionError::Control(control::ControlError::Io(e)))?,
-            Conn::Tls(_) => return Err(crate::postcopy::tls_unsupported("the control connection")),
-        };
+        // The control connection goes to post-copy; what stays behind is a handle of its
+        // socket that nothing writes (the session is marked failed, its workers are gone).
+        let placeholder = self
+            .control
+            .tcp()
+            .try_clone()
+            .map_err(|e| SessionError::Control(control::ControlError::Io(e)))?;
+        let control = std::mem::replace(&mut self.control, Conn::Clear(placeholder));
+        self.failed = true;
         if let Ok(socks) = self.abort.sockets.lock() {
             for s in socks.iter().skip(1) {
                 let _ = s.shutdown(std::net::Shutdown::Write);

@@ -338,6 +338,7 @@ pub(crate) const CLEAR_BECAUSE: &str = if cfg!(feature = "tls") {
 };
 
 /// Opens the sender's connections: TCP, then (with TLS configured) the client handshake.
+#[derive(Clone)]
 pub(crate) struct Dialer {
     client: Option<ClientSide>,
 }

@@ -25,6 +25,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
+use pagewire::tls::TlsConfig;
 use pagewire::Secret;
 use pagewire::{CodecKind, Rate, ReceiverConfig, SenderConfig};
 use serde_json::{json, Value};
@@ -125,6 +126,15 @@ struct Opts {
     /// File holding the shared secret (both sides; at least 16 bytes).
     #[arg(long, global = true)]
     secret_file: Option<PathBuf>,
+    /// Encrypt every connection (pre-copy channels and post-copy's) with TLS 1.3 and mutual
+    /// certificates from this directory (both sides; QEMU's tls-creds-x509 layout, as
+    /// `pagewire gen-certs` writes it).
+    #[arg(long, global = true)]
+    tls_dir: Option<PathBuf>,
+    /// Both roles in one command: TLS 1.3 with certificates generated for this run (or those
+    /// of --tls-dir).
+    #[arg(long)]
+    tls: bool,
     /// Print one JSON object with the figures (dest: a `listening` line first).
     #[arg(long, global = true)]
     json: bool,
@@ -176,6 +186,19 @@ fn addr(s: &str, what: &str) -> Res<SocketAddr> {
         .map_err(|e| format!("--{what} '{s}': {e}"))?
         .next()
         .ok_or_else(|| format!("--{what} '{s}': no address"))
+}
+
+/// TLS settings from --tls-dir (the sender checks the name of the address it connects to:
+/// `pagewire gen-certs` certifies localhost, 127.0.0.1 and ::1 by default).
+fn tls_config(o: &Opts) -> Res<Option<TlsConfig>> {
+    match &o.tls_dir {
+        None if o.tls => Err("--tls generates certificates only when one command runs both \
+                              roles; give each role --tls-dir"
+            .into()),
+        None => Ok(None),
+        Some(d) if !d.is_dir() => Err(format!("--tls-dir {}: not a directory", d.display())),
+        Some(d) => Ok(Some(TlsConfig::from_dir(d))),
+    }
 }
 
 /// The settings both ends share: the idle timeout and the secret.
@@ -243,6 +266,7 @@ fn source_opts(o: &Opts, connect: SocketAddr) -> Res<source::SourceOpts> {
                 .max_bandwidth(max_bandwidth)
                 .idle_timeout(idle)
                 .secret(secret)
+                .tls(tls_config(o)?)
         },
         max_rounds: o.max_rounds,
         downtime_limit: Duration::from_secs_f64(o.downtime_limit / 1e3),
@@ -290,6 +314,7 @@ pub fn run(a: KvmArgs) -> Res<()> {
                         .insecure(insecure)
                         .idle_timeout(idle)
                         .secret(secret)
+                        .tls(tls_config(&a.opts)?)
                 },
                 accept_timeout: accept_timeout
                     .map(|t| secs(t, "accept-timeout"))
@@ -330,9 +355,14 @@ fn banner(o: &source::SourceOpts) -> String {
             )
         }
     };
+    let tls = if o.cfg.tls.is_some() {
+        ", TLS 1.3"
+    } else {
+        ""
+    };
     format!(
         "kvm-demo: guest of {} with a working set of {} pages ({}), {} channel(s), codec {}, \
-         downtime limit {:.1} ms{cap}{ending}",
+         downtime limit {:.1} ms{cap}{ending}{tls}",
         human_bytes(o.layout.mem_size),
         o.layout.ws_pages,
         human_bytes(o.layout.ws_pages * guest::PAGE),
@@ -507,6 +537,22 @@ impl Drop for ChildGuard {
 /// Both roles: the destination in a child process (this binary, `kvm-demo dest`), the
 /// source here, over loopback.
 fn both(o: &Opts) -> Res<()> {
+    // --tls without a directory: certificates for this run, removed at its end.
+    let certs = match (o.tls, &o.tls_dir) {
+        (true, None) => Some(crate::TempCerts::new()?),
+        _ => None,
+    };
+    let with_certs;
+    let o = match &certs {
+        Some(c) => {
+            with_certs = Opts {
+                tls_dir: Some(c.path().to_path_buf()),
+                ..o.clone()
+            };
+            &with_certs
+        }
+        None => o,
+    };
     // Validate before starting anything.
     let probe = source_opts(o, SocketAddr::from(([127, 0, 0, 1], 0)))?;
     let exe = std::env::current_exe().map_err(|e| format!("finding this program: {e}"))?;
@@ -526,6 +572,9 @@ fn both(o: &Opts) -> Res<()> {
     ]);
     if let Some(s) = &o.secret_file {
         cmd.arg("--secret-file").arg(s);
+    }
+    if let Some(d) = &o.tls_dir {
+        cmd.arg("--tls-dir").arg(d);
     }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())

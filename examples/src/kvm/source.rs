@@ -133,6 +133,9 @@ pub struct SourceReport {
     pub decisions: pagewire::driver::DecisionCounts,
     /// Post-copy (instead of a final round), when asked for.
     pub postcopy: Option<PostcopyPhase>,
+    /// Every connection was TLS 1.3 (the destination refuses a clear-text one when it has
+    /// certificates).
+    pub tls: bool,
 }
 
 /// Post-copy, as the source saw it.
@@ -348,6 +351,7 @@ pub fn run(o: &SourceOpts, on_round: impl FnMut(&RoundRow)) -> Result<SourceRepo
         downtime_limit_ms: ms(o.downtime_limit),
         decisions: driver.decisions,
         postcopy,
+        tls: o.cfg.tls.is_some(),
     })
 }
 

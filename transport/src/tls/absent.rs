@@ -75,6 +75,11 @@ impl Sealer {
         match *self {}
     }
 
+    /// Update the sending key before the next record.
+    pub fn request_key_update(&mut self) {
+        match *self {}
+    }
+
     /// Seal `pieces` into records appended to `out`.
     pub fn seal<'a, I>(&mut self, _pieces: I, _out: &mut Vec<u8>) -> Result<(), TlsError>
     where
@@ -110,6 +115,11 @@ impl RecordReader {
 
     /// KeyUpdates received so far.
     pub fn key_updates(&self) -> u64 {
+        match *self {}
+    }
+
+    /// Whether the peer asked for a KeyUpdate of this side's sending key (cleared).
+    pub fn take_update_request(&mut self) -> bool {
         match *self {}
     }
 

@@ -7,7 +7,8 @@
 //!   the traffic keys.
 //! * [`record`]: sans-IO sealing and opening of records.
 //! * [`Conn`]: a connection that is clear text or TLS, with blocking `Read`/`Write` (for the
-//!   control protocol and channel set-up); the channel loops take its parts.
+//!   control protocol and channel set-up); the channel loops take its parts, and
+//!   [`Conn::split`] gives its two directions to two threads ([`ReadHalf`], [`WriteHalf`]).
 //!
 //! Built without the crate's `tls` feature (no rustls, no aws-lc), `handshake` and `record`
 //! are absent and [`TlsStream`], [`Sealer`] and [`RecordReader`] are types without values:
@@ -16,6 +17,7 @@
 
 #[cfg(not(feature = "tls"))]
 mod absent;
+mod halves;
 #[cfg(feature = "tls")]
 pub mod handshake;
 #[cfg(feature = "tls")]
@@ -28,6 +30,7 @@ use thiserror::Error;
 
 #[cfg(not(feature = "tls"))]
 pub use absent::{RecordReader, Sealer, TlsStream};
+pub use halves::{ReadHalf, WriteHalf};
 #[cfg(feature = "tls")]
 pub use handshake::{client, server};
 #[cfg(feature = "tls")]
@@ -168,35 +171,8 @@ impl TlsStream {
 #[cfg(feature = "tls")]
 impl Read for TlsStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if buf.is_empty() {
-            return Ok(0);
-        }
-        loop {
-            let p = self.rx.plaintext();
-            if !p.is_empty() {
-                let n = p.len().min(buf.len());
-                buf[..n].copy_from_slice(&p[..n]);
-                self.rx.consume(n);
-                return Ok(n);
-            }
-            if self.rx.open_next()? {
-                if self.rx.take_update_request() {
-                    self.tx.request_key_update();
-                }
-                continue;
-            }
-            let space = self.rx.space();
-            let n = self.tcp.read(space)?;
-            if n == 0 {
-                return match self.rx.need() {
-                    Need::Boundary => Ok(0),
-                    Need::MidRecord { have, want } => {
-                        Err(TlsError::Truncated { have, want }.into())
-                    }
-                };
-            }
-            self.rx.filled(n);
-        }
+        let (tcp, rx, tx) = (&mut self.tcp, &mut self.rx, &mut self.tx);
+        halves::read_records(tcp, rx, buf, || tx.request_key_update())
     }
 }
 
