@@ -22,7 +22,7 @@ use std::time::Duration;
 pub use crate::accel::qpl::{Huffman, QplPath, QplSettings};
 pub use crate::codec::deflate::DEFAULT_LEVEL as DEFAULT_DEFLATE_LEVEL;
 use crate::codec::{AutoCompressor, CodecKind};
-pub use crate::pin::Pinning;
+pub use crate::pin::{Pinning, PostcopyCpus};
 use crate::session::auth::Secret;
 use crate::session::tls::TlsConfig;
 pub use pagewire_transport::net::SocketOptions;
@@ -108,6 +108,8 @@ pub(crate) struct Config {
     pub registered_buffers: bool,
     /// Where channel threads run (one per channel; `Auto` pins channel i to the i-th core).
     pub pinning: Pinning,
+    /// Where post-copy's fault path and background stream run.
+    pub postcopy_cpus: PostcopyCpus,
     /// Shared secret: every connection proves it knows it (HMAC over a per-session nonce).
     pub secret: Option<Secret>,
     /// Receiver without a secret: accept peers that are not on loopback.
@@ -157,6 +159,7 @@ impl Default for Config {
             find_holes: true,
             registered_buffers: true,
             pinning: Pinning::Off,
+            postcopy_cpus: PostcopyCpus::default(),
             secret: None,
             insecure: false,
             vm_uuid: None,
@@ -313,6 +316,9 @@ pub struct SenderConfig {
     pub socket: SocketOptions,
     /// Where channel threads run (one per channel; `Auto` pins channel i to the i-th core).
     pub pinning: Pinning,
+    /// Where post-copy's threads run: the urgent connection's thread (`fault_path`) and the
+    /// background stream's (`background`); see [`PostcopyCpus`]. Default: unpinned.
+    pub postcopy_cpus: PostcopyCpus,
     /// Shared secret: every connection proves it knows it (HMAC over per-session nonces). The
     /// receiver must have the same one.
     pub secret: Option<Secret>,
@@ -347,6 +353,7 @@ impl Default for SenderConfig {
             idle_timeout: c.idle_timeout,
             socket: c.socket,
             pinning: c.pinning,
+            postcopy_cpus: c.postcopy_cpus,
             secret: c.secret,
             tls: c.tls,
             vm_uuid: c.vm_uuid,
@@ -374,6 +381,7 @@ impl SenderConfig {
             idle_timeout: self.idle_timeout,
             socket: self.socket,
             pinning: self.pinning.clone(),
+            postcopy_cpus: self.postcopy_cpus.clone(),
             secret: self.secret.clone(),
             tls: self.tls.clone(),
             vm_uuid: self.vm_uuid,
@@ -413,6 +421,10 @@ pub struct ReceiverConfig {
     pub socket: SocketOptions,
     /// Where channel threads run.
     pub pinning: Pinning,
+    /// Where post-copy's threads run: the fault thread and the urgent connection's reader
+    /// (`fault_path`), the background connections' readers (`background`); see
+    /// [`PostcopyCpus`]. Default: unpinned.
+    pub postcopy_cpus: PostcopyCpus,
     /// Shared secret: every connection must prove it knows it.
     pub secret: Option<Secret>,
     /// TLS 1.3 with mutual certificate authentication (`None`: clear text).
@@ -437,6 +449,7 @@ impl Default for ReceiverConfig {
             idle_timeout: c.idle_timeout,
             socket: c.socket,
             pinning: c.pinning,
+            postcopy_cpus: c.postcopy_cpus,
             secret: c.secret,
             tls: c.tls,
             vm_uuid: c.vm_uuid,
@@ -473,6 +486,7 @@ impl ReceiverConfig {
             idle_timeout: self.idle_timeout,
             socket: self.socket,
             pinning: self.pinning.clone(),
+            postcopy_cpus: self.postcopy_cpus.clone(),
             secret: self.secret.clone(),
             tls: self.tls.clone(),
             vm_uuid: self.vm_uuid,

@@ -288,6 +288,7 @@ pub mod internals {
     ) -> Result<(), crate::SessionError> {
         crate::session::recv::peer_allowed(&cfg.session(), peer)
     }
+    pub use crate::pin::pin_current_thread;
     pub use crate::stats::thread_cpu_seconds;
     pub use crate::uffd::Uffd;
 }

@@ -181,7 +181,8 @@ const HANDSHAKE: &[Syscall] = calls!(
 );
 
 /// Post-copy source: serves page requests and streams pages (blocking socket I/O), raises
-/// its priority (setpriority), shuts connections when the phase ends or they break.
+/// its priority (setpriority), runs on its CPUs (`postcopy_cpus`), shuts connections when
+/// the phase ends or they break.
 const POSTCOPY_SEND: &[Syscall] = calls!(
     SYS_recvfrom,
     SYS_sendto,
@@ -189,10 +190,12 @@ const POSTCOPY_SEND: &[Syscall] = calls!(
     SYS_setsockopt,
     SYS_shutdown,
     SYS_setpriority,
+    SYS_sched_setaffinity,
 );
 
 /// Post-copy destination, a connection's reader: receives pages and places them
-/// (ioctl UFFDIO_COPY, UFFDIO_ZEROPAGE, UFFDIO_WAKE), wakes the fault thread (an eventfd).
+/// (ioctl UFFDIO_COPY, UFFDIO_ZEROPAGE, UFFDIO_WAKE), wakes the fault thread (an eventfd),
+/// runs on its CPUs (`postcopy_cpus`).
 const POSTCOPY_RECV: &[Syscall] = calls!(
     SYS_recvfrom,
     SYS_sendto,
@@ -201,11 +204,18 @@ const POSTCOPY_RECV: &[Syscall] = calls!(
     SYS_shutdown,
     SYS_setpriority,
     SYS_read,
+    SYS_sched_setaffinity,
 );
 
 /// Post-copy destination, the fault thread: reads userfaultfd events, sends page requests,
-/// waits on the userfaultfd and its eventfd.
-const POSTCOPY_FAULTS: &[Syscall] = calls!(SYS_read, SYS_sendto, SYS_ioctl, SYS_setpriority,);
+/// waits on the userfaultfd and its eventfd, runs on its CPUs (`postcopy_cpus`).
+const POSTCOPY_FAULTS: &[Syscall] = calls!(
+    SYS_read,
+    SYS_sendto,
+    SYS_ioctl,
+    SYS_setpriority,
+    SYS_sched_setaffinity,
+);
 
 /// QPL's hardware path (unverified here: no IAA): opens and maps the work queue, asks the
 /// driver (ioctl) and submits (write where the portal is not mapped).

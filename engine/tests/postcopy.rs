@@ -921,3 +921,109 @@ fn postcopy_over_tls_resumes_after_control_and_data_connections_are_cut() {
     t.server_name = Some("localhost".into());
     resume_after_cut(&[0, 3, 4, 5], cfg().tls(Some(t)));
 }
+
+/// The CPUs each running thread named `pw-pc-*` may use (`/proc/self/task/*/status`).
+fn postcopy_thread_cpus() -> Vec<(String, String)> {
+    let mut seen = Vec::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return seen;
+    };
+    for t in tasks.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let comm = comm.trim();
+        if !comm.starts_with("pw-pc-") {
+            continue;
+        }
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        if let Some(l) = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")) {
+            let cpus = l
+                .trim_start_matches("Cpus_allowed_list:")
+                .trim()
+                .to_string();
+            seen.push((comm.to_string(), cpus));
+        }
+    }
+    seen
+}
+
+/// `postcopy_cpus` places post-copy's threads: at both ends the fault path (fault thread,
+/// urgent connection's reader, the source's urgent thread) on one CPU, the background
+/// stream's threads on another, as seen in /proc while post-copy runs.
+#[test]
+fn postcopy_threads_run_on_the_cpus_they_are_given() {
+    if uffd_missing() {
+        return;
+    }
+    let cpus = pagewire_allowed_cpus();
+    let (Some(&fault), Some(&bg)) = (cpus.first(), cpus.last()) else {
+        return;
+    };
+    if fault == bg {
+        eprintln!("SKIPPED: one CPU only");
+        return;
+    }
+    let place = pagewire::config::PostcopyCpus {
+        fault_path: vec![fault],
+        background: vec![bg],
+    };
+    // 100 MB/s: post-copy of the 52 MiB takes about 0.5 s, time to look at the threads.
+    let c = cfg()
+        .postcopy_cpus(place.clone())
+        .max_bandwidth(pagewire::Rate::bytes_per_sec(100_000_000));
+    let mut r = Receiver::bind(
+        "127.0.0.1:0".parse().expect("addr"),
+        ReceiverConfig::for_sender(&c).postcopy_cpus(place),
+    )
+    .expect("bind");
+    r.set_accept_timeout(Some(Duration::from_secs(20)));
+    let addr = r.local_addr().expect("addr");
+    let dst = dest_memory();
+    let into = dst.clone();
+    let rt = std::thread::spawn(move || r.serve(ReceiveInto::Memory(into)));
+    let src = source_memory();
+    let s = Sender::connect(addr, c, src).expect("connect");
+    let pc = s
+        .switch_to_postcopy(vec![(0, BlockPages::All), (1, BlockPages::All)])
+        .expect("switch");
+    // Look while post-copy runs (both ends are in this process).
+    let mut looked = std::collections::BTreeMap::new();
+    let until = std::time::Instant::now() + Duration::from_millis(400);
+    while std::time::Instant::now() < until {
+        for (name, allowed) in postcopy_thread_cpus() {
+            looked.insert(name, allowed);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    pc.finish().expect("post-copy finishes");
+    rt.join().expect("join").expect("serve");
+    eprintln!("{looked:?}");
+    let want = |name: &str| {
+        let background = name.starts_with("pw-pc-bg-")
+            || (name.starts_with("pw-pc-recv-") && name != "pw-pc-recv-0");
+        if background { bg } else { fault }.to_string()
+    };
+    for name in [
+        "pw-pc-faults",
+        "pw-pc-urgent",
+        "pw-pc-recv-0",
+        "pw-pc-recv-1",
+        "pw-pc-bg-1",
+    ] {
+        assert_eq!(looked.get(name), Some(&want(name)), "{name}: {looked:?}");
+    }
+}
+
+/// The CPUs this process may run on (sched_getaffinity).
+fn pagewire_allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is a plain bit array; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed.
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0
+    {
+        return Vec::new();
+    }
+    // SAFETY: CPU_ISSET reads the bit array only, below CPU_SETSIZE.
+    (0..libc::CPU_SETSIZE as usize)
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect()
+}

@@ -611,6 +611,7 @@ fn postcopy_over_tls_delivers_every_page_the_guest_reads() {
     let src = realistic(size, 9);
     let dst = patterned(size);
     let (mut r, addr) = receiver(&c);
+    // SAFETY: nothing writes the source memory during the session.
     let want: Arc<Vec<u8>> = Arc::new(unsafe { src.block(0).unwrap().as_slice() }.to_vec());
     let (seen_tx, seen) = std::sync::mpsc::channel();
     let expect = want.clone();
@@ -622,7 +623,9 @@ fn postcopy_over_tls_delivers_every_page_the_guest_reads() {
             let mut wrong = 0usize;
             // Every page, from the end backwards (against the background stream's order).
             for p in (0..pages).rev() {
-                let ptr = blk.range_ptr((p * PS as usize) as u64, PS as usize).unwrap();
+                let ptr = blk
+                    .range_ptr((p * PS as usize) as u64, PS as usize)
+                    .unwrap();
                 // SAFETY: inside the block; the read waits until post-copy placed the page.
                 let page: Vec<u8> = (0..PS as usize)
                     .map(|i| unsafe { std::ptr::read_volatile(ptr.add(i)) })
@@ -659,7 +662,13 @@ fn resident_pages(mem: &GuestRam) -> Vec<usize> {
     let mut vec = vec![0u8; pages];
     // SAFETY: the block is mapped (page-aligned start, its length) and `vec` has a byte per
     // page.
-    let r = unsafe { libc::mincore(blk.as_ptr() as *mut libc::c_void, blk.len(), vec.as_mut_ptr()) };
+    let r = unsafe {
+        libc::mincore(
+            blk.as_ptr() as *mut libc::c_void,
+            blk.len(),
+            vec.as_mut_ptr(),
+        )
+    };
     assert_eq!(r, 0, "mincore: {}", std::io::Error::last_os_error());
     (0..pages).filter(|&p| vec[p] & 1 == 1).collect()
 }
@@ -688,7 +697,11 @@ fn postcopy_over_tls_flipped_byte_fails_both_sides_and_places_nothing_of_it() {
         Err(e) => e.to_string(),
         Ok(pc) => pc.finish().expect_err("the source fails").to_string(),
     };
-    let r_err = rt.join().unwrap().expect_err("the destination fails").to_string();
+    let r_err = rt
+        .join()
+        .unwrap()
+        .expect_err("the destination fails")
+        .to_string();
     eprintln!("sender:   {s_err}\nreceiver: {r_err}");
     one_line(&s_err);
     one_line(&r_err);
@@ -696,7 +709,10 @@ fn postcopy_over_tls_flipped_byte_fails_both_sides_and_places_nothing_of_it() {
     assert!(s_err.contains("failed authentication"), "sender: {s_err}");
     let placed = resident_pages(&dst);
     eprintln!("{} of {} pages placed", placed.len(), size / PS as usize);
-    assert!(!placed.is_empty(), "the records before the altered one were placed");
+    assert!(
+        !placed.is_empty(),
+        "the records before the altered one were placed"
+    );
     assert!(placed.len() < size / PS as usize, "every page was placed");
     // SAFETY: both sessions are over; only resident (placed) pages are read.
     let (a, b) = unsafe {
@@ -707,6 +723,9 @@ fn postcopy_over_tls_flipped_byte_fails_both_sides_and_places_nothing_of_it() {
     };
     for p in placed {
         let r = p * PS as usize..(p + 1) * PS as usize;
-        assert!(a[r.clone()] == b[r], "page {p} placed with bytes that are not the source's");
+        assert!(
+            a[r.clone()] == b[r],
+            "page {p} placed with bytes that are not the source's"
+        );
     }
 }

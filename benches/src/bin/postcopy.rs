@@ -11,13 +11,18 @@
 //! (the read blocks until the page is placed). The engine's own figure (fault event read →
 //! page placed) is reported beside it.
 //!
-//! `cargo run --release -p pagewire-benches --bin postcopy -- [--size 512MiB] [--runs 5] [--json]`
+//! `--cpus F:B` places post-copy's fault path on CPU F and its background stream on CPU B in
+//! both processes (`postcopy_cpus`), and pre-copy's channels on B too (the bulk stream of
+//! both modes on the same CPU); `--guest-cpu G` pins the guest thread.
+//!
+//! `cargo run --release -p pagewire-benches --bin postcopy -- [--size 512MiB] [--runs 5] [--cpus F:B] [--guest-cpu G] [--json]`
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use pagewire::config::{Pinning, PostcopyCpus};
 use pagewire::Latencies;
 use pagewire::{
     Block, BlockPages, CodecKind, GuestRam, ReceiveInto, Receiver, ReceiverConfig, RoundPages,
@@ -29,11 +34,40 @@ use serde::Serialize;
 
 const PS: usize = 4096;
 
+/// `--cpus F:B`: (fault path, background) CPUs.
+static CPUS: std::sync::OnceLock<Option<(usize, usize)>> = std::sync::OnceLock::new();
+/// `--guest-cpu G`.
+static GUEST_CPU: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+
+fn placement() -> Option<(PostcopyCpus, Pinning)> {
+    CPUS.get().copied().flatten().map(|(f, b)| {
+        (
+            PostcopyCpus {
+                fault_path: vec![f],
+                background: vec![b],
+            },
+            Pinning::Cpus(vec![b]),
+        )
+    })
+}
+
 fn cfg() -> SenderConfig {
-    SenderConfig::default()
+    let c = SenderConfig::default()
         .codec(CodecKind::None)
         .channels(1)
-        .idle_timeout(Duration::from_secs(60))
+        .idle_timeout(Duration::from_secs(60));
+    match placement() {
+        Some((cpus, pinning)) => c.postcopy_cpus(cpus).pinning(pinning),
+        None => c,
+    }
+}
+
+fn receiver_cfg() -> ReceiverConfig {
+    let c = ReceiverConfig::for_sender(&cfg());
+    match placement() {
+        Some((cpus, pinning)) => c.postcopy_cpus(cpus).pinning(pinning),
+        None => c,
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -87,6 +121,9 @@ fn guest(mem: Arc<GuestRam>, stop: Arc<AtomicBool>, pause: Duration, out: Arc<Mu
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
     let mut lat = Latencies::default();
     let mut sum = 0u64;
+    if let Some(c) = GUEST_CPU.get().copied().flatten() {
+        pagewire::internals::pin_current_thread(c).expect("pin the guest");
+    }
     while !stop.load(Ordering::Relaxed) {
         if !pause.is_zero() {
             std::thread::sleep(pause);
@@ -122,11 +159,7 @@ struct Run {
 /// One session: this process receives into fresh memory, a child process sends. `guest`:
 /// post-copy with a guest thread reading with that pause (None: no guest thread).
 fn destination(mode: &str, size: usize, guest_pause: Option<Duration>) -> Run {
-    let mut r = Receiver::bind(
-        "127.0.0.1:0".parse().expect("addr"),
-        ReceiverConfig::for_sender(&cfg()),
-    )
-    .expect("bind");
+    let mut r = Receiver::bind("127.0.0.1:0".parse().expect("addr"), receiver_cfg()).expect("bind");
     r.set_accept_timeout(Some(Duration::from_secs(120)));
     let addr = r.local_addr().expect("addr");
     let stop = Arc::new(AtomicBool::new(false));
@@ -152,6 +185,13 @@ fn destination(mode: &str, size: usize, guest_pause: Option<Duration>) -> Run {
         ])
         .arg("--size")
         .arg(format!("{}MiB", size >> 20))
+        .args(
+            CPUS.get()
+                .copied()
+                .flatten()
+                .map(|(f, b)| vec!["--cpus".to_string(), format!("{f}:{b}")])
+                .unwrap_or_default(),
+        )
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("spawn sender");
@@ -204,6 +244,10 @@ struct Variant {
 struct Report {
     machine: String,
     size_mib: usize,
+    /// `--cpus F:B` as given (fault path, background).
+    cpus: Option<String>,
+    /// `--guest-cpu`.
+    guest_cpu: Option<usize>,
     runs: usize,
     variants: Vec<Variant>,
 }
@@ -224,6 +268,14 @@ fn main() {
         s.trim_end_matches("MiB").parse().expect("--size N[MiB]")
     });
     let size = mib << 20;
+    let _ = CPUS.set(get("--cpus").map(|s| {
+        let (f, b) = s.split_once(':').expect("--cpus F:B");
+        (
+            f.parse().expect("--cpus F:B"),
+            b.parse().expect("--cpus F:B"),
+        )
+    }));
+    let _ = GUEST_CPU.set(get("--guest-cpu").map(|g| g.parse().expect("--guest-cpu N")));
     if get("--role").as_deref() == Some("sender") {
         let addr = get("--addr").expect("--addr").parse().expect("addr");
         sender(addr, &get("--mode").expect("--mode"), size);
@@ -299,6 +351,8 @@ fn main() {
     let report = Report {
         machine: Machine::detect().to_string(),
         size_mib: mib,
+        cpus: get("--cpus"),
+        guest_cpu: GUEST_CPU.get().copied().flatten(),
         runs,
         variants,
     };
@@ -307,8 +361,21 @@ fn main() {
         return;
     }
     println!(
-        "{}; {} MiB, {} runs interleaved (seconds: medians; latencies: over all runs)",
-        report.machine, mib, runs
+        "{}; {} MiB, {} runs interleaved (seconds: medians; latencies: over all runs){}",
+        report.machine,
+        mib,
+        runs,
+        match (
+            CPUS.get().copied().flatten(),
+            GUEST_CPU.get().copied().flatten()
+        ) {
+            (Some((f, b)), g) => format!(
+                "; fault path on CPU {f}, background and pre-copy channels on CPU {b}{}",
+                g.map_or(String::new(), |g| format!(", guest on CPU {g}"))
+            ),
+            (None, Some(g)) => format!("; guest on CPU {g}"),
+            (None, None) => String::new(),
+        }
     );
     let mut t = Table::new([
         "variant",

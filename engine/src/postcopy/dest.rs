@@ -331,9 +331,12 @@ fn receive(
     blocks: &[BlockSpec],
     ppp: u32,
     urgent: bool,
+    cpus: &crate::pin::PostcopyCpus,
 ) -> Result<(), PostcopyError> {
     if urgent {
-        super::fault_path_priority();
+        super::fault_path_thread(cpus);
+    } else {
+        super::background_thread(cpus);
     }
     let what = if urgent {
         "urgent connection"
@@ -391,8 +394,8 @@ fn receive(
 
 /// Read faults; request each missing page once on the urgent connection; wake threads
 /// whose page is already there.
-fn serve_faults(placer: &Placer<'_>) -> Result<(), PostcopyError> {
-    super::fault_path_priority();
+fn serve_faults(placer: &Placer<'_>, cpus: &crate::pin::PostcopyCpus) -> Result<(), PostcopyError> {
+    super::fault_path_thread(cpus);
     let mut addrs = Vec::new();
     let ps = placer.ps as u64;
     while !placer.stop.load(Ordering::SeqCst) && !placer.failed.load(Ordering::SeqCst) {
@@ -750,6 +753,7 @@ pub(crate) fn run(
     let ppp = hello.pages_per_packet;
     let placer_ref = &placer;
     let blocks_ref = &blocks[..];
+    let cpus = &cfg.postcopy_cpus;
     let mut reconnects = 0u32;
     let mut lost = false;
     let mut lost_closed = false;
@@ -764,7 +768,7 @@ pub(crate) fn run(
                     ThreadRole::PostcopyRecv,
                     format!("pw-pc-recv-{i}"),
                     move || {
-                        if let Err(e) = receive(stream, placer_ref, blocks_ref, ppp, urgent) {
+                        if let Err(e) = receive(stream, placer_ref, blocks_ref, ppp, urgent, cpus) {
                             placer_ref.fail(e);
                         }
                     },
@@ -782,7 +786,7 @@ pub(crate) fn run(
             ThreadRole::PostcopyFaults,
             "pw-pc-faults".into(),
             move || {
-                if let Err(e) = serve_faults(placer_ref) {
+                if let Err(e) = serve_faults(placer_ref, cpus) {
                     placer_ref.fail(e);
                 }
             },

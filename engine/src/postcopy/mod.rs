@@ -139,12 +139,20 @@ pub const MAX_BACKGROUND: u16 = 64;
 /// of them, and each must not wait for a background thread's time slice to end.
 pub const FAULT_PATH_NICE: i32 = -10;
 
-/// Raise the calling thread's priority for the fault path (best effort: unprivileged
-/// processes keep the default, logged once per thread at debug level).
-pub(crate) fn fault_path_priority() {
+/// Set up the calling thread for the fault path: its CPUs (`PostcopyCpus::fault_path`), a
+/// raised priority (best effort: unprivileged processes keep the default, logged at debug
+/// level).
+pub(crate) fn fault_path_thread(cpus: &crate::pin::PostcopyCpus) {
+    crate::pin::apply_set(&cpus.fault_path, "post-copy fault path");
     if let Err(e) = crate::pin::set_current_thread_nice(FAULT_PATH_NICE) {
         tracing::debug!(error = %e, "cannot raise the fault path's priority; running at default");
     }
+}
+
+/// Set up the calling thread for the background stream: its CPUs
+/// (`PostcopyCpus::background`).
+pub(crate) fn background_thread(cpus: &crate::pin::PostcopyCpus) {
+    crate::pin::apply_set(&cpus.background, "post-copy background");
 }
 
 /// Errors of post-copy.

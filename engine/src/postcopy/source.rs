@@ -574,7 +574,9 @@ fn net_err(e: std::io::Error) -> SessionError {
 /// Open one post-copy connection: TLS handshake (when the session has TLS), token (with a
 /// secret) and init packet, like a channel.
 fn open(link: &Link, cfg: &Config, id: u16) -> Result<Conn, SessionError> {
-    let mut stream = link.dialer.connect(link.addr, &cfg.socket, cfg.idle_timeout)?;
+    let mut stream = link
+        .dialer
+        .connect(link.addr, &cfg.socket, cfg.idle_timeout)?;
     if let Some(secret) = &cfg.secret {
         let token = secret.channel_token(&link.nonce_r, &link.nonce_s, &link.uuid, id as u8);
         stream.write_all(&token).map_err(|e| {
@@ -740,7 +742,7 @@ fn serve_requests(
     shared: &Shared,
     cfg: &Config,
 ) -> Result<(), PostcopyError> {
-    super::fault_path_priority();
+    super::fault_path_thread(&cfg.postcopy_cpus);
     let ps = cfg.page_size as usize;
     let sizes: Vec<u64> = mem.blocks().iter().map(|b| b.len() as u64).collect();
     let mut hdr = vec![0u8; wire::header_len(cfg.pages_per_packet)];
@@ -818,6 +820,7 @@ fn stream_background(
     shared: &Shared,
     cfg: &Config,
 ) -> Result<(), PostcopyError> {
+    super::background_thread(&cfg.postcopy_cpus);
     let ps = cfg.page_size as usize;
     let mut hdr = vec![0u8; wire::header_len(cfg.pages_per_packet)];
     let mut batch = Vec::new();

@@ -192,9 +192,11 @@ fn addr(s: &str, what: &str) -> Res<SocketAddr> {
 /// `pagewire gen-certs` certifies localhost, 127.0.0.1 and ::1 by default).
 fn tls_config(o: &Opts) -> Res<Option<TlsConfig>> {
     match &o.tls_dir {
-        None if o.tls => Err("--tls generates certificates only when one command runs both \
+        None if o.tls => Err(
+            "--tls generates certificates only when one command runs both \
                               roles; give each role --tls-dir"
-            .into()),
+                .into(),
+        ),
         None => Ok(None),
         Some(d) if !d.is_dir() => Err(format!("--tls-dir {}: not a directory", d.display())),
         Some(d) => Ok(Some(TlsConfig::from_dir(d))),
@@ -355,11 +357,7 @@ fn banner(o: &source::SourceOpts) -> String {
             )
         }
     };
-    let tls = if o.cfg.tls.is_some() {
-        ", TLS 1.3"
-    } else {
-        ""
-    };
+    let tls = if o.cfg.tls.is_some() { ", TLS 1.3" } else { "" };
     format!(
         "kvm-demo: guest of {} with a working set of {} pages ({}), {} channel(s), codec {}, \
          downtime limit {:.1} ms{cap}{ending}{tls}",

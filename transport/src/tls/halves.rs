@@ -75,7 +75,9 @@ impl Read for ReadHalf {
             return self.tcp.read(buf);
         };
         let update = &self.update;
-        read_records(&mut self.tcp, rx, buf, || update.store(true, Ordering::Release))
+        read_records(&mut self.tcp, rx, buf, || {
+            update.store(true, Ordering::Release)
+        })
     }
 }
 
