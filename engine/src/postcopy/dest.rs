@@ -397,6 +397,7 @@ fn receive(
 fn serve_faults(placer: &Placer<'_>, cpus: &crate::pin::PostcopyCpus) -> Result<(), PostcopyError> {
     super::fault_path_thread(cpus);
     let mut addrs = Vec::new();
+    let mut wanted = Vec::new();
     let ps = placer.ps as u64;
     while !placer.stop.load(Ordering::SeqCst) && !placer.failed.load(Ordering::SeqCst) {
         addrs.clear();
@@ -404,6 +405,7 @@ fn serve_faults(placer: &Placer<'_>, cpus: &crate::pin::PostcopyCpus) -> Result<
             .uffd
             .read_faults(Duration::from_millis(50), &mut addrs, Some(&placer.wakeup))?;
         let t = Instant::now();
+        wanted.clear();
         for &a in &addrs {
             placer.faults.fetch_add(1, Ordering::Relaxed);
             let Some((block, page)) = placer.locate(a) else {
@@ -433,33 +435,43 @@ fn serve_faults(placer: &Placer<'_>, cpus: &crate::pin::PostcopyCpus) -> Result<
                 continue;
             }
             if new {
-                // While the connections are being replaced the request stays outstanding
-                // and is sent on the new urgent connection.
-                placer.send_request(block, page);
+                wanted.push((block, page));
             }
         }
+        // Faults read together go as one write. While the connections are being replaced
+        // the requests stay outstanding and are sent on the new urgent connection.
+        placer.send_requests(&wanted);
     }
     Ok(())
 }
 
 impl Placer<'_> {
-    /// Write one page request on the urgent connection, if there is one; a failed write
-    /// marks the connections broken (the request stays outstanding).
-    fn send_request(&self, block: usize, page: u64) {
-        let req = PageRequest {
-            block: block as u32,
-            offset: page * self.ps as u64,
-        };
+    /// Write page requests for `pages` (block, page index) on the urgent connection in one
+    /// write, if there is a connection; a failed write marks the connections broken (the
+    /// requests stay outstanding).
+    fn send_requests(&self, pages: &[(usize, u64)]) {
+        if pages.is_empty() {
+            return;
+        }
+        let mut bytes = Vec::with_capacity(pages.len() * super::REQUEST_LEN);
+        for &(block, page) in pages {
+            let req = PageRequest {
+                block: block as u32,
+                offset: page * self.ps as u64,
+            };
+            bytes.extend_from_slice(&req.encode());
+        }
         let r = match self.requests_out.lock() {
             Ok(mut out) => match out.as_mut() {
-                Some(s) => s.write_all(&req.encode()),
+                Some(s) => s.write_all(&bytes),
                 None => return,
             },
             Err(_) => return,
         };
         match r {
             Ok(()) => {
-                self.requests.fetch_add(1, Ordering::Relaxed);
+                self.requests
+                    .fetch_add(pages.len() as u64, Ordering::Relaxed);
             }
             Err(e) => self.fail(super::conn_error("urgent connection (requests)", e)),
         }
@@ -538,11 +550,11 @@ fn install(placer: &Placer<'_>, streams: Vec<Conn>) -> Result<Vec<ReadHalf>, Ses
         .lock()
         .map(|m| m.keys().copied().collect())
         .unwrap_or_default();
-    for (block, page) in outstanding {
-        if !placer.present.get(block).is_some_and(|b| b.get(page)) {
-            placer.send_request(block, page);
-        }
-    }
+    let missing: Vec<(usize, u64)> = outstanding
+        .into_iter()
+        .filter(|&(block, page)| !placer.present.get(block).is_some_and(|b| b.get(page)))
+        .collect();
+    placer.send_requests(&missing);
     Ok(readers)
 }
 

@@ -126,7 +126,9 @@ pub(crate) fn conn_error(what: &'static str, e: io::Error) -> PostcopyError {
     }
 }
 
-pub use source::{PostcopySender, PostcopySourceStats, MAX_RECONNECTS};
+pub use source::{
+    PostcopySender, PostcopySourceStats, MAX_RECONNECTS, NEIGHBOUR_WINDOW, URGENT_NEIGHBOURS,
+};
 
 /// Magic of a page request ("PWPR").
 pub const REQUEST_MAGIC: [u8; 4] = *b"PWPR";

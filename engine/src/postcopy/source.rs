@@ -38,6 +38,9 @@ pub struct PostcopySourceStats {
     pub pages_background: u64,
     /// Page requests served on the urgent connection.
     pub requests: u64,
+    /// Pages sent on the urgent connection after a requested page, as its neighbours (a
+    /// guest reading memory in order: see [`URGENT_NEIGHBOURS`]).
+    pub pages_neighbours: u64,
     /// Bytes written on post-copy connections.
     pub wire_bytes: u64,
     /// Seconds from the switch until the destination reported every page placed.
@@ -71,6 +74,33 @@ impl Sched {
             }
         }
         self.cursor = (block, page + 1);
+    }
+
+    /// The unsent pages right after `page` in `block`, up to `max` and only as long as they
+    /// run on without a gap (one placement at the destination), marked sent; the background
+    /// streams continue after them. Page indices into `out`.
+    fn neighbours(&mut self, block: usize, page: u64, max: usize, out: &mut Vec<u64>) {
+        out.clear();
+        let (Some(bits), Some(&n)) = (self.todo.get_mut(block), self.npages.get(block)) else {
+            return;
+        };
+        let mut p = page + 1;
+        while p < n && out.len() < max {
+            let Some(w) = bits.get_mut((p / 64) as usize) else {
+                break;
+            };
+            let m = 1u64 << (p % 64);
+            if *w & m == 0 {
+                break;
+            }
+            *w &= !m;
+            self.left -= 1;
+            out.push(p);
+            p += 1;
+        }
+        if !out.is_empty() {
+            self.cursor = (block, p);
+        }
     }
 
     /// Up to `max` unsent pages of one block from the cursor on (wrapping), marked sent.
@@ -124,6 +154,7 @@ struct Shared {
     error: Mutex<Option<PostcopyError>>,
     requests: AtomicU64,
     pages_background: AtomicU64,
+    pages_neighbours: AtomicU64,
     wire_bytes: AtomicU64,
     packet_num: AtomicU64,
     /// A post-copy connection broke (the session may reconnect).
@@ -247,6 +278,7 @@ impl Sender {
             error: Mutex::new(None),
             requests: AtomicU64::new(0),
             pages_background: AtomicU64::new(0),
+            pages_neighbours: AtomicU64::new(0),
             wire_bytes: AtomicU64::new(0),
             packet_num: AtomicU64::new(0),
             broken: AtomicBool::new(false),
@@ -479,6 +511,7 @@ impl PostcopySender {
             precopy: std::mem::take(&mut self.precopy),
             pages: self.pages,
             pages_background: self.shared.pages_background.load(Ordering::Relaxed),
+            pages_neighbours: self.shared.pages_neighbours.load(Ordering::Relaxed),
             requests: self.shared.requests.load(Ordering::Relaxed),
             wire_bytes: self.shared.wire_bytes.load(Ordering::Relaxed),
             seconds,
@@ -734,7 +767,18 @@ fn pace(shared: &Shared, bytes: u64, whole: bool) -> bool {
     }
 }
 
-/// The urgent connection: read page requests, validate each, answer each with its page.
+/// Most pages sent after a requested page as its neighbours, in a packet of their own right
+/// after the page's (so the requested page never waits for them): 15 pages, 60 KiB, about
+/// 50 µs of a 10 Gbit/s link before the next answer.
+pub const URGENT_NEIGHBOURS: usize = 15;
+
+/// A request at most this many pages after the previous one in the same block shows a guest
+/// reading in order, and its answer brings [`URGENT_NEIGHBOURS`] neighbours; a guest jumping
+/// about gets its pages alone (neighbours would only delay its next answer).
+pub const NEIGHBOUR_WINDOW: u64 = 4 * URGENT_NEIGHBOURS as u64;
+
+/// The urgent connection: read page requests, validate each, answer each with its page and,
+/// for a guest reading in order, its unsent neighbours.
 fn serve_requests(
     mut requests: ReadHalf,
     mut stream: WriteHalf,
@@ -749,6 +793,8 @@ fn serve_requests(
     let mut req = [0u8; REQUEST_LEN];
     let io = |e| super::conn_error("urgent connection", e);
     let mut index = 0u64;
+    let mut last: Option<(usize, u64)> = None;
+    let mut near = Vec::new();
     loop {
         let mut got = 0;
         while got < REQUEST_LEN {
@@ -769,8 +815,18 @@ fn serve_requests(
         let (block, off) = PageRequest::decode(&req, &sizes, cfg.page_size)
             .map_err(|detail| PostcopyError::BadRequest { index, detail })?;
         index += 1;
+        let page_index = off / ps as u64;
+        let in_order = last.is_some_and(|(b, p)| {
+            b == block && page_index > p && page_index - p <= NEIGHBOUR_WINDOW
+        });
+        last = Some((block, page_index));
         if let Ok(mut s) = shared.sched.lock() {
-            s.urgent(block, off / ps as u64);
+            s.urgent(block, page_index);
+            if in_order {
+                s.neighbours(block, page_index, URGENT_NEIGHBOURS, &mut near);
+            } else {
+                near.clear();
+            }
         }
         let (Some(b), Some(data)) = (mem.block(block), page(mem, block, off, ps)) else {
             return Err(PostcopyError::Protocol(
@@ -810,7 +866,48 @@ fn serve_requests(
         };
         r.map_err(io)?;
         shared.requests.fetch_add(1, Ordering::Relaxed);
+        if !near.is_empty() {
+            send_neighbours(&mut stream, &mut hdr, mem, block, &near, shared, cfg).map_err(io)?;
+        }
     }
+}
+
+/// The neighbours of a requested page (page indices, one run of `block`) in one packet on the
+/// urgent connection.
+fn send_neighbours(
+    stream: &mut WriteHalf,
+    hdr: &mut [u8],
+    mem: &GuestRam,
+    block: usize,
+    near: &[u64],
+    shared: &Shared,
+    cfg: &Config,
+) -> std::io::Result<()> {
+    let ps = cfg.page_size as usize;
+    let Some(b) = mem.block(block) else {
+        return Ok(());
+    };
+    let (mut normal, mut zero, mut pages) = (Vec::new(), Vec::new(), Vec::new());
+    for &p in near {
+        let off = p * ps as u64;
+        let Some(data) = page(mem, block, off, ps) else {
+            continue;
+        };
+        if is_zero_page(data) {
+            zero.push(off);
+        } else {
+            normal.push(off);
+            pages.push(data);
+        }
+    }
+    if !pace(shared, (hdr.len() + pages.len() * ps) as u64, false) {
+        return Ok(());
+    }
+    send_packet(stream, hdr, cfg, shared, b.name(), &normal, &zero, &pages)?;
+    shared
+        .pages_neighbours
+        .fetch_add(near.len() as u64, Ordering::Relaxed);
+    Ok(())
 }
 
 /// A background connection: packets of the pages nobody asked for yet, until none is left.
@@ -908,6 +1005,38 @@ mod tests {
         seen.sort_unstable();
         assert_eq!(seen, all, "every page exactly once");
         assert_eq!(s.left, 0);
+    }
+
+    #[test]
+    fn neighbours_are_the_unsent_run_after_the_page_and_never_sent_twice() {
+        let set: Vec<u64> = (0..100).filter(|&p| p != 30).collect();
+        let mut s = sched(100, &set);
+        let mut near = Vec::new();
+        s.urgent(0, 10);
+        s.neighbours(0, 10, 15, &mut near);
+        assert_eq!(
+            near,
+            (11..26).collect::<Vec<_>>(),
+            "15 pages after the fault"
+        );
+        assert_eq!(s.left, 99 - 1 - 15);
+        s.urgent(0, 26);
+        s.neighbours(0, 26, 15, &mut near);
+        assert_eq!(near, [27, 28, 29], "the run stops at a page already sent");
+        let mut out = Vec::new();
+        assert_eq!(s.next_batch(4, 1, &mut out), Some(0));
+        assert_eq!(out, [31, 32, 33, 34], "the background continues after them");
+        s.neighbours(0, 98, 15, &mut near);
+        assert_eq!(near, [99], "the run stops at the end of the block");
+        s.neighbours(0, 12, 15, &mut near);
+        assert!(near.is_empty(), "sent pages are not sent again");
+        let mut seen = vec![10, 26, 99, 27, 28, 29, 31, 32, 33, 34];
+        seen.extend(11..26);
+        while s.next_batch(7, 1, &mut out).is_some() {
+            seen.extend_from_slice(&out);
+        }
+        seen.sort_unstable();
+        assert_eq!(seen, set, "every page exactly once");
     }
 
     #[test]
