@@ -15,7 +15,10 @@
 //! both processes (`postcopy_cpus`), and pre-copy's channels on B too (the bulk stream of
 //! both modes on the same CPU); `--guest-cpu G` pins the guest thread.
 //!
-//! `cargo run --release -p pagewire-benches --bin postcopy -- [--size 512MiB] [--runs 5] [--cpus F:B] [--guest-cpu G] [--json]`
+//! `--codec auto --cap 50MB/s` runs both modes with that codec under that cap (post-copy's
+//! background stream compresses where it pays; urgent answers stay raw).
+//!
+//! `cargo run --release -p pagewire-benches --bin postcopy -- [--size 512MiB] [--runs 5] [--cpus F:B] [--guest-cpu G] [--codec C] [--cap RATE] [--json]`
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,6 +39,10 @@ const PS: usize = 4096;
 
 /// `--cpus F:B`: (fault path, background) CPUs.
 static CPUS: std::sync::OnceLock<Option<(usize, usize)>> = std::sync::OnceLock::new();
+/// `--codec C` and `--cap RATE` (both modes; default none, no cap).
+static LINK: std::sync::OnceLock<(CodecKind, Option<pagewire::Rate>)> = std::sync::OnceLock::new();
+/// The arguments that pass `LINK` on to the source process.
+static LINK_ARGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
 /// `--guest-cpu G`.
 static GUEST_CPU: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
 
@@ -52,8 +59,10 @@ fn placement() -> Option<(PostcopyCpus, Pinning)> {
 }
 
 fn cfg() -> SenderConfig {
+    let (codec, cap) = LINK.get().copied().unwrap_or((CodecKind::None, None));
     let c = SenderConfig::default()
-        .codec(CodecKind::None)
+        .codec(codec)
+        .max_bandwidth(cap)
         .channels(1)
         .idle_timeout(Duration::from_secs(60));
     match placement() {
@@ -185,6 +194,7 @@ fn destination(mode: &str, size: usize, guest_pause: Option<Duration>) -> Run {
         ])
         .arg("--size")
         .arg(format!("{}MiB", size >> 20))
+        .args(LINK_ARGS.get().map(|v| v.as_slice()).unwrap_or_default())
         .args(
             CPUS.get()
                 .copied()
@@ -248,6 +258,10 @@ struct Report {
     cpus: Option<String>,
     /// `--guest-cpu`.
     guest_cpu: Option<usize>,
+    /// `--codec`.
+    codec: String,
+    /// `--cap`.
+    cap: Option<String>,
     runs: usize,
     variants: Vec<Variant>,
 }
@@ -276,6 +290,14 @@ fn main() {
         )
     }));
     let _ = GUEST_CPU.set(get("--guest-cpu").map(|g| g.parse().expect("--guest-cpu N")));
+    let codec: CodecKind = get("--codec").map_or(CodecKind::None, |c| c.parse().expect("--codec"));
+    let cap: Option<pagewire::Rate> = get("--cap").map(|r| r.parse().expect("--cap RATE"));
+    let _ = LINK.set((codec, cap));
+    let mut link_args = vec!["--codec".to_string(), codec.name().to_string()];
+    if let Some(r) = get("--cap") {
+        link_args.extend(["--cap".to_string(), r]);
+    }
+    let _ = LINK_ARGS.set(link_args);
     if get("--role").as_deref() == Some("sender") {
         let addr = get("--addr").expect("--addr").parse().expect("addr");
         sender(addr, &get("--mode").expect("--mode"), size);
@@ -352,6 +374,8 @@ fn main() {
         machine: Machine::detect().to_string(),
         size_mib: mib,
         cpus: get("--cpus"),
+        codec: codec.name().to_string(),
+        cap: get("--cap"),
         guest_cpu: GUEST_CPU.get().copied().flatten(),
         runs,
         variants,
@@ -361,9 +385,11 @@ fn main() {
         return;
     }
     println!(
-        "{}; {} MiB, {} runs interleaved (seconds: medians; latencies: over all runs){}",
+        "{}; {} MiB, codec {}{}, {} runs interleaved (seconds: medians; latencies: over all runs){}",
         report.machine,
         mib,
+        report.codec,
+        report.cap.as_ref().map_or(String::new(), |c| format!(" capped at {c}")),
         runs,
         match (
             CPUS.get().copied().flatten(),

@@ -331,8 +331,10 @@ fn receive(
     blocks: &[BlockSpec],
     ppp: u32,
     urgent: bool,
-    cpus: &crate::pin::PostcopyCpus,
+    framing: Compression,
+    cfg: &Config,
 ) -> Result<(), PostcopyError> {
+    let cpus = &cfg.postcopy_cpus;
     if urgent {
         super::fault_path_thread(cpus);
     } else {
@@ -344,12 +346,31 @@ fn receive(
         "background connection"
     };
     let ps = placer.ps;
+    // Packets come in the session's framing: the qpl framing when its codec compresses (a
+    // length per page, each page DEFLATE or raw), raw otherwise.
     let rules = HeaderRules {
         page_size: ps as u32,
         pages_per_packet: ppp,
-        compression: Compression::None,
+        compression: framing,
         blocks,
     };
+    let mut decoder = match framing {
+        Compression::Qpl => Some(
+            crate::session::recv::decoder_for(cfg.decoder)
+                .map_err(|e| PostcopyError::Decoder(e.to_string()))?,
+        ),
+        _ => None,
+    };
+    let mut lens = Vec::new();
+    let mut len_bytes = vec![0u8; 4 * ppp as usize];
+    let mut zipped = vec![
+        0u8;
+        if decoder.is_some() {
+            ppp as usize * ps
+        } else {
+            0
+        }
+    ];
     let mut hdr = vec![0u8; wire::header_len(ppp)];
     let mut staging = vec![0u8; ppp as usize * ps];
     let zeros = vec![0u8; ppp as usize * ps];
@@ -377,17 +398,67 @@ fn receive(
             )));
         }
         let normal = header.normal_pages as usize;
-        let payload = staging
-            .get_mut(..normal * ps)
-            .ok_or_else(|| PostcopyError::Protocol("internal: packet larger than buffer".into()))?;
-        if normal > 0 && !read_full(&mut stream, payload).map_err(io)? {
-            return Err(io(std::io::ErrorKind::UnexpectedEof.into()));
-        }
+        let internal = || PostcopyError::Protocol("internal: packet larger than buffer".into());
+        let body = match decoder.as_mut() {
+            Some(d) if normal > 0 => {
+                let lb = len_bytes.get_mut(..4 * normal).ok_or_else(internal)?;
+                if !read_full(&mut stream, lb).map_err(io)? {
+                    return Err(io(std::io::ErrorKind::UnexpectedEof.into()));
+                }
+                let sum = wire::decode_zlens(
+                    lb,
+                    normal as u32,
+                    ps as u32,
+                    header.next_packet_size,
+                    &mut lens,
+                )
+                .map_err(|source| PostcopyError::Wire {
+                    what,
+                    index,
+                    source,
+                })?;
+                // Each length is at most a page: the pages fit the buffer.
+                let z = zipped.get_mut(..sum as usize).ok_or_else(internal)?;
+                if !read_full(&mut stream, z).map_err(io)? {
+                    return Err(io(std::io::ErrorKind::UnexpectedEof.into()));
+                }
+                let mut at = 0usize;
+                for (page, &len) in lens.iter().enumerate() {
+                    let len = len as usize;
+                    let (Some(src), Some(dst)) = (
+                        z.get(at..at + len),
+                        staging.get_mut(page * ps..(page + 1) * ps),
+                    ) else {
+                        return Err(internal());
+                    };
+                    if len == ps {
+                        dst.copy_from_slice(src);
+                    } else {
+                        d.decompress(src, dst)
+                            .map_err(|source| PostcopyError::Decode {
+                                what,
+                                index,
+                                page,
+                                source,
+                            })?;
+                    }
+                    at += len;
+                }
+                4 * normal + sum as usize
+            }
+            _ => {
+                let payload = staging.get_mut(..normal * ps).ok_or_else(internal)?;
+                if normal > 0 && !read_full(&mut stream, payload).map_err(io)? {
+                    return Err(io(std::io::ErrorKind::UnexpectedEof.into()));
+                }
+                normal * ps
+            }
+        };
         placer.place_runs(header.block, header.normal_offsets(), &staging, urgent)?;
         placer.place_runs(header.block, header.zero_offsets(), &zeros, urgent)?;
         placer
             .wire_bytes
-            .fetch_add((hdr.len() + normal * ps) as u64, Ordering::Relaxed);
+            .fetch_add((hdr.len() + body) as u64, Ordering::Relaxed);
         index += 1;
     }
 }
@@ -766,6 +837,7 @@ pub(crate) fn run(
     let placer_ref = &placer;
     let blocks_ref = &blocks[..];
     let cpus = &cfg.postcopy_cpus;
+    let framing = hello.compression;
     let mut reconnects = 0u32;
     let mut lost = false;
     let mut lost_closed = false;
@@ -780,7 +852,9 @@ pub(crate) fn run(
                     ThreadRole::PostcopyRecv,
                     format!("pw-pc-recv-{i}"),
                     move || {
-                        if let Err(e) = receive(stream, placer_ref, blocks_ref, ppp, urgent, cpus) {
+                        if let Err(e) =
+                            receive(stream, placer_ref, blocks_ref, ppp, urgent, framing, cfg)
+                        {
                             placer_ref.fail(e);
                         }
                     },

@@ -14,7 +14,8 @@
 //!   connection's own buffer and placed with UFFDIO_COPY, which wakes the faulting thread.
 //! * The source answers each request on the urgent connection alone (one page per packet),
 //!   so it never queues behind the background stream's bytes, and moves the background
-//!   streams' cursor to just after the faulting page (the guest's locality).
+//!   streams' cursor to just after the faulting page (the guest's locality). A guest reading
+//!   in order also gets the page's unsent neighbours, in a packet after it.
 //! * The receiver reports `PostcopyDone` once every page is placed; the session then ends
 //!   with `End`/`EndOk` as always.
 //! * Broken connections are replaced (at most [`MAX_RECONNECTS`] times): the
@@ -23,8 +24,10 @@
 //!   destination tells it which pages it still lacks and re-sends the requests on the new
 //!   urgent connection.
 //!
-//! Packets on post-copy connections use the multifd RAM packet format without compression
-//! (flags 0x00) and carry no SYNC. On a TLS session they travel in the session's records
+//! Packets on post-copy connections use the multifd RAM packet format, in the session's
+//! framing (raw with codec none; otherwise the qpl framing, each packet compressed where it
+//! pays, see `squeeze.rs`), and carry no SYNC. Their threads run where
+//! [`crate::config::PostcopyCpus`] says. On a TLS session they travel in the session's records
 //! (each connection split into a reading and a writing half, the fault thread writing
 //! requests while a receiver reads pages); a record that fails authentication fails the
 //! session, a connection cut mid-record is replaced. See docs/wire-format.md.
@@ -79,6 +82,7 @@
 
 pub(crate) mod dest;
 pub(crate) mod source;
+mod squeeze;
 
 use std::io;
 use std::time::Duration;
@@ -185,6 +189,18 @@ pub enum PostcopyError {
         what: &'static str,
         #[source]
         source: pagewire_transport::tls::TlsError,
+    },
+    /// The page decoder could not be made (`ReceiverConfig::decoder` qpl without libqpl).
+    #[error("post-copy: no page decoder: {0}")]
+    Decoder(String),
+    /// A compressed page of a background packet does not inflate to exactly one page.
+    #[error("post-copy {what}, packet #{index}, page {page}: {source}")]
+    Decode {
+        what: &'static str,
+        index: u64,
+        page: usize,
+        #[source]
+        source: crate::codec::CodecError,
     },
     #[error(transparent)]
     Uffd(#[from] UffdError),

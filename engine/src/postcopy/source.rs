@@ -15,9 +15,10 @@ use pagewire_transport::tls::{Conn, ReadHalf, WriteHalf};
 use pagewire_transport::wire::{self, Compression, HeaderFields, InitPacket};
 use tracing::{debug, info, info_span, warn};
 
+use super::squeeze::Squeeze;
 use super::{PageRequest, PostcopyError, MAX_BACKGROUND, REQUEST_LEN};
 use crate::channel::limit::RateLimit;
-use crate::codec::is_zero_page;
+use crate::codec::{is_zero_page, DeflateCompressor, PageCompressor};
 use crate::config::Config;
 use crate::error::SessionError;
 use crate::memory::GuestRam;
@@ -156,6 +157,9 @@ struct Shared {
     pages_background: AtomicU64,
     pages_neighbours: AtomicU64,
     wire_bytes: AtomicU64,
+    /// Bytes/s the background streams measure the link draining (0: not yet): the urgent
+    /// connection's compression decision uses it.
+    link_rate: AtomicU64,
     packet_num: AtomicU64,
     /// A post-copy connection broke (the session may reconnect).
     broken: AtomicBool,
@@ -279,6 +283,7 @@ impl Sender {
             requests: AtomicU64::new(0),
             pages_background: AtomicU64::new(0),
             pages_neighbours: AtomicU64::new(0),
+            link_rate: AtomicU64::new(0),
             wire_bytes: AtomicU64::new(0),
             packet_num: AtomicU64::new(0),
             broken: AtomicBool::new(false),
@@ -710,38 +715,153 @@ fn page(mem: &GuestRam, block: usize, off: u64, ps: usize) -> Option<&[u8]> {
     Some(unsafe { std::slice::from_raw_parts(p, ps) })
 }
 
-/// Write one packet: header, then the normal pages (in header order).
-#[allow(clippy::too_many_arguments)] // the connection's buffers and the packet's parts
-fn send_packet(
-    stream: &mut WriteHalf,
-    hdr: &mut [u8],
-    cfg: &Config,
-    shared: &Shared,
-    name: &str,
-    normal: &[u64],
-    zero: &[u64],
-    pages: &[&[u8]],
-) -> std::io::Result<()> {
-    let ps = cfg.page_size;
-    let fields = HeaderFields {
-        flags: Compression::None.flag(),
-        pages_alloc: cfg.pages_per_packet,
-        normal_pages: normal.len() as u32,
-        next_packet_size: normal.len() as u32 * ps,
-        packet_num: shared.packet_num.fetch_add(1, Ordering::Relaxed),
-        zero_pages: zero.len() as u32,
-    };
-    let mut offs: Vec<u64> = Vec::with_capacity(normal.len() + zero.len());
-    offs.extend_from_slice(normal);
-    offs.extend_from_slice(zero);
-    wire::encode_header(hdr, &fields, name, &offs);
-    let mut pieces: Vec<&[u8]> = Vec::with_capacity(1 + pages.len());
-    pieces.push(hdr);
-    pieces.extend_from_slice(pages);
-    let total = hdr.len() + pages.len() * ps as usize;
-    stream.write_pieces(&pieces)?;
-    shared.wire_bytes.fetch_add(total as u64, Ordering::Relaxed);
-    Ok(())
+/// Writes the packets of one post-copy connection: raw in a session without compression;
+/// otherwise in the qpl framing (a length per normal page, then each page DEFLATE or raw),
+/// each packet compressed or not as [`Squeeze`] decides.
+struct Packer {
+    squeeze: Squeeze,
+    /// The urgent connection: its link rate is the one the background streams measure.
+    urgent: bool,
+    hdr: Vec<u8>,
+    zip: Option<Zip>,
+}
+
+/// A compressing connection's compressor and buffers.
+struct Zip {
+    compressor: DeflateCompressor,
+    /// Compressed pages, back to back.
+    out: Vec<u8>,
+    lens: Vec<u32>,
+    len_bytes: Vec<u8>,
+}
+
+impl Packer {
+    fn new(cfg: &Config, urgent: bool) -> Result<Packer, PostcopyError> {
+        let squeeze = Squeeze::new(cfg.codec, cfg.max_bandwidth, !urgent);
+        let ppp = cfg.pages_per_packet as usize;
+        let zip = if squeeze.framed() {
+            Some(Zip {
+                compressor: DeflateCompressor::new(cfg.level)
+                    .map_err(|e| PostcopyError::Protocol(format!("post-copy compressor: {e}")))?,
+                out: vec![0u8; ppp * cfg.page_size as usize],
+                lens: Vec::with_capacity(ppp),
+                len_bytes: Vec::with_capacity(4 * ppp),
+            })
+        } else {
+            None
+        };
+        Ok(Packer {
+            squeeze,
+            urgent,
+            hdr: vec![0u8; wire::header_len(cfg.pages_per_packet)],
+            zip,
+        })
+    }
+
+    /// Write one packet of block `name`: `normal` offsets with their `pages`, then `zero`
+    /// offsets. Waits for the session's cap first ([`pace`]; `whole`: a background packet).
+    /// `Ok(false)` when the session stopped meanwhile (nothing written).
+    #[allow(clippy::too_many_arguments)] // the packet's parts and the connection
+    fn send(
+        &mut self,
+        stream: &mut WriteHalf,
+        shared: &Shared,
+        cfg: &Config,
+        name: &str,
+        normal: &[u64],
+        zero: &[u64],
+        pages: &[&[u8]],
+        whole: bool,
+    ) -> std::io::Result<bool> {
+        let ps = cfg.page_size as usize;
+        let mut offs: Vec<u64> = Vec::with_capacity(normal.len() + zero.len());
+        offs.extend_from_slice(normal);
+        offs.extend_from_slice(zero);
+        let mut fields = HeaderFields {
+            flags: Compression::None.flag(),
+            pages_alloc: cfg.pages_per_packet,
+            normal_pages: normal.len() as u32,
+            next_packet_size: (pages.len() * ps) as u32,
+            packet_num: 0,
+            zero_pages: zero.len() as u32,
+        };
+        let mut pieces: Vec<&[u8]> = Vec::with_capacity(2 + pages.len());
+        let total;
+        match self.zip.as_mut() {
+            None => {
+                total = (self.hdr.len() + pages.len() * ps) as u64;
+                pieces.extend_from_slice(pages);
+            }
+            Some(zip) => {
+                if self.urgent {
+                    let rate = shared.link_rate.load(Ordering::Relaxed);
+                    self.squeeze.set_link(rate as f64);
+                }
+                let compress = self.squeeze.compress_next() && !pages.is_empty();
+                // The compressor's own cost: this thread's CPU time (a loaded host's
+                // preemptions would make it look slower than it is).
+                let cpu = crate::stats::thread_cpu_seconds();
+                zip.lens.clear();
+                let mut used = 0usize;
+                for data in pages {
+                    let z = match (compress, zip.out.get_mut(used..used + ps - 1)) {
+                        (true, Some(out)) => zip.compressor.compress(data, out),
+                        _ => None,
+                    };
+                    match z {
+                        Some(n) => {
+                            zip.lens.push(n as u32);
+                            used += n;
+                        }
+                        None => zip.lens.push(ps as u32),
+                    }
+                }
+                let body: u64 = zip.lens.iter().map(|&l| u64::from(l)).sum();
+                if compress {
+                    let took = (crate::stats::thread_cpu_seconds() - cpu).max(0.0);
+                    self.squeeze.compressed(
+                        (pages.len() * ps) as u64,
+                        body,
+                        Duration::from_secs_f64(took),
+                    );
+                } else {
+                    self.squeeze.sent_raw();
+                }
+                zip.len_bytes.resize(4 * zip.lens.len(), 0);
+                wire::encode_zlens(&mut zip.len_bytes, &zip.lens);
+                fields.flags = Compression::Qpl.flag();
+                fields.next_packet_size = (zip.len_bytes.len() as u64 + body) as u32;
+                total = self.hdr.len() as u64 + zip.len_bytes.len() as u64 + body;
+                pieces.push(&zip.len_bytes);
+                let mut at = 0usize;
+                for (data, &len) in pages.iter().zip(zip.lens.iter()) {
+                    let len = len as usize;
+                    if len == ps {
+                        pieces.push(data);
+                    } else if let Some(z) = zip.out.get(at..at + len) {
+                        pieces.push(z);
+                        at += len;
+                    }
+                }
+            }
+        }
+        let t = Instant::now();
+        if !pace(shared, total, whole) {
+            return Ok(false);
+        }
+        fields.packet_num = shared.packet_num.fetch_add(1, Ordering::Relaxed);
+        wire::encode_header(&mut self.hdr, &fields, name, &offs);
+        pieces.insert(0, &self.hdr);
+        stream.write_pieces(&pieces)?;
+        self.squeeze.wrote(total, t.elapsed());
+        if !self.urgent {
+            if let Some(rate) = self.squeeze.link() {
+                shared.link_rate.store(rate as u64, Ordering::Relaxed);
+            }
+        }
+        shared.wire_bytes.fetch_add(total, Ordering::Relaxed);
+        Ok(true)
+    }
 }
 
 /// Wait until the session's cap (`SenderConfig::max_bandwidth`; none: no wait) lets `bytes` go.
@@ -789,7 +909,7 @@ fn serve_requests(
     super::fault_path_thread(&cfg.postcopy_cpus);
     let ps = cfg.page_size as usize;
     let sizes: Vec<u64> = mem.blocks().iter().map(|b| b.len() as u64).collect();
-    let mut hdr = vec![0u8; wire::header_len(cfg.pages_per_packet)];
+    let mut packer = Packer::new(cfg, true)?;
     let mut req = [0u8; REQUEST_LEN];
     let io = |e| super::conn_error("urgent connection", e);
     let mut index = 0u64;
@@ -833,81 +953,58 @@ fn serve_requests(
                 "internal: validated page vanished".into(),
             ));
         };
-        let zero = is_zero_page(data);
-        if !pace(
-            shared,
-            (hdr.len() + if zero { 0 } else { ps }) as u64,
-            false,
-        ) {
-            return Ok(());
-        }
-        let r = if zero {
-            send_packet(
-                &mut stream,
-                &mut hdr,
-                cfg,
-                shared,
-                b.name(),
-                &[],
-                &[off],
-                &[],
-            )
+        let sent = if is_zero_page(data) {
+            packer.send(&mut stream, shared, cfg, b.name(), &[], &[off], &[], false)
         } else {
-            send_packet(
+            packer.send(
                 &mut stream,
-                &mut hdr,
-                cfg,
                 shared,
+                cfg,
                 b.name(),
                 &[off],
                 &[],
                 &[data],
+                false,
             )
         };
-        r.map_err(io)?;
+        if !sent.map_err(io)? {
+            return Ok(());
+        }
         shared.requests.fetch_add(1, Ordering::Relaxed);
-        if !near.is_empty() {
-            send_neighbours(&mut stream, &mut hdr, mem, block, &near, shared, cfg).map_err(io)?;
-        }
-    }
-}
-
-/// The neighbours of a requested page (page indices, one run of `block`) in one packet on the
-/// urgent connection.
-fn send_neighbours(
-    stream: &mut WriteHalf,
-    hdr: &mut [u8],
-    mem: &GuestRam,
-    block: usize,
-    near: &[u64],
-    shared: &Shared,
-    cfg: &Config,
-) -> std::io::Result<()> {
-    let ps = cfg.page_size as usize;
-    let Some(b) = mem.block(block) else {
-        return Ok(());
-    };
-    let (mut normal, mut zero, mut pages) = (Vec::new(), Vec::new(), Vec::new());
-    for &p in near {
-        let off = p * ps as u64;
-        let Some(data) = page(mem, block, off, ps) else {
+        if near.is_empty() {
             continue;
-        };
-        if is_zero_page(data) {
-            zero.push(off);
-        } else {
-            normal.push(off);
-            pages.push(data);
         }
+        // The neighbours (one run of `block`), in a packet of their own.
+        let (mut normal, mut zero, mut pages) = (Vec::new(), Vec::new(), Vec::new());
+        for &p in &near {
+            let off = p * ps as u64;
+            let Some(data) = page(mem, block, off, ps) else {
+                continue;
+            };
+            if is_zero_page(data) {
+                zero.push(off);
+            } else {
+                normal.push(off);
+                pages.push(data);
+            }
+        }
+        let sent = packer.send(
+            &mut stream,
+            shared,
+            cfg,
+            b.name(),
+            &normal,
+            &zero,
+            &pages,
+            false,
+        );
+        if !sent.map_err(io)? {
+            return Ok(());
+        }
+        shared
+            .pages_neighbours
+            .fetch_add(near.len() as u64, Ordering::Relaxed);
     }
-    if !pace(shared, (hdr.len() + pages.len() * ps) as u64, false) {
-        return Ok(());
-    }
-    send_packet(stream, hdr, cfg, shared, b.name(), &normal, &zero, &pages)?;
-    shared
-        .pages_neighbours
-        .fetch_add(near.len() as u64, Ordering::Relaxed);
-    Ok(())
 }
 
 /// A background connection: packets of the pages nobody asked for yet, until none is left.
@@ -919,7 +1016,8 @@ fn stream_background(
 ) -> Result<(), PostcopyError> {
     super::background_thread(&cfg.postcopy_cpus);
     let ps = cfg.page_size as usize;
-    let mut hdr = vec![0u8; wire::header_len(cfg.pages_per_packet)];
+    let ppp = cfg.pages_per_packet as usize;
+    let mut packer = Packer::new(cfg, false)?;
     let mut batch = Vec::new();
     let mut normal = Vec::new();
     let mut zero = Vec::new();
@@ -928,7 +1026,7 @@ fn stream_background(
             return Ok(());
         }
         let block = match shared.sched.lock() {
-            Ok(mut s) => s.next_batch(cfg.pages_per_packet as usize, ps as u64, &mut batch),
+            Ok(mut s) => s.next_batch(ppp, ps as u64, &mut batch),
             Err(_) => None,
         };
         let Some(block) = block else { break };
@@ -947,21 +1045,22 @@ fn stream_background(
                 pages.push(data);
             }
         }
-        if !pace(shared, (hdr.len() + pages.len() * ps) as u64, true) {
+        let sent = packer
+            .send(
+                &mut stream,
+                shared,
+                cfg,
+                b.name(),
+                &normal,
+                &zero,
+                &pages,
+                true,
+            )
+            .map_err(|e| super::conn_error("background connection", e))?;
+        if !sent {
             // Stopped: the batch is not lost; a reconnect asks the destination what it lacks.
             return Ok(());
         }
-        send_packet(
-            &mut stream,
-            &mut hdr,
-            cfg,
-            shared,
-            b.name(),
-            &normal,
-            &zero,
-            &pages,
-        )
-        .map_err(|e| super::conn_error("background connection", e))?;
         shared
             .pages_background
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
