@@ -79,8 +79,15 @@ impl Sched {
 
     /// The unsent pages right after `page` in `block`, up to `max` and only as long as they
     /// run on without a gap (one placement at the destination), marked sent; the background
-    /// streams continue after them. Page indices into `out`.
-    fn neighbours(&mut self, block: usize, page: u64, max: usize, out: &mut Vec<u64>) {
+    /// streams continue after them. Their byte offsets into `out`.
+    fn neighbours(
+        &mut self,
+        block: usize,
+        page: u64,
+        max: usize,
+        page_size: u64,
+        out: &mut Vec<u64>,
+    ) {
         out.clear();
         let (Some(bits), Some(&n)) = (self.todo.get_mut(block), self.npages.get(block)) else {
             return;
@@ -96,7 +103,7 @@ impl Sched {
             }
             *w &= !m;
             self.left -= 1;
-            out.push(p);
+            out.push(p * page_size);
             p += 1;
         }
         if !out.is_empty() {
@@ -758,29 +765,45 @@ impl Packer {
         })
     }
 
-    /// Write one packet of block `name`: `normal` offsets with their `pages`, then `zero`
-    /// offsets. Waits for the session's cap first ([`pace`]; `whole`: a background packet).
+    /// Write one packet of the pages at offsets `batch` of `block` (zero pages as such).
+    /// Waits for the session's cap first ([`pace`]; `whole`: a background packet).
     /// `Ok(false)` when the session stopped meanwhile (nothing written).
-    #[allow(clippy::too_many_arguments)] // the packet's parts and the connection
+    #[allow(clippy::too_many_arguments)] // the packet's pages and the connection
     fn send(
         &mut self,
         stream: &mut WriteHalf,
         shared: &Shared,
         cfg: &Config,
-        name: &str,
-        normal: &[u64],
-        zero: &[u64],
-        pages: &[&[u8]],
+        mem: &GuestRam,
+        block: usize,
+        batch: &[u64],
         whole: bool,
     ) -> std::io::Result<bool> {
         let ps = cfg.page_size as usize;
-        let mut offs: Vec<u64> = Vec::with_capacity(normal.len() + zero.len());
-        offs.extend_from_slice(normal);
-        offs.extend_from_slice(zero);
+        let Some(name) = mem.block(block).map(|b| b.name()) else {
+            return Ok(true);
+        };
+        // Normal pages first (with their bytes), then zero pages: the header's order.
+        let mut offs: Vec<u64> = Vec::with_capacity(batch.len());
+        let mut zero: Vec<u64> = Vec::new();
+        let mut pages: Vec<&[u8]> = Vec::with_capacity(batch.len());
+        for &off in batch {
+            let Some(data) = page(mem, block, off, ps) else {
+                continue;
+            };
+            if is_zero_page(data) {
+                zero.push(off);
+            } else {
+                offs.push(off);
+                pages.push(data);
+            }
+        }
+        let normal = offs.len();
+        offs.extend_from_slice(&zero);
         let mut fields = HeaderFields {
             flags: Compression::None.flag(),
             pages_alloc: cfg.pages_per_packet,
-            normal_pages: normal.len() as u32,
+            normal_pages: normal as u32,
             next_packet_size: (pages.len() * ps) as u32,
             packet_num: 0,
             zero_pages: zero.len() as u32,
@@ -790,7 +813,7 @@ impl Packer {
         match self.zip.as_mut() {
             None => {
                 total = (self.hdr.len() + pages.len() * ps) as u64;
-                pieces.extend_from_slice(pages);
+                pieces.extend_from_slice(&pages);
             }
             Some(zip) => {
                 if self.urgent {
@@ -803,7 +826,7 @@ impl Packer {
                 let cpu = crate::stats::thread_cpu_seconds();
                 zip.lens.clear();
                 let mut used = 0usize;
-                for data in pages {
+                for data in &pages {
                     let z = match (compress, zip.out.get_mut(used..used + ps - 1)) {
                         (true, Some(out)) => zip.compressor.compress(data, out),
                         _ => None,
@@ -943,30 +966,12 @@ fn serve_requests(
         if let Ok(mut s) = shared.sched.lock() {
             s.urgent(block, page_index);
             if in_order {
-                s.neighbours(block, page_index, URGENT_NEIGHBOURS, &mut near);
+                s.neighbours(block, page_index, URGENT_NEIGHBOURS, ps as u64, &mut near);
             } else {
                 near.clear();
             }
         }
-        let (Some(b), Some(data)) = (mem.block(block), page(mem, block, off, ps)) else {
-            return Err(PostcopyError::Protocol(
-                "internal: validated page vanished".into(),
-            ));
-        };
-        let sent = if is_zero_page(data) {
-            packer.send(&mut stream, shared, cfg, b.name(), &[], &[off], &[], false)
-        } else {
-            packer.send(
-                &mut stream,
-                shared,
-                cfg,
-                b.name(),
-                &[off],
-                &[],
-                &[data],
-                false,
-            )
-        };
+        let sent = packer.send(&mut stream, shared, cfg, mem, block, &[off], false);
         if !sent.map_err(io)? {
             return Ok(());
         }
@@ -975,29 +980,7 @@ fn serve_requests(
             continue;
         }
         // The neighbours (one run of `block`), in a packet of their own.
-        let (mut normal, mut zero, mut pages) = (Vec::new(), Vec::new(), Vec::new());
-        for &p in &near {
-            let off = p * ps as u64;
-            let Some(data) = page(mem, block, off, ps) else {
-                continue;
-            };
-            if is_zero_page(data) {
-                zero.push(off);
-            } else {
-                normal.push(off);
-                pages.push(data);
-            }
-        }
-        let sent = packer.send(
-            &mut stream,
-            shared,
-            cfg,
-            b.name(),
-            &normal,
-            &zero,
-            &pages,
-            false,
-        );
+        let sent = packer.send(&mut stream, shared, cfg, mem, block, &near, false);
         if !sent.map_err(io)? {
             return Ok(());
         }
@@ -1019,8 +1002,6 @@ fn stream_background(
     let ppp = cfg.pages_per_packet as usize;
     let mut packer = Packer::new(cfg, false)?;
     let mut batch = Vec::new();
-    let mut normal = Vec::new();
-    let mut zero = Vec::new();
     loop {
         if shared.stop.load(Ordering::SeqCst) {
             return Ok(());
@@ -1030,32 +1011,8 @@ fn stream_background(
             Err(_) => None,
         };
         let Some(block) = block else { break };
-        let Some(b) = mem.block(block) else { break };
-        normal.clear();
-        zero.clear();
-        let mut pages: Vec<&[u8]> = Vec::with_capacity(batch.len());
-        for &off in &batch {
-            let Some(data) = page(mem, block, off, ps) else {
-                continue;
-            };
-            if is_zero_page(data) {
-                zero.push(off);
-            } else {
-                normal.push(off);
-                pages.push(data);
-            }
-        }
         let sent = packer
-            .send(
-                &mut stream,
-                shared,
-                cfg,
-                b.name(),
-                &normal,
-                &zero,
-                &pages,
-                true,
-            )
+            .send(&mut stream, shared, cfg, mem, block, &batch, true)
             .map_err(|e| super::conn_error("background connection", e))?;
         if !sent {
             // Stopped: the batch is not lost; a reconnect asks the destination what it lacks.
@@ -1112,7 +1069,7 @@ mod tests {
         let mut s = sched(100, &set);
         let mut near = Vec::new();
         s.urgent(0, 10);
-        s.neighbours(0, 10, 15, &mut near);
+        s.neighbours(0, 10, 15, 1, &mut near);
         assert_eq!(
             near,
             (11..26).collect::<Vec<_>>(),
@@ -1120,14 +1077,14 @@ mod tests {
         );
         assert_eq!(s.left, 99 - 1 - 15);
         s.urgent(0, 26);
-        s.neighbours(0, 26, 15, &mut near);
+        s.neighbours(0, 26, 15, 1, &mut near);
         assert_eq!(near, [27, 28, 29], "the run stops at a page already sent");
         let mut out = Vec::new();
         assert_eq!(s.next_batch(4, 1, &mut out), Some(0));
         assert_eq!(out, [31, 32, 33, 34], "the background continues after them");
-        s.neighbours(0, 98, 15, &mut near);
+        s.neighbours(0, 98, 15, 1, &mut near);
         assert_eq!(near, [99], "the run stops at the end of the block");
-        s.neighbours(0, 12, 15, &mut near);
+        s.neighbours(0, 12, 15, 1, &mut near);
         assert!(near.is_empty(), "sent pages are not sent again");
         let mut seen = vec![10, 26, 99, 27, 28, 29, 31, 32, 33, 34];
         seen.extend(11..26);
