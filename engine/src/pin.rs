@@ -104,7 +104,8 @@ pub fn pin_current_thread_to(cpus: &[usize]) -> io::Result<()> {
 /// current kernel work (a socket receive, a UFFDIO_COPY, the network stack) ends, which is
 /// milliseconds under a stream at full speed. Separate CPUs for the two remove that wait
 /// (docs/benchmarks.md, "Post-copy": the fault p99 fell from about 3 ms to 0.2 ms); give the
-/// vCPU threads CPUs other than `background` too.
+/// vCPU threads CPUs other than `background` too. [`PostcopyCpus::split_allowed`] makes such
+/// a placement from the CPUs this process may use.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PostcopyCpus {
     /// CPUs of the fault path: the destination's fault thread and urgent-connection reader,
@@ -112,6 +113,28 @@ pub struct PostcopyCpus {
     pub fault_path: Vec<usize>,
     /// CPUs of the background stream's threads (sending or receiving).
     pub background: Vec<usize>,
+}
+
+impl PostcopyCpus {
+    /// A placement for a host that gives the migration the CPUs this process may use: the
+    /// fault path on the last of them, the background stream on the others (run the vCPU
+    /// threads on the fault path's CPU or on CPUs outside this set). With fewer than two
+    /// CPUs, or when they cannot be read, nothing is pinned. Both ends of a migration on one
+    /// host choose the same CPUs, so each end's fault path is off both background streams.
+    pub fn split_allowed() -> PostcopyCpus {
+        Self::split(&allowed_cpus().unwrap_or_default())
+    }
+
+    /// [`PostcopyCpus::split_allowed`] over the CPUs `cpus`.
+    pub fn split(cpus: &[usize]) -> PostcopyCpus {
+        match cpus.split_last() {
+            Some((&last, rest)) if !rest.is_empty() => PostcopyCpus {
+                fault_path: vec![last],
+                background: rest.to_vec(),
+            },
+            _ => PostcopyCpus::default(),
+        }
+    }
 }
 
 /// Confine the calling post-copy thread to `cpus` (nothing when empty), logging (not
@@ -152,6 +175,26 @@ mod tests {
         assert!(!cpus.is_empty());
         assert_eq!(Pinning::Auto.cpu_for(0), cpus.first().copied());
         assert_eq!(Pinning::AutoFromLast.cpu_for(0), cpus.last().copied());
+    }
+
+    #[test]
+    fn postcopy_split_keeps_the_fault_path_off_the_background_cpus() {
+        assert_eq!(PostcopyCpus::split(&[]), PostcopyCpus::default());
+        assert_eq!(
+            PostcopyCpus::split(&[3]),
+            PostcopyCpus::default(),
+            "one CPU: unpinned"
+        );
+        let s = PostcopyCpus::split(&[0, 2, 5]);
+        assert_eq!((s.fault_path, s.background), (vec![5], vec![0, 2]));
+        let here = PostcopyCpus::split_allowed();
+        let cpus = allowed_cpus().expect("affinity");
+        if cpus.len() >= 2 {
+            let mut all = [here.fault_path.clone(), here.background.clone()].concat();
+            all.sort_unstable();
+            assert_eq!(all, cpus, "every allowed CPU, each once");
+            assert_eq!(here.fault_path.len(), 1);
+        }
     }
 
     #[test]
