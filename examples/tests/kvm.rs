@@ -168,7 +168,8 @@ fn migrates_a_running_guest_between_two_processes() {
 fn postcopy_resumes_the_guest_before_its_memory_arrives() {
     require_kvm!("postcopy_resumes_the_guest_before_its_memory_arrives");
     // Pure post-copy, one round first, and pure post-copy over TLS (certificates made for
-    // the run: every pre-copy and post-copy connection encrypted).
+    // the run: every pre-copy and post-copy connection encrypted) with post-copy's threads
+    // placed (`--postcopy-cpus auto`).
     for (rounds, tls) in [("0", false), ("1", false), ("0", true)] {
         let mut args = vec![
             "kvm-demo",
@@ -182,7 +183,7 @@ fn postcopy_resumes_the_guest_before_its_memory_arrives() {
             rounds,
         ];
         if tls {
-            args.push("--tls");
+            args.extend(["--tls", "--postcopy-cpus", "auto"]);
         }
         let out = kvm_demo(&args);
         let v = succeeded(&out, "kvm-demo --postcopy");

@@ -25,6 +25,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
+use pagewire::config::PostcopyCpus;
 use pagewire::tls::TlsConfig;
 use pagewire::Secret;
 use pagewire::{CodecKind, Rate, ReceiverConfig, SenderConfig};
@@ -135,6 +136,11 @@ struct Opts {
     /// of --tls-dir).
     #[arg(long)]
     tls: bool,
+    /// Where post-copy's threads run (both roles): `F:B` puts the fault path on CPU F and the
+    /// background stream on CPU B, `auto` the fault path on the last CPU and the stream on the
+    /// others (`PostcopyCpus::split_allowed`). Default: unpinned.
+    #[arg(long, global = true)]
+    postcopy_cpus: Option<String>,
     /// Print one JSON object with the figures (dest: a `listening` line first).
     #[arg(long, global = true)]
     json: bool,
@@ -203,6 +209,26 @@ fn tls_config(o: &Opts) -> Res<Option<TlsConfig>> {
     }
 }
 
+/// `--postcopy-cpus`: `F:B` or `auto`.
+fn postcopy_cpus(o: &Opts) -> Res<PostcopyCpus> {
+    let Some(s) = o.postcopy_cpus.as_deref() else {
+        return Ok(PostcopyCpus::default());
+    };
+    if s == "auto" {
+        return Ok(PostcopyCpus::split_allowed());
+    }
+    let bad = || format!("--postcopy-cpus {s}: expected F:B (two CPU numbers) or auto");
+    let (f, b) = s.split_once(':').ok_or_else(bad)?;
+    let (f, b) = (
+        f.parse::<usize>().map_err(|_| bad())?,
+        b.parse::<usize>().map_err(|_| bad())?,
+    );
+    Ok(PostcopyCpus {
+        fault_path: vec![f],
+        background: vec![b],
+    })
+}
+
 /// The settings both ends share: the idle timeout and the secret.
 fn base_config(o: &Opts) -> Res<(Duration, Option<Secret>)> {
     let idle = secs(o.idle_timeout, "idle-timeout")?;
@@ -269,6 +295,7 @@ fn source_opts(o: &Opts, connect: SocketAddr) -> Res<source::SourceOpts> {
                 .idle_timeout(idle)
                 .secret(secret)
                 .tls(tls_config(o)?)
+                .postcopy_cpus(postcopy_cpus(o)?)
         },
         max_rounds: o.max_rounds,
         downtime_limit: Duration::from_secs_f64(o.downtime_limit / 1e3),
@@ -317,6 +344,7 @@ pub fn run(a: KvmArgs) -> Res<()> {
                         .idle_timeout(idle)
                         .secret(secret)
                         .tls(tls_config(&a.opts)?)
+                        .postcopy_cpus(postcopy_cpus(&a.opts)?)
                 },
                 accept_timeout: accept_timeout
                     .map(|t| secs(t, "accept-timeout"))
@@ -573,6 +601,9 @@ fn both(o: &Opts) -> Res<()> {
     }
     if let Some(d) = &o.tls_dir {
         cmd.arg("--tls-dir").arg(d);
+    }
+    if let Some(c) = &o.postcopy_cpus {
+        cmd.arg("--postcopy-cpus").arg(c);
     }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
