@@ -175,13 +175,21 @@ fn precopy_auto_in_the_sandbox() {
     precopy(cfg(CodecKind::Auto, hook(Mode::PLAIN, None)));
 }
 
+/// Certificates for one test (the directory lives as long as the first value) and the TLS
+/// settings that use them.
 #[cfg(feature = "gen-certs")]
-#[test]
-fn precopy_tls_in_the_sandbox() {
+fn tls() -> (tempfile::TempDir, pagewire::tls::TlsConfig) {
     let dir = tempfile::tempdir().unwrap();
     pagewire::tls::generate(dir.path(), &Default::default()).unwrap();
     let mut t = pagewire::tls::TlsConfig::from_dir(dir.path());
     t.server_name = Some("localhost".into());
+    (dir, t)
+}
+
+#[cfg(feature = "gen-certs")]
+#[test]
+fn precopy_tls_in_the_sandbox() {
+    let (_dir, t) = tls();
     let mode = Mode::PLAIN.with_tls();
     precopy(cfg(CodecKind::Deflate, hook(mode, None)).tls(Some(t)));
 }
@@ -196,10 +204,7 @@ fn postcopy_in_the_sandbox() {
 #[cfg(feature = "gen-certs")]
 #[test]
 fn postcopy_tls_in_the_sandbox() {
-    let dir = tempfile::tempdir().unwrap();
-    pagewire::tls::generate(dir.path(), &Default::default()).unwrap();
-    let mut t = pagewire::tls::TlsConfig::from_dir(dir.path());
-    t.server_name = Some("localhost".into());
+    let (_dir, t) = tls();
     let mode = Mode::PLAIN.with_tls();
     postcopy(cfg(CodecKind::None, hook(mode, None)).tls(Some(t)));
 }
