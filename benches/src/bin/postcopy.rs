@@ -41,8 +41,9 @@ const PS: usize = 4096;
 static CPUS: std::sync::OnceLock<Option<(usize, usize)>> = std::sync::OnceLock::new();
 /// `--codec C` and `--cap RATE` (both modes; default none, no cap).
 static LINK: std::sync::OnceLock<(CodecKind, Option<pagewire::Rate>)> = std::sync::OnceLock::new();
-/// The arguments that pass `LINK` on to the source process.
-static LINK_ARGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+/// The options the source process takes as this one was given them (`--codec`, `--cap`,
+/// `--cpus`).
+static SOURCE_ARGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
 /// `--guest-cpu G`.
 static GUEST_CPU: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
 
@@ -194,14 +195,7 @@ fn destination(mode: &str, size: usize, guest_pause: Option<Duration>) -> Run {
         ])
         .arg("--size")
         .arg(format!("{}MiB", size >> 20))
-        .args(LINK_ARGS.get().map(|v| v.as_slice()).unwrap_or_default())
-        .args(
-            CPUS.get()
-                .copied()
-                .flatten()
-                .map(|(f, b)| vec!["--cpus".to_string(), format!("{f}:{b}")])
-                .unwrap_or_default(),
-        )
+        .args(SOURCE_ARGS.get().map(|v| v.as_slice()).unwrap_or_default())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("spawn sender");
@@ -293,11 +287,13 @@ fn main() {
     let codec: CodecKind = get("--codec").map_or(CodecKind::None, |c| c.parse().expect("--codec"));
     let cap: Option<pagewire::Rate> = get("--cap").map(|r| r.parse().expect("--cap RATE"));
     let _ = LINK.set((codec, cap));
-    let mut link_args = vec!["--codec".to_string(), codec.name().to_string()];
-    if let Some(r) = get("--cap") {
-        link_args.extend(["--cap".to_string(), r]);
-    }
-    let _ = LINK_ARGS.set(link_args);
+    let _ = SOURCE_ARGS.set(
+        ["--codec", "--cap", "--cpus"]
+            .into_iter()
+            .filter_map(|name| get(name).map(|v| [name.to_string(), v]))
+            .flatten()
+            .collect(),
+    );
     if get("--role").as_deref() == Some("sender") {
         let addr = get("--addr").expect("--addr").parse().expect("addr");
         sender(addr, &get("--mode").expect("--mode"), size);
