@@ -108,25 +108,14 @@ pub fn available() -> Result<(), UffdError> {
 /// same path cannot be trusted more; anything else is a broken connection, which is
 /// replaced (a connection cut mid-record included).
 pub(crate) fn conn_error(what: &'static str, e: io::Error) -> PostcopyError {
-    use pagewire_transport::tls::TlsError;
-    let failed_tls = e
-        .get_ref()
-        .and_then(|inner| inner.downcast_ref::<TlsError>())
-        .is_some_and(|t| !matches!(t, TlsError::Truncated { .. } | TlsError::Io(_)));
-    if !failed_tls {
-        return PostcopyError::Io { what, source: e };
-    }
-    let kind = e.kind();
-    match e.into_inner().map(|inner| inner.downcast::<TlsError>()) {
-        Some(Ok(t)) => PostcopyError::Tls { what, source: *t },
-        Some(Err(other)) => PostcopyError::Io {
+    use pagewire_transport::tls::{unwrap_io, TlsError};
+    match unwrap_io(e) {
+        TlsError::Io(source) => PostcopyError::Io { what, source },
+        t @ TlsError::Truncated { .. } => PostcopyError::Io {
             what,
-            source: io::Error::new(kind, other),
+            source: t.into(),
         },
-        None => PostcopyError::Io {
-            what,
-            source: kind.into(),
-        },
+        t => PostcopyError::Tls { what, source: t },
     }
 }
 

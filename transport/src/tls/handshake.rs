@@ -135,17 +135,7 @@ pub fn server(
     Ok(stream)
 }
 
-/// Put back our own error types from inside an `io::Error`.
-pub fn unwrap_io(e: std::io::Error) -> TlsError {
-    if e.get_ref().is_some_and(|i| i.is::<TlsError>()) {
-        match e.into_inner().map(|i| i.downcast::<TlsError>()) {
-            Some(Ok(t)) => *t,
-            _ => TlsError::Setup("unreadable error".into()),
-        }
-    } else {
-        TlsError::Io(e)
-    }
-}
+pub use super::unwrap_io;
 
 /// One connection's application traffic secrets, as rustls logs them during its handshake.
 #[derive(Default)]

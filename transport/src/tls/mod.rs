@@ -106,6 +106,19 @@ pub enum TlsError {
     Io(#[from] io::Error),
 }
 
+/// Put back our own error types from inside an `io::Error` (what the `Read`/`Write` of a
+/// connection return); any other error as [`TlsError::Io`].
+pub fn unwrap_io(e: io::Error) -> TlsError {
+    if e.get_ref().is_some_and(|i| i.is::<TlsError>()) {
+        match e.into_inner().map(|i| i.downcast::<TlsError>()) {
+            Some(Ok(t)) => *t,
+            _ => TlsError::Setup("unreadable error".into()),
+        }
+    } else {
+        TlsError::Io(e)
+    }
+}
+
 impl From<TlsError> for io::Error {
     fn from(e: TlsError) -> io::Error {
         match e {
